@@ -1,0 +1,329 @@
+//! The headless CLI: `brushfire generate` (DESIGN.md §5, a public contract: keep flags stable).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use clap::{Args, ValueEnum};
+use engine::backend::{BackendRequest, BackendTask, dispatch, select_backend};
+use engine::models::AttnProcessor;
+use engine::noise::{NoiseSource, NoiseTape};
+use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
+use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepProgress};
+use engine::schedulers::SchedulerKind;
+use engine::tensor_io::{HostTensor, read_safetensors, read_tensor, write_safetensors};
+
+use crate::png_meta::{GenerationParameters, write_png};
+
+/// On/off switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// Precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+/// `brushfire generate` flags.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A diffusers folder or a hub id (`org/name`, downloaded into the HF cache).
+    #[arg(long)]
+    pub model: String,
+    /// The prompt (required unless --prompt-embeds is given).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// txt2img | img2img | inpaint | controlnet | if | if-stage2 | upscale
+    #[arg(long, default_value = "txt2img")]
+    pub pipeline: String,
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Default: the UNet's sample_size × the VAE factor (512 for SD 1.5).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Seed of the torch-compatible CPU generator (random when absent; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// pndm | ddim | euler | euler-a | dpm++2m | ddpm (default: the model's scheduler).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// A diffusers scheduler_config.json; its `_class_name` picks the scheduler.
+    #[arg(long)]
+    pub scheduler_config: Option<PathBuf>,
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    #[arg(long)]
+    pub strength: Option<f64>,
+    #[arg(long)]
+    pub controlnet: Option<String>,
+    #[arg(long)]
+    pub control_image: Option<PathBuf>,
+    #[arg(long)]
+    pub controlnet_scale: Option<f64>,
+    #[arg(long)]
+    pub noise_level: Option<usize>,
+    /// Tensor `image` [B,3,H,W] in [-1,1].
+    #[arg(long)]
+    pub image_array: Option<PathBuf>,
+    /// Tensors `prompt_embeds` (and optionally `negative_prompt_embeds`).
+    #[arg(long)]
+    pub prompt_embeds: Option<PathBuf>,
+    /// Tensor `latents`: the initial latents before init_noise_sigma scaling.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Tensors `rng.tape.0`, `rng.tape.1`, … replayed in place of every Gaussian draw.
+    #[arg(long)]
+    pub noise_tape: Option<PathBuf>,
+    /// PNG to write (`name-<i>.png` per image when the batch is larger than one).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Tensor `image` [B,H,W,3] f32 in [0,1] (diffusers' output_type="np").
+    #[arg(long)]
+    pub save_array: Option<PathBuf>,
+    /// auto | cuda | wgpu | cpu
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    /// vanilla | fused | sliced
+    #[arg(long, default_value = "fused")]
+    pub attention: String,
+    #[arg(long, value_enum, default_value = "on")]
+    pub fusion: Switch,
+    #[arg(long, value_enum, default_value = "off")]
+    pub channels_last: Switch,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
+}
+
+/// Everything validated from the flags, before any model is loaded.
+struct Job {
+    model_dir: PathBuf,
+    model_name: String,
+    request: GenerationRequest,
+    attention: AttnProcessor,
+    tape: Option<NoiseTape>,
+    output: Option<PathBuf>,
+    save_array: Option<PathBuf>,
+}
+
+fn reject_unused(args: &GenerateArgs) -> Result<()> {
+    let unused: [(&str, bool); 9] = [
+        ("--image", args.image.is_some()),
+        ("--mask", args.mask.is_some()),
+        ("--strength", args.strength.is_some()),
+        ("--controlnet", args.controlnet.is_some()),
+        ("--control-image", args.control_image.is_some()),
+        ("--controlnet-scale", args.controlnet_scale.is_some()),
+        ("--noise-level", args.noise_level.is_some()),
+        ("--image-array", args.image_array.is_some()),
+        ("--channels-last on", args.channels_last == Switch::On),
+    ];
+    if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
+        bail!("{flag} is not used by the {} pipeline", args.pipeline);
+    }
+    if args.fusion == Switch::Off {
+        bail!("--fusion off is not available yet: this build always runs Burn's fusion backend on GPUs");
+    }
+    if args.dtype == Precision::F16 {
+        bail!("--dtype f16 is not available yet; use f32");
+    }
+    Ok(())
+}
+
+fn prepare(args: &GenerateArgs) -> Result<Job> {
+    let pipeline: PipelineKind = args.pipeline.parse()?;
+    reject_unused(args)?;
+    let attention = AttnProcessor::from_name(&args.attention)?;
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(str::parse::<SchedulerKind>)
+        .transpose()?;
+    let scheduler_config = args
+        .scheduler_config
+        .as_ref()
+        .map(|p| -> Result<serde_json::Value> {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))
+        })
+        .transpose()?;
+    let prompt_embeds = args
+        .prompt_embeds
+        .as_ref()
+        .map(|p| -> Result<PromptEmbeds> {
+            let mut tensors = read_safetensors(p)?;
+            let prompt_embeds = tensors
+                .remove("prompt_embeds")
+                .with_context(|| format!("{} has no tensor `prompt_embeds`", p.display()))?;
+            Ok(PromptEmbeds {
+                prompt_embeds,
+                negative_prompt_embeds: tensors.remove("negative_prompt_embeds"),
+            })
+        })
+        .transpose()?;
+    let prompt = match (&args.prompt, &prompt_embeds) {
+        (Some(p), _) => p.clone(),
+        (None, Some(_)) => String::new(),
+        (None, None) => bail!("--prompt is required unless --prompt-embeds is given"),
+    };
+    let latents = args
+        .latents
+        .as_ref()
+        .map(|p| read_tensor(p, "latents"))
+        .transpose()?;
+    let tape = args.noise_tape.as_ref().map(|p| NoiseTape::load(p)).transpose()?;
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let mut progress = crate::progress::TerminalDownload::default();
+    let model_dir = engine::loading::resolve_model(&args.model, None, &mut progress)?;
+    Ok(Job {
+        model_name: model_name(&args.model),
+        model_dir,
+        request: GenerationRequest {
+            pipeline,
+            prompt,
+            negative_prompt: args.negative_prompt.clone(),
+            prompt_embeds,
+            steps: args.steps,
+            guidance_scale: args.guidance,
+            // Filled from the model when absent (see `run`).
+            width: args.width.unwrap_or(0),
+            height: args.height.unwrap_or(0),
+            batch: args.batch,
+            seed,
+            scheduler,
+            scheduler_config,
+            latents,
+        },
+        attention,
+        tape,
+        output: args.output.clone(),
+        save_array: args.save_array.clone(),
+    })
+}
+
+fn model_name(spec: &str) -> String {
+    Path::new(spec)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| spec.to_string())
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    // 32 bits, like A1111's seeds, so users can type them back.
+    RandomState::new().hash_one(std::time::SystemTime::now()) & 0xffff_ffff
+}
+
+/// Runs `brushfire generate`.
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    let backend_request: BackendRequest = args.backend.parse()?;
+    let job = prepare(args)?;
+    let selected = select_backend(backend_request)?;
+    eprintln!("backend: {selected}");
+    dispatch(&selected, GenerateTask { job })
+}
+
+struct GenerateTask {
+    job: Job,
+}
+
+impl BackendTask for GenerateTask {
+    type Output = Result<()>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let Job {
+            model_dir,
+            model_name,
+            mut request,
+            attention,
+            mut tape,
+            output,
+            save_array,
+        } = self.job;
+        let load_start = std::time::Instant::now();
+        let mut pipe = StableDiffusionPipeline::<B>::load(&model_dir, &LoadOptions::default(), &device)
+            .with_context(|| format!("loading {}", model_dir.display()))?;
+        pipe.set_attn_processor(attention);
+        eprintln!("loaded {} in {:.1}s", model_dir.display(), load_start.elapsed().as_secs_f64());
+        let default_side = pipe.unet_config.sample_size.unwrap_or(64) * pipe.vae_config.scale_factor();
+        if request.width == 0 {
+            request.width = default_side;
+        }
+        if request.height == 0 {
+            request.height = default_side;
+        }
+        let cancel = CancelToken::new();
+        let mut observer = |p: &StepProgress| {
+            eprint!(
+                "\rstep {}/{}  {:.2} it/s  {:.1}s   ",
+                p.step, p.total, p.it_per_sec, p.elapsed_secs
+            );
+        };
+        let noise = tape.as_mut().map(|t| t as &mut dyn NoiseSource);
+        let out = pipe.generate(&request, noise, &cancel, &mut observer)?;
+        eprintln!();
+        if let Some(t) = &tape
+            && t.remaining() > 0
+        {
+            eprintln!("warning: {} draws of the noise tape were not used", t.remaining());
+        }
+        if let Some(path) = &save_array {
+            write_safetensors(path, &[("image", &out.images)])?;
+            eprintln!("wrote {}", path.display());
+        }
+        let output = output.or_else(|| save_array.is_none().then(|| PathBuf::from(format!("brushfire-{}.png", request.seed))));
+        if let Some(path) = output {
+            let params = GenerationParameters {
+                prompt: request.prompt.clone(),
+                negative_prompt: request.negative_prompt.clone(),
+                steps: request.steps,
+                sampler: out.scheduler.to_string(),
+                cfg_scale: request.guidance_scale,
+                seed: request.seed,
+                width: request.width,
+                height: request.height,
+                model: model_name,
+            };
+            for (i, rgb) in to_rgb8(&out.images).iter().enumerate() {
+                let file = numbered(&path, i, request.batch);
+                write_png(&file, request.width, request.height, rgb, &params)?;
+                eprintln!("wrote {}", file.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[b, h, w, 3]` floats in [0, 1] → one RGB8 buffer per image (rounded as diffusers' `numpy_to_pil`).
+fn to_rgb8(images: &HostTensor) -> Vec<Vec<u8>> {
+    let per = images.shape[1..].iter().product::<usize>();
+    images
+        .values
+        .chunks(per.max(1))
+        .map(|img| img.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect())
+        .collect()
+}
+
+fn numbered(path: &Path, i: usize, batch: usize) -> PathBuf {
+    if batch <= 1 {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    path.with_file_name(format!("{stem}-{i}.{ext}"))
+}

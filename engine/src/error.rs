@@ -1,0 +1,78 @@
+//! The engine's one error type. Every variant names what was wrong so the UI and CLI can show it
+//! as is; nothing in the engine panics on bad input.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON config could not be parsed.
+    #[error("{path}: invalid JSON config: {message}")]
+    Config { path: PathBuf, message: String },
+    /// A weight the model needs is not in the checkpoint.
+    #[error("missing tensor `{key}` in {file}")]
+    MissingTensor { key: String, file: PathBuf },
+    /// A tensor exists but has the wrong shape.
+    #[error("tensor `{key}` in {file} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        key: String,
+        file: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// A safetensors file could not be parsed or written.
+    #[error("{file}: {message}")]
+    Safetensors { file: PathBuf, message: String },
+    /// The request is invalid; `field` names the offending input.
+    #[error("invalid {field}: {message}")]
+    InvalidInput {
+        field: &'static str,
+        message: String,
+    },
+    /// The model, scheduler or backend does not support what was asked.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A noise tape ran out or did not match the draw the pipeline made.
+    #[error("noise tape: {0}")]
+    NoiseTape(String),
+    /// The tokenizer failed to load or encode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Downloading from the Hugging Face hub failed.
+    #[error("hub: {0}")]
+    Hub(String),
+    /// No usable device for the requested backend.
+    #[error("backend: {0}")]
+    Backend(String),
+    /// The user cancelled the job.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// The engine's result type.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+impl EngineError {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An invalid request field.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidInput {
+            field,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Brushfire's diffusion engine: diffusers' models, schedulers and pipelines on Burn.
+//!
+//! Flow is one way: the app calls the engine, the engine calls `shaders` and Burn. The engine
+//! never panics on bad input: requests are validated by `check_inputs` before any tensor work.
+
+pub mod backend;
+pub mod error;
+pub mod loading;
+pub mod models;
+pub mod noise;
+pub mod pipelines;
+pub mod schedulers;
+pub mod tensor_io;
+
+pub use error::{EngineError, Result};

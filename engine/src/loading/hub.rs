@@ -1,0 +1,259 @@
+//! Resolving a `--model` argument to a local diffusers folder.
+//!
+//! A hub id (`org/name`) is looked up in the HF cache first (`$HF_HOME/hub/models--org--name/
+//! snapshots/<rev>/…`, the layout `huggingface_hub` writes): when every file the pipeline needs
+//! is there, nothing touches the network. Otherwise the files are downloaded with `hf-hub`
+//! into that cache, reporting progress.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::error::{EngineError, Result};
+
+/// Receives download progress (bytes of the current file).
+pub trait DownloadProgress {
+    /// A file download starts; `total_bytes` is its size.
+    fn start(&mut self, file: &str, total_bytes: usize);
+    /// `bytes` more arrived.
+    fn advance(&mut self, bytes: usize);
+    /// The current file is complete.
+    fn finish(&mut self);
+}
+
+/// Ignores progress.
+impl DownloadProgress for () {
+    fn start(&mut self, _file: &str, _total_bytes: usize) {}
+    fn advance(&mut self, _bytes: usize) {}
+    fn finish(&mut self) {}
+}
+
+/// What a `--model` argument names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A folder on disk.
+    Local(PathBuf),
+    /// A hub repository id, optionally at a revision (`org/name@rev`).
+    Hub {
+        repo_id: String,
+        revision: Option<String>,
+    },
+}
+
+impl ModelSource {
+    /// Reads a `--model` argument: an existing path is local; `org/name[@rev]` is a hub id.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.exists() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let (id, revision) = match spec.split_once('@') {
+            Some((id, rev)) => (id, Some(rev.to_string())),
+            None => (spec, None),
+        };
+        let parts: Vec<&str> = id.split('/').collect();
+        let valid = parts.len() == 2
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            });
+        if valid {
+            Ok(Self::Hub {
+                repo_id: id.to_string(),
+                revision,
+            })
+        } else {
+            Err(EngineError::invalid(
+                "model",
+                format!("`{spec}` is neither an existing folder nor a hub id like `org/name`"),
+            ))
+        }
+    }
+}
+
+/// The files of a diffusers SD folder the pipeline reads, for one weights variant.
+pub fn required_files(variant: Option<&str>) -> Vec<(String, Option<String>)> {
+    let weights = |dir: &str, stem: &str| {
+        let default = format!("{dir}/{stem}.safetensors");
+        let preferred = variant.map(|v| format!("{dir}/{stem}.{v}.safetensors"));
+        (default, preferred)
+    };
+    let mut files: Vec<(String, Option<String>)> = [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "unet/config.json",
+        "vae/config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+    ]
+    .iter()
+    .map(|f| (f.to_string(), None))
+    .collect();
+    for (dir, stem) in [
+        ("text_encoder", "model"),
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+    ] {
+        let (default, preferred) = weights(dir, stem);
+        files.push((default, preferred));
+    }
+    files
+}
+
+/// Optional tokenizer files fetched when the repository has them.
+const OPTIONAL_FILES: &[&str] = &[
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer.json",
+];
+
+/// The HF cache `hf-hub` and `huggingface_hub` share (`$HF_HOME/hub`, default
+/// `~/.cache/huggingface/hub`).
+pub fn hf_cache() -> Cache {
+    Cache::from_env()
+}
+
+fn repo(repo_id: &str, revision: Option<&str>) -> Repo {
+    match revision {
+        Some(rev) => Repo::with_revision(repo_id.to_string(), RepoType::Model, rev.to_string()),
+        None => Repo::model(repo_id.to_string()),
+    }
+}
+
+/// The snapshot folder of a fully cached model, if every required file is present.
+pub fn cached_snapshot(
+    cache: &Cache,
+    repo_id: &str,
+    revision: Option<&str>,
+    variant: Option<&str>,
+) -> Option<PathBuf> {
+    let cached = cache.repo(repo(repo_id, revision));
+    let index = cached.get("model_index.json")?;
+    for (default, preferred) in required_files(variant) {
+        let found = preferred
+            .as_deref()
+            .and_then(|p| cached.get(p))
+            .or_else(|| cached.get(&default));
+        found.as_ref()?;
+    }
+    index.parent().map(Path::to_path_buf)
+}
+
+/// Resolves `spec` to a local diffusers folder, downloading from the hub when needed.
+/// `variant` prefers `*.{variant}.safetensors` weights (e.g. `fp16`).
+pub fn resolve_model(
+    spec: &str,
+    variant: Option<&str>,
+    progress: &mut dyn DownloadProgress,
+) -> Result<PathBuf> {
+    match ModelSource::parse(spec)? {
+        ModelSource::Local(path) => {
+            if path.is_dir() {
+                Ok(path)
+            } else {
+                Err(EngineError::Unsupported(format!(
+                    "{}: single-file checkpoints are not supported yet; pass a diffusers folder",
+                    path.display()
+                )))
+            }
+        }
+        ModelSource::Hub { repo_id, revision } => {
+            let cache = hf_cache();
+            if let Some(dir) = cached_snapshot(&cache, &repo_id, revision.as_deref(), variant) {
+                tracing::info!(repo_id, dir = %dir.display(), "using the cached model");
+                return Ok(dir);
+            }
+            if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
+                return Err(EngineError::Hub(format!(
+                    "`{repo_id}` is not in the HF cache ({}) and HF_HUB_OFFLINE=1",
+                    cache.path().display()
+                )));
+            }
+            download(cache, &repo_id, revision.as_deref(), variant, progress)
+        }
+    }
+}
+
+fn download(
+    cache: Cache,
+    repo_id: &str,
+    revision: Option<&str>,
+    variant: Option<&str>,
+    progress: &mut dyn DownloadProgress,
+) -> Result<PathBuf> {
+    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+    let mut builder = ApiBuilder::from_cache(cache).with_progress(false);
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if token.is_some() {
+        builder = builder.with_token(token);
+    }
+    let api: Api = builder
+        .build()
+        .map_err(|e| hub_error(repo_id, &e.to_string()))?;
+    let api_repo = api.repo(repo(repo_id, revision));
+    let info = api_repo
+        .info()
+        .map_err(|e| hub_error(repo_id, &e.to_string()))?;
+    let listed = |f: &str| info.siblings.iter().any(|s| s.rfilename == f);
+    let mut index = None;
+    for (default, preferred) in required_files(variant) {
+        let file = match preferred {
+            Some(p) if listed(&p) => p,
+            _ => default,
+        };
+        if !listed(&file) {
+            return Err(EngineError::Hub(format!(
+                "`{repo_id}` has no `{file}`: is it a Stable Diffusion repository in diffusers format?"
+            )));
+        }
+        let path = fetch(&api_repo, &file, progress, repo_id)?;
+        if file == "model_index.json" {
+            index = Some(path);
+        }
+    }
+    for file in OPTIONAL_FILES.iter().filter(|f| listed(f)) {
+        fetch(&api_repo, file, progress, repo_id)?;
+    }
+    index
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .ok_or_else(|| {
+            EngineError::Hub(format!("`{repo_id}`: model_index.json was not downloaded"))
+        })
+}
+
+fn fetch(
+    api_repo: &ApiRepo,
+    file: &str,
+    progress: &mut dyn DownloadProgress,
+    repo_id: &str,
+) -> Result<PathBuf> {
+    api_repo
+        .download_with_progress(file, ProgressAdapter(progress))
+        .map_err(|e| hub_error(repo_id, &format!("{file}: {e}")))
+}
+
+fn hub_error(repo_id: &str, message: &str) -> EngineError {
+    EngineError::Hub(format!(
+        "could not fetch `{repo_id}` from the Hugging Face hub ({message}); offline? Gated repos need HF_TOKEN"
+    ))
+}
+
+/// Bridges our progress trait to hf-hub's.
+struct ProgressAdapter<'a>(&'a mut dyn DownloadProgress);
+
+impl hf_hub::api::Progress for ProgressAdapter<'_> {
+    fn init(&mut self, size: usize, filename: &str) {
+        self.0.start(filename, size);
+    }
+    fn update(&mut self, size: usize) {
+        self.0.advance(size);
+    }
+    fn finish(&mut self) {
+        self.0.finish();
+    }
+}

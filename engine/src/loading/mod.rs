@@ -1,0 +1,6 @@
+//! Where model files come from: a local diffusers folder, or a Hugging Face hub id downloaded
+//! through `hf-hub` into the standard cache (`HF_HOME`, `HF_TOKEN`), with progress.
+
+pub mod hub;
+
+pub use hub::{DownloadProgress, ModelSource, resolve_model};

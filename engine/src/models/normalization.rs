@@ -1,0 +1,115 @@
+//! Normalisation and small building blocks shared by the models (aka diffusers'
+//! `models/normalization.py`, `models/activations.py`, and the conv/linear constructors).
+//!
+//! Weights live in burn-nn's `GroupNorm`/`LayerNorm`/`Conv2d`/`Linear` so they load by their
+//! PyTorch names; the forward maths of GroupNorm is ours so the statistics are taken in f32.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{
+    GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d,
+};
+use burn::tensor::activation;
+use burn::tensor::{DType, Tensor, backend::Backend};
+
+/// A `GroupNorm` with diffusers' arguments (always affine).
+pub fn group_norm<B: Backend>(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    device: &B::Device,
+) -> GroupNorm<B> {
+    GroupNormConfig::new(groups, channels)
+        .with_epsilon(eps)
+        .init(device)
+}
+
+/// A `LayerNorm` over the last dimension.
+pub fn layer_norm<B: Backend>(dim: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(dim).with_epsilon(eps).init(device)
+}
+
+/// A `Linear` layer (PyTorch `nn.Linear(d_in, d_out, bias)`).
+pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
+}
+
+/// A square `Conv2d` (PyTorch `nn.Conv2d(c_in, c_out, k, stride, padding)`).
+pub fn conv2d<B: Backend>(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    device: &B::Device,
+) -> Conv2d<B> {
+    Conv2dConfig::new([c_in, c_out], [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
+        .init(device)
+}
+
+/// GroupNorm forward over `[batch, channels, …]`, statistics computed in f32 whatever the
+/// tensor's dtype (DESIGN.md §1: f16 keeps GroupNorm statistics in f32).
+pub fn group_norm_forward<B: Backend, const D: usize>(
+    norm: &GroupNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let shape = x.shape();
+    let dims = shape.to_vec();
+    let batch = dims[0];
+    let channels = dims[1];
+    let groups = norm.num_groups;
+    let per_group = dims[1..].iter().product::<usize>() / groups;
+    let x = x.cast(DType::F32).reshape([batch, groups, per_group]);
+    let mean = x.clone().mean_dim(2);
+    let centered = x.sub(mean);
+    let var = centered.clone().square().mean_dim(2);
+    let normed = centered.div(var.add_scalar(norm.epsilon).sqrt());
+    let mut affine_shape = [1usize; D];
+    affine_shape[1] = channels;
+    let mut out = normed.reshape(shape).cast(dtype);
+    if let Some(gamma) = &norm.gamma {
+        out = out.mul(gamma.val().reshape(affine_shape));
+    }
+    if let Some(beta) = &norm.beta {
+        out = out.add(beta.val().reshape(affine_shape));
+    }
+    out
+}
+
+/// The activation functions diffusers' configs name (`act_fn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` / `swish`.
+    Silu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// `mish`.
+    Mish,
+}
+
+impl Activation {
+    /// Parses a diffusers `act_fn` string.
+    pub fn from_name(name: &str) -> crate::Result<Self> {
+        match name {
+            "silu" | "swish" => Ok(Self::Silu),
+            "gelu" => Ok(Self::Gelu),
+            "mish" => Ok(Self::Mish),
+            other => Err(crate::EngineError::Unsupported(format!(
+                "activation function `{other}`"
+            ))),
+        }
+    }
+
+    /// Applies the activation.
+    pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Silu => activation::silu(x),
+            Self::Gelu => activation::gelu(x),
+            Self::Mish => activation::mish(x),
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Residual blocks and resampling (aka diffusers' `models/resnet.py`: `ResnetBlock2D`;
+//! `models/downsampling.py`: `Downsample2D`; `models/upsampling.py`: `Upsample2D`).
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+
+use super::normalization::{Activation, conv2d, group_norm, group_norm_forward, linear};
+
+/// How the time embedding enters a resnet (`resnet_time_scale_shift`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeEmbeddingNorm {
+    /// Added after conv1 (`"default"`).
+    Default,
+    /// Scale and shift after norm2 (`"scale_shift"`).
+    ScaleShift,
+}
+
+impl TimeEmbeddingNorm {
+    /// Parses diffusers' `resnet_time_scale_shift`.
+    pub fn from_name(name: &str) -> crate::Result<Self> {
+        match name {
+            "default" => Ok(Self::Default),
+            "scale_shift" => Ok(Self::ScaleShift),
+            other => Err(crate::EngineError::Unsupported(format!(
+                "resnet_time_scale_shift `{other}`"
+            ))),
+        }
+    }
+}
+
+/// The arguments of diffusers' `ResnetBlock2D.__init__` that SD uses.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2DConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// `None`: no time embedding (the VAE).
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub act: Activation,
+    pub time_embedding_norm: TimeEmbeddingNorm,
+    pub output_scale_factor: f64,
+    pub skip_time_act: bool,
+}
+
+impl ResnetBlock2DConfig {
+    /// Builds the block.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> ResnetBlock2D<B> {
+        let temb_out = match self.time_embedding_norm {
+            TimeEmbeddingNorm::Default => self.out_channels,
+            TimeEmbeddingNorm::ScaleShift => 2 * self.out_channels,
+        };
+        ResnetBlock2D {
+            norm1: group_norm(self.groups, self.in_channels, self.eps, device),
+            conv1: conv2d(self.in_channels, self.out_channels, 3, 1, 1, device),
+            time_emb_proj: self
+                .temb_channels
+                .map(|t| linear(t, temb_out, true, device)),
+            norm2: group_norm(self.groups, self.out_channels, self.eps, device),
+            conv2: conv2d(self.out_channels, self.out_channels, 3, 1, 1, device),
+            conv_shortcut: (self.in_channels != self.out_channels)
+                .then(|| conv2d(self.in_channels, self.out_channels, 1, 1, 0, device)),
+            act: self.act,
+            time_embedding_norm: self.time_embedding_norm,
+            output_scale_factor: self.output_scale_factor,
+            skip_time_act: self.skip_time_act,
+        }
+    }
+}
+
+/// Diffusers' `ResnetBlock2D`.
+#[derive(Module, Debug)]
+pub struct ResnetBlock2D<B: Backend> {
+    pub norm1: GroupNorm<B>,
+    pub conv1: Conv2d<B>,
+    pub time_emb_proj: Option<Linear<B>>,
+    pub norm2: GroupNorm<B>,
+    pub conv2: Conv2d<B>,
+    pub conv_shortcut: Option<Conv2d<B>>,
+    #[module(skip)]
+    pub act: Activation,
+    #[module(skip)]
+    pub time_embedding_norm: TimeEmbeddingNorm,
+    pub output_scale_factor: f64,
+    pub skip_time_act: bool,
+}
+
+impl<B: Backend> ResnetBlock2D<B> {
+    /// # Shapes
+    /// - x: `[batch, in_channels, h, w]`
+    /// - temb: `[batch, temb_channels]`
+    /// - output: `[batch, out_channels, h, w]`
+    pub fn forward(&self, x: Tensor<B, 4>, temb: Option<&Tensor<B, 2>>) -> Tensor<B, 4> {
+        let h = self.act.forward(group_norm_forward(&self.norm1, x.clone()));
+        let h = self.conv1.forward(h);
+        let temb = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => {
+                let t = if self.skip_time_act {
+                    t.clone()
+                } else {
+                    self.act.forward(t.clone())
+                };
+                Some(proj.forward(t).unsqueeze_dims::<4>(&[2, 3])) // [b, c', 1, 1]
+            }
+            _ => None,
+        };
+        let h = match (self.time_embedding_norm, temb) {
+            (TimeEmbeddingNorm::Default, Some(t)) => group_norm_forward(&self.norm2, h.add(t)),
+            (TimeEmbeddingNorm::ScaleShift, Some(t)) => {
+                let [scale, shift] = split2(t);
+                group_norm_forward(&self.norm2, h)
+                    .mul(scale.add_scalar(1.0))
+                    .add(shift)
+            }
+            (_, None) => group_norm_forward(&self.norm2, h),
+        };
+        let h = self.conv2.forward(self.act.forward(h));
+        let x = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        let out = x.add(h);
+        if self.output_scale_factor == 1.0 {
+            out
+        } else {
+            out.div_scalar(self.output_scale_factor)
+        }
+    }
+}
+
+/// Splits `[b, 2c, 1, 1]` into two `[b, c, 1, 1]` halves (torch's `chunk(2, dim=1)`).
+fn split2<B: Backend>(t: Tensor<B, 4>) -> [Tensor<B, 4>; 2] {
+    let c = t.dims()[1] / 2;
+    [t.clone().narrow(1, 0, c), t.narrow(1, c, c)]
+}
+
+/// Diffusers' `Downsample2D` with a conv (`downsamplers.0.conv`).
+#[derive(Module, Debug)]
+pub struct Downsample2D<B: Backend> {
+    pub conv: Conv2d<B>,
+}
+
+impl<B: Backend> Downsample2D<B> {
+    /// A stride-2 3×3 conv. With `padding == 0` diffusers pads right/bottom by one first.
+    pub fn new(channels: usize, out_channels: usize, padding: usize, device: &B::Device) -> Self {
+        let mut conv = conv2d(channels, out_channels, 3, 2, padding, device);
+        if padding == 0 {
+            // F.pad(x, (0, 1, 0, 1)) then a valid conv: the same as asymmetric padding.
+            conv.padding = PaddingConfig2d::Explicit(0, 0, 1, 1);
+        }
+        Self { conv }
+    }
+
+    /// # Shapes
+    /// - x: `[b, c, h, w]` → `[b, c_out, ceil(h/2), ceil(w/2)]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.conv.forward(x)
+    }
+}
+
+/// Diffusers' `Upsample2D` with a conv (`upsamplers.0.conv`): nearest ×2 then a 3×3 conv.
+#[derive(Module, Debug)]
+pub struct Upsample2D<B: Backend> {
+    pub conv: Conv2d<B>,
+}
+
+impl<B: Backend> Upsample2D<B> {
+    /// `channels → out_channels`.
+    pub fn new(channels: usize, out_channels: usize, device: &B::Device) -> Self {
+        Self {
+            conv: conv2d(channels, out_channels, 3, 1, 1, device),
+        }
+    }
+
+    /// `size`: the output size when it is not exactly twice the input (the UNet's
+    /// `forward_upsample_size`).
+    ///
+    /// # Shapes
+    /// - x: `[b, c, h, w]` → `[b, c_out, 2h, 2w]` or `[b, c_out, size.0, size.1]`
+    pub fn forward(&self, x: Tensor<B, 4>, size: Option<[usize; 2]>) -> Tensor<B, 4> {
+        self.conv.forward(upsample_nearest(x, size))
+    }
+}
+
+/// Nearest-neighbour upsampling with torch's `F.interpolate(mode="nearest")` index rule
+/// (`src = floor(dst · in / out)`).
+pub fn upsample_nearest<B: Backend>(x: Tensor<B, 4>, size: Option<[usize; 2]>) -> Tensor<B, 4> {
+    let [b, c, h, w] = x.dims();
+    match size {
+        None => x
+            .reshape([b, c, h, 1, w, 1])
+            .expand([b, c, h, 2, w, 2])
+            .reshape([b, c, 2 * h, 2 * w]),
+        Some([oh, ow]) => {
+            let device = x.device();
+            let rows = nearest_indices::<B>(h, oh, &device);
+            let cols = nearest_indices::<B>(w, ow, &device);
+            x.select(2, rows).select(3, cols)
+        }
+    }
+}
+
+fn nearest_indices<B: Backend>(
+    input: usize,
+    output: usize,
+    device: &B::Device,
+) -> Tensor<B, 1, Int> {
+    let scale = input as f32 / output as f32;
+    let idx: Vec<i64> = (0..output)
+        .map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as i64)
+        .collect();
+    Tensor::from_data(TensorData::new(idx, [output]), device)
+}

@@ -1,0 +1,6 @@
+//! UNets (aka diffusers' `models/unets/`).
+
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+
+pub use unet_2d_condition::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};

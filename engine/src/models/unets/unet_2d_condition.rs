@@ -1,0 +1,576 @@
+//! Diffusers' `UNet2DConditionModel` (aka `models/unets/unet_2d_condition.py`), configured from
+//! its `config.json`: SD 1.x and 2.x (conv or linear projections, per-block heads,
+//! `only_cross_attention`, `upcast_attention`, class embeddings).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
+use burn::tensor::{Int, Tensor, backend::Backend};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::unet_2d_blocks::{
+    BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D, set_blocks_processor,
+};
+use crate::error::{EngineError, Result};
+use crate::models::attention::Transformer2DModelConfig;
+use crate::models::attention_processor::AttnProcessor;
+use crate::models::config::{ModelConfig, PerBlock, read_config};
+use crate::models::embeddings::{TimestepEmbedding, Timesteps};
+use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward};
+use crate::models::resnet::{ResnetBlock2DConfig, TimeEmbeddingNorm};
+use crate::models::weights::load_safetensors;
+
+/// `unet/config.json`, with diffusers' `__init__` defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct UNet2DConditionConfig {
+    pub sample_size: Option<usize>,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub center_input_sample: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    pub only_cross_attention: PerBlock<bool>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: PerBlock<usize>,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub act_fn: String,
+    pub norm_num_groups: Option<usize>,
+    pub norm_eps: f64,
+    pub cross_attention_dim: PerBlock<usize>,
+    pub transformer_layers_per_block: PerBlock<usize>,
+    pub attention_head_dim: PerBlock<usize>,
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    pub dual_cross_attention: bool,
+    pub use_linear_projection: bool,
+    pub class_embed_type: Option<String>,
+    pub addition_embed_type: Option<String>,
+    pub num_class_embeds: Option<usize>,
+    pub upcast_attention: bool,
+    pub resnet_time_scale_shift: String,
+    pub resnet_skip_time_act: bool,
+    pub resnet_out_scale_factor: f64,
+    pub time_embedding_type: String,
+    pub time_embedding_dim: Option<usize>,
+    pub time_embedding_act_fn: Option<String>,
+    pub timestep_post_act: Option<String>,
+    pub time_cond_proj_dim: Option<usize>,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    pub class_embeddings_concat: bool,
+    pub encoder_hid_dim: Option<usize>,
+    pub encoder_hid_dim_type: Option<String>,
+    pub attention_type: String,
+    /// Only used by IF's simple cross-attention mid block.
+    pub mid_block_only_cross_attention: Option<bool>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl Default for UNet2DConditionConfig {
+    fn default() -> Self {
+        let s = |v: &str| v.to_string();
+        Self {
+            sample_size: None,
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: vec![
+                s("CrossAttnDownBlock2D"),
+                s("CrossAttnDownBlock2D"),
+                s("CrossAttnDownBlock2D"),
+                s("DownBlock2D"),
+            ],
+            mid_block_type: Some(s("UNetMidBlock2DCrossAttn")),
+            up_block_types: vec![
+                s("UpBlock2D"),
+                s("CrossAttnUpBlock2D"),
+                s("CrossAttnUpBlock2D"),
+                s("CrossAttnUpBlock2D"),
+            ],
+            only_cross_attention: PerBlock::All(false),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: PerBlock::All(2),
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            act_fn: s("silu"),
+            norm_num_groups: Some(32),
+            norm_eps: 1e-5,
+            cross_attention_dim: PerBlock::All(1280),
+            transformer_layers_per_block: PerBlock::All(1),
+            attention_head_dim: PerBlock::All(8),
+            num_attention_heads: None,
+            dual_cross_attention: false,
+            use_linear_projection: false,
+            class_embed_type: None,
+            addition_embed_type: None,
+            num_class_embeds: None,
+            upcast_attention: false,
+            resnet_time_scale_shift: s("default"),
+            resnet_skip_time_act: false,
+            resnet_out_scale_factor: 1.0,
+            time_embedding_type: s("positional"),
+            time_embedding_dim: None,
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
+            time_cond_proj_dim: None,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+            projection_class_embeddings_input_dim: None,
+            class_embeddings_concat: false,
+            encoder_hid_dim: None,
+            encoder_hid_dim_type: None,
+            attention_type: s("default"),
+            mid_block_only_cross_attention: None,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+impl ModelConfig for UNet2DConditionConfig {
+    fn unknown_keys(&self) -> &BTreeMap<String, Value> {
+        &self.extra
+    }
+}
+
+/// The class embedding (`class_embed_type` / `num_class_embeds`).
+#[derive(Module, Debug)]
+pub enum ClassEmbedding<B: Backend> {
+    /// `num_class_embeds` with no `class_embed_type`: a lookup table.
+    Embedding(Embedding<B>),
+    /// `"timestep"`: the class labels go through the sinusoidal features, then an MLP.
+    Timestep(TimestepEmbedding<B>),
+    /// `"projection"`: an MLP on the given vectors.
+    Projection(TimestepEmbedding<B>),
+}
+
+/// What the UNet is conditioned on besides the timestep.
+#[derive(Debug, Clone, Default)]
+pub enum ClassLabels<B: Backend> {
+    /// No class conditioning.
+    #[default]
+    None,
+    /// Integer labels `[batch]` (`num_class_embeds`).
+    Ids(Tensor<B, 1, Int>),
+    /// Float labels `[batch]` (`class_embed_type="timestep"`, e.g. a noise level).
+    Levels(Vec<f64>),
+    /// Vectors `[batch, dim]` (`class_embed_type="projection"`).
+    Vectors(Tensor<B, 2>),
+}
+
+/// Diffusers' `UNet2DConditionModel`.
+#[derive(Module, Debug)]
+pub struct UNet2DConditionModel<B: Backend> {
+    pub conv_in: Conv2d<B>,
+    pub time_proj: Timesteps,
+    pub time_embedding: TimestepEmbedding<B>,
+    pub class_embedding: Option<ClassEmbedding<B>>,
+    pub down_blocks: Vec<DownBlock2D<B>>,
+    pub mid_block: Option<UNetMidBlock2DCrossAttn<B>>,
+    pub up_blocks: Vec<UpBlock2D<B>>,
+    pub conv_norm_out: GroupNorm<B>,
+    pub conv_out: Conv2d<B>,
+    #[module(skip)]
+    pub act: Activation,
+    pub center_input_sample: bool,
+    pub class_embeddings_concat: bool,
+    /// `2^(number of upsamplers)`: latent sides must be multiples of it or sizes are passed down.
+    pub overall_up_factor: usize,
+}
+
+impl UNet2DConditionConfig {
+    /// Rejects configurations this implementation does not cover, with the reason.
+    fn check_supported(&self) -> Result<()> {
+        let unsupported = |what: String| Err(EngineError::Unsupported(what));
+        if self.dual_cross_attention {
+            return unsupported("UNet `dual_cross_attention`".into());
+        }
+        if let Some(t) = &self.addition_embed_type {
+            return unsupported(format!("UNet addition_embed_type `{t}`"));
+        }
+        if let Some(t) = &self.encoder_hid_dim_type {
+            return unsupported(format!("UNet encoder_hid_dim_type `{t}`"));
+        }
+        if self.time_embedding_type != "positional" {
+            return unsupported(format!(
+                "UNet time_embedding_type `{}`",
+                self.time_embedding_type
+            ));
+        }
+        if self.time_cond_proj_dim.is_some() {
+            return unsupported("UNet time_cond_proj_dim (LCM guidance embedding)".into());
+        }
+        if self.attention_type != "default" {
+            return unsupported(format!("UNet attention_type `{}`", self.attention_type));
+        }
+        if self.time_embedding_act_fn.is_some() || self.timestep_post_act.is_some() {
+            return unsupported("UNet time_embedding_act_fn / timestep_post_act".into());
+        }
+        if self.down_block_types.len() != self.block_out_channels.len()
+            || self.up_block_types.len() != self.block_out_channels.len()
+        {
+            return unsupported(format!(
+                "UNet with {} down blocks, {} up blocks and {} block_out_channels",
+                self.down_block_types.len(),
+                self.up_block_types.len(),
+                self.block_out_channels.len()
+            ));
+        }
+        if let Some(m) = &self.mid_block_type
+            && m != "UNetMidBlock2DCrossAttn"
+        {
+            return unsupported(format!("UNet mid_block_type `{m}`"));
+        }
+        Ok(())
+    }
+
+    /// Builds the model with freshly initialised (random) weights.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<UNet2DConditionModel<B>> {
+        self.check_supported()?;
+        let n = self.block_out_channels.len();
+        let boc = &self.block_out_channels;
+        let groups = self
+            .norm_num_groups
+            .ok_or_else(|| EngineError::Unsupported("UNet without norm_num_groups".into()))?;
+        let act = Activation::from_name(&self.act_fn)?;
+        let only_cross = self
+            .only_cross_attention
+            .expand(n, "only_cross_attention")?;
+        let layers = self.layers_per_block.expand(n, "layers_per_block")?;
+        let cross_dim = self.cross_attention_dim.expand(n, "cross_attention_dim")?;
+        let tlayers = self
+            .transformer_layers_per_block
+            .expand(n, "transformer_layers_per_block")?;
+        // Diffusers' naming quirk: `attention_head_dim` in SD configs is the number of heads.
+        let heads = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .expand(n, "num_attention_heads")?;
+        for (i, (&c, &h)) in boc.iter().zip(&heads).enumerate() {
+            if h == 0 || c % h != 0 || c % groups != 0 {
+                return Err(EngineError::Unsupported(format!(
+                    "UNet block {i}: {c} channels with {h} heads and {groups} groups"
+                )));
+            }
+        }
+
+        let time_embed_dim = self.time_embedding_dim.unwrap_or(boc[0] * 4);
+        let time_proj = Timesteps {
+            num_channels: boc[0],
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            downscale_freq_shift: self.freq_shift,
+        };
+        let time_embedding =
+            TimestepEmbedding::new(boc[0], time_embed_dim, None, Activation::Silu, device);
+        let class_embedding = match (self.class_embed_type.as_deref(), self.num_class_embeds) {
+            (None, None) => None,
+            (None, Some(num)) => Some(ClassEmbedding::Embedding(
+                EmbeddingConfig::new(num, time_embed_dim).init(device),
+            )),
+            (Some("timestep"), _) => Some(ClassEmbedding::Timestep(TimestepEmbedding::new(
+                boc[0],
+                time_embed_dim,
+                None,
+                act,
+                device,
+            ))),
+            (Some("projection"), _) => {
+                let dim = self.projection_class_embeddings_input_dim.ok_or_else(|| {
+                    EngineError::Unsupported(
+                        "class_embed_type `projection` without projection_class_embeddings_input_dim".into(),
+                    )
+                })?;
+                Some(ClassEmbedding::Projection(TimestepEmbedding::new(
+                    dim,
+                    time_embed_dim,
+                    None,
+                    act,
+                    device,
+                )))
+            }
+            (Some(other), _) => {
+                return Err(EngineError::Unsupported(format!(
+                    "UNet class_embed_type `{other}`"
+                )));
+            }
+        };
+        let temb_channels = if self.class_embeddings_concat {
+            time_embed_dim * 2
+        } else {
+            time_embed_dim
+        };
+        let time_embedding_norm = TimeEmbeddingNorm::from_name(&self.resnet_time_scale_shift)?;
+        let resnet = |scale: f64| ResnetBlock2DConfig {
+            in_channels: 0,
+            out_channels: 0,
+            temb_channels: Some(temb_channels),
+            groups,
+            eps: self.norm_eps,
+            act,
+            time_embedding_norm,
+            output_scale_factor: scale,
+            skip_time_act: self.resnet_skip_time_act,
+        };
+        let transformer = |i: usize, cross: bool, only_cross: bool| {
+            cross.then(|| Transformer2DModelConfig {
+                num_attention_heads: heads[i],
+                attention_head_dim: boc[i] / heads[i],
+                in_channels: boc[i],
+                num_layers: tlayers[i],
+                cross_attention_dim: cross_dim[i],
+                norm_num_groups: groups,
+                use_linear_projection: self.use_linear_projection,
+                only_cross_attention: only_cross,
+                upcast_attention: self.upcast_attention,
+            })
+        };
+        let is_cross = |kind: &str, dir: &str| -> Result<bool> {
+            match kind {
+                k if k == format!("CrossAttn{dir}Block2D") => Ok(true),
+                k if k == format!("{dir}Block2D") => Ok(false),
+                other => Err(EngineError::Unsupported(format!(
+                    "UNet block type `{other}`"
+                ))),
+            }
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut in_ch = boc[0];
+        for (i, kind) in self.down_block_types.iter().enumerate() {
+            let config = BlockConfig {
+                resnet: resnet(self.resnet_out_scale_factor),
+                transformer: transformer(i, is_cross(kind, "Down")?, only_cross[i]),
+                num_layers: layers[i],
+            };
+            let is_final = i == n - 1;
+            down_blocks.push(DownBlock2D::new(
+                &config,
+                in_ch,
+                boc[i],
+                (!is_final).then_some(self.downsample_padding),
+                device,
+            ));
+            in_ch = boc[i];
+        }
+
+        let mid_block = self.mid_block_type.as_ref().map(|_| {
+            let config = BlockConfig {
+                resnet: resnet(self.mid_block_scale_factor),
+                // UNetMidBlock2DCrossAttn takes no only_cross_attention in diffusers.
+                transformer: transformer(n - 1, true, false),
+                num_layers: 1,
+            };
+            UNetMidBlock2DCrossAttn::new(&config, boc[n - 1], device)
+        });
+
+        // Skip widths in the order the down path pushes them.
+        let mut skip_widths = vec![boc[0]];
+        for (i, block) in down_blocks.iter().enumerate() {
+            skip_widths.extend(std::iter::repeat_n(boc[i], block.resnets.len()));
+            if !block.downsamplers.is_empty() {
+                skip_widths.push(boc[i]);
+            }
+        }
+
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut prev_out = boc[n - 1];
+        let mut num_upsamplers = 0;
+        for (i, kind) in self.up_block_types.iter().enumerate() {
+            let r = n - 1 - i; // the matching down block
+            let is_final = i == n - 1;
+            let num_layers = layers[r] + 1;
+            let config = BlockConfig {
+                resnet: resnet(self.resnet_out_scale_factor),
+                transformer: transformer(r, is_cross(kind, "Up")?, only_cross[r]),
+                num_layers,
+            };
+            let mut skips = Vec::with_capacity(num_layers);
+            for _ in 0..num_layers {
+                skips.push(skip_widths.pop().ok_or_else(|| {
+                    EngineError::Unsupported(
+                        "UNet up blocks consume more skips than the down path makes".into(),
+                    )
+                })?);
+            }
+            up_blocks.push(UpBlock2D::new(
+                &config, prev_out, boc[r], &skips, !is_final, device,
+            ));
+            if !is_final {
+                num_upsamplers += 1;
+            }
+            prev_out = boc[r];
+        }
+
+        let pad_in = (self.conv_in_kernel - 1) / 2;
+        let pad_out = (self.conv_out_kernel - 1) / 2;
+        Ok(UNet2DConditionModel {
+            conv_in: conv2d(
+                self.in_channels,
+                boc[0],
+                self.conv_in_kernel,
+                1,
+                pad_in,
+                device,
+            ),
+            time_proj,
+            time_embedding,
+            class_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(groups, boc[0], self.norm_eps, device),
+            conv_out: conv2d(
+                boc[0],
+                self.out_channels,
+                self.conv_out_kernel,
+                1,
+                pad_out,
+                device,
+            ),
+            act,
+            center_input_sample: self.center_input_sample,
+            class_embeddings_concat: self.class_embeddings_concat,
+            overall_up_factor: 1 << num_upsamplers,
+        })
+    }
+}
+
+impl<B: Backend> UNet2DConditionModel<B> {
+    /// Reads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (a diffusers `unet/`
+    /// folder). `weights` overrides the file (e.g. the `fp16` variant).
+    pub fn load(
+        dir: &Path,
+        weights: Option<&Path>,
+        device: &B::Device,
+    ) -> Result<(Self, UNet2DConditionConfig)> {
+        let config: UNet2DConditionConfig = read_config(&dir.join("config.json"))?;
+        let mut model = config.init(device)?;
+        let default_file = dir.join("diffusion_pytorch_model.safetensors");
+        load_safetensors(&mut model, weights.unwrap_or(&default_file))?;
+        Ok((model, config))
+    }
+
+    /// One UNet evaluation.
+    ///
+    /// # Shapes
+    /// - sample: `[batch, in_channels, h, w]`
+    /// - timesteps: one per batch item (or one for all)
+    /// - context: `[batch, tokens, cross_attention_dim]`
+    /// - output: `[batch, out_channels, h, w]`
+    pub fn forward(
+        &self,
+        sample: Tensor<B, 4>,
+        timesteps: &[f64],
+        context: &Tensor<B, 3>,
+        class_labels: &ClassLabels<B>,
+    ) -> Result<Tensor<B, 4>> {
+        let [batch, _, h, w] = sample.dims();
+        let device = sample.device();
+        let timesteps: Vec<f64> = match timesteps.len() {
+            1 => vec![timesteps[0]; batch],
+            n if n == batch => timesteps.to_vec(),
+            n => {
+                return Err(EngineError::invalid(
+                    "timesteps",
+                    format!("{n} timesteps for a batch of {batch}"),
+                ));
+            }
+        };
+        let factor = self.overall_up_factor;
+        let forward_upsample_size = h % factor != 0 || w % factor != 0;
+
+        let sample = if self.center_input_sample {
+            sample.mul_scalar(2.0).sub_scalar(1.0)
+        } else {
+            sample
+        };
+        let t_emb = self
+            .time_proj
+            .forward::<B>(&timesteps, &device)
+            .cast(sample.dtype());
+        let mut emb = self.time_embedding.forward(t_emb);
+        if let Some(class_embedding) = &self.class_embedding {
+            let class_emb = match (class_embedding, class_labels) {
+                (ClassEmbedding::Embedding(e), ClassLabels::Ids(ids)) => e
+                    .forward(ids.clone().unsqueeze_dim::<2>(1))
+                    .squeeze_dim::<2>(1),
+                (ClassEmbedding::Timestep(mlp), ClassLabels::Levels(levels)) => {
+                    let levels = match levels.len() {
+                        1 => vec![levels[0]; batch],
+                        _ => levels.clone(),
+                    };
+                    mlp.forward(
+                        self.time_proj
+                            .forward::<B>(&levels, &device)
+                            .cast(sample.dtype()),
+                    )
+                }
+                (ClassEmbedding::Projection(mlp), ClassLabels::Vectors(v)) => {
+                    mlp.forward(v.clone())
+                }
+                _ => {
+                    return Err(EngineError::invalid(
+                        "class_labels",
+                        "this UNet needs class labels of the kind its config names",
+                    ));
+                }
+            };
+            emb = if self.class_embeddings_concat {
+                Tensor::cat(vec![emb, class_emb], 1)
+            } else {
+                emb.add(class_emb)
+            };
+        }
+
+        let mut x = self.conv_in.forward(sample);
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            x = block.forward(x, Some(&emb), Some(context), &mut skips);
+        }
+        if let Some(mid) = &self.mid_block {
+            x = mid.forward(x, &emb, context);
+        }
+        let last = self.up_blocks.len().saturating_sub(1);
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let n_res = block.resnets.len();
+            let upsample_size = if i != last && forward_upsample_size {
+                // The size of the skip the next block will consume first.
+                skips
+                    .len()
+                    .checked_sub(n_res + 1)
+                    .and_then(|k| skips.get(k))
+                    .map(|t| {
+                        let d = t.dims();
+                        [d[2], d[3]]
+                    })
+            } else {
+                None
+            };
+            x = block.forward(x, Some(&emb), Some(context), &mut skips, upsample_size);
+        }
+        let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
+        Ok(self.conv_out.forward(x))
+    }
+
+    /// Sets the attention processor of every attention layer (diffusers' `set_attn_processor`).
+    pub fn set_attn_processor(&mut self, processor: AttnProcessor) {
+        set_blocks_processor(
+            &mut self.down_blocks,
+            self.mid_block.as_mut(),
+            &mut self.up_blocks,
+            processor,
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! Pipelines (aka diffusers' `pipelines/`), and what every pipeline shares: the request type,
+//! the cancel token and the per-step progress report.
+
+pub mod request;
+pub mod stable_diffusion;
+
+pub use request::{GenerationRequest, ModelLimits, PipelineKind, PromptEmbeds};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::error::{EngineError, Result};
+
+/// Cancels a running job between steps. Clones share the flag.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A fresh, not cancelled token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the job to stop at the next step.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether cancellation was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// `Err(Cancelled)` once cancelled.
+    pub fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(EngineError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// One denoising step finished.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepProgress {
+    /// 1-based index of the step that finished.
+    pub step: usize,
+    /// Steps in this run.
+    pub total: usize,
+    /// Seconds since the denoising loop started.
+    pub elapsed_secs: f64,
+    /// UNet evaluations per second over the loop so far (the progress-bar rate diffusers shows).
+    pub it_per_sec: f64,
+    /// The timestep the step was taken at.
+    pub timestep: f64,
+}
+
+/// Receives a report after every step.
+pub trait StepObserver {
+    /// Called after step `progress.step` of `progress.total`.
+    fn on_step(&mut self, progress: &StepProgress);
+}
+
+impl<F: FnMut(&StepProgress)> StepObserver for F {
+    fn on_step(&mut self, progress: &StepProgress) {
+        self(progress)
+    }
+}
+
+/// Times the denoising loop for [`StepProgress`].
+#[derive(Debug)]
+pub(crate) struct StepClock {
+    start: Instant,
+    total: usize,
+}
+
+impl StepClock {
+    pub(crate) fn start(total: usize) -> Self {
+        Self {
+            start: Instant::now(),
+            total,
+        }
+    }
+
+    /// The report for `step` (1-based) finished at `timestep`.
+    pub(crate) fn progress(&self, step: usize, timestep: f64) -> StepProgress {
+        let elapsed_secs = self.start.elapsed().as_secs_f64();
+        StepProgress {
+            step,
+            total: self.total,
+            elapsed_secs,
+            it_per_sec: if elapsed_secs > 0.0 {
+                step as f64 / elapsed_secs
+            } else {
+                0.0
+            },
+            timestep,
+        }
+    }
+}

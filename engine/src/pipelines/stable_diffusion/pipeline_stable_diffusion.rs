@@ -1,0 +1,297 @@
+//! Text-to-image with Stable Diffusion 1.x/2.x (aka diffusers'
+//! `pipelines/stable_diffusion/pipeline_stable_diffusion.py`, `StableDiffusionPipeline`).
+//!
+//! `__call__` order is kept: check inputs, encode the prompt, prepare timesteps, prepare latents,
+//! denoise (cancel checked and progress reported every step), decode.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Tensor, backend::Backend};
+
+use crate::error::{EngineError, Result};
+use crate::models::AttnProcessor;
+use crate::models::autoencoders::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::text_encoders::clip::{CLIPTextConfig, CLIPTextModel};
+use crate::models::text_encoders::clip_tokenizer::CLIPTokenizer;
+use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
+use crate::noise::{NoiseSource, TorchGenerator};
+use crate::pipelines::{CancelToken, GenerationRequest, ModelLimits, StepClock, StepObserver};
+use crate::schedulers::{self, Scheduler};
+use crate::tensor_io::HostTensor;
+
+/// How to load a diffusers folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Prefer `*.{variant}.safetensors` files (e.g. `fp16`) where they exist.
+    pub variant: Option<String>,
+}
+
+/// The finished images.
+#[derive(Debug, Clone)]
+pub struct GenerationOutput {
+    /// `[batch, height, width, 3]` in [0, 1] (diffusers' `output_type="np"`).
+    pub images: HostTensor,
+    /// The scheduler used, for metadata.
+    pub scheduler: &'static str,
+}
+
+/// Diffusers' `StableDiffusionPipeline`: the loaded components and the scheduler config.
+#[derive(Debug)]
+pub struct StableDiffusionPipeline<B: Backend> {
+    pub tokenizer: CLIPTokenizer,
+    pub text_encoder: CLIPTextModel<B>,
+    pub unet: UNet2DConditionModel<B>,
+    pub unet_config: UNet2DConditionConfig,
+    pub vae: AutoencoderKL<B>,
+    pub vae_config: AutoencoderKLConfig,
+    /// `scheduler/scheduler_config.json` as read.
+    pub scheduler_config: serde_json::Value,
+    pub device: B::Device,
+    /// Where the model came from (folder), for messages and metadata.
+    pub source: PathBuf,
+}
+
+/// The weights file of a component, preferring the variant when asked for and present.
+fn weights_file(dir: &Path, stem: &str, options: &LoadOptions) -> PathBuf {
+    if let Some(variant) = &options.variant {
+        let candidate = dir.join(format!("{stem}.{variant}.safetensors"));
+        if candidate.is_file() {
+            return candidate;
+        }
+        tracing::info!(dir = %dir.display(), variant, "no variant weights; using the default file");
+    }
+    dir.join(format!("{stem}.safetensors"))
+}
+
+impl<B: Backend> StableDiffusionPipeline<B> {
+    /// Loads a local diffusers folder (`model_index.json` + `tokenizer/`, `text_encoder/`,
+    /// `unet/`, `vae/`, `scheduler/`).
+    pub fn load(dir: &Path, options: &LoadOptions, device: &B::Device) -> Result<Self> {
+        let component = |name: &str| -> Result<PathBuf> {
+            let path = dir.join(name);
+            if path.is_dir() {
+                Ok(path)
+            } else {
+                Err(EngineError::io(
+                    &path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("not a diffusers folder: the `{name}` component is missing"),
+                    ),
+                ))
+            }
+        };
+        let tokenizer = CLIPTokenizer::load(&component("tokenizer")?)?;
+        let te_dir = component("text_encoder")?;
+        let mut text_encoder =
+            CLIPTextConfig::from_file(&te_dir.join("config.json"))?.init::<B>(device);
+        text_encoder.load_safetensors(&weights_file(&te_dir, "model", options))?;
+        let unet_dir = component("unet")?;
+        let (unet, unet_config) = UNet2DConditionModel::load(
+            &unet_dir,
+            Some(&weights_file(&unet_dir, "diffusion_pytorch_model", options)),
+            device,
+        )?;
+        let vae_dir = component("vae")?;
+        let (vae, vae_config) = AutoencoderKL::load(
+            &vae_dir,
+            Some(&weights_file(&vae_dir, "diffusion_pytorch_model", options)),
+            device,
+        )?;
+        let sched_path = component("scheduler")?.join("scheduler_config.json");
+        let sched_json =
+            std::fs::read_to_string(&sched_path).map_err(|e| EngineError::io(&sched_path, e))?;
+        let scheduler_config =
+            serde_json::from_str(&sched_json).map_err(|e| EngineError::Config {
+                path: sched_path.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            unet_config,
+            vae,
+            vae_config,
+            scheduler_config,
+            device: device.clone(),
+            source: dir.to_path_buf(),
+        })
+    }
+
+    /// What this model imposes on requests.
+    pub fn limits(&self) -> ModelLimits {
+        ModelLimits {
+            vae_scale_factor: self.vae_config.scale_factor(),
+            latent_channels: self.unet_config.in_channels,
+            cross_attention_dim: self.text_encoder.hidden_size(),
+        }
+    }
+
+    /// Sets the attention processor of the UNet and the VAE (diffusers' `set_attn_processor`).
+    pub fn set_attn_processor(&mut self, processor: AttnProcessor) {
+        self.unet.set_attn_processor(processor);
+        self.vae.set_attn_processor(processor);
+    }
+
+    /// Builds the scheduler the request asks for (its config, else the model's; its class
+    /// override, else the config's `_class_name`).
+    pub fn scheduler_for(&self, request: &GenerationRequest) -> Result<Box<dyn Scheduler<B>>> {
+        let config = request
+            .scheduler_config
+            .as_ref()
+            .unwrap_or(&self.scheduler_config);
+        schedulers::from_config_json::<B>(config, request.scheduler)
+    }
+
+    /// Encodes prompts to embeddings `[n, 77, dim]` (diffusers' `encode_prompt`, no clip-skip).
+    pub fn encode_text(&self, prompts: &[&str]) -> Result<Tensor<B, 3>> {
+        let tokens = self.tokenizer.encode(prompts)?;
+        Ok(self
+            .text_encoder
+            .forward(tokens.to_tensor::<B>(&self.device))?
+            .last_hidden_state)
+    }
+
+    /// The CFG conditioning: `[negative; positive]` each repeated per image, or the positive
+    /// alone without guidance. `[2·batch or batch, tokens, dim]`.
+    fn encode_prompt(&self, request: &GenerationRequest) -> Result<Tensor<B, 3>> {
+        let batch = request.batch;
+        let cfg = request.do_classifier_free_guidance();
+        let repeat = |t: Tensor<B, 3>| -> Tensor<B, 3> {
+            if t.dims()[0] == batch {
+                t
+            } else {
+                t.repeat_dim(0, batch)
+            }
+        };
+        let (positive, negative) = match &request.prompt_embeds {
+            Some(embeds) => {
+                let pos = repeat(
+                    embeds
+                        .prompt_embeds
+                        .to_tensor::<B, 3>("prompt_embeds", &self.device)?,
+                );
+                let neg = match (&embeds.negative_prompt_embeds, cfg) {
+                    (Some(n), true) => Some(repeat(
+                        n.to_tensor::<B, 3>("negative_prompt_embeds", &self.device)?,
+                    )),
+                    (None, true) => Some(repeat(self.encode_text(&[""])?)),
+                    (_, false) => None,
+                };
+                (pos, neg)
+            }
+            None => {
+                let texts: Vec<&str> = if cfg {
+                    vec![request.negative_prompt.as_str(), request.prompt.as_str()]
+                } else {
+                    vec![request.prompt.as_str()]
+                };
+                let embeds = self.encode_text(&texts)?;
+                if cfg {
+                    let neg = embeds.clone().narrow(0, 0, 1);
+                    let pos = embeds.narrow(0, 1, 1);
+                    (repeat(pos), Some(repeat(neg)))
+                } else {
+                    (repeat(embeds), None)
+                }
+            }
+        };
+        Ok(match negative {
+            Some(neg) => Tensor::cat(vec![neg, positive], 0),
+            None => positive,
+        })
+    }
+
+    /// Runs txt2img. The seed feeds a torch-compatible generator for every draw not given
+    /// (initial latents, stochastic scheduler noise); `noise` replaces that generator when given.
+    pub fn generate(
+        &self,
+        request: &GenerationRequest,
+        noise: Option<&mut dyn NoiseSource>,
+        cancel: &CancelToken,
+        observer: &mut dyn StepObserver,
+    ) -> Result<GenerationOutput> {
+        // 1. Check inputs (before any tensor work).
+        let limits = self.limits();
+        request.check_inputs(&limits)?;
+        let mut scheduler = self.scheduler_for(request)?;
+        let mut generator = TorchGenerator::new(request.seed);
+        let noise: &mut dyn NoiseSource = match noise {
+            Some(n) => n,
+            None => &mut generator,
+        };
+        cancel.check()?;
+
+        // 2. Encode the prompt.
+        let context = self.encode_prompt(request)?;
+
+        // 3. Timesteps.
+        scheduler.set_timesteps(request.steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+
+        // 4. Latents.
+        let shape = [
+            request.batch,
+            limits.latent_channels,
+            request.height / limits.vae_scale_factor,
+            request.width / limits.vae_scale_factor,
+        ];
+        let latents = match &request.latents {
+            Some(l) => l.to_tensor::<B, 4>("latents", &self.device)?,
+            None => HostTensor {
+                shape: shape.to_vec(),
+                values: noise.randn(&shape)?,
+            }
+            .to_tensor::<B, 4>("latents", &self.device)?,
+        };
+        let mut latents = latents.mul_scalar(scheduler.init_noise_sigma());
+
+        // 5. Denoising loop.
+        let cfg = request.do_classifier_free_guidance();
+        let clock = StepClock::start(timesteps.len());
+        for (i, &t) in timesteps.iter().enumerate() {
+            cancel.check()?;
+            let model_input = if cfg {
+                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+            } else {
+                latents.clone()
+            };
+            let model_input = scheduler.scale_model_input(model_input, i);
+            let noise_pred = self
+                .unet
+                .forward(model_input, &[t], &context, &ClassLabels::None)?;
+            let noise_pred = if cfg {
+                let b = request.batch;
+                let uncond = noise_pred.clone().narrow(0, 0, b);
+                let text = noise_pred.narrow(0, b, b);
+                uncond
+                    .clone()
+                    .add(text.sub(uncond).mul_scalar(request.guidance_scale))
+            } else {
+                noise_pred
+            };
+            latents = scheduler.step(noise_pred, i, latents, noise)?;
+            observer.on_step(&clock.progress(i + 1, t));
+        }
+        cancel.check()?;
+
+        // 6. Decode.
+        let images = self.decode_latents(latents)?;
+        Ok(GenerationOutput {
+            images,
+            scheduler: scheduler.name(),
+        })
+    }
+
+    /// Latents → images `[b, h, w, 3]` in [0, 1] (VAE decode + diffusers' postprocess).
+    pub fn decode_latents(&self, latents: Tensor<B, 4>) -> Result<HostTensor> {
+        let mut z = latents.div_scalar(self.vae_config.scaling_factor);
+        if let Some(shift) = self.vae_config.shift_factor {
+            z = z.add_scalar(shift);
+        }
+        let image = self.vae.decode(z);
+        let image = image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
+        HostTensor::from_tensor(image.permute([0, 2, 3, 1]))
+    }
+}

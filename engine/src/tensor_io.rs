@@ -1,0 +1,163 @@
+//! Host tensors in safetensors files: the CLI's `--latents`, `--prompt-embeds`, `--image-array`
+//! inputs and `--save-array` output (DESIGN.md §5), and test references.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::{Tensor, TensorData, backend::Backend, bf16, f16};
+use safetensors::{Dtype, SafeTensors, serialize};
+
+use crate::error::{EngineError, Result};
+
+/// A float tensor on the host: row-major values and a shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Uploads to `device` as a rank-`D` tensor, checking the rank.
+    pub fn to_tensor<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        if self.shape.len() != D {
+            return Err(EngineError::invalid(
+                "tensor",
+                format!(
+                    "`{name}` has shape {:?}, expected {D} dimensions",
+                    self.shape
+                ),
+            ));
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(self.values.clone(), self.shape.clone()),
+            device,
+        ))
+    }
+
+    /// Downloads a tensor (converted to f32).
+    pub fn from_tensor<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Self> {
+        let shape = t.dims().to_vec();
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))?;
+        Ok(Self {
+            shape,
+            values: data,
+        })
+    }
+}
+
+/// Every tensor of a safetensors file, converted to f32 (f16, bf16, f64 and integer tensors too).
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
+    let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| EngineError::Safetensors {
+        file: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut out = HashMap::new();
+    for (name, view) in file.tensors() {
+        let values = to_f32(view.dtype(), view.data()).ok_or_else(|| EngineError::Safetensors {
+            file: path.to_path_buf(),
+            message: format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()),
+        })?;
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                values,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// One named tensor of a safetensors file.
+pub fn read_tensor(path: &Path, name: &str) -> Result<HostTensor> {
+    read_safetensors(path)?
+        .remove(name)
+        .ok_or_else(|| EngineError::MissingTensor {
+            key: name.to_string(),
+            file: path.to_path_buf(),
+        })
+}
+
+fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    fn chunks<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+        data.chunks_exact(N).map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            a
+        })
+    }
+    Some(match dtype {
+        Dtype::F32 => chunks::<4>(data).map(f32::from_le_bytes).collect(),
+        Dtype::F16 => chunks::<2>(data)
+            .map(|b| f16::from_le_bytes(b).to_f32())
+            .collect(),
+        Dtype::BF16 => chunks::<2>(data)
+            .map(|b| bf16::from_le_bytes(b).to_f32())
+            .collect(),
+        Dtype::F64 => chunks::<8>(data)
+            .map(|b| f64::from_le_bytes(b) as f32)
+            .collect(),
+        Dtype::I64 => chunks::<8>(data)
+            .map(|b| i64::from_le_bytes(b) as f32)
+            .collect(),
+        Dtype::I32 => chunks::<4>(data)
+            .map(|b| i32::from_le_bytes(b) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Writes f32 tensors to a safetensors file, atomically (temp file + rename).
+pub fn write_safetensors(path: &Path, tensors: &[(&str, &HostTensor)]) -> Result<()> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let raw = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.to_string(), raw, t.shape.clone())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(name, raw, shape)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), raw)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| EngineError::Safetensors {
+                    file: path.to_path_buf(),
+                    message: e.to_string(),
+                })
+        })
+        .collect::<Result<_>>()?;
+    let data = serialize(views, None).map_err(|e| EngineError::Safetensors {
+        file: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    write_atomic(path, &data)
+}
+
+/// Writes `data` to `path` through a temporary file in the same folder and a rename, so a
+/// crash never leaves a half-written file behind.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, data).map_err(|e| EngineError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        EngineError::io(path, e)
+    })
+}

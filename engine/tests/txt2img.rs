@@ -1,0 +1,142 @@
+//! The whole txt2img pipeline against diffusers' `StableDiffusionPipeline` on the tiny fixture,
+//! per scheduler, given explicit latents (and a seeded generator for stochastic schedulers).
+
+mod common;
+
+use common::{Cpu, assert_close, fixture, refs};
+use engine::EngineError;
+use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
+use engine::pipelines::{CancelToken, GenerationRequest, StepProgress};
+
+fn pipeline() -> StableDiffusionPipeline<Cpu> {
+    StableDiffusionPipeline::load(&fixture("tiny-sd"), &LoadOptions::default(), &Default::default())
+        .expect("load tiny-sd")
+}
+
+fn request(scheduler: Option<&str>) -> GenerationRequest {
+    let params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("refs/txt2img.json")).unwrap()).unwrap();
+    GenerationRequest {
+        prompt: params["prompt"].as_str().unwrap().into(),
+        negative_prompt: params["negative_prompt"].as_str().unwrap().into(),
+        steps: params["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: params["guidance_scale"].as_f64().unwrap(),
+        width: params["width"].as_u64().unwrap() as usize,
+        height: params["height"].as_u64().unwrap() as usize,
+        batch: params["num_images_per_prompt"].as_u64().unwrap() as usize,
+        seed: 1234,
+        scheduler: scheduler.map(|s| s.parse().unwrap()),
+        ..Default::default()
+    }
+}
+
+fn check(ref_name: &str, scheduler: Option<&str>) {
+    let pipe = pipeline();
+    let r = refs(ref_name);
+    let mut req = request(scheduler);
+    req.latents = Some(r["latents"].clone());
+    let mut steps = Vec::new();
+    let mut observer = |p: &StepProgress| steps.push(*p);
+    let out = pipe
+        .generate(&req, None, &CancelToken::new(), &mut observer)
+        .expect("generate");
+    assert_close(&out.images, &r["image"], 1e-4, 1e-4, ref_name);
+    let expected_steps = r["timesteps"].values.len();
+    assert_eq!(steps.len(), expected_steps, "one report per UNet call");
+    assert_eq!(steps.last().map(|p| (p.step, p.total)), Some((expected_steps, expected_steps)));
+}
+
+#[test]
+fn txt2img_pndm_matches_diffusers() {
+    check("txt2img_pndm", None);
+}
+
+#[test]
+fn txt2img_ddim_matches_diffusers() {
+    check("txt2img_ddim", Some("ddim"));
+}
+
+#[test]
+fn txt2img_euler_matches_diffusers() {
+    check("txt2img_euler", Some("euler"));
+}
+
+#[test]
+fn txt2img_euler_ancestral_matches_diffusers() {
+    check("txt2img_euler_a", Some("euler-a"));
+}
+
+#[test]
+fn txt2img_dpmpp_2m_matches_diffusers() {
+    check("txt2img_dpmpp_2m", Some("dpm++2m"));
+}
+
+#[test]
+fn txt2img_ddpm_matches_diffusers() {
+    check("txt2img_ddpm", Some("ddpm"));
+}
+
+#[test]
+fn txt2img_from_seed_matches_diffusers() {
+    let pipe = pipeline();
+    let r = refs("txt2img_seed");
+    let mut req = request(None);
+    req.batch = 1;
+    req.seed = 42;
+    let out = pipe
+        .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+        .unwrap();
+    assert_close(&out.images, &r["image"], 1e-4, 1e-4, "txt2img from seed 42");
+}
+
+#[test]
+fn cancel_stops_the_loop() {
+    let pipe = pipeline();
+    let cancel = CancelToken::new();
+    let mut req = request(None);
+    req.batch = 1;
+    let mut seen = 0;
+    let c = cancel.clone();
+    let mut observer = |p: &StepProgress| {
+        seen = p.step;
+        if p.step == 2 {
+            c.cancel();
+        }
+    };
+    let err = pipe.generate(&req, None, &cancel, &mut observer).unwrap_err();
+    assert!(matches!(err, EngineError::Cancelled));
+    assert_eq!(seen, 2, "stopped right after the step that cancelled");
+}
+
+#[test]
+fn bad_requests_are_rejected_before_any_work() {
+    let pipe = pipeline();
+    for (field, edit) in [
+        ("width", Box::new(|r: &mut GenerationRequest| r.width = 100) as Box<dyn Fn(&mut GenerationRequest)>),
+        ("height", Box::new(|r: &mut GenerationRequest| r.height = 0)),
+        ("steps", Box::new(|r: &mut GenerationRequest| r.steps = 0)),
+        ("batch", Box::new(|r: &mut GenerationRequest| r.batch = 0)),
+        ("guidance", Box::new(|r: &mut GenerationRequest| r.guidance_scale = f64::NAN)),
+        (
+            "latents",
+            Box::new(|r: &mut GenerationRequest| {
+                r.latents = Some(engine::tensor_io::HostTensor {
+                    shape: vec![1, 4, 8, 8],
+                    values: vec![0.0; 256],
+                })
+            }),
+        ),
+    ] {
+        let mut req = request(None);
+        edit(&mut req);
+        let mut called = false;
+        let err = pipe
+            .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| called = true)
+            .unwrap_err();
+        match err {
+            EngineError::InvalidInput { field: f, .. } => assert_eq!(f, field),
+            other => panic!("{field}: expected InvalidInput, got {other}"),
+        }
+        assert!(!called, "{field}: no step may run");
+    }
+}

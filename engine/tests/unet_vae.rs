@@ -1,0 +1,146 @@
+//! UNet and VAE parity with diffusers on the tiny fixtures (`tests/fixtures/generate.py`).
+
+mod common;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use common::{Cpu, assert_close, fixture, host, refs, tensor};
+use engine::EngineError;
+use engine::models::AttnProcessor;
+use engine::models::autoencoders::AutoencoderKL;
+use engine::models::unets::{ClassLabels, UNet2DConditionModel};
+
+fn timesteps(refs: &std::collections::HashMap<String, engine::tensor_io::HostTensor>, name: &str) -> Vec<f64> {
+    refs[name].values.iter().map(|&v| v as f64).collect()
+}
+
+fn labels(refs: &std::collections::HashMap<String, engine::tensor_io::HostTensor>, name: &str) -> ClassLabels<Cpu> {
+    let ids: Vec<i64> = refs[name].values.iter().map(|&v| v as i64).collect();
+    let n = ids.len();
+    ClassLabels::Ids(Tensor::<Cpu, 1, Int>::from_data(TensorData::new(ids, [n]), &Default::default()))
+}
+
+fn check_unet(folder: &str, ref_name: &str, with_labels: bool, processor: AttnProcessor) {
+    let device = Default::default();
+    let (mut unet, _) =
+        UNet2DConditionModel::<Cpu>::load(&fixture(folder), None, &device).expect("load unet");
+    unet.set_attn_processor(processor);
+    let r = refs(ref_name);
+    for suffix in ["", "_odd"] {
+        let class = if with_labels {
+            labels(&r, &format!("class_labels{suffix}"))
+        } else {
+            ClassLabels::None
+        };
+        let out = unet
+            .forward(
+                tensor(&r, &format!("sample{suffix}")),
+                &timesteps(&r, &format!("timestep{suffix}")),
+                &tensor(&r, &format!("encoder_hidden_states{suffix}")),
+                &class,
+            )
+            .expect("forward");
+        assert_close(
+            &host(out),
+            &r[&format!("out{suffix}")],
+            1e-4,
+            1e-4,
+            &format!("{folder} {processor:?} out{suffix}"),
+        );
+    }
+}
+
+#[test]
+fn unet_sd15_matches_diffusers() {
+    check_unet("tiny-sd/unet", "unet", false, AttnProcessor::Fused);
+}
+
+#[test]
+fn unet_attention_processors_agree() {
+    check_unet("tiny-sd/unet", "unet", false, AttnProcessor::Vanilla);
+    check_unet("tiny-sd/unet", "unet", false, AttnProcessor::Sliced { slice_size: 3 });
+}
+
+#[test]
+fn unet_sd2_style_matches_diffusers() {
+    // Linear projections, per-block heads, upcast attention, only_cross_attention, class embeds.
+    check_unet("tiny-sd2-unet/unet", "unet_sd2", true, AttnProcessor::Fused);
+}
+
+#[test]
+fn unet_without_class_labels_is_an_error() {
+    let device = Default::default();
+    let (unet, _) =
+        UNet2DConditionModel::<Cpu>::load(&fixture("tiny-sd2-unet/unet"), None, &device).unwrap();
+    let r = refs("unet_sd2");
+    let err = unet
+        .forward(tensor(&r, "sample"), &[1.0], &tensor(&r, "encoder_hidden_states"), &ClassLabels::None)
+        .unwrap_err();
+    assert!(matches!(err, EngineError::InvalidInput { field: "class_labels", .. }), "{err}");
+}
+
+#[test]
+fn vae_encode_and_decode_match_diffusers() {
+    let device = Default::default();
+    let (vae, config) = AutoencoderKL::<Cpu>::load(&fixture("tiny-sd/vae"), None, &device).unwrap();
+    assert_eq!(config.scale_factor(), 8);
+    let r = refs("vae");
+    let posterior = vae.encode(tensor(&r, "image"));
+    assert_close(&host(posterior.mean.clone()), &r["posterior_mean"], 1e-4, 1e-4, "posterior mean");
+    assert_close(&host(posterior.logvar.clone()), &r["posterior_logvar"], 1e-4, 1e-4, "posterior logvar");
+    let decoded = vae.decode(tensor(&r, "latents"));
+    assert_close(&host(decoded), &r["decoded"], 1e-4, 1e-4, "decoded");
+}
+
+#[test]
+fn vae_processors_agree() {
+    let device = Default::default();
+    let (mut vae, _) = AutoencoderKL::<Cpu>::load(&fixture("tiny-sd/vae"), None, &device).unwrap();
+    let r = refs("vae");
+    vae.set_attn_processor(AttnProcessor::Vanilla);
+    assert_close(&host(vae.decode(tensor(&r, "latents"))), &r["decoded"], 1e-4, 1e-4, "decoded vanilla");
+}
+
+#[test]
+fn missing_unet_weight_names_the_key_and_file() {
+    let dir = std::env::temp_dir().join(format!("brushfire-missing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("tiny-sd/unet/config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(fixture("tiny-sd/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k != "conv_out.weight")
+        .collect();
+    let file = dir.join("diffusion_pytorch_model.safetensors");
+    safetensors::serialize_to_file(kept, None, &file).unwrap();
+    let err = UNet2DConditionModel::<Cpu>::load(&dir, None, &Default::default()).unwrap_err();
+    match &err {
+        EngineError::MissingTensor { key, file: f } => {
+            assert_eq!(key, "conv_out.weight");
+            assert_eq!(f, &file);
+        }
+        other => panic!("expected MissingTensor, got {other}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn misshaped_vae_config_is_a_shape_error() {
+    // A config that disagrees with the weights: the error names the tensor.
+    let dir = std::env::temp_dir().join(format!("brushfire-shape-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-sd/vae/config.json")).unwrap()).unwrap();
+    config["latent_channels"] = serde_json::json!(8);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        fixture("tiny-sd/vae/diffusion_pytorch_model.safetensors"),
+        dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let err = AutoencoderKL::<Cpu>::load(&dir, None, &Default::default()).unwrap_err();
+    assert!(matches!(err, EngineError::ShapeMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("quant_conv") || err.to_string().contains("conv_out") || err.to_string().contains("conv_in"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

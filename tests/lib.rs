@@ -1,0 +1,1 @@
+//! Parity tests live in tests/*.rs
