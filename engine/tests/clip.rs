@@ -276,6 +276,26 @@ fn tokenizer_and_text_encoder_match_transformers_references() {
     let output = model.forward(ids).expect("forward");
     assert_eq!(output.last_hidden_state.dims().to_vec(), hidden_shape);
     assert_eq!(output.hidden_states.len(), 3);
+
+    let (ref_pooled, _) = read_f32(&refs, "pooler_output");
+    let pooled = output
+        .pooler_output
+        .clone()
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32");
+    let diff = max_abs_diff(&pooled, &ref_pooled);
+    assert!(diff < 1e-4, "pooler_output differs by {diff}");
+
+    // Clip-skip 0 as diffusers computes it: final_layer_norm(hidden_states[-1]).
+    let last_state = output.hidden_states.last().cloned().expect("states");
+    let renormed = model
+        .text_model
+        .final_layer_norm
+        .forward(last_state)
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32");
     let ours = output
         .last_hidden_state
         .into_data()
@@ -283,6 +303,8 @@ fn tokenizer_and_text_encoder_match_transformers_references() {
         .expect("f32");
     let diff = max_abs_diff(&ours, &ref_hidden);
     assert!(diff < 1e-4, "last_hidden_state differs by {diff}");
+    assert_eq!(renormed, ours);
+    eprintln!("last_hidden_state max |diff| = {diff:e}");
 
     // Same result through our tokenizer's tensor.
     let output = model
@@ -353,8 +375,8 @@ fn missing_tensor_is_an_error_naming_the_key_and_file() {
 fn mis_shaped_tensor_is_an_error_in_the_files_layout() {
     let device = FlexDevice;
     let target = "text_model.encoder.layers.0.mlp.fc1.weight"; // [intermediate, hidden]
-    let config = CLIPTextConfig::from_file(&tiny_sd().join("text_encoder/config.json"))
-        .expect("config");
+    let config =
+        CLIPTextConfig::from_file(&tiny_sd().join("text_encoder/config.json")).expect("config");
     let (out_features, in_features) = (config.intermediate_size, config.hidden_size);
     let dir = edited_text_encoder("shape", |key, shape| {
         Some(if key == target {

@@ -121,7 +121,6 @@ fn assert_close(what: &str, ours: Tensor<B, 4>, expected: Tensor<B, 4>) {
         }
     }
     let (i, err) = worst;
-    if std::env::var("SHOW_ERR").is_ok() { eprintln!("{what}: worst rel err {err:e}"); }
     assert!(
         err <= TOLERANCE,
         "{what}: element {i}: ours {} vs diffusers {} (relative error {err:e})",

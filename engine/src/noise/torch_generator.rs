@@ -160,7 +160,7 @@ impl TorchGenerator {
         for chunk in data.chunks_exact_mut(16) {
             box_muller_16(chunk);
         }
-        if numel % 16 != 0 {
+        if !numel.is_multiple_of(16) {
             // The partial last chunk is redrawn as the full last 16 values, overlapping
             // (and overwriting) normals already computed by the previous chunk.
             let tail = &mut data[numel - 16..];

@@ -199,10 +199,11 @@ impl<B: Backend> DPMSolverMultistepScheduler<B> {
             trained_betas: config.trained_betas.as_deref(),
             rescale_betas_zero_snr: config.rescale_betas_zero_snr,
         })?;
-        if config.rescale_betas_zero_snr {
-            if let Some(last) = schedule.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
+        // Diffusers sets the last ᾱ to 2⁻²⁴ so its sigma stays finite.
+        if config.rescale_betas_zero_snr
+            && let Some(last) = schedule.alphas_cumprod.last_mut()
+        {
+            *last = 2f32.powi(-24);
         }
         Ok(Self {
             config,

@@ -81,10 +81,11 @@ impl EulerAncestralDiscreteScheduler {
             trained_betas: config.trained_betas.as_deref(),
             rescale_betas_zero_snr: config.rescale_betas_zero_snr,
         })?;
-        if config.rescale_betas_zero_snr {
-            if let Some(last) = schedule.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
+        // Diffusers sets the last ᾱ to 2⁻²⁴ so its sigma stays finite.
+        if config.rescale_betas_zero_snr
+            && let Some(last) = schedule.alphas_cumprod.last_mut()
+        {
+            *last = 2f32.powi(-24);
         }
         let train_sigmas = schedule.training_sigmas();
         let mut sigmas: Vec<f64> = train_sigmas.iter().rev().map(|&s| f64::from(s)).collect();

@@ -137,11 +137,11 @@ impl EulerDiscreteScheduler {
             trained_betas: config.trained_betas.as_deref(),
             rescale_betas_zero_snr: config.rescale_betas_zero_snr,
         })?;
-        if config.rescale_betas_zero_snr {
-            // Diffusers sets the last ᾱ to 2⁻²⁴ so its sigma stays finite.
-            if let Some(last) = schedule.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
+        // Diffusers sets the last ᾱ to 2⁻²⁴ so its sigma stays finite.
+        if config.rescale_betas_zero_snr
+            && let Some(last) = schedule.alphas_cumprod.last_mut()
+        {
+            *last = 2f32.powi(-24);
         }
         let train_sigmas = schedule.training_sigmas();
         // Before set_timesteps diffusers has every training sigma (descending) plus a zero.

@@ -155,7 +155,7 @@ impl CLIPTextConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return Err(format!(
                 "layer_norm_eps must be positive, found {}",
                 self.layer_norm_eps
@@ -472,6 +472,7 @@ impl<B: Backend> CLIPAttention<B> {
 }
 
 /// transformers' `CLIPMLP`: `fc2(act(fc1(x)))`.
+#[allow(clippy::upper_case_acronyms)] // transformers' class name
 #[derive(Module, Debug)]
 pub struct CLIPMLP<B: Backend> {
     pub fc1: Linear<B>,

@@ -1,0 +1,120 @@
+//! `brushfire generate` end to end on the tiny fixture: `--latents … --save-array …` equals
+//! diffusers' `output_type="np"` image (DESIGN.md §5), and bad flags fail with a clear message.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use engine::tensor_io::read_safetensors;
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("brushfire-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn brushfire(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_brushfire"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run brushfire")
+}
+
+fn generate_matches(reference: &str, scheduler: &str) {
+    let refs = fixture(&format!("refs/{reference}.safetensors"));
+    let out = temp(&format!("{reference}.safetensors"));
+    let png = temp(&format!("{reference}.png"));
+    let model = fixture("tiny-sd");
+    let output = brushfire(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of an astronaut riding a horse on mars",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "5",
+        "--guidance",
+        "7.5",
+        "--width",
+        "128",
+        "--height",
+        "64",
+        "--batch",
+        "2",
+        "--seed",
+        "1234",
+        "--scheduler",
+        scheduler,
+        "--latents",
+        refs.to_str().unwrap(),
+        "--save-array",
+        out.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        output.status.success(),
+        "brushfire failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ours = &read_safetensors(&out).unwrap()["image"];
+    let theirs = &read_safetensors(&refs).unwrap()["image"];
+    assert_eq!(ours.shape, theirs.shape);
+    let worst = ours
+        .values
+        .iter()
+        .zip(&theirs.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "{scheduler}: max |diff| {worst}");
+    // One PNG per image, each with the A1111 parameters chunk.
+    for i in 0..2 {
+        let file = png.with_file_name(format!("{reference}-{i}.png"));
+        let img = image::open(&file).unwrap();
+        assert_eq!((img.width(), img.height()), (128, 64));
+    }
+}
+
+#[test]
+fn generate_pndm_equals_diffusers() {
+    generate_matches("txt2img_pndm", "pndm");
+}
+
+#[test]
+fn generate_ddim_equals_diffusers() {
+    generate_matches("txt2img_ddim", "ddim");
+}
+
+#[test]
+fn generate_euler_equals_diffusers() {
+    generate_matches("txt2img_euler", "euler");
+}
+
+#[test]
+fn bad_flags_fail_with_a_message() {
+    let model = fixture("tiny-sd");
+    let model = model.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["generate", "--model", model], "--prompt is required"),
+        (vec!["generate", "--model", model, "--prompt", "x", "--width", "100", "--backend", "cpu"], "width"),
+        (vec!["generate", "--model", model, "--prompt", "x", "--scheduler", "heun"], "heun"),
+        (vec!["generate", "--model", model, "--prompt", "x", "--attention", "flash"], "flash"),
+        (vec!["generate", "--model", model, "--prompt", "x", "--backend", "tpu"], "tpu"),
+        (vec!["generate", "--model", "not/a-cached-model", "--prompt", "x"], "HF_HUB_OFFLINE"),
+        (vec!["generate", "--model", model, "--prompt", "x", "--image", "a.png"], "--image"),
+    ] {
+        let output = brushfire(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} should fail");
+        assert!(stderr.contains(needle), "{args:?}: stderr does not mention {needle}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+}
