@@ -36,66 +36,97 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// The ids up to and including the first eos (what follows is padding).
-fn unpadded(ids: &[u32]) -> &[u32] {
-    let end = ids
-        .iter()
-        .position(|&id| id == 49407)
-        .map_or(ids.len(), |i| i + 1);
-    &ids[..end]
+/// transformers 5.24's `CLIPTokenizer.from_pretrained("tests/fixtures/tiny-sd/tokenizer")(prompt)
+/// .input_ids` (no padding, no truncation).
+const TRANSFORMERS_IDS: &[(&str, &[u32])] = &[
+    (
+        "ghibli style, a fantasy landscape with castles",
+        &[49406, 40555, 1844, 267, 320, 5267, 5727, 593, 24766, 49407],
+    ),
+    ("", &[49406, 49407]),
+    (
+        "  Héllo   WORLD!!  it's 2024 — naïve café 東京 ",
+        &[
+            49406, 71, 3459, 19293, 1002, 748, 585, 568, 273, 271, 273, 275, 2005, 1097, 35689,
+            563, 15304, 48338, 21078, 361, 49407,
+        ],
+    ),
+    (
+        "don't can't I'VE",
+        &[49406, 847, 713, 753, 713, 328, 1200, 49407],
+    ),
+    (
+        "tab\tnew\nline\u{a0}nbsp",
+        &[49406, 14724, 686, 1148, 6459, 4393, 49407],
+    ),
+    ("e\u{301} NFD", &[49406, 4166, 77, 11525, 49407]),
+    ("🔥 emoji ½", &[49406, 3016, 16327, 33613, 49407]),
+    ("xxxxxxxxxx", &[49406, 32035, 5675, 22819, 49407]),
+    // Markers in the text: bos is matched after lower-casing, eos only verbatim; an unmatched
+    // marker is one pre-token that BPE splits.
+    (
+        "a<|endoftext|>b <|STARTOFTEXT|>",
+        &[49406, 320, 49407, 321, 49406, 49407],
+    ),
+    (
+        "a <|endoftext|><|endoftext|>",
+        &[49406, 320, 49407, 49407, 49407],
+    ),
+    (
+        "a<|ENDOFTEXT|>b",
+        &[49406, 320, 27, 347, 40786, 4160, 91, 285, 321, 49407],
+    ),
+    (
+        "x <|EndOfText|> y <|startoftext|>z",
+        &[
+            49406, 343, 27, 347, 40786, 4160, 91, 285, 344, 49406, 345, 49407,
+        ],
+    ),
+];
+
+fn assert_matches_transformers(tokenizer: &CLIPTokenizer) {
+    assert_eq!(tokenizer.model_max_length(), 77);
+    assert_eq!(tokenizer.pad_token_id(), 49407);
+    let prompts: Vec<&str> = TRANSFORMERS_IDS.iter().map(|(p, _)| *p).collect();
+    let encoded = tokenizer.encode(&prompts).expect("encode");
+    assert_eq!(encoded.max_length, 77);
+    assert!(!encoded.any_truncated());
+    for ((prompt, expected), ids) in TRANSFORMERS_IDS.iter().zip(&encoded.input_ids) {
+        let mut padded = expected.to_vec();
+        padded.resize(77, 49407);
+        assert_eq!(ids, &padded, "{prompt:?}");
+    }
 }
 
 #[test]
 fn tokenizer_matches_transformers_on_tricky_prompts() {
-    let tokenizer = tokenizer();
-    assert_eq!(tokenizer.model_max_length(), 77);
-    assert_eq!(tokenizer.pad_token_id(), 49407);
-    // transformers 5.24 `CLIPTokenizer.from_pretrained(tiny-sd/tokenizer)(prompt).input_ids`.
-    let cases: &[(&str, &[u32])] = &[
-        (
-            "ghibli style, a fantasy landscape with castles",
-            &[49406, 40555, 1844, 267, 320, 5267, 5727, 593, 24766, 49407],
-        ),
-        ("", &[49406, 49407]),
-        (
-            "  Héllo   WORLD!!  it's 2024 — naïve café 東京 ",
-            &[
-                49406, 71, 3459, 19293, 1002, 748, 585, 568, 273, 271, 273, 275, 2005, 1097, 35689,
-                563, 15304, 48338, 21078, 361, 49407,
-            ],
-        ),
-        (
-            "don't can't I'VE",
-            &[49406, 847, 713, 753, 713, 328, 1200, 49407],
-        ),
-        (
-            "tab\tnew\nline\u{a0}nbsp",
-            &[49406, 14724, 686, 1148, 6459, 4393, 49407],
-        ),
-        ("e\u{301} NFD", &[49406, 4166, 77, 11525, 49407]),
-        ("🔥 emoji ½", &[49406, 3016, 16327, 33613, 49407]),
-        ("xxxxxxxxxx", &[49406, 32035, 5675, 22819, 49407]),
-    ];
-    let prompts: Vec<&str> = cases.iter().map(|(p, _)| *p).collect();
-    let encoded = tokenizer.encode(&prompts).expect("encode");
-    assert_eq!(encoded.max_length, 77);
-    for ((prompt, expected), ids) in cases.iter().zip(&encoded.input_ids) {
-        assert_eq!(ids.len(), 77, "{prompt:?}");
-        assert_eq!(unpadded(ids), *expected, "{prompt:?}");
-        assert!(
-            ids[expected.len()..].iter().all(|&id| id == 49407),
-            "{prompt:?}"
-        );
-    }
-    assert!(!encoded.any_truncated());
+    assert_matches_transformers(&tokenizer());
+}
 
-    // Special tokens inside the text are matched after normalization (lower-casing), as in
-    // transformers' tokenizer files (`"normalized": true`).
-    let special = tokenizer
+#[test]
+fn tokenizer_json_is_used_when_present() {
+    let src = tiny_sd().join("tokenizer");
+    let dir = scratch_dir("tokenizer-json");
+    for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(src.join(file), dir.join(file)).expect("copy");
+    }
+    tokenizer()
         .tokenizer()
-        .encode("a<|endoftext|>b <|STARTOFTEXT|>", true)
-        .expect("encode");
-    assert_eq!(special.get_ids(), &[49406, 320, 49407, 321, 49406, 49407]);
+        .save(dir.join("tokenizer.json"), false)
+        .expect("save tokenizer.json");
+    // No vocab.json / merges.txt: only tokenizer.json can have been read.
+    assert_matches_transformers(&CLIPTokenizer::load(&dir).expect("load"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Checks a `tokenizer/` folder saved by transformers (with its `tokenizer.json`). Run with
+/// `python -c "from transformers import CLIPTokenizer as T; T.from_pretrained('tests/fixtures/tiny-sd/tokenizer').save_pretrained('/tmp/hf_tok')"`
+/// then `CLIP_TOKENIZER_DIR=/tmp/hf_tok cargo test --workspace --test clip -- --ignored`.
+#[test]
+#[ignore = "needs CLIP_TOKENIZER_DIR: a tokenizer folder saved by transformers"]
+fn transformers_tokenizer_json_matches() {
+    let dir = std::env::var("CLIP_TOKENIZER_DIR").expect("CLIP_TOKENIZER_DIR");
+    assert_matches_transformers(&CLIPTokenizer::load(Path::new(&dir)).expect("load"));
 }
 
 #[test]
@@ -103,7 +134,9 @@ fn long_prompt_is_truncated_to_bos_75_tokens_eos() {
     let tokenizer = tokenizer();
     let long = "a castle ".repeat(50); // 100 tokens
     let encoded = tokenizer.encode(&[&long, "short"]).expect("encode");
-    assert_eq!(encoded.truncated, vec![true, false]);
+    // transformers: `batch_decode(untruncated_ids[:, 76:-1])`, the last 25 of 100 tokens.
+    let removed = format!("castle{}", " a castle".repeat(12));
+    assert_eq!(encoded.truncated, vec![Some(removed), None]);
     let ids = &encoded.input_ids[0];
     assert_eq!(ids.len(), 77);
     assert_eq!(ids[0], 49406);
@@ -261,10 +294,12 @@ fn tokenizer_and_text_encoder_match_transformers_references() {
             "ids of {prompt:?}"
         );
     }
-    assert!(
-        encoded.any_truncated(),
-        "the references include a >77-token prompt"
+    // diffusers' warning: `tokenizer.batch_decode(untruncated_ids[:, 76:-1])`.
+    assert_eq!(
+        encoded.truncated[3].as_deref(),
+        Some("painting by a renaissance master")
     );
+    assert!(encoded.truncated[..3].iter().all(Option::is_none));
 
     let device = FlexDevice;
     let model = CLIPTextModel::<B>::load(&tiny_sd().join("text_encoder"), &device).expect("load");

@@ -34,9 +34,12 @@ pub const DEFAULT_EOS_TOKEN: &str = "<|endoftext|>";
 /// The text encoder's context length in every Stable Diffusion release.
 pub const DEFAULT_MODEL_MAX_LENGTH: usize = 77;
 
-/// CLIP's word split (transformers' `CLIPConverter`): contractions, letter runs, single digits,
-/// runs of other non-space characters. Whitespace between matches is dropped.
-const CLIP_SPLIT_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+/// CLIP's word split (transformers 5's `CLIPTokenizer`, the slow tokenizer's `pat`): the two
+/// markers whole, contractions, letter runs, single digits, runs of other non-space characters.
+/// Whitespace between matches is dropped. (transformers 4's `CLIPConverter` lacked the markers;
+/// they only matter for marker text not caught as an added token, such as `<|ENDOFTEXT|>`.)
+const CLIP_SPLIT_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// The slow tokenizer keeps only the first `49152 - 256 - 2` merges of `merges.txt`
 /// (`tokenization_clip.py`); the fast one is converted from it, so we do the same.
@@ -47,8 +50,9 @@ const MAX_MERGES: usize = 49152 - 256 - 2;
 pub struct TokenizedPrompts {
     /// Token ids, `[prompts.len()][max_length]`: bos, the prompt's tokens, eos, then padding.
     pub input_ids: Vec<Vec<u32>>,
-    /// Whether each prompt was longer than `max_length` and lost its tail.
-    pub truncated: Vec<bool>,
+    /// Per prompt: `Some(text cut off)` when it was longer than `max_length` tokens, as
+    /// diffusers' warning shows it, else `None`.
+    pub truncated: Vec<Option<String>>,
     /// The padded length of every row (the tokenizer's `model_max_length`).
     pub max_length: usize,
 }
@@ -56,7 +60,7 @@ pub struct TokenizedPrompts {
 impl TokenizedPrompts {
     /// Whether any prompt was truncated.
     pub fn any_truncated(&self) -> bool {
-        self.truncated.iter().any(|&t| t)
+        self.truncated.iter().any(Option::is_some)
     }
 
     /// The ids as a tensor for the text encoder.
@@ -92,9 +96,12 @@ struct SpecialTokens {
     eos: String,
     unk: String,
     pad: String,
-    /// Tokens whose serialized `AddedToken` says `"normalized": false` (matched in the raw text
-    /// only). The rest are matched after normalization, so `<|STARTOFTEXT|>` is bos too.
-    not_normalized: Vec<String>,
+    /// Tokens matched after normalization (so `<|STARTOFTEXT|>` is bos too): those whose last
+    /// mention, in the order bos, eos, unk, pad, is an `AddedToken` object saying
+    /// `"normalized": true`. A token named by a plain string is matched in the raw text only,
+    /// as transformers 5 does (SD 1.5's files make bos normalized and eos, via the plain-string
+    /// pad token, not).
+    normalized: Vec<String>,
     model_max_length: usize,
 }
 
@@ -106,7 +113,7 @@ impl Default for SpecialTokens {
             unk: DEFAULT_EOS_TOKEN.to_owned(),
             // `tokenization_clip.py`: `pad_token="<|endoftext|>"  # hack to enable padding`.
             pad: DEFAULT_EOS_TOKEN.to_owned(),
-            not_normalized: Vec::new(),
+            normalized: Vec::new(),
             model_max_length: DEFAULT_MODEL_MAX_LENGTH,
         }
     }
@@ -219,21 +226,21 @@ impl CLIPTokenizer {
                 .encode(*prompt, true)
                 .map_err(|e| EngineError::Tokenizer(format!("encoding {prompt:?}: {e}")))?;
             let mut ids = encoding.get_ids().to_vec();
-            let cut = ids.len() > max_length;
-            if cut {
+            let mut cut = None;
+            if ids.len() > max_length {
                 // diffusers decodes `untruncated_ids[:, max_length - 1 : -1]`: the prompt tokens
                 // beyond what fits, without the closing eos.
                 let removed = &ids[max_length - 1..ids.len() - 1];
-                let removed_text = self.decode(removed).unwrap_or_else(|e| e.to_string());
+                let removed_text = self.decode_with(removed, false)?;
                 tracing::warn!(
                     prompt = %prompt,
-                    removed = %removed_text,
                     "The following part of your input was truncated because CLIP can only \
                      handle sequences up to {max_length} tokens: {removed_text}"
                 );
                 let last = ids[ids.len() - 1];
                 ids.truncate(max_length - 1);
                 ids.push(last);
+                cut = Some(removed_text);
             }
             ids.resize(max_length, self.pad_token_id);
             input_ids.push(ids);
@@ -249,9 +256,13 @@ impl CLIPTokenizer {
     /// Turns ids back into text, skipping special tokens (transformers' `decode` with
     /// `skip_special_tokens=True`; `</w>` becomes a space, as `CLIPTokenizerFast` does).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.decode_with(ids, true)
+    }
+
+    fn decode_with(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         let text = self
             .tokenizer
-            .decode(ids, true)
+            .decode(ids, skip_special_tokens)
             .map_err(|e| EngineError::Tokenizer(format!("decoding {ids:?}: {e}")))?;
         Ok(text.replace("</w>", " ").trim().to_owned())
     }
@@ -331,7 +342,7 @@ fn build_from_vocab_and_merges(
     let mut added: Vec<AddedToken> = Vec::new();
     for token in [&specials.bos, &specials.eos, &specials.unk, &specials.pad] {
         if !added.iter().any(|t| &t.content == token) {
-            let normalized = !specials.not_normalized.contains(token);
+            let normalized = specials.normalized.contains(token);
             added.push(AddedToken::from(token.clone(), true).normalized(normalized));
         }
     }
@@ -422,8 +433,9 @@ fn read_special_tokens(dir: &Path) -> Result<SpecialTokens> {
             ("pad_token", &mut specials.pad),
         ] {
             if let Some((token, normalized)) = map.get(key).and_then(token_content) {
-                if normalized == Some(false) {
-                    specials.not_normalized.push(token.clone());
+                specials.normalized.retain(|t| t != &token);
+                if normalized == Some(true) {
+                    specials.normalized.push(token.clone());
                 }
                 *slot = token;
             }

@@ -1,0 +1,72 @@
+//! Hub ids resolve through the standard HF cache layout
+//! (`$HF_HOME/hub/models--org--name/{refs/main, snapshots/<rev>/…}`), offline.
+//! One test function: it sets process environment variables.
+
+use std::path::{Path, PathBuf};
+
+use engine::EngineError;
+use engine::loading::hub::{Cache, ModelSource, cached_snapshot, resolve_model};
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn hub_ids_resolve_from_the_hf_cache_offline() {
+    let home = std::env::temp_dir().join(format!("brushfire-hf-home-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let repo = home.join("hub/models--brushfire-test--tiny-sd");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    let snapshot = repo.join("snapshots").join(rev);
+    copy_dir(&fixture("tiny-sd"), &snapshot);
+
+    // Parsing the --model argument.
+    assert_eq!(
+        ModelSource::parse("brushfire-test/tiny-sd").unwrap(),
+        ModelSource::Hub { repo_id: "brushfire-test/tiny-sd".into(), revision: None }
+    );
+    assert!(matches!(
+        ModelSource::parse("no spaces/allowed here"),
+        Err(EngineError::InvalidInput { field: "model", .. })
+    ));
+
+    // The cache holds every file: found without any network.
+    let cache = Cache::new(home.join("hub"));
+    assert_eq!(cached_snapshot(&cache, "brushfire-test/tiny-sd", None, None), Some(snapshot.clone()));
+    // A variant is preferred but not required.
+    assert_eq!(cached_snapshot(&cache, "brushfire-test/tiny-sd", None, Some("fp16")), Some(snapshot.clone()));
+
+    // Through the environment, as the CLI does.
+    // SAFETY: this test binary has a single test, so no other thread reads the environment.
+    unsafe {
+        std::env::set_var("HF_HOME", &home);
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
+    assert_eq!(resolve_model("brushfire-test/tiny-sd", None, &mut ()).unwrap(), snapshot);
+
+    // A cache missing a weights file is not complete: offline, that is a clear error.
+    std::fs::remove_file(snapshot.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_eq!(cached_snapshot(&cache, "brushfire-test/tiny-sd", None, None), None);
+    let err = resolve_model("brushfire-test/tiny-sd", None, &mut ()).unwrap_err();
+    assert!(matches!(err, EngineError::Hub(_)), "{err}");
+    assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+
+    // A local folder wins over the hub.
+    assert_eq!(resolve_model(fixture("tiny-sd").to_str().unwrap(), None, &mut ()).unwrap(), fixture("tiny-sd"));
+    std::fs::remove_dir_all(&home).unwrap();
+}
