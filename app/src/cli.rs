@@ -137,7 +137,9 @@ fn reject_unused(args: &GenerateArgs) -> Result<()> {
         bail!("{flag} is not used by the {} pipeline", args.pipeline);
     }
     if args.fusion == Switch::Off {
-        bail!("--fusion off is not available yet: this build always runs Burn's fusion backend on GPUs");
+        bail!(
+            "--fusion off is not available yet: this build always runs Burn's fusion backend on GPUs"
+        );
     }
     if args.dtype == Precision::F16 {
         bail!("--dtype f16 is not available yet; use f32");
@@ -158,8 +160,10 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         .scheduler_config
         .as_ref()
         .map(|p| -> Result<serde_json::Value> {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", p.display()))
         })
         .transpose()?;
     let prompt_embeds = args
@@ -186,7 +190,11 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         .as_ref()
         .map(|p| read_tensor(p, "latents"))
         .transpose()?;
-    let tape = args.noise_tape.as_ref().map(|p| NoiseTape::load(p)).transpose()?;
+    let tape = args
+        .noise_tape
+        .as_ref()
+        .map(NoiseTape::load)
+        .transpose()?;
     let seed = args.seed.unwrap_or_else(random_seed);
     let mut progress = crate::progress::TerminalDownload::default();
     let model_dir = engine::loading::resolve_model(&args.model, None, &mut progress)?;
@@ -256,11 +264,17 @@ impl BackendTask for GenerateTask {
             save_array,
         } = self.job;
         let load_start = std::time::Instant::now();
-        let mut pipe = StableDiffusionPipeline::<B>::load(&model_dir, &LoadOptions::default(), &device)
-            .with_context(|| format!("loading {}", model_dir.display()))?;
+        let mut pipe =
+            StableDiffusionPipeline::<B>::load(&model_dir, &LoadOptions::default(), &device)
+                .with_context(|| format!("loading {}", model_dir.display()))?;
         pipe.set_attn_processor(attention);
-        eprintln!("loaded {} in {:.1}s", model_dir.display(), load_start.elapsed().as_secs_f64());
-        let default_side = pipe.unet_config.sample_size.unwrap_or(64) * pipe.vae_config.scale_factor();
+        eprintln!(
+            "loaded {} in {:.1}s",
+            model_dir.display(),
+            load_start.elapsed().as_secs_f64()
+        );
+        let default_side =
+            pipe.unet_config.sample_size.unwrap_or(64) * pipe.vae_config.scale_factor();
         if request.width == 0 {
             request.width = default_side;
         }
@@ -280,13 +294,20 @@ impl BackendTask for GenerateTask {
         if let Some(t) = &tape
             && t.remaining() > 0
         {
-            eprintln!("warning: {} draws of the noise tape were not used", t.remaining());
+            eprintln!(
+                "warning: {} draws of the noise tape were not used",
+                t.remaining()
+            );
         }
         if let Some(path) = &save_array {
             write_safetensors(path, &[("image", &out.images)])?;
             eprintln!("wrote {}", path.display());
         }
-        let output = output.or_else(|| save_array.is_none().then(|| PathBuf::from(format!("brushfire-{}.png", request.seed))));
+        let output = output.or_else(|| {
+            save_array
+                .is_none()
+                .then(|| PathBuf::from(format!("brushfire-{}.png", request.seed)))
+        });
         if let Some(path) = output {
             let params = GenerationParameters {
                 prompt: request.prompt.clone(),
@@ -315,7 +336,11 @@ fn to_rgb8(images: &HostTensor) -> Vec<Vec<u8>> {
     images
         .values
         .chunks(per.max(1))
-        .map(|img| img.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect())
+        .map(|img| {
+            img.iter()
+                .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+                .collect()
+        })
         .collect()
 }
 
@@ -323,7 +348,13 @@ fn numbered(path: &Path, i: usize, batch: usize) -> PathBuf {
     if batch <= 1 {
         return path.to_path_buf();
     }
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
     path.with_file_name(format!("{stem}-{i}.{ext}"))
 }

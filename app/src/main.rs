@@ -11,7 +11,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "brushfire", version, about = "Local image generation with diffusion models")]
+#[command(
+    name = "brushfire",
+    version,
+    about = "Local image generation with diffusion models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -30,14 +30,26 @@ impl GenerationParameters {
         }
         s.push_str(&format!(
             "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-            self.steps, self.sampler, self.cfg_scale, self.seed, self.width, self.height, self.model
+            self.steps,
+            self.sampler,
+            self.cfg_scale,
+            self.seed,
+            self.width,
+            self.height,
+            self.model
         ));
         s
     }
 }
 
 /// Writes `rgb` (`width × height × 3` bytes) as a PNG with the parameters chunk, atomically.
-pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8], params: &GenerationParameters) -> Result<()> {
+pub fn write_png(
+    path: &Path,
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+    params: &GenerationParameters,
+) -> Result<()> {
     if rgb.len() != width * height * 3 {
         bail!("image buffer of {} bytes for {width}×{height}", rgb.len());
     }
@@ -57,15 +69,24 @@ pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8], params: &
         writer.write_image_data(rgb).context("writing PNG data")?;
         writer.finish().context("finishing the PNG")?;
     }
-    engine::tensor_io::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+    engine::tensor_io::write_atomic(path, &bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Reads the `parameters` chunk of a PNG, if any.
-#[cfg_attr(not(test), allow(dead_code, reason = "read back by the desktop app's PNG drop (next issue) and tests"))]
+#[cfg_attr(
+    not(test),
+    allow(
+        dead_code,
+        reason = "read back by the desktop app's PNG drop (next issue) and tests"
+    )
+)]
 pub fn read_parameters_text(path: &Path) -> Result<Option<String>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder.read_info().with_context(|| format!("reading {}", path.display()))?;
+    let reader = decoder
+        .read_info()
+        .with_context(|| format!("reading {}", path.display()))?;
     let info = reader.info();
     let from_t = info
         .uncompressed_latin1_text

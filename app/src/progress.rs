@@ -23,7 +23,10 @@ impl DownloadProgress for TerminalDownload {
 
     fn advance(&mut self, bytes: usize) {
         self.done += bytes;
-        let secs = self.start.map_or(0.0, |s| s.elapsed().as_secs_f64()).max(1e-3);
+        let secs = self
+            .start
+            .map_or(0.0, |s| s.elapsed().as_secs_f64())
+            .max(1e-3);
         let rate = self.done as f64 / secs;
         let eta = (self.total.saturating_sub(self.done)) as f64 / rate.max(1.0);
         eprint!(

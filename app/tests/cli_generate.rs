@@ -7,7 +7,9 @@ use std::process::Command;
 use engine::tensor_io::read_safetensors;
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(rel)
 }
 
 fn temp(name: &str) -> PathBuf {
@@ -104,17 +106,74 @@ fn bad_flags_fail_with_a_message() {
     let model = model.to_str().unwrap();
     for (args, needle) in [
         (vec!["generate", "--model", model], "--prompt is required"),
-        (vec!["generate", "--model", model, "--prompt", "x", "--width", "100", "--backend", "cpu"], "width"),
-        (vec!["generate", "--model", model, "--prompt", "x", "--scheduler", "heun"], "heun"),
-        (vec!["generate", "--model", model, "--prompt", "x", "--attention", "flash"], "flash"),
-        (vec!["generate", "--model", model, "--prompt", "x", "--backend", "tpu"], "tpu"),
-        (vec!["generate", "--model", "not/a-cached-model", "--prompt", "x"], "HF_HUB_OFFLINE"),
-        (vec!["generate", "--model", model, "--prompt", "x", "--image", "a.png"], "--image"),
+        (
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--width",
+                "100",
+                "--backend",
+                "cpu",
+            ],
+            "width",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--scheduler",
+                "heun",
+            ],
+            "heun",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--attention",
+                "flash",
+            ],
+            "flash",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--backend",
+                "tpu",
+            ],
+            "tpu",
+        ),
+        (
+            vec!["generate", "--model", "not/a-cached-model", "--prompt", "x"],
+            "HF_HUB_OFFLINE",
+        ),
+        (
+            vec![
+                "generate", "--model", model, "--prompt", "x", "--image", "a.png",
+            ],
+            "--image",
+        ),
     ] {
         let output = brushfire(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{args:?} should fail");
-        assert!(stderr.contains(needle), "{args:?}: stderr does not mention {needle}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: stderr does not mention {needle}: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
 }

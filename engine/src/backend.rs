@@ -8,9 +8,9 @@ use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::str::FromStr;
 
+use burn::backend::flex::{Flex, FlexDevice};
 use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, graphics::AutoGraphicsApi, init_setup};
 use burn::backend::{Cuda, Wgpu, cuda::CudaDevice};
-use burn::backend::flex::{Flex, FlexDevice};
 use burn::tensor::backend::Backend;
 
 use crate::error::{EngineError, Result};

@@ -8,7 +8,9 @@ use engine::EngineError;
 use engine::loading::hub::{Cache, ModelSource, cached_snapshot, resolve_model};
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(rel)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -38,7 +40,10 @@ fn hub_ids_resolve_from_the_hf_cache_offline() {
     // Parsing the --model argument.
     assert_eq!(
         ModelSource::parse("brushfire-test/tiny-sd").unwrap(),
-        ModelSource::Hub { repo_id: "brushfire-test/tiny-sd".into(), revision: None }
+        ModelSource::Hub {
+            repo_id: "brushfire-test/tiny-sd".into(),
+            revision: None
+        }
     );
     assert!(matches!(
         ModelSource::parse("no spaces/allowed here"),
@@ -47,9 +52,15 @@ fn hub_ids_resolve_from_the_hf_cache_offline() {
 
     // The cache holds every file: found without any network.
     let cache = Cache::new(home.join("hub"));
-    assert_eq!(cached_snapshot(&cache, "brushfire-test/tiny-sd", None, None), Some(snapshot.clone()));
+    assert_eq!(
+        cached_snapshot(&cache, "brushfire-test/tiny-sd", None, None),
+        Some(snapshot.clone())
+    );
     // A variant is preferred but not required.
-    assert_eq!(cached_snapshot(&cache, "brushfire-test/tiny-sd", None, Some("fp16")), Some(snapshot.clone()));
+    assert_eq!(
+        cached_snapshot(&cache, "brushfire-test/tiny-sd", None, Some("fp16")),
+        Some(snapshot.clone())
+    );
 
     // Through the environment, as the CLI does.
     // SAFETY: this test binary has a single test, so no other thread reads the environment.
@@ -57,16 +68,25 @@ fn hub_ids_resolve_from_the_hf_cache_offline() {
         std::env::set_var("HF_HOME", &home);
         std::env::set_var("HF_HUB_OFFLINE", "1");
     }
-    assert_eq!(resolve_model("brushfire-test/tiny-sd", None, &mut ()).unwrap(), snapshot);
+    assert_eq!(
+        resolve_model("brushfire-test/tiny-sd", None, &mut ()).unwrap(),
+        snapshot
+    );
 
     // A cache missing a weights file is not complete: offline, that is a clear error.
     std::fs::remove_file(snapshot.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    assert_eq!(cached_snapshot(&cache, "brushfire-test/tiny-sd", None, None), None);
+    assert_eq!(
+        cached_snapshot(&cache, "brushfire-test/tiny-sd", None, None),
+        None
+    );
     let err = resolve_model("brushfire-test/tiny-sd", None, &mut ()).unwrap_err();
     assert!(matches!(err, EngineError::Hub(_)), "{err}");
     assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
 
     // A local folder wins over the hub.
-    assert_eq!(resolve_model(fixture("tiny-sd").to_str().unwrap(), None, &mut ()).unwrap(), fixture("tiny-sd"));
+    assert_eq!(
+        resolve_model(fixture("tiny-sd").to_str().unwrap(), None, &mut ()).unwrap(),
+        fixture("tiny-sd")
+    );
     std::fs::remove_dir_all(&home).unwrap();
 }

@@ -9,13 +9,18 @@ use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
 use engine::pipelines::{CancelToken, GenerationRequest, StepProgress};
 
 fn pipeline() -> StableDiffusionPipeline<Cpu> {
-    StableDiffusionPipeline::load(&fixture("tiny-sd"), &LoadOptions::default(), &Default::default())
-        .expect("load tiny-sd")
+    StableDiffusionPipeline::load(
+        &fixture("tiny-sd"),
+        &LoadOptions::default(),
+        &Default::default(),
+    )
+    .expect("load tiny-sd")
 }
 
 fn request(scheduler: Option<&str>) -> GenerationRequest {
     let params: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("refs/txt2img.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("refs/txt2img.json")).unwrap())
+            .unwrap();
     GenerationRequest {
         prompt: params["prompt"].as_str().unwrap().into(),
         negative_prompt: params["negative_prompt"].as_str().unwrap().into(),
@@ -43,7 +48,10 @@ fn check(ref_name: &str, scheduler: Option<&str>) {
     assert_close(&out.images, &r["image"], 1e-4, 1e-4, ref_name);
     let expected_steps = r["timesteps"].values.len();
     assert_eq!(steps.len(), expected_steps, "one report per UNet call");
-    assert_eq!(steps.last().map(|p| (p.step, p.total)), Some((expected_steps, expected_steps)));
+    assert_eq!(
+        steps.last().map(|p| (p.step, p.total)),
+        Some((expected_steps, expected_steps))
+    );
 }
 
 #[test]
@@ -103,7 +111,9 @@ fn cancel_stops_the_loop() {
             c.cancel();
         }
     };
-    let err = pipe.generate(&req, None, &cancel, &mut observer).unwrap_err();
+    let err = pipe
+        .generate(&req, None, &cancel, &mut observer)
+        .unwrap_err();
     assert!(matches!(err, EngineError::Cancelled));
     assert_eq!(seen, 2, "stopped right after the step that cancelled");
 }
@@ -112,11 +122,18 @@ fn cancel_stops_the_loop() {
 fn bad_requests_are_rejected_before_any_work() {
     let pipe = pipeline();
     for (field, edit) in [
-        ("width", Box::new(|r: &mut GenerationRequest| r.width = 100) as Box<dyn Fn(&mut GenerationRequest)>),
+        (
+            "width",
+            Box::new(|r: &mut GenerationRequest| r.width = 100)
+                as Box<dyn Fn(&mut GenerationRequest)>,
+        ),
         ("height", Box::new(|r: &mut GenerationRequest| r.height = 0)),
         ("steps", Box::new(|r: &mut GenerationRequest| r.steps = 0)),
         ("batch", Box::new(|r: &mut GenerationRequest| r.batch = 0)),
-        ("guidance", Box::new(|r: &mut GenerationRequest| r.guidance_scale = f64::NAN)),
+        (
+            "guidance",
+            Box::new(|r: &mut GenerationRequest| r.guidance_scale = f64::NAN),
+        ),
         (
             "latents",
             Box::new(|r: &mut GenerationRequest| {
@@ -131,7 +148,9 @@ fn bad_requests_are_rejected_before_any_work() {
         edit(&mut req);
         let mut called = false;
         let err = pipe
-            .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| called = true)
+            .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {
+                called = true
+            })
             .unwrap_err();
         match err {
             EngineError::InvalidInput { field: f, .. } => assert_eq!(f, field),

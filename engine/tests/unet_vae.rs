@@ -9,14 +9,23 @@ use engine::models::AttnProcessor;
 use engine::models::autoencoders::AutoencoderKL;
 use engine::models::unets::{ClassLabels, UNet2DConditionModel};
 
-fn timesteps(refs: &std::collections::HashMap<String, engine::tensor_io::HostTensor>, name: &str) -> Vec<f64> {
+fn timesteps(
+    refs: &std::collections::HashMap<String, engine::tensor_io::HostTensor>,
+    name: &str,
+) -> Vec<f64> {
     refs[name].values.iter().map(|&v| v as f64).collect()
 }
 
-fn labels(refs: &std::collections::HashMap<String, engine::tensor_io::HostTensor>, name: &str) -> ClassLabels<Cpu> {
+fn labels(
+    refs: &std::collections::HashMap<String, engine::tensor_io::HostTensor>,
+    name: &str,
+) -> ClassLabels<Cpu> {
     let ids: Vec<i64> = refs[name].values.iter().map(|&v| v as i64).collect();
     let n = ids.len();
-    ClassLabels::Ids(Tensor::<Cpu, 1, Int>::from_data(TensorData::new(ids, [n]), &Default::default()))
+    ClassLabels::Ids(Tensor::<Cpu, 1, Int>::from_data(
+        TensorData::new(ids, [n]),
+        &Default::default(),
+    ))
 }
 
 fn check_unet(folder: &str, ref_name: &str, with_labels: bool, processor: AttnProcessor) {
@@ -57,7 +66,12 @@ fn unet_sd15_matches_diffusers() {
 #[test]
 fn unet_attention_processors_agree() {
     check_unet("tiny-sd/unet", "unet", false, AttnProcessor::Vanilla);
-    check_unet("tiny-sd/unet", "unet", false, AttnProcessor::Sliced { slice_size: 3 });
+    check_unet(
+        "tiny-sd/unet",
+        "unet",
+        false,
+        AttnProcessor::Sliced { slice_size: 3 },
+    );
 }
 
 #[test]
@@ -73,9 +87,23 @@ fn unet_without_class_labels_is_an_error() {
         UNet2DConditionModel::<Cpu>::load(&fixture("tiny-sd2-unet/unet"), None, &device).unwrap();
     let r = refs("unet_sd2");
     let err = unet
-        .forward(tensor(&r, "sample"), &[1.0], &tensor(&r, "encoder_hidden_states"), &ClassLabels::None)
+        .forward(
+            tensor(&r, "sample"),
+            &[1.0],
+            &tensor(&r, "encoder_hidden_states"),
+            &ClassLabels::None,
+        )
         .unwrap_err();
-    assert!(matches!(err, EngineError::InvalidInput { field: "class_labels", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            EngineError::InvalidInput {
+                field: "class_labels",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -85,8 +113,20 @@ fn vae_encode_and_decode_match_diffusers() {
     assert_eq!(config.scale_factor(), 8);
     let r = refs("vae");
     let posterior = vae.encode(tensor(&r, "image"));
-    assert_close(&host(posterior.mean.clone()), &r["posterior_mean"], 1e-4, 1e-4, "posterior mean");
-    assert_close(&host(posterior.logvar.clone()), &r["posterior_logvar"], 1e-4, 1e-4, "posterior logvar");
+    assert_close(
+        &host(posterior.mean.clone()),
+        &r["posterior_mean"],
+        1e-4,
+        1e-4,
+        "posterior mean",
+    );
+    assert_close(
+        &host(posterior.logvar.clone()),
+        &r["posterior_logvar"],
+        1e-4,
+        1e-4,
+        "posterior logvar",
+    );
     let decoded = vae.decode(tensor(&r, "latents"));
     assert_close(&host(decoded), &r["decoded"], 1e-4, 1e-4, "decoded");
 }
@@ -97,7 +137,13 @@ fn vae_processors_agree() {
     let (mut vae, _) = AutoencoderKL::<Cpu>::load(&fixture("tiny-sd/vae"), None, &device).unwrap();
     let r = refs("vae");
     vae.set_attn_processor(AttnProcessor::Vanilla);
-    assert_close(&host(vae.decode(tensor(&r, "latents"))), &r["decoded"], 1e-4, 1e-4, "decoded vanilla");
+    assert_close(
+        &host(vae.decode(tensor(&r, "latents"))),
+        &r["decoded"],
+        1e-4,
+        1e-4,
+        "decoded vanilla",
+    );
 }
 
 #[test]
@@ -131,7 +177,8 @@ fn misshaped_vae_config_is_a_shape_error() {
     let dir = std::env::temp_dir().join(format!("brushfire-shape-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-sd/vae/config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-sd/vae/config.json")).unwrap())
+            .unwrap();
     config["latent_channels"] = serde_json::json!(8);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     std::fs::copy(
@@ -141,6 +188,11 @@ fn misshaped_vae_config_is_a_shape_error() {
     .unwrap();
     let err = AutoencoderKL::<Cpu>::load(&dir, None, &Default::default()).unwrap_err();
     assert!(matches!(err, EngineError::ShapeMismatch { .. }), "{err}");
-    assert!(err.to_string().contains("quant_conv") || err.to_string().contains("conv_out") || err.to_string().contains("conv_in"), "{err}");
+    assert!(
+        err.to_string().contains("quant_conv")
+            || err.to_string().contains("conv_out")
+            || err.to_string().contains("conv_in"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

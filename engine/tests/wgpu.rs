@@ -34,7 +34,8 @@ fn upload<const D: usize>(t: &HostTensor, device: &WgpuDevice) -> Tensor<Wgpu, D
 fn unet_and_vae_match_diffusers_on_wgpu() {
     let Some(device) = adapter() else { return };
     let r = refs("unet");
-    let (unet, _) = UNet2DConditionModel::<Wgpu>::load(&fixture("tiny-sd/unet"), None, &device).unwrap();
+    let (unet, _) =
+        UNet2DConditionModel::<Wgpu>::load(&fixture("tiny-sd/unet"), None, &device).unwrap();
     let ts: Vec<f64> = r["timestep"].values.iter().map(|&v| v as f64).collect();
     let out = unet
         .forward(
@@ -44,10 +45,22 @@ fn unet_and_vae_match_diffusers_on_wgpu() {
             &ClassLabels::None,
         )
         .unwrap();
-    assert_close(&HostTensor::from_tensor(out).unwrap(), &r["out"], 1e-4, 1e-4, "wgpu unet");
+    assert_close(
+        &HostTensor::from_tensor(out).unwrap(),
+        &r["out"],
+        1e-4,
+        1e-4,
+        "wgpu unet",
+    );
 
     let r = refs("vae");
     let (vae, _) = AutoencoderKL::<Wgpu>::load(&fixture("tiny-sd/vae"), None, &device).unwrap();
     let decoded = vae.decode(upload(&r["latents"], &device));
-    assert_close(&HostTensor::from_tensor(decoded).unwrap(), &r["decoded"], 1e-4, 1e-4, "wgpu vae decode");
+    assert_close(
+        &HostTensor::from_tensor(decoded).unwrap(),
+        &r["decoded"],
+        1e-4,
+        1e-4,
+        "wgpu vae decode",
+    );
 }

@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 pub use hf_hub::Cache;
+use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Repo, RepoType};
 
 use crate::error::{EngineError, Result};

@@ -12,7 +12,9 @@ pub type Cpu = burn::backend::Flex;
 
 /// `tests/fixtures/<rel>` in the workspace.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(rel)
 }
 
 /// All tensors of `tests/fixtures/refs/<name>.safetensors`.
@@ -23,7 +25,10 @@ pub fn refs(name: &str) -> HashMap<String, HostTensor> {
 /// A reference tensor uploaded to the CPU backend.
 pub fn tensor<const D: usize>(refs: &HashMap<String, HostTensor>, name: &str) -> Tensor<Cpu, D> {
     let t = &refs[name];
-    Tensor::from_data(TensorData::new(t.values.clone(), t.shape.clone()), &Default::default())
+    Tensor::from_data(
+        TensorData::new(t.values.clone(), t.shape.clone()),
+        &Default::default(),
+    )
 }
 
 /// Asserts `actual` equals `expected` elementwise within `atol + rtol·|expected|`, and that the
