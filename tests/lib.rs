@@ -1,1 +1,1 @@
-//! Parity tests live in tests/*.rs
+//! The parity tests live in `parity/` (one test binary); fixtures in `fixtures/`.

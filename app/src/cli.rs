@@ -190,11 +190,7 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         .as_ref()
         .map(|p| read_tensor(p, "latents"))
         .transpose()?;
-    let tape = args
-        .noise_tape
-        .as_ref()
-        .map(NoiseTape::load)
-        .transpose()?;
+    let tape = args.noise_tape.as_ref().map(NoiseTape::load).transpose()?;
     let seed = args.seed.unwrap_or_else(random_seed);
     let mut progress = crate::progress::TerminalDownload::default();
     let model_dir = engine::loading::resolve_model(&args.model, None, &mut progress)?;

@@ -144,8 +144,22 @@ pub fn cached_snapshot(
 }
 
 /// Resolves `spec` to a local diffusers folder, downloading from the hub when needed.
-/// `variant` prefers `*.{variant}.safetensors` weights (e.g. `fp16`).
+/// `variant` prefers `*.{variant}.safetensors` weights (e.g. `fp16`). Reads `HF_HOME` and
+/// `HF_HUB_OFFLINE` from the environment, as `huggingface_hub` does.
 pub fn resolve_model(
+    spec: &str,
+    variant: Option<&str>,
+    progress: &mut dyn DownloadProgress,
+) -> Result<PathBuf> {
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    resolve_model_in(&hf_cache(), offline, spec, variant, progress)
+}
+
+/// [`resolve_model`] with the cache and offline mode given explicitly.
+pub fn resolve_model_in(
+    cache: &Cache,
+    offline: bool,
     spec: &str,
     variant: Option<&str>,
     progress: &mut dyn DownloadProgress,
@@ -162,18 +176,23 @@ pub fn resolve_model(
             }
         }
         ModelSource::Hub { repo_id, revision } => {
-            let cache = hf_cache();
-            if let Some(dir) = cached_snapshot(&cache, &repo_id, revision.as_deref(), variant) {
+            if let Some(dir) = cached_snapshot(cache, &repo_id, revision.as_deref(), variant) {
                 tracing::info!(repo_id, dir = %dir.display(), "using the cached model");
                 return Ok(dir);
             }
-            if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
+            if offline {
                 return Err(EngineError::Hub(format!(
                     "`{repo_id}` is not in the HF cache ({}) and HF_HUB_OFFLINE=1",
                     cache.path().display()
                 )));
             }
-            download(cache, &repo_id, revision.as_deref(), variant, progress)
+            download(
+                cache.clone(),
+                &repo_id,
+                revision.as_deref(),
+                variant,
+                progress,
+            )
         }
     }
 }

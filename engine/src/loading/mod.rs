@@ -3,4 +3,4 @@
 
 pub mod hub;
 
-pub use hub::{DownloadProgress, ModelSource, resolve_model};
+pub use hub::{DownloadProgress, ModelSource, resolve_model, resolve_model_in};

@@ -1,17 +1,25 @@
 //! Loading `*.safetensors` weights into a module through `burn-store`, with PyTorch names.
 //!
-//! Field names equal the diffusers state-dict keys, so no renaming happens here; the
+//! Field names equal the diffusers/transformers state-dict keys, so no renaming happens here; the
 //! `PyTorchToBurnAdapter` only transposes `Linear` weights and maps norm `weight`/`bias` to Burn's
-//! `gamma`/`beta`. Missing or mis-shaped weights are an error naming the key and the file.
+//! `gamma`/`beta`, and enum variants (`proj_in` as conv or linear) are skipped in paths. Missing
+//! or mis-shaped weights are an error naming the key and the file in the file's own terms.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use burn_store::{ApplyError, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn_store::{
+    ApplyError, BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
+    PyTorchToBurnAdapter, SafetensorsStore,
+};
 
 use crate::error::{EngineError, Result};
 
-/// Loads `file` into `module`. Extra tensors in the file are ignored (logged at debug level).
+/// Loads every parameter of `module` from a PyTorch-layout safetensors file through burn-store,
+/// turning burn-store's report into our errors: the first missing tensor becomes
+/// `MissingTensor`, the first mis-shaped one `ShapeMismatch`, both with the file's key name and
+/// layout (`weight`/`bias`, `[out, in]`) rather than Burn's (`gamma`/`beta`, `[in, out]`).
 pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
     module: &mut M,
     file: &Path,
@@ -22,54 +30,84 @@ pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
             std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
         ));
     }
+    // Burn path → (key in the file, shape in the file) for every parameter of the module.
+    let file_names: HashMap<String, (String, Vec<usize>)> = module
+        .collect(None, None, true)
+        .iter()
+        .map(|snapshot| {
+            let torch = BurnToPyTorchAdapter.adapt(snapshot);
+            (
+                snapshot.full_path(),
+                (torch.full_path(), torch.shape.to_vec()),
+            )
+        })
+        .collect();
+    let file_key = |burn_path: &str| {
+        file_names
+            .get(burn_path)
+            .map(|(key, _)| key.clone())
+            .unwrap_or_else(|| burn_path.to_owned())
+    };
+    let safetensors_error = |message: String| EngineError::Safetensors {
+        file: file.to_path_buf(),
+        message,
+    };
+
+    // We check the outcome ourselves (below) to name keys in the file's terms.
     let mut store = SafetensorsStore::from_file(file)
         .with_from_adapter(PyTorchToBurnAdapter)
         .skip_enum_variants(true)
-        .allow_partial(true)
-        .validate(false);
+        .validate(false)
+        .allow_partial(true);
     let result = module
         .load_from(&mut store)
-        .map_err(|e| EngineError::Safetensors {
+        .map_err(|e| safetensors_error(e.to_string()))?;
+
+    if let Some((path, _)) = result.missing.first() {
+        return Err(EngineError::MissingTensor {
+            key: file_key(path),
             file: file.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    if let Some(err) = result.errors.first() {
-        return Err(match err {
-            ApplyError::ShapeMismatch {
+        });
+    }
+    if let Some(error) = result.errors.first() {
+        return Err(match error {
+            ApplyError::ShapeMismatch { path, .. } => {
+                let (key, expected) = file_names
+                    .get(path)
+                    .cloned()
+                    .unwrap_or_else(|| (path.clone(), Vec::new()));
+                let found = store
+                    .get_snapshot(&key)
+                    .ok()
+                    .flatten()
+                    .map(|s| s.shape.to_vec())
+                    .unwrap_or_default();
+                EngineError::ShapeMismatch {
+                    key,
+                    file: file.to_path_buf(),
+                    expected,
+                    found,
+                }
+            }
+            ApplyError::DTypeMismatch {
                 path,
                 expected,
                 found,
-            } => EngineError::ShapeMismatch {
-                key: path.clone(),
-                file: file.to_path_buf(),
-                expected: expected.to_vec(),
-                found: found.to_vec(),
-            },
-            other => EngineError::Safetensors {
-                file: file.to_path_buf(),
-                message: other.to_string(),
-            },
+            } => safetensors_error(format!(
+                "tensor `{}` has dtype {found:?}, expected {expected:?}",
+                file_key(path)
+            )),
+            ApplyError::AdapterError { path, message }
+            | ApplyError::LoadError { path, message } => {
+                safetensors_error(format!("tensor `{}`: {message}", file_key(path)))
+            }
         });
     }
-    if let Some((key, _)) = result.missing.first() {
-        return Err(EngineError::MissingTensor {
-            key: pytorch_name(key),
-            file: file.to_path_buf(),
-        });
-    }
-    if !result.unused.is_empty() {
-        tracing::debug!(file = %file.display(), unused = ?result.unused, "tensors in the file not used by the model");
-    }
+    tracing::debug!(
+        file = %file.display(),
+        applied = result.applied.len(),
+        unused = result.unused.len(),
+        "loaded weights"
+    );
     Ok(())
-}
-
-/// Burn's norm parameter names back to the PyTorch names a user sees in the file.
-fn pytorch_name(key: &str) -> String {
-    if let Some(stem) = key.strip_suffix(".gamma") {
-        format!("{stem}.weight")
-    } else if let Some(stem) = key.strip_suffix(".beta") {
-        format!("{stem}.bias")
-    } else {
-        key.to_string()
-    }
 }

@@ -7,21 +7,18 @@
 //! Field names equal the state-dict keys (`text_model.encoder.layers.0.self_attn.q_proj.weight`),
 //! so a diffusers `text_encoder/model.safetensors` loads through `burn-store` with no renaming.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, gelu_approximate, sigmoid, softmax};
 use burn::tensor::{Bool, Int, Tensor, backend::Backend};
-use burn_store::{
-    ApplyError, BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
-    PyTorchToBurnAdapter, SafetensorsStore,
-};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{EngineError, Result};
+use crate::models::weights::load_safetensors;
 
 /// The activation between `fc1` and `fc2` (transformers' `ACT2FN[config.hidden_act]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,7 +204,7 @@ impl<B: Backend> CLIPTextModel<B> {
     /// key names). A missing or mis-shaped tensor is an error naming it; extra tensors in the
     /// file (such as `text_model.embeddings.position_ids`) are ignored.
     pub fn load_safetensors(&mut self, file: &Path) -> Result<()> {
-        load_safetensors_strict(self, file)
+        load_safetensors(self, file)
     }
 
     /// Encodes token ids.
@@ -498,99 +495,4 @@ impl<B: Backend> CLIPMLP<B> {
         self.fc2
             .forward(self.activation.forward(self.fc1.forward(hidden_states)))
     }
-}
-
-/// Loads every parameter of `module` from a PyTorch-layout safetensors file through burn-store,
-/// turning burn-store's report into our errors: the first missing tensor becomes
-/// `MissingTensor`, the first mis-shaped one `ShapeMismatch`, both with the file's key name and
-/// layout (`weight`/`bias`, `[out, in]`) rather than Burn's (`gamma`/`beta`, `[in, out]`).
-pub(crate) fn load_safetensors_strict<B: Backend, M: ModuleSnapshot<B>>(
-    module: &mut M,
-    file: &Path,
-) -> Result<()> {
-    if !file.is_file() {
-        return Err(EngineError::io(
-            file,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
-        ));
-    }
-    // Burn path → (key in the file, shape in the file) for every parameter of the module.
-    let file_names: HashMap<String, (String, Vec<usize>)> = module
-        .collect(None, None, false)
-        .iter()
-        .map(|snapshot| {
-            let torch = BurnToPyTorchAdapter.adapt(snapshot);
-            (
-                snapshot.full_path(),
-                (torch.full_path(), torch.shape.to_vec()),
-            )
-        })
-        .collect();
-    let file_key = |burn_path: &str| {
-        file_names
-            .get(burn_path)
-            .map(|(key, _)| key.clone())
-            .unwrap_or_else(|| burn_path.to_owned())
-    };
-    let safetensors_error = |message: String| EngineError::Safetensors {
-        file: file.to_path_buf(),
-        message,
-    };
-
-    // We check the outcome ourselves (below) to name keys in the file's terms.
-    let mut store = SafetensorsStore::from_file(file)
-        .with_from_adapter(PyTorchToBurnAdapter)
-        .validate(false)
-        .allow_partial(true);
-    let result = module
-        .load_from(&mut store)
-        .map_err(|e| safetensors_error(e.to_string()))?;
-
-    if let Some((path, _)) = result.missing.first() {
-        return Err(EngineError::MissingTensor {
-            key: file_key(path),
-            file: file.to_path_buf(),
-        });
-    }
-    if let Some(error) = result.errors.first() {
-        return Err(match error {
-            ApplyError::ShapeMismatch { path, .. } => {
-                let (key, expected) = file_names
-                    .get(path)
-                    .cloned()
-                    .unwrap_or_else(|| (path.clone(), Vec::new()));
-                let found = store
-                    .get_snapshot(&key)
-                    .ok()
-                    .flatten()
-                    .map(|s| s.shape.to_vec())
-                    .unwrap_or_default();
-                EngineError::ShapeMismatch {
-                    key,
-                    file: file.to_path_buf(),
-                    expected,
-                    found,
-                }
-            }
-            ApplyError::DTypeMismatch {
-                path,
-                expected,
-                found,
-            } => safetensors_error(format!(
-                "tensor `{}` has dtype {found:?}, expected {expected:?}",
-                file_key(path)
-            )),
-            ApplyError::AdapterError { path, message }
-            | ApplyError::LoadError { path, message } => {
-                safetensors_error(format!("tensor `{}`: {message}", file_key(path)))
-            }
-        });
-    }
-    tracing::debug!(
-        file = %file.display(),
-        applied = result.applied.len(),
-        unused = result.unused.len(),
-        "loaded weights"
-    );
-    Ok(())
 }

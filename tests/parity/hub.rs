@@ -1,11 +1,10 @@
 //! Hub ids resolve through the standard HF cache layout
 //! (`$HF_HOME/hub/models--org--name/{refs/main, snapshots/<rev>/…}`), offline.
-//! One test function: it sets process environment variables.
 
 use std::path::{Path, PathBuf};
 
 use engine::EngineError;
-use engine::loading::hub::{Cache, ModelSource, cached_snapshot, resolve_model};
+use engine::loading::hub::{Cache, ModelSource, cached_snapshot, resolve_model_in};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -62,14 +61,9 @@ fn hub_ids_resolve_from_the_hf_cache_offline() {
         Some(snapshot.clone())
     );
 
-    // Through the environment, as the CLI does.
-    // SAFETY: this test binary has a single test, so no other thread reads the environment.
-    unsafe {
-        std::env::set_var("HF_HOME", &home);
-        std::env::set_var("HF_HUB_OFFLINE", "1");
-    }
+    // Offline, as the CLI runs with HF_HUB_OFFLINE=1 (the CLI test covers the environment).
     assert_eq!(
-        resolve_model("brushfire-test/tiny-sd", None, &mut ()).unwrap(),
+        resolve_model_in(&cache, true, "brushfire-test/tiny-sd", None, &mut ()).unwrap(),
         snapshot
     );
 
@@ -79,13 +73,20 @@ fn hub_ids_resolve_from_the_hf_cache_offline() {
         cached_snapshot(&cache, "brushfire-test/tiny-sd", None, None),
         None
     );
-    let err = resolve_model("brushfire-test/tiny-sd", None, &mut ()).unwrap_err();
+    let err = resolve_model_in(&cache, true, "brushfire-test/tiny-sd", None, &mut ()).unwrap_err();
     assert!(matches!(err, EngineError::Hub(_)), "{err}");
     assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
 
     // A local folder wins over the hub.
     assert_eq!(
-        resolve_model(fixture("tiny-sd").to_str().unwrap(), None, &mut ()).unwrap(),
+        resolve_model_in(
+            &cache,
+            true,
+            fixture("tiny-sd").to_str().unwrap(),
+            None,
+            &mut ()
+        )
+        .unwrap(),
         fixture("tiny-sd")
     );
     std::fs::remove_dir_all(&home).unwrap();

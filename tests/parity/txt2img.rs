@@ -1,9 +1,7 @@
 //! The whole txt2img pipeline against diffusers' `StableDiffusionPipeline` on the tiny fixture,
 //! per scheduler, given explicit latents (and a seeded generator for stochastic schedulers).
 
-mod common;
-
-use common::{Cpu, assert_close, fixture, refs};
+use crate::common::{Cpu, assert_close, fixture, refs};
 use engine::EngineError;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
 use engine::pipelines::{CancelToken, GenerationRequest, StepProgress};

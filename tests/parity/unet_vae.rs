@@ -1,9 +1,7 @@
 //! UNet and VAE parity with diffusers on the tiny fixtures (`tests/fixtures/generate.py`).
 
-mod common;
-
+use crate::common::{Cpu, assert_close, fixture, host, refs, tensor};
 use burn::tensor::{Int, Tensor, TensorData};
-use common::{Cpu, assert_close, fixture, host, refs, tensor};
 use engine::EngineError;
 use engine::models::AttnProcessor;
 use engine::models::autoencoders::AutoencoderKL;

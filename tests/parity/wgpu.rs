@@ -1,12 +1,10 @@
 //! The same models on wgpu (Mesa's lavapipe in CI). Kept tiny: on a software adapter every
 //! kernel's first call compiles it. Skips with a notice when no wgpu adapter exists.
 
-mod common;
-
+use crate::common::{assert_close, fixture, refs};
 use burn::backend::Wgpu;
 use burn::backend::wgpu::WgpuDevice;
 use burn::tensor::{Tensor, TensorData};
-use common::{assert_close, fixture, refs};
 use engine::backend::{BackendKind, BackendRequest, select_backend};
 use engine::models::autoencoders::AutoencoderKL;
 use engine::models::unets::{ClassLabels, UNet2DConditionModel};

@@ -1,0 +1,13 @@
+//! Parity tests: every model, scheduler and pipeline of the engine against diffusers/torch
+//! references made by `tests/fixtures/generate.py` (committed, so no Python is needed here).
+//! One test binary, so the engine is compiled and linked into tests once.
+
+mod common;
+
+mod clip;
+mod hub;
+mod noise;
+mod schedulers;
+mod txt2img;
+mod unet_vae;
+mod wgpu;
