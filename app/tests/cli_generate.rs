@@ -26,12 +26,12 @@ fn brushfire(args: &[&str]) -> std::process::Output {
         .expect("run brushfire")
 }
 
-fn generate_matches(reference: &str, scheduler: &str) {
+fn generate_matches(reference: &str, scheduler: &str, extra: &[&str]) {
     let refs = fixture(&format!("refs/{reference}.safetensors"));
     let out = temp(&format!("{reference}.safetensors"));
     let png = temp(&format!("{reference}.png"));
     let model = fixture("tiny-sd");
-    let output = brushfire(&[
+    let mut args = vec![
         "generate",
         "--model",
         model.to_str().unwrap(),
@@ -49,8 +49,6 @@ fn generate_matches(reference: &str, scheduler: &str) {
         "64",
         "--batch",
         "2",
-        "--seed",
-        "1234",
         "--scheduler",
         scheduler,
         "--latents",
@@ -61,7 +59,9 @@ fn generate_matches(reference: &str, scheduler: &str) {
         png.to_str().unwrap(),
         "--backend",
         "cpu",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let output = brushfire(&args);
     assert!(
         output.status.success(),
         "brushfire failed: {}",
@@ -87,17 +87,102 @@ fn generate_matches(reference: &str, scheduler: &str) {
 
 #[test]
 fn generate_pndm_equals_diffusers() {
-    generate_matches("txt2img_pndm", "pndm");
+    generate_matches("txt2img_pndm", "pndm", &["--seed", "1234"]);
 }
 
 #[test]
 fn generate_ddim_equals_diffusers() {
-    generate_matches("txt2img_ddim", "ddim");
+    generate_matches("txt2img_ddim", "ddim", &["--seed", "1234"]);
 }
 
 #[test]
 fn generate_euler_equals_diffusers() {
-    generate_matches("txt2img_euler", "euler");
+    generate_matches("txt2img_euler", "euler", &["--seed", "1234"]);
+}
+
+#[test]
+fn generate_euler_ancestral_with_seed_equals_diffusers() {
+    // Diffusers drew the per-step noise from torch.Generator("cpu").manual_seed(1234).
+    generate_matches("txt2img_euler_a", "euler-a", &["--seed", "1234"]);
+}
+
+#[test]
+fn noise_tape_replaces_the_generator() {
+    // The recorded draws of diffusers' run, with a seed that would give other noise.
+    let tape = fixture("refs/txt2img_euler_a_tape.safetensors");
+    generate_matches(
+        "txt2img_euler_a",
+        "euler-a",
+        &["--seed", "7", "--noise-tape", tape.to_str().unwrap()],
+    );
+    let tape = fixture("refs/txt2img_ddpm_tape.safetensors");
+    generate_matches(
+        "txt2img_ddpm",
+        "ddpm",
+        &["--seed", "7", "--noise-tape", tape.to_str().unwrap()],
+    );
+}
+
+#[test]
+fn prompt_embeds_replace_the_text_encoder() {
+    // diffusers' CFG embeddings are [negative × 2; positive × 2]; given as tensors, no prompt
+    // text is needed.
+    let refs = read_safetensors(&fixture("refs/txt2img_pndm.safetensors")).unwrap();
+    let all = &refs["prompt_embeds"];
+    let per = all.values.len() / 4;
+    let take = |row: usize| engine::tensor_io::HostTensor {
+        shape: vec![1, all.shape[1], all.shape[2]],
+        values: all.values[row * per..(row + 1) * per].to_vec(),
+    };
+    let (negative, positive) = (take(0), take(2));
+    let file = temp("embeds.safetensors");
+    engine::tensor_io::write_safetensors(
+        &file,
+        &[
+            ("prompt_embeds", &positive),
+            ("negative_prompt_embeds", &negative),
+        ],
+    )
+    .unwrap();
+    let model = fixture("tiny-sd");
+    let out = temp("embeds-out.safetensors");
+    let latents = fixture("refs/txt2img_pndm.safetensors");
+    let output = brushfire(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-embeds",
+        file.to_str().unwrap(),
+        "--steps",
+        "5",
+        "--guidance",
+        "7.5",
+        "--width",
+        "128",
+        "--height",
+        "64",
+        "--batch",
+        "2",
+        "--latents",
+        latents.to_str().unwrap(),
+        "--save-array",
+        out.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ours = &read_safetensors(&out).unwrap()["image"];
+    let worst = ours
+        .values
+        .iter()
+        .zip(&refs["image"].values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "max |diff| {worst}");
 }
 
 #[test]

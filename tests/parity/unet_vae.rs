@@ -194,3 +194,51 @@ fn misshaped_vae_config_is_a_shape_error() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn fp16_weights_load_into_an_f32_model() {
+    // An `fp16` variant file: the model stays f32 and agrees with the f32 weights to f16 precision.
+    let dir = std::env::temp_dir().join(format!("brushfire-fp16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("tiny-sd/vae/config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(fixture("tiny-sd/vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let halves: Vec<(String, Vec<u8>, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    burn::tensor::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .to_le_bytes()
+                })
+                .collect();
+            (name, data, view.shape().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = halves
+        .iter()
+        .map(|(n, d, s)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F16, s.clone(), d)
+                .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    let file = dir.join("diffusion_pytorch_model.fp16.safetensors");
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+
+    let (vae, _) = AutoencoderKL::<Cpu>::load(&dir, Some(&file), &Default::default()).unwrap();
+    let r = refs("vae");
+    let decoded = vae.decode(tensor(&r, "latents"));
+    assert_eq!(decoded.dtype(), burn::tensor::DType::F32);
+    assert_close(
+        &host(decoded),
+        &r["decoded"],
+        2e-2,
+        2e-2,
+        "decoded from fp16 weights",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

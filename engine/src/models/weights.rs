@@ -8,10 +8,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use std::rc::Rc;
+
+use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use burn_store::{
-    ApplyError, BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
-    PyTorchToBurnAdapter, SafetensorsStore,
+    ApplyError, BurnToPyTorchAdapter, ChainAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
+    PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot,
 };
 
 use crate::error::{EngineError, Result};
@@ -53,9 +56,18 @@ pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
         message,
     };
 
+    // Weights take the module's float dtype whatever the file stores (an `fp16` variant loads
+    // into an f32 model and the reverse); burn-store alone would keep the file's dtype.
+    let target = module
+        .collect(None, None, true)
+        .iter()
+        .map(|s| s.dtype)
+        .find(|d| d.is_float())
+        .unwrap_or(DType::F32);
+
     // We check the outcome ourselves (below) to name keys in the file's terms.
     let mut store = SafetensorsStore::from_file(file)
-        .with_from_adapter(PyTorchToBurnAdapter)
+        .with_from_adapter(ChainAdapter::new(PyTorchToBurnAdapter, CastFloats(target)))
         .skip_enum_variants(true)
         .validate(false)
         .allow_partial(true);
@@ -110,4 +122,30 @@ pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
         "loaded weights"
     );
     Ok(())
+}
+
+/// Casts every floating-point tensor to one dtype as it is loaded.
+#[derive(Debug, Clone, Copy)]
+struct CastFloats(DType);
+
+impl ModuleAdapter for CastFloats {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        let target = self.0;
+        if !snapshot.dtype.is_float() || snapshot.dtype == target {
+            return snapshot.clone();
+        }
+        let data = snapshot.clone_data_fn();
+        TensorSnapshot::from_closure(
+            Rc::new(move || data().map(|d| d.convert_dtype(target))),
+            target,
+            snapshot.shape.clone(),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(*self)
+    }
 }
