@@ -4,6 +4,7 @@
 
 mod common;
 
+mod backend;
 mod clip;
 mod hub;
 mod noise;

@@ -62,3 +62,43 @@ impl<T: Clone> PerBlock<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::unets::UNet2DConditionConfig;
+
+    #[test]
+    fn unknown_keys_are_kept_not_fatal_and_defaults_fill_the_rest() {
+        let json = r#"{"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "some_future_key": 3}"#;
+        let config: UNet2DConditionConfig =
+            parse_config(json, Path::new("unet/config.json")).unwrap();
+        assert_eq!(config.block_out_channels, vec![32, 64]);
+        assert_eq!(config.cross_attention_dim, PerBlock::All(1280));
+        assert_eq!(config.norm_eps, 1e-5);
+        assert!(config.unknown_keys().contains_key("some_future_key"));
+    }
+
+    #[test]
+    fn bad_json_names_the_file() {
+        let err =
+            parse_config::<UNet2DConditionConfig>("{", Path::new("unet/config.json")).unwrap_err();
+        assert!(err.to_string().starts_with("unet/config.json"), "{err}");
+    }
+
+    #[test]
+    fn per_block_lists_must_match_the_block_count() {
+        assert_eq!(PerBlock::All(2).expand(3, "k").unwrap(), vec![2, 2, 2]);
+        assert_eq!(
+            PerBlock::Each(vec![1, 2]).expand(2, "k").unwrap(),
+            vec![1, 2]
+        );
+        assert!(
+            PerBlock::Each(vec![1, 2])
+                .expand(3, "layers_per_block")
+                .is_err()
+        );
+    }
+}
