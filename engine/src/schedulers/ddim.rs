@@ -127,14 +127,6 @@ impl<B: Backend> Scheduler<B> for DDIMScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<B, 4>, _step_index: usize) -> Tensor<B, 4> {
-        sample
-    }
-
     fn step(
         &mut self,
         model_output: Tensor<B, 4>,

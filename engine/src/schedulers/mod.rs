@@ -41,14 +41,20 @@ pub trait Scheduler<B: Backend>: Send {
     /// The timesteps the model is evaluated at, in order (diffusers' `scheduler.timesteps`).
     fn timesteps(&self) -> &[f64];
 
-    /// The standard deviation of the initial noise (diffusers' `init_noise_sigma`).
-    fn init_noise_sigma(&self) -> f64;
+    /// The standard deviation of the initial noise (diffusers' `init_noise_sigma`; 1 for the
+    /// schedulers that work on the unscaled variance-preserving sample).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// Scales the denoising model input at step `step_index` (identity for most schedulers).
     ///
     /// # Shapes
     /// - sample: `[batch, channels, height, width]`
-    fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Tensor<B, 4>;
+    fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Tensor<B, 4> {
+        let _ = step_index;
+        sample
+    }
 
     /// One reverse-diffusion step: the sample at `timesteps()[step_index]` and the model's
     /// output there give the previous (less noisy) sample. Stochastic schedulers draw from `noise`.

@@ -19,6 +19,22 @@ pub struct BlockConfig {
     pub num_layers: usize,
 }
 
+impl BlockConfig {
+    /// One transformer per layer at `channels` (none for blocks without attention).
+    fn transformers<B: Backend>(
+        &self,
+        channels: usize,
+        device: &B::Device,
+    ) -> Vec<Transformer2DModel<B>> {
+        let Some(template) = &self.transformer else {
+            return Vec::new();
+        };
+        let mut t = template.clone();
+        t.in_channels = channels;
+        (0..self.num_layers).map(|_| t.init(device)).collect()
+    }
+}
+
 /// `DownBlock2D` / `CrossAttnDownBlock2D` (the latter when `attentions` is non-empty).
 #[derive(Module, Debug)]
 pub struct DownBlock2D<B: Backend> {
@@ -44,16 +60,7 @@ impl<B: Backend> DownBlock2D<B> {
                 r.init(device)
             })
             .collect();
-        let attentions = match &config.transformer {
-            Some(t) => (0..config.num_layers)
-                .map(|_| {
-                    let mut t = t.clone();
-                    t.in_channels = out_channels;
-                    t.init(device)
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let attentions = config.transformers(out_channels, device);
         Self {
             resnets,
             attentions,
@@ -135,16 +142,7 @@ impl<B: Backend> UpBlock2D<B> {
                 r.init(device)
             })
             .collect();
-        let attentions = match &config.transformer {
-            Some(t) => (0..config.num_layers)
-                .map(|_| {
-                    let mut t = t.clone();
-                    t.in_channels = out_channels;
-                    t.init(device)
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let attentions = config.transformers(out_channels, device);
         Self {
             resnets,
             attentions,
