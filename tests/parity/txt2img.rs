@@ -2,17 +2,19 @@
 //! per scheduler, given explicit latents (and a seeded generator for stochastic schedulers).
 
 use crate::common::{Cpu, assert_close, fixture, refs};
+use burn::tensor::backend::Backend;
 use engine::EngineError;
+use engine::noise::NoiseTape;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
 use engine::pipelines::{CancelToken, GenerationRequest, StepProgress};
 
 fn pipeline() -> StableDiffusionPipeline<Cpu> {
-    StableDiffusionPipeline::load(
-        &fixture("tiny-sd"),
-        &LoadOptions::default(),
-        &Default::default(),
-    )
-    .expect("load tiny-sd")
+    pipeline_on(&Default::default())
+}
+
+pub(crate) fn pipeline_on<B: Backend>(device: &B::Device) -> StableDiffusionPipeline<B> {
+    StableDiffusionPipeline::load(&fixture("tiny-sd"), &LoadOptions::default(), device)
+        .expect("load tiny-sd")
 }
 
 fn request(scheduler: Option<&str>) -> GenerationRequest {
@@ -34,14 +36,30 @@ fn request(scheduler: Option<&str>) -> GenerationRequest {
 }
 
 fn check(ref_name: &str, scheduler: Option<&str>) {
-    let pipe = pipeline();
+    check_on(&pipeline(), ref_name, scheduler, false);
+}
+
+/// Runs the reference request on `pipe` and compares the images; `tape` replays the draws
+/// diffusers recorded instead of the seeded generator.
+pub(crate) fn check_on<B: Backend>(
+    pipe: &StableDiffusionPipeline<B>,
+    ref_name: &str,
+    scheduler: Option<&str>,
+    tape: bool,
+) {
     let r = refs(ref_name);
     let mut req = request(scheduler);
     req.latents = Some(r["latents"].clone());
     let mut steps = Vec::new();
     let mut observer = |p: &StepProgress| steps.push(*p);
+    let mut tape = tape.then(|| {
+        NoiseTape::load(fixture(&format!("refs/{ref_name}_tape.safetensors"))).expect("tape")
+    });
+    let noise = tape
+        .as_mut()
+        .map(|t| t as &mut dyn engine::noise::NoiseSource);
     let out = pipe
-        .generate(&req, None, &CancelToken::new(), &mut observer)
+        .generate(&req, noise, &CancelToken::new(), &mut observer)
         .expect("generate");
     assert_close(&out.images, &r["image"], 1e-4, 1e-4, ref_name);
     let expected_steps = r["timesteps"].values.len();

@@ -1,14 +1,17 @@
-//! The same models on wgpu (Mesa's lavapipe in CI). Kept tiny: on a software adapter every
-//! kernel's first call compiles it. Skips with a notice when no wgpu adapter exists.
+//! The engine on wgpu (Mesa's lavapipe in CI) against the same diffusers references as on the
+//! CPU: the text encoder, UNet, scheduler and VAE through two whole txt2img runs, plus the UNet
+//! and the VAE encoder on their own. One test, so every kernel is compiled once: on a software
+//! adapter each kernel's first call costs seconds. Skips with a notice when no adapter exists.
 
-use crate::common::{assert_close, fixture, refs};
 use burn::backend::Wgpu;
 use burn::backend::wgpu::WgpuDevice;
 use burn::tensor::{Tensor, TensorData};
 use engine::backend::{BackendKind, BackendRequest, select_backend};
-use engine::models::autoencoders::AutoencoderKL;
-use engine::models::unets::{ClassLabels, UNet2DConditionModel};
+use engine::models::unets::ClassLabels;
 use engine::tensor_io::HostTensor;
+
+use crate::common::{assert_close, refs};
+use crate::txt2img::{check_on, pipeline_on};
 
 fn adapter() -> Option<WgpuDevice> {
     match select_backend(BackendRequest::Wgpu) {
@@ -29,13 +32,14 @@ fn upload<const D: usize>(t: &HostTensor, device: &WgpuDevice) -> Tensor<Wgpu, D
 }
 
 #[test]
-fn unet_and_vae_match_diffusers_on_wgpu() {
+fn engine_matches_diffusers_on_wgpu() {
     let Some(device) = adapter() else { return };
+    let pipe = pipeline_on::<Wgpu>(&device);
+
     let r = refs("unet");
-    let (unet, _) =
-        UNet2DConditionModel::<Wgpu>::load(&fixture("tiny-sd/unet"), None, &device).unwrap();
     let ts: Vec<f64> = r["timestep"].values.iter().map(|&v| v as f64).collect();
-    let out = unet
+    let out = pipe
+        .unet
         .forward(
             upload(&r["sample"], &device),
             &ts,
@@ -52,13 +56,17 @@ fn unet_and_vae_match_diffusers_on_wgpu() {
     );
 
     let r = refs("vae");
-    let (vae, _) = AutoencoderKL::<Wgpu>::load(&fixture("tiny-sd/vae"), None, &device).unwrap();
-    let decoded = vae.decode(upload(&r["latents"], &device));
+    let posterior = pipe.vae.encode(upload(&r["image"], &device));
     assert_close(
-        &HostTensor::from_tensor(decoded).unwrap(),
-        &r["decoded"],
+        &HostTensor::from_tensor(posterior.mean).unwrap(),
+        &r["posterior_mean"],
         1e-4,
         1e-4,
-        "wgpu vae decode",
+        "wgpu vae encode",
     );
+
+    // CLIP + UNet + PNDM + VAE decode.
+    check_on(&pipe, "txt2img_pndm", None, false);
+    // A stochastic scheduler, its noise replayed from diffusers' tape.
+    check_on(&pipe, "txt2img_euler_a", Some("euler-a"), true);
 }
