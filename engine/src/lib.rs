@@ -11,5 +11,6 @@ pub mod noise;
 pub mod pipelines;
 pub mod schedulers;
 pub mod tensor_io;
+pub mod worker;
 
 pub use error::{EngineError, Result};

@@ -12,3 +12,4 @@ mod schedulers;
 mod txt2img;
 mod unet_vae;
 mod wgpu;
+mod worker;

@@ -1,0 +1,437 @@
+//! The engine on its own thread (STYLE.md #8): the UI sends [`EngineCommand`]s and drains
+//! [`EngineEvent`]s each frame; a waker (the UI's `request_repaint`) is called after every
+//! event. Jobs run one at a time in the order they were queued; each has a cancel token the UI
+//! can set at any moment, so a queued job can be dropped and a running one stops within a step.
+//! A panic inside a job (Burn panics on bad shapes) becomes a `Failed` event, never a dead worker.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+
+use crate::backend::{BackendRequest, BackendTask, SelectedBackend, dispatch, select_backend};
+use crate::error::{EngineError, Result};
+use crate::loading::{DownloadProgress, resolve_model};
+use crate::models::AttnProcessor;
+use crate::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
+use crate::pipelines::{CancelToken, GenerationRequest, StepObserver, StepProgress};
+use crate::tensor_io::HostTensor;
+
+/// Identifies a queued generation.
+pub type JobId = u64;
+
+/// Settings that change how the engine runs (not what it computes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineSettings {
+    pub backend: BackendRequest,
+    pub attention: AttnProcessor,
+}
+
+/// What the UI asks of the engine.
+#[derive(Debug, Clone)]
+pub enum EngineCommand {
+    /// Load a diffusers folder or hub id (downloading it if needed).
+    LoadModel { spec: String },
+    /// Run a generation (queued behind earlier jobs).
+    Generate {
+        job: JobId,
+        request: Box<GenerationRequest>,
+    },
+    /// Change settings; a backend change reloads the model on the new backend.
+    ApplySettings(EngineSettings),
+    /// Stop the worker.
+    Shutdown,
+}
+
+/// What the engine reports back.
+#[derive(Debug, Clone)]
+pub enum EngineEvent {
+    /// The backend in use (after start and after every backend change).
+    Backend(SelectedBackend),
+    /// Bytes of a model file downloaded so far.
+    Download {
+        file: String,
+        done_bytes: usize,
+        total_bytes: usize,
+    },
+    /// A model is ready.
+    ModelLoaded {
+        spec: String,
+        dir: PathBuf,
+        elapsed_secs: f64,
+    },
+    /// New settings are in effect.
+    SettingsApplied(EngineSettings),
+    /// A job left the queue and started.
+    JobStarted { job: JobId },
+    /// One denoising step of a job finished.
+    Progress { job: JobId, progress: StepProgress },
+    /// A job's images: `[batch, height, width, 3]` in [0, 1].
+    Finished {
+        job: JobId,
+        images: HostTensor,
+        scheduler: &'static str,
+        elapsed_secs: f64,
+    },
+    /// A job was cancelled (before or while running).
+    Cancelled { job: JobId },
+    /// Something failed; `job` is `None` for model loading and settings.
+    Failed { job: Option<JobId>, error: String },
+}
+
+/// The UI's side of the worker.
+pub struct EngineHandle {
+    commands: Sender<EngineCommand>,
+    events: Receiver<EngineEvent>,
+    cancels: Arc<Mutex<HashMap<JobId, CancelToken>>>,
+    next_job: JobId,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineHandle {
+    /// Starts the worker thread. `waker` is called after every event (e.g. `ctx.request_repaint`).
+    pub fn spawn(settings: EngineSettings, waker: impl Fn() + Send + 'static) -> Result<Self> {
+        let (commands, command_rx) = channel();
+        let (event_tx, events) = channel();
+        let cancels: Arc<Mutex<HashMap<JobId, CancelToken>>> = Arc::default();
+        let worker = Worker {
+            events: event_tx,
+            waker: Box::new(waker),
+            cancels: cancels.clone(),
+            settings,
+            backend: None,
+            model: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("brushfire-engine".into())
+            .spawn(move || worker.run(command_rx))
+            .map_err(|e| EngineError::Backend(format!("could not start the engine thread: {e}")))?;
+        Ok(Self {
+            commands,
+            events,
+            cancels,
+            next_job: 1,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, command: EngineCommand) {
+        // The worker only stops on Shutdown (sent by Drop), so sending cannot fail before that.
+        let _ = self.commands.send(command);
+    }
+
+    /// Loads a model (replacing the current one once loaded).
+    pub fn load_model(&self, spec: impl Into<String>) {
+        self.send(EngineCommand::LoadModel { spec: spec.into() });
+    }
+
+    /// Queues a generation and returns its id.
+    pub fn generate(&mut self, request: GenerationRequest) -> JobId {
+        let job = self.next_job;
+        self.next_job += 1;
+        self.lock_cancels().insert(job, CancelToken::new());
+        self.send(EngineCommand::Generate {
+            job,
+            request: Box::new(request),
+        });
+        job
+    }
+
+    /// Cancels a queued or running job (no effect on finished ones).
+    pub fn cancel(&self, job: JobId) {
+        if let Some(token) = self.lock_cancels().get(&job) {
+            token.cancel();
+        }
+    }
+
+    /// Applies new settings from the next job on.
+    pub fn apply_settings(&self, settings: EngineSettings) {
+        self.send(EngineCommand::ApplySettings(settings));
+    }
+
+    /// The next event, if one is waiting.
+    pub fn try_recv(&self) -> Option<EngineEvent> {
+        self.events.try_recv().ok()
+    }
+
+    /// Waits up to `timeout` for the next event.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<EngineEvent> {
+        self.events.recv_timeout(timeout).ok()
+    }
+
+    /// Every waiting event, stopping early when `budget` is spent (the UI's frame budget).
+    pub fn drain(&self, budget: Duration) -> Vec<EngineEvent> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while start.elapsed() < budget {
+            match self.try_recv() {
+                Some(event) => out.push(event),
+                None => break,
+            }
+        }
+        out
+    }
+
+    fn lock_cancels(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, CancelToken>> {
+        self.cancels.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        for token in self.lock_cancels().values() {
+            token.cancel();
+        }
+        self.send(EngineCommand::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A loaded pipeline on whichever backend was selected.
+trait PipelineRunner: Send {
+    fn generate(
+        &self,
+        request: &GenerationRequest,
+        cancel: &CancelToken,
+        observer: &mut dyn StepObserver,
+    ) -> Result<GenerationOutput>;
+    fn set_attn_processor(&mut self, processor: AttnProcessor);
+}
+
+impl<B: Backend> PipelineRunner for StableDiffusionPipeline<B> {
+    fn generate(
+        &self,
+        request: &GenerationRequest,
+        cancel: &CancelToken,
+        observer: &mut dyn StepObserver,
+    ) -> Result<GenerationOutput> {
+        StableDiffusionPipeline::generate(self, request, None, cancel, observer)
+    }
+
+    fn set_attn_processor(&mut self, processor: AttnProcessor) {
+        StableDiffusionPipeline::set_attn_processor(self, processor);
+    }
+}
+
+struct LoadTask<'a> {
+    dir: &'a Path,
+    attention: AttnProcessor,
+}
+
+impl BackendTask for LoadTask<'_> {
+    type Output = Result<Box<dyn PipelineRunner>>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let mut pipe =
+            StableDiffusionPipeline::<B>::load(self.dir, &LoadOptions::default(), &device)?;
+        pipe.set_attn_processor(self.attention);
+        Ok(Box::new(pipe))
+    }
+}
+
+struct LoadedModel {
+    /// What the user asked for, to reload it on another backend.
+    spec: String,
+    runner: Box<dyn PipelineRunner>,
+}
+
+struct Worker {
+    events: Sender<EngineEvent>,
+    waker: Box<dyn Fn() + Send>,
+    cancels: Arc<Mutex<HashMap<JobId, CancelToken>>>,
+    settings: EngineSettings,
+    backend: Option<SelectedBackend>,
+    model: Option<LoadedModel>,
+}
+
+/// Forwards download progress as events.
+struct DownloadEvents<'a> {
+    worker: &'a Worker,
+    file: String,
+    done: usize,
+    total: usize,
+}
+
+impl DownloadProgress for DownloadEvents<'_> {
+    fn start(&mut self, file: &str, total_bytes: usize) {
+        self.file = file.to_string();
+        self.done = 0;
+        self.total = total_bytes;
+        self.emit();
+    }
+    fn advance(&mut self, bytes: usize) {
+        self.done += bytes;
+        self.emit();
+    }
+    fn finish(&mut self) {
+        self.done = self.total;
+        self.emit();
+    }
+}
+
+impl DownloadEvents<'_> {
+    fn emit(&self) {
+        self.worker.emit(EngineEvent::Download {
+            file: self.file.clone(),
+            done_bytes: self.done,
+            total_bytes: self.total,
+        });
+    }
+}
+
+impl Worker {
+    fn emit(&self, event: EngineEvent) {
+        let _ = self.events.send(event);
+        (self.waker)();
+    }
+
+    fn run(mut self, commands: Receiver<EngineCommand>) {
+        while let Ok(command) = commands.recv() {
+            if matches!(command, EngineCommand::Shutdown) {
+                break;
+            }
+            let job = match &command {
+                EngineCommand::Generate { job, .. } => Some(*job),
+                _ => None,
+            };
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(command)));
+            let error = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(EngineError::Cancelled)) => {
+                    if let Some(job) = job {
+                        self.emit(EngineEvent::Cancelled { job });
+                    }
+                    None
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(panic) => Some(format!("internal error: {}", panic_message(&panic))),
+            };
+            if let Some(error) = error {
+                self.emit(EngineEvent::Failed { job, error });
+            }
+            if let Some(job) = job {
+                self.cancels
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&job);
+            }
+        }
+    }
+
+    fn handle(&mut self, command: EngineCommand) -> Result<()> {
+        match command {
+            EngineCommand::LoadModel { spec } => self.load(spec),
+            EngineCommand::Generate { job, request } => self.generate(job, &request),
+            EngineCommand::ApplySettings(settings) => self.apply(settings),
+            EngineCommand::Shutdown => Ok(()),
+        }
+    }
+
+    fn selected_backend(&mut self) -> Result<SelectedBackend> {
+        if let Some(b) = &self.backend {
+            return Ok(b.clone());
+        }
+        let selected = select_backend(self.settings.backend)?;
+        self.emit(EngineEvent::Backend(selected.clone()));
+        self.backend = Some(selected.clone());
+        Ok(selected)
+    }
+
+    fn load(&mut self, spec: String) -> Result<()> {
+        let start = Instant::now();
+        let mut progress = DownloadEvents {
+            worker: self,
+            file: String::new(),
+            done: 0,
+            total: 0,
+        };
+        let dir = resolve_model(&spec, None, &mut progress)?;
+        let backend = self.selected_backend()?;
+        let runner = dispatch(
+            &backend,
+            LoadTask {
+                dir: &dir,
+                attention: self.settings.attention,
+            },
+        )?;
+        self.model = Some(LoadedModel {
+            spec: spec.clone(),
+            runner,
+        });
+        self.emit(EngineEvent::ModelLoaded {
+            spec,
+            dir,
+            elapsed_secs: start.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    }
+
+    fn generate(&mut self, job: JobId, request: &GenerationRequest) -> Result<()> {
+        let cancel = self
+            .cancels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&job)
+            .cloned()
+            .unwrap_or_default();
+        cancel.check()?;
+        let model = self
+            .model
+            .as_ref()
+            .ok_or_else(|| EngineError::invalid("model", "no model is loaded"))?;
+        self.emit(EngineEvent::JobStarted { job });
+        let start = Instant::now();
+        let events = &self.events;
+        let waker = &self.waker;
+        let mut observer = |progress: &StepProgress| {
+            let _ = events.send(EngineEvent::Progress {
+                job,
+                progress: *progress,
+            });
+            waker();
+        };
+        let out = model.runner.generate(request, &cancel, &mut observer)?;
+        self.emit(EngineEvent::Finished {
+            job,
+            images: out.images,
+            scheduler: out.scheduler,
+            elapsed_secs: start.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    }
+
+    fn apply(&mut self, settings: EngineSettings) -> Result<()> {
+        let backend_changed = settings.backend != self.settings.backend;
+        self.settings = settings;
+        if backend_changed {
+            self.backend = None;
+            if let Some(model) = self.model.take() {
+                // Rebuild the loaded model on the new backend.
+                self.load(model.spec)?;
+            } else {
+                self.selected_backend()?;
+            }
+        } else if let Some(model) = self.model.as_mut() {
+            model.runner.set_attn_processor(settings.attention);
+        }
+        self.emit(EngineEvent::SettingsApplied(settings));
+        Ok(())
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".into()
+    }
+}

@@ -1,0 +1,177 @@
+//! The engine worker thread: load, queue, progress, cancel, errors — as the UI drives it.
+
+use std::time::{Duration, Instant};
+
+use engine::backend::BackendRequest;
+use engine::pipelines::GenerationRequest;
+use engine::worker::{EngineEvent, EngineHandle, EngineSettings, JobId};
+
+use crate::common::fixture;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn settings() -> EngineSettings {
+    EngineSettings {
+        backend: BackendRequest::Cpu,
+        ..Default::default()
+    }
+}
+
+fn request() -> GenerationRequest {
+    GenerationRequest {
+        prompt: "a castle".into(),
+        steps: 3,
+        width: 64,
+        height: 64,
+        seed: 3,
+        ..Default::default()
+    }
+}
+
+/// Collects events until `done` says stop.
+fn until(engine: &EngineHandle, mut done: impl FnMut(&EngineEvent) -> bool) -> Vec<EngineEvent> {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while start.elapsed() < TIMEOUT {
+        if let Some(event) = engine.recv_timeout(Duration::from_millis(100)) {
+            let stop = done(&event);
+            seen.push(event);
+            if stop {
+                return seen;
+            }
+        }
+    }
+    panic!("timed out; events so far: {seen:?}");
+}
+
+fn loaded(engine: &EngineHandle) {
+    engine.load_model(fixture("tiny-sd").to_str().unwrap());
+    let events = until(engine, |e| {
+        matches!(
+            e,
+            EngineEvent::ModelLoaded { .. } | EngineEvent::Failed { .. }
+        )
+    });
+    assert!(
+        matches!(events.last(), Some(EngineEvent::ModelLoaded { .. })),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| matches!(e, EngineEvent::Backend(_))));
+}
+
+fn is_end_of(job: JobId) -> impl FnMut(&EngineEvent) -> bool {
+    move |e| match e {
+        EngineEvent::Finished { job: j, .. } | EngineEvent::Cancelled { job: j } => *j == job,
+        EngineEvent::Failed { job: Some(j), .. } => *j == job,
+        _ => false,
+    }
+}
+
+#[test]
+fn generate_reports_progress_then_images() {
+    let wakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = wakes.clone();
+    let mut engine = EngineHandle::spawn(settings(), move || {
+        w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    })
+    .unwrap();
+    loaded(&engine);
+    let job = engine.generate(request());
+    let events = until(&engine, is_end_of(job));
+    let steps: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Progress { job: j, progress } if *j == job => Some(progress.step),
+            _ => None,
+        })
+        .collect();
+    // PNDM with skip_prk_steps makes one more UNet call than steps.
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    match events.last() {
+        Some(EngineEvent::Finished { images, .. }) => assert_eq!(images.shape, vec![1, 64, 64, 3]),
+        other => panic!("expected Finished, got {other:?}"),
+    }
+    assert!(wakes.load(std::sync::atomic::Ordering::SeqCst) >= events.len());
+}
+
+#[test]
+fn queued_job_can_be_cancelled_and_the_other_still_runs() {
+    let mut engine = EngineHandle::spawn(settings(), || {}).unwrap();
+    loaded(&engine);
+    let first = engine.generate(request());
+    let second = engine.generate(request());
+    engine.cancel(second);
+    let events = until(&engine, is_end_of(second));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, EngineEvent::Finished { job, .. } if *job == first))
+    );
+    assert!(matches!(events.last(), Some(EngineEvent::Cancelled { job }) if *job == second));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, EngineEvent::JobStarted { job } if *job == second)),
+        "a cancelled queued job never starts"
+    );
+}
+
+#[test]
+fn bad_input_fails_the_job_and_the_worker_lives_on() {
+    let mut engine = EngineHandle::spawn(settings(), || {}).unwrap();
+    // No model yet.
+    let job = engine.generate(request());
+    let events = until(&engine, is_end_of(job));
+    assert!(
+        matches!(events.last(), Some(EngineEvent::Failed { error, .. }) if error.contains("no model")),
+        "{events:?}"
+    );
+    loaded(&engine);
+    let mut bad = request();
+    bad.width = 30;
+    let job = engine.generate(bad);
+    let events = until(&engine, is_end_of(job));
+    assert!(
+        matches!(events.last(), Some(EngineEvent::Failed { error, .. }) if error.contains("width")),
+        "{events:?}"
+    );
+    // Still serving.
+    let job = engine.generate(request());
+    let events = until(&engine, is_end_of(job));
+    assert!(matches!(events.last(), Some(EngineEvent::Finished { .. })));
+}
+
+#[test]
+fn a_missing_model_folder_is_a_readable_error() {
+    let engine = EngineHandle::spawn(settings(), || {}).unwrap();
+    engine.load_model(fixture("does-not-exist").to_str().unwrap());
+    let events = until(&engine, |e| {
+        matches!(
+            e,
+            EngineEvent::Failed { .. } | EngineEvent::ModelLoaded { .. }
+        )
+    });
+    assert!(
+        matches!(events.last(), Some(EngineEvent::Failed { job: None, .. })),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn settings_apply_to_the_loaded_model() {
+    let engine = EngineHandle::spawn(settings(), || {}).unwrap();
+    loaded(&engine);
+    let mut next = settings();
+    next.attention = engine::models::AttnProcessor::Vanilla;
+    engine.apply_settings(next);
+    let events = until(&engine, |e| {
+        matches!(
+            e,
+            EngineEvent::SettingsApplied(_) | EngineEvent::Failed { .. }
+        )
+    });
+    assert!(
+        matches!(events.last(), Some(EngineEvent::SettingsApplied(s)) if *s == next),
+        "{events:?}"
+    );
+}
