@@ -227,7 +227,7 @@ fn model_name(spec: &str) -> String {
         .unwrap_or_else(|| spec.to_string())
 }
 
-fn random_seed() -> u64 {
+pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     // 32 bits, like A1111's seeds, so users can type them back.
     RandomState::new().hash_one(std::time::SystemTime::now()) & 0xffff_ffff

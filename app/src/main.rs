@@ -1,13 +1,9 @@
 //! `brushfire`: local image generation with diffusion models.
 //!
-//! With no subcommand it will open the desktop app (a later issue); `generate` and `bench` run
-//! headless.
-
-mod cli;
-mod png_meta;
-mod progress;
+//! With no subcommand it opens the desktop app; `generate` runs headless.
 
 use anyhow::Result;
+use app::{cli, gui};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -17,6 +13,9 @@ use clap::{Parser, Subcommand};
     about = "Local image generation with diffusion models"
 )]
 struct Cli {
+    /// The model the window loads at start: a diffusers folder or a hub id.
+    #[arg(long, default_value = "stable-diffusion-v1-5/stable-diffusion-v1-5")]
+    model: String,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -38,11 +37,6 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Generate(args)) => cli::generate(&args),
-        None => {
-            use clap::CommandFactory;
-            Cli::command().print_help()?;
-            println!("\n\nThe desktop app is not built yet; use `brushfire generate`.");
-            Ok(())
-        }
+        None => gui::run(cli.model),
     }
 }

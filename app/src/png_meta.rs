@@ -74,13 +74,6 @@ pub fn write_png(
 }
 
 /// Reads the `parameters` chunk of a PNG, if any.
-#[cfg_attr(
-    not(test),
-    allow(
-        dead_code,
-        reason = "read back by the desktop app's PNG drop (next issue) and tests"
-    )
-)]
 pub fn read_parameters_text(path: &Path) -> Result<Option<String>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));

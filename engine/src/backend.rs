@@ -7,6 +7,7 @@
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use burn::backend::flex::{Flex, FlexDevice};
 use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, graphics::AutoGraphicsApi, init_setup};
@@ -122,6 +123,11 @@ fn cpu() -> SelectedBackend {
 /// CUDA is probed through the driver library before burn-cuda is touched: without a driver,
 /// burn-cuda 0.21 panics in a device thread.
 fn probe_cuda() -> Option<SelectedBackend> {
+    static PROBE: OnceLock<Option<SelectedBackend>> = OnceLock::new();
+    PROBE.get_or_init(probe_cuda_once).clone()
+}
+
+fn probe_cuda_once() -> Option<SelectedBackend> {
     // SAFETY: these only try to dlopen the driver and NVRTC libraries.
     let present = unsafe {
         cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present()
@@ -144,7 +150,14 @@ fn probe_cuda() -> Option<SelectedBackend> {
     })
 }
 
+/// The wgpu runtime of a device can be set up once per process (a second `init_setup` panics),
+/// so the probe's answer is kept.
 fn probe_wgpu() -> Option<SelectedBackend> {
+    static PROBE: OnceLock<Option<SelectedBackend>> = OnceLock::new();
+    PROBE.get_or_init(probe_wgpu_once).clone()
+}
+
+fn probe_wgpu_once() -> Option<SelectedBackend> {
     let setup = catch_unwind(AssertUnwindSafe(|| {
         init_setup::<AutoGraphicsApi>(&WgpuDevice::DefaultDevice, RuntimeOptions::default())
     }))

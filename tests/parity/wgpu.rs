@@ -21,6 +21,11 @@ fn adapter() -> Option<WgpuDevice> {
             Some(WgpuDevice::DefaultDevice)
         }
         Err(e) => {
+            // CI installs lavapipe and sets this, so a broken adapter cannot pass as a skip.
+            assert!(
+                std::env::var_os("BRUSHFIRE_REQUIRE_WGPU").is_none(),
+                "BRUSHFIRE_REQUIRE_WGPU is set but there is no wgpu adapter: {e}"
+            );
             eprintln!("SKIPPED: no wgpu adapter ({e})");
             None
         }
