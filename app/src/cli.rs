@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
-use engine::backend::{BackendRequest, BackendTask, dispatch, select_backend};
+use engine::backend::{
+    self, BackendRequest, BackendTask, ExecutionOptions, dispatch_with, select_backend,
+};
 use engine::models::AttnProcessor;
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
@@ -136,14 +138,6 @@ fn reject_unused(args: &GenerateArgs) -> Result<()> {
     if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
         bail!("{flag} is not used by the {} pipeline", args.pipeline);
     }
-    if args.fusion == Switch::Off {
-        bail!(
-            "--fusion off is not available yet: this build always runs Burn's fusion backend on GPUs"
-        );
-    }
-    if args.dtype == Precision::F16 {
-        bail!("--dtype f16 is not available yet; use f32");
-    }
     Ok(())
 }
 
@@ -238,8 +232,20 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let backend_request: BackendRequest = args.backend.parse()?;
     let job = prepare(args)?;
     let selected = select_backend(backend_request)?;
-    eprintln!("backend: {selected}");
-    dispatch(&selected, GenerateTask { job })
+    let options = ExecutionOptions {
+        fusion: args.fusion == Switch::On,
+        precision: match args.dtype {
+            Precision::F32 => backend::Precision::F32,
+            Precision::F16 => backend::Precision::F16,
+        },
+    };
+    options.check(&selected)?;
+    eprintln!(
+        "backend: {selected}, {}, fusion {}",
+        options.precision,
+        if options.fusion { "on" } else { "off" }
+    );
+    dispatch_with(&selected, options, GenerateTask { job })
 }
 
 struct GenerateTask {

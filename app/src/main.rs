@@ -1,9 +1,9 @@
 //! `brushfire`: local image generation with diffusion models.
 //!
-//! With no subcommand it opens the desktop app; `generate` runs headless.
+//! With no subcommand it opens the desktop app; `generate` and `bench` run headless.
 
 use anyhow::Result;
-use app::{cli, gui};
+use app::{bench_cli, cli, gui};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Generate images from the command line.
     Generate(Box<cli::GenerateArgs>),
+    /// Measure it/s per pipeline × batch × settings (the seed's benchmark table).
+    Bench(Box<bench_cli::BenchArgs>),
 }
 
 fn main() -> Result<()> {
@@ -37,6 +39,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Generate(args)) => cli::generate(&args),
+        Some(Command::Bench(args)) => bench_cli::bench(&args),
         None => gui::run(cli.model),
     }
 }

@@ -10,9 +10,14 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 use burn::backend::flex::{Flex, FlexDevice};
-use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, graphics::AutoGraphicsApi, init_setup};
+use burn::backend::wgpu::{
+    CubeBackend, RuntimeOptions, WgpuDevice, WgpuRuntime, graphics::AutoGraphicsApi, init_setup,
+};
 use burn::backend::{Cuda, Wgpu, cuda::CudaDevice};
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, f16};
+use cubecl::Runtime;
+use cubecl::cuda::CudaRuntime;
 
 use crate::error::{EngineError, Result};
 
@@ -170,6 +175,122 @@ fn probe_wgpu_once() -> Option<SelectedBackend> {
     })
 }
 
+/// The float type models compute in (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Half precision on GPU backends; GroupNorm statistics and softmax upcasts stay f32.
+    F16,
+}
+
+impl FromStr for Precision {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "f16" | "fp16" | "float16" => Ok(Self::F16),
+            other => Err(EngineError::invalid(
+                "dtype",
+                format!("`{other}` is not one of f32, f16"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+/// How the selected backend runs the models: Burn's fusion (the "compile" switch) and the
+/// float type. Each combination is its own Burn backend type, so switching rebuilds models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExecutionOptions {
+    /// Burn's fusion backend (kernel fusion + autotune) on GPU backends.
+    pub fusion: bool,
+    pub precision: Precision,
+}
+
+impl Default for ExecutionOptions {
+    fn default() -> Self {
+        Self {
+            fusion: true,
+            precision: Precision::F32,
+        }
+    }
+}
+
+impl ExecutionOptions {
+    /// Whether `selected` can run these options; the error says why not.
+    pub fn check(&self, selected: &SelectedBackend) -> Result<()> {
+        match (selected.kind, self.precision) {
+            (BackendKind::Cpu, Precision::F16) => Err(EngineError::Unsupported(
+                "f16 runs on GPU backends only (CUDA, wgpu); the CPU backend computes in f32"
+                    .into(),
+            )),
+            (BackendKind::Wgpu, Precision::F16)
+                if !<Wgpu<f16, i32> as Backend>::supports_dtype(
+                    &WgpuDevice::DefaultDevice,
+                    DType::F16,
+                ) =>
+            {
+                Err(EngineError::Unsupported(format!(
+                    "f16 is not supported by the wgpu adapter {}",
+                    selected.adapter
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the fusion switch changes anything on `kind` (the CPU backend has no fusion).
+    pub fn fusion_applies(kind: BackendKind) -> bool {
+        kind != BackendKind::Cpu
+    }
+}
+
+/// Bytes held by the device's memory pool (GPU backends only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceMemory {
+    /// Bytes in live tensors.
+    pub bytes_in_use: u64,
+    /// Bytes the pool holds from the device (what the process occupies).
+    pub bytes_reserved: u64,
+}
+
+/// The memory pool of the selected device; `None` on the CPU backend.
+pub fn device_memory(selected: &SelectedBackend) -> Option<DeviceMemory> {
+    let usage = match selected.kind {
+        BackendKind::Cuda => CudaRuntime::client(&CudaDevice::default()).memory_usage(),
+        BackendKind::Wgpu => WgpuRuntime::client(&WgpuDevice::DefaultDevice).memory_usage(),
+        BackendKind::Cpu => return None,
+    }
+    .ok()?;
+    Some(DeviceMemory {
+        bytes_in_use: usage.bytes_in_use,
+        bytes_reserved: usage.bytes_reserved,
+    })
+}
+
+/// Returns unused pool memory to the device (between benchmark cells, after unloading).
+pub fn release_device_memory(selected: &SelectedBackend) {
+    match selected.kind {
+        BackendKind::Cuda => <Cuda as Backend>::memory_cleanup(&CudaDevice::default()),
+        BackendKind::Wgpu => <Wgpu as Backend>::memory_cleanup(&WgpuDevice::DefaultDevice),
+        BackendKind::Cpu => {}
+    }
+}
+
+/// Burn's CUDA backend without fusion.
+type CudaUnfused<F> = CubeBackend<CudaRuntime, F, i32, u8>;
+/// Burn's wgpu backend without fusion.
+type WgpuUnfused<F> = CubeBackend<WgpuRuntime, F, i32, u32>;
+
 /// Code generic over the backend, called by [`dispatch`] with the selected one.
 pub trait BackendTask {
     type Output;
@@ -177,11 +298,28 @@ pub trait BackendTask {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output;
 }
 
-/// Runs `task` on the selected backend.
+/// Runs `task` on the selected backend with the default options (fusion on, f32).
 pub fn dispatch<T: BackendTask>(selected: &SelectedBackend, task: T) -> T::Output {
-    match selected.kind {
-        BackendKind::Cuda => task.run::<Cuda>(CudaDevice::default()),
-        BackendKind::Wgpu => task.run::<Wgpu>(WgpuDevice::DefaultDevice),
-        BackendKind::Cpu => task.run::<Flex>(FlexDevice),
+    dispatch_with(selected, ExecutionOptions::default(), task)
+}
+
+/// Runs `task` on the selected backend with `options`; call [`ExecutionOptions::check`] first
+/// (f16 on the CPU backend runs in f32).
+pub fn dispatch_with<T: BackendTask>(
+    selected: &SelectedBackend,
+    options: ExecutionOptions,
+    task: T,
+) -> T::Output {
+    use Precision::{F16, F32};
+    match (selected.kind, options.fusion, options.precision) {
+        (BackendKind::Cuda, true, F32) => task.run::<Cuda<f32>>(CudaDevice::default()),
+        (BackendKind::Cuda, true, F16) => task.run::<Cuda<f16>>(CudaDevice::default()),
+        (BackendKind::Cuda, false, F32) => task.run::<CudaUnfused<f32>>(CudaDevice::default()),
+        (BackendKind::Cuda, false, F16) => task.run::<CudaUnfused<f16>>(CudaDevice::default()),
+        (BackendKind::Wgpu, true, F32) => task.run::<Wgpu<f32>>(WgpuDevice::DefaultDevice),
+        (BackendKind::Wgpu, true, F16) => task.run::<Wgpu<f16>>(WgpuDevice::DefaultDevice),
+        (BackendKind::Wgpu, false, F32) => task.run::<WgpuUnfused<f32>>(WgpuDevice::DefaultDevice),
+        (BackendKind::Wgpu, false, F16) => task.run::<WgpuUnfused<f16>>(WgpuDevice::DefaultDevice),
+        (BackendKind::Cpu, _, _) => task.run::<Flex>(FlexDevice),
     }
 }

@@ -4,6 +4,7 @@
 //! never panics on bad input: requests are validated by `check_inputs` before any tensor work.
 
 pub mod backend;
+pub mod bench;
 pub mod error;
 pub mod loading;
 pub mod models;

@@ -5,6 +5,7 @@
 mod common;
 
 mod backend;
+mod bench;
 mod clip;
 mod hub;
 mod noise;

@@ -2,4 +2,6 @@
 
 pub mod pipeline_stable_diffusion;
 
-pub use pipeline_stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
+pub use pipeline_stable_diffusion::{
+    DenoiseOptions, GenerationOutput, LoadOptions, StableDiffusionPipeline, denoise,
+};

@@ -245,35 +245,25 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             }
             .to_tensor::<B, 4>("latents", &self.device)?,
         };
-        let mut latents = latents.mul_scalar(scheduler.init_noise_sigma());
+        let latents = latents.mul_scalar(scheduler.init_noise_sigma());
 
         // 5. Denoising loop.
-        let cfg = request.do_classifier_free_guidance();
-        let clock = StepClock::start(timesteps.len());
-        for (i, &t) in timesteps.iter().enumerate() {
-            cancel.check()?;
-            let model_input = if cfg {
-                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
-            } else {
-                latents.clone()
-            };
-            let model_input = scheduler.scale_model_input(model_input, i);
-            let noise_pred = self
-                .unet
-                .forward(model_input, &[t], &context, &ClassLabels::None)?;
-            let noise_pred = if cfg {
-                let b = request.batch;
-                let uncond = noise_pred.clone().narrow(0, 0, b);
-                let text = noise_pred.narrow(0, b, b);
-                uncond
-                    .clone()
-                    .add(text.sub(uncond).mul_scalar(request.guidance_scale))
-            } else {
-                noise_pred
-            };
-            latents = scheduler.step(noise_pred, i, latents, noise)?;
-            observer.on_step(&clock.progress(i + 1, t));
-        }
+        let latents = denoise(
+            &self.unet,
+            scheduler.as_mut(),
+            latents,
+            &context,
+            &DenoiseOptions {
+                guidance_scale: request
+                    .do_classifier_free_guidance()
+                    .then_some(request.guidance_scale),
+                timesteps: &timesteps,
+                first_step: 0,
+            },
+            noise,
+            cancel,
+            observer,
+        )?;
         cancel.check()?;
 
         // 6. Decode.
@@ -294,4 +284,58 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let image = image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
         HostTensor::from_tensor(image.permute([0, 2, 3, 1]))
     }
+}
+
+/// What the denoising loop needs besides the models.
+#[derive(Debug, Clone, Copy)]
+pub struct DenoiseOptions<'a> {
+    /// Classifier-free guidance scale; `None` runs the UNet on the conditional batch only.
+    pub guidance_scale: Option<f64>,
+    /// The timesteps to run, `timesteps[i]` being scheduler step `first_step + i`.
+    pub timesteps: &'a [f64],
+    /// Index of the first timestep in the scheduler's list (img2img starts part-way).
+    pub first_step: usize,
+}
+
+/// The denoising loop every SD pipeline shares: per timestep, the CFG batch through the UNet,
+/// guidance, the scheduler step; the cancel token is checked and the observer told each step.
+/// This is the loop the benchmark times (its it/s is the UNet evaluation rate).
+///
+/// # Shapes
+/// - latents: `[batch, channels, h, w]` (already scaled by `init_noise_sigma`)
+/// - context: `[2·batch, tokens, dim]` with guidance (negative first), else `[batch, tokens, dim]`
+#[allow(clippy::too_many_arguments)]
+pub fn denoise<B: Backend>(
+    unet: &UNet2DConditionModel<B>,
+    scheduler: &mut dyn Scheduler<B>,
+    mut latents: Tensor<B, 4>,
+    context: &Tensor<B, 3>,
+    options: &DenoiseOptions<'_>,
+    noise: &mut dyn NoiseSource,
+    cancel: &CancelToken,
+    observer: &mut dyn StepObserver,
+) -> Result<Tensor<B, 4>> {
+    let batch = latents.dims()[0];
+    let clock = StepClock::start(options.timesteps.len());
+    for (i, &t) in options.timesteps.iter().enumerate() {
+        cancel.check()?;
+        let step = options.first_step + i;
+        let model_input = match options.guidance_scale {
+            Some(_) => Tensor::cat(vec![latents.clone(), latents.clone()], 0),
+            None => latents.clone(),
+        };
+        let model_input = scheduler.scale_model_input(model_input, step);
+        let noise_pred = unet.forward(model_input, &[t], context, &ClassLabels::None)?;
+        let noise_pred = match options.guidance_scale {
+            Some(scale) => {
+                let uncond = noise_pred.clone().narrow(0, 0, batch);
+                let text = noise_pred.narrow(0, batch, batch);
+                uncond.clone().add(text.sub(uncond).mul_scalar(scale))
+            }
+            None => noise_pred,
+        };
+        latents = scheduler.step(noise_pred, step, latents, noise)?;
+        observer.on_step(&clock.progress(i + 1, t));
+    }
+    Ok(latents)
 }

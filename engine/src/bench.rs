@@ -1,0 +1,760 @@
+//! The seed's benchmark (DESIGN.md §1): UNet evaluations per second in the denoising loop of each
+//! pipeline, per batch size, image size and settings column, warm run of several, with the peak
+//! memory the device pool held. `brushfire bench` and the app's benchmark panel both run this.
+//!
+//! Random-weight mode: the models are built from the real configs shipped in `assets/models/`
+//! with freshly initialised weights, so a benchmark needs no download (speed does not depend on
+//! the weights' values). Text encoding and VAE decoding are outside the timed loop, as in the seed.
+
+use std::fmt::{self, Write as _};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use burn::tensor::{Tensor, backend::Backend};
+use serde::Serialize;
+
+use crate::backend::{
+    BackendKind, BackendTask, ExecutionOptions, Precision, SelectedBackend, device_memory,
+    dispatch_with, release_device_memory,
+};
+use crate::error::{EngineError, Result};
+use crate::models::AttnProcessor;
+use crate::models::config::parse_config;
+use crate::models::unets::UNet2DConditionConfig;
+use crate::noise::{NoiseSource, TorchGenerator};
+use crate::pipelines::stable_diffusion::{DenoiseOptions, denoise};
+use crate::pipelines::{CancelToken, StepProgress};
+use crate::schedulers;
+use crate::tensor_io::HostTensor;
+
+/// `stable-diffusion-v1-5/stable-diffusion-v1-5`'s UNet config, as published.
+const SD15_UNET_CONFIG: &str =
+    include_str!("../../assets/models/stable-diffusion-v1-5/unet/config.json");
+const SD15_UNET_CONFIG_PATH: &str = "assets/models/stable-diffusion-v1-5/unet/config.json";
+/// Its scheduler config (PNDM, `skip_prk_steps`).
+const SD15_SCHEDULER_CONFIG: &str =
+    include_str!("../../assets/models/stable-diffusion-v1-5/scheduler/scheduler_config.json");
+const SD15_SCHEDULER_CONFIG_PATH: &str =
+    "assets/models/stable-diffusion-v1-5/scheduler/scheduler_config.json";
+
+/// The seed's prompt; the benchmark uses random embeddings in its place (same shape, same cost).
+pub const SEED_PROMPT: &str = "ghibli style, a fantasy landscape with castles";
+/// CLIP's sequence length.
+const TOKENS: usize = 77;
+
+/// A row of the seed's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchPipeline {
+    SdTxt2Img,
+    SdImg2Img,
+    SdInpaint,
+    SdControlnet,
+    If,
+}
+
+impl BenchPipeline {
+    pub const ALL: [Self; 5] = [
+        Self::SdTxt2Img,
+        Self::SdImg2Img,
+        Self::SdInpaint,
+        Self::SdControlnet,
+        Self::If,
+    ];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SdTxt2Img => "sd-txt2img",
+            Self::SdImg2Img => "sd-img2img",
+            Self::SdInpaint => "sd-inpaint",
+            Self::SdControlnet => "sd-controlnet",
+            Self::If => "if",
+        }
+    }
+}
+
+impl fmt::Display for BenchPipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BenchPipeline {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                EngineError::invalid(
+                    "pipeline",
+                    format!(
+                        "`{s}` is not one of {}",
+                        Self::ALL.map(Self::name).join(", ")
+                    ),
+                )
+            })
+    }
+}
+
+/// A column of the seed's table: which speed switches are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchColumn {
+    /// Vanilla attention, no fusion.
+    Baseline,
+    /// Fused attention, no fusion.
+    Fused,
+    /// Fused attention + Burn's fusion ("compile").
+    Fusion,
+    /// Fused attention + fusion + channels-last.
+    ChannelsLast,
+}
+
+impl BenchColumn {
+    pub const ALL: [Self; 4] = [
+        Self::Baseline,
+        Self::Fused,
+        Self::Fusion,
+        Self::ChannelsLast,
+    ];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Baseline => "baseline",
+            Self::Fused => "fused",
+            Self::Fusion => "fusion",
+            Self::ChannelsLast => "channels-last",
+        }
+    }
+
+    /// The table header.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Baseline => "baseline (vanilla attention)",
+            Self::Fused => "fused attention",
+            Self::Fusion => "fused + fusion",
+            Self::ChannelsLast => "fused + fusion + channels-last",
+        }
+    }
+
+    /// The attention processor of this column.
+    pub fn attention(self) -> AttnProcessor {
+        match self {
+            Self::Baseline => AttnProcessor::Vanilla,
+            _ => AttnProcessor::Fused,
+        }
+    }
+
+    /// Whether Burn's fusion is on.
+    pub fn fusion(self) -> bool {
+        matches!(self, Self::Fusion | Self::ChannelsLast)
+    }
+
+    /// Whether channels-last is on.
+    pub fn channels_last(self) -> bool {
+        self == Self::ChannelsLast
+    }
+}
+
+impl FromStr for BenchColumn {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                EngineError::invalid(
+                    "column",
+                    format!(
+                        "`{s}` is not one of {}",
+                        Self::ALL.map(Self::name).join(", ")
+                    ),
+                )
+            })
+    }
+}
+
+/// What to measure: every combination of pipeline × size × batch × column.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchPlan {
+    pub pipelines: Vec<BenchPipeline>,
+    /// Images per prompt (the UNet sees twice as many with guidance).
+    pub batches: Vec<usize>,
+    /// `(width, height)` in pixels.
+    pub sizes: Vec<(usize, usize)>,
+    pub columns: Vec<BenchColumn>,
+    pub precision: Precision,
+    /// Scheduler steps (PNDM with `skip_prk_steps` makes 50 steps 51 UNet evaluations).
+    pub steps: usize,
+    /// Runs per cell; the last (warm) one is reported.
+    pub runs: usize,
+}
+
+impl Default for BenchPlan {
+    /// The seed's protocol: all pipelines, batch 1/4/16, 512², all columns, f16, 50 steps, 3 runs.
+    fn default() -> Self {
+        Self {
+            pipelines: BenchPipeline::ALL.to_vec(),
+            batches: vec![1, 4, 16],
+            sizes: vec![(512, 512)],
+            columns: BenchColumn::ALL.to_vec(),
+            precision: Precision::F16,
+            steps: 50,
+            runs: 3,
+        }
+    }
+}
+
+impl BenchPlan {
+    /// Checks the plan before anything runs.
+    pub fn validate(&self) -> Result<()> {
+        let empty = |field: &'static str| EngineError::invalid(field, "the list is empty");
+        if self.pipelines.is_empty() {
+            return Err(empty("pipelines"));
+        }
+        if self.columns.is_empty() {
+            return Err(empty("columns"));
+        }
+        if self.sizes.is_empty() {
+            return Err(empty("sizes"));
+        }
+        if self.batches.is_empty() {
+            return Err(empty("batches"));
+        }
+        if let Some(b) = self.batches.iter().find(|&&b| b == 0) {
+            return Err(EngineError::invalid(
+                "batches",
+                format!("batch size {b} must be at least 1"),
+            ));
+        }
+        if let Some((w, h)) = self
+            .sizes
+            .iter()
+            .find(|(w, h)| *w == 0 || *h == 0 || w % 8 != 0 || h % 8 != 0)
+        {
+            return Err(EngineError::invalid(
+                "sizes",
+                format!("{w}×{h}: width and height must be positive multiples of 8"),
+            ));
+        }
+        if self.steps == 0 {
+            return Err(EngineError::invalid("steps", "must be at least 1"));
+        }
+        if self.runs == 0 {
+            return Err(EngineError::invalid("runs", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The cells in the order they run (model-heavy changes outermost).
+    pub fn cells(&self) -> Vec<CellSpec> {
+        let mut cells = Vec::new();
+        for &pipeline in &self.pipelines {
+            for &(width, height) in &self.sizes {
+                for &batch in &self.batches {
+                    for &column in &self.columns {
+                        cells.push(CellSpec {
+                            pipeline,
+                            width,
+                            height,
+                            batch,
+                            column,
+                        });
+                    }
+                }
+            }
+        }
+        cells
+    }
+}
+
+/// One measurement's coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CellSpec {
+    pub pipeline: BenchPipeline,
+    pub width: usize,
+    pub height: usize,
+    pub batch: usize,
+    pub column: BenchColumn,
+}
+
+impl fmt::Display for CellSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}×{} batch {} [{}]",
+            self.pipeline,
+            self.width,
+            self.height,
+            self.batch,
+            self.column.name()
+        )
+    }
+}
+
+/// A cell's result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum CellOutcome {
+    Measured {
+        /// UNet evaluations per second in the reported (last) run.
+        it_per_sec: f64,
+        /// UNet evaluations per run (each one runs the CFG batch of 2 × batch).
+        unet_evals: usize,
+        /// Seconds of every run, in order (the first includes kernel compilation).
+        run_secs: Vec<f64>,
+        /// The most the device's memory pool held during the runs (GPU backends).
+        peak_reserved_bytes: Option<u64>,
+    },
+    /// Did not run; the reason is shown in the table's cell.
+    Failed { reason: String },
+}
+
+/// A measured cell.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchCell {
+    #[serde(flatten)]
+    pub spec: CellSpec,
+    #[serde(flatten)]
+    pub outcome: CellOutcome,
+}
+
+/// The whole run, printable as the seed's table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchReport {
+    /// Backend and adapter, e.g. "cuda (NVIDIA H100 80GB HBM3)".
+    pub backend: String,
+    pub precision: Precision,
+    pub steps: usize,
+    pub runs: usize,
+    pub cells: Vec<BenchCell>,
+}
+
+impl Serialize for Precision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// The configs the benchmark builds its random-weight models from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchModels {
+    /// A UNet `config.json` and where it came from (for error messages).
+    pub unet_config: (String, PathBuf),
+    /// A `scheduler_config.json` and where it came from.
+    pub scheduler_config: (String, PathBuf),
+}
+
+impl BenchModels {
+    /// SD 1.5's published configs, shipped in `assets/models/stable-diffusion-v1-5`.
+    pub fn sd15() -> Self {
+        Self {
+            unet_config: (SD15_UNET_CONFIG.into(), SD15_UNET_CONFIG_PATH.into()),
+            scheduler_config: (
+                SD15_SCHEDULER_CONFIG.into(),
+                SD15_SCHEDULER_CONFIG_PATH.into(),
+            ),
+        }
+    }
+
+    /// The configs of a diffusers folder (`unet/config.json`, `scheduler/scheduler_config.json`).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let read = |rel: &str| -> Result<(String, PathBuf)> {
+            let path = dir.join(rel);
+            let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
+            Ok((text, path))
+        };
+        Ok(Self {
+            unet_config: read("unet/config.json")?,
+            scheduler_config: read("scheduler/scheduler_config.json")?,
+        })
+    }
+}
+
+/// Told what the benchmark is doing (for progress bars).
+pub trait BenchObserver {
+    /// Cell `index` of `total` starts.
+    fn cell_started(&mut self, _index: usize, _total: usize, _spec: &CellSpec) {}
+    /// A denoising step of run `run` (0-based) of the current cell finished.
+    fn step(&mut self, _run: usize, _progress: &StepProgress) {}
+    /// A cell finished (measured or failed).
+    fn cell_finished(&mut self, _index: usize, _cell: &BenchCell) {}
+}
+
+/// An observer that ignores everything.
+impl BenchObserver for () {}
+
+/// Runs every cell of `plan` on `selected`. A cell that fails (unsupported, out of memory)
+/// is recorded as failed and the run goes on; only cancellation stops it early.
+pub fn run_bench(
+    selected: &SelectedBackend,
+    plan: &BenchPlan,
+    models: &BenchModels,
+    cancel: &CancelToken,
+    observer: &mut dyn BenchObserver,
+) -> Result<BenchReport> {
+    plan.validate()?;
+    let cells = plan.cells();
+    let mut report = BenchReport {
+        backend: selected.to_string(),
+        precision: plan.precision,
+        steps: plan.steps,
+        runs: plan.runs,
+        cells: Vec::with_capacity(cells.len()),
+    };
+    for (index, spec) in cells.iter().enumerate() {
+        cancel.check()?;
+        observer.cell_started(index, cells.len(), spec);
+        let outcome = match run_cell(selected, plan, models, spec, cancel, observer) {
+            Ok(outcome) => outcome,
+            Err(EngineError::Cancelled) => return Err(EngineError::Cancelled),
+            Err(e) => CellOutcome::Failed {
+                reason: e.to_string(),
+            },
+        };
+        release_device_memory(selected);
+        let cell = BenchCell {
+            spec: *spec,
+            outcome,
+        };
+        observer.cell_finished(index, &cell);
+        report.cells.push(cell);
+    }
+    Ok(report)
+}
+
+fn run_cell(
+    selected: &SelectedBackend,
+    plan: &BenchPlan,
+    models: &BenchModels,
+    spec: &CellSpec,
+    cancel: &CancelToken,
+    observer: &mut dyn BenchObserver,
+) -> Result<CellOutcome> {
+    if !spec.pipeline.implemented() {
+        return Err(EngineError::Unsupported(format!(
+            "the {} pipeline is not implemented yet",
+            spec.pipeline
+        )));
+    }
+    if spec.column.channels_last() {
+        return Err(EngineError::Unsupported(
+            "channels-last is not implemented yet".into(),
+        ));
+    }
+    let options = ExecutionOptions {
+        fusion: spec.column.fusion(),
+        precision: plan.precision,
+    };
+    options.check(selected)?;
+    if spec.column.fusion() && !ExecutionOptions::fusion_applies(selected.kind) {
+        tracing::info!("the CPU backend has no fusion: the fusion column equals the fused one");
+    }
+    let task = UnetLoopTask {
+        spec,
+        models,
+        steps: plan.steps,
+        runs: plan.runs,
+        selected,
+        cancel,
+        observer,
+    };
+    match catch_unwind(AssertUnwindSafe(|| dispatch_with(selected, options, task))) {
+        Ok(outcome) => outcome,
+        Err(panic) => Err(EngineError::Backend(panic_text(&panic))),
+    }
+}
+
+/// Burn reports out-of-memory and kernel failures by panicking; the cell shows the message.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the backend panicked".into());
+    let lower = text.to_lowercase();
+    if lower.contains("out of memory") || lower.contains("outofmemory") || lower.contains("oom") {
+        format!("out of memory ({})", first_line(&text))
+    } else {
+        first_line(&text).to_string()
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text)
+}
+
+/// The SD txt2img denoising loop on random weights: PNDM from SD 1.5's scheduler config, CFG
+/// batch, random text embeddings in place of CLIP's.
+struct UnetLoopTask<'a> {
+    spec: &'a CellSpec,
+    models: &'a BenchModels,
+    steps: usize,
+    runs: usize,
+    selected: &'a SelectedBackend,
+    cancel: &'a CancelToken,
+    observer: &'a mut dyn BenchObserver,
+}
+
+impl BackendTask for UnetLoopTask<'_> {
+    type Output = Result<CellOutcome>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<CellOutcome> {
+        let spec = self.spec;
+        let (unet_json, unet_path) = &self.models.unet_config;
+        let config: UNet2DConditionConfig = parse_config(unet_json, unet_path)?;
+        let mut unet = config.init::<B>(&device)?;
+        unet.set_attn_processor(spec.column.attention());
+        let (scheduler_text, scheduler_path) = &self.models.scheduler_config;
+        let scheduler_json: serde_json::Value =
+            serde_json::from_str(scheduler_text).map_err(|e| EngineError::Config {
+                path: scheduler_path.clone(),
+                message: e.to_string(),
+            })?;
+        let dim = config
+            .cross_attention_dim
+            .expand(config.block_out_channels.len(), "cross_attention_dim")?[0];
+        // SD's VAE downsamples by 8 (2^(4 blocks - 1)).
+        let latent_shape = [
+            spec.batch,
+            config.in_channels,
+            spec.height / 8,
+            spec.width / 8,
+        ];
+        let mut generator = TorchGenerator::new(0);
+        let context_shape = [2 * spec.batch, TOKENS, dim];
+        let context = HostTensor {
+            shape: context_shape.to_vec(),
+            values: generator.randn(&context_shape),
+        }
+        .to_tensor::<B, 3>("prompt_embeds", &device)?;
+
+        let mut run_secs = Vec::with_capacity(self.runs);
+        let mut peak: Option<u64> = None;
+        let mut unet_evals = 0;
+        let observer = self.observer;
+        for run in 0..self.runs {
+            let mut scheduler = schedulers::from_config_json::<B>(&scheduler_json, None)?;
+            scheduler.set_timesteps(self.steps)?;
+            let timesteps = scheduler.timesteps().to_vec();
+            unet_evals = timesteps.len();
+            let latents = HostTensor {
+                shape: latent_shape.to_vec(),
+                values: generator.randn(&latent_shape),
+            }
+            .to_tensor::<B, 4>("latents", &device)?
+            .mul_scalar(scheduler.init_noise_sigma());
+            sync::<B>(&device)?;
+            let start = Instant::now();
+            let selected = self.selected;
+            let mut on_step = |progress: &StepProgress| {
+                if let Some(m) = device_memory(selected) {
+                    peak = Some(peak.unwrap_or(0).max(m.bytes_reserved));
+                }
+                observer.step(run, progress);
+            };
+            let latents = denoise(
+                &unet,
+                scheduler.as_mut(),
+                latents,
+                &context,
+                &DenoiseOptions {
+                    guidance_scale: Some(7.5),
+                    timesteps: &timesteps,
+                    first_step: 0,
+                },
+                &mut generator as &mut dyn NoiseSource,
+                self.cancel,
+                &mut on_step,
+            )?;
+            // The timed region ends when the device has finished (STYLE.md #12).
+            sync::<B>(&device)?;
+            run_secs.push(start.elapsed().as_secs_f64());
+            drop::<Tensor<B, 4>>(latents);
+        }
+        if let Some(m) = device_memory(self.selected) {
+            peak = Some(peak.unwrap_or(0).max(m.bytes_reserved));
+        }
+        let last = run_secs.last().copied().unwrap_or(f64::NAN);
+        Ok(CellOutcome::Measured {
+            it_per_sec: unet_evals as f64 / last,
+            unet_evals,
+            run_secs,
+            peak_reserved_bytes: peak,
+        })
+    }
+}
+
+fn sync<B: Backend>(device: &B::Device) -> Result<()> {
+    B::sync(device).map_err(|e| EngineError::Backend(format!("device sync failed: {e}")))
+}
+
+impl BenchReport {
+    /// The seed's table shape: one table per (size, batch), rows = pipelines, columns = settings;
+    /// a cell shows it/s and peak memory, or why it did not run.
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "Brushfire benchmark: {}, {}, PNDM {} steps, CFG, it/s = UNet evaluations per second \
+             (run {} of {}), random weights from SD 1.5's configs.\n",
+            self.backend, self.precision, self.steps, self.runs, self.runs
+        );
+        let mut columns: Vec<BenchColumn> = Vec::new();
+        let mut pipelines: Vec<BenchPipeline> = Vec::new();
+        let mut groups: Vec<(usize, usize, usize)> = Vec::new();
+        for c in &self.cells {
+            if !columns.contains(&c.spec.column) {
+                columns.push(c.spec.column);
+            }
+            if !pipelines.contains(&c.spec.pipeline) {
+                pipelines.push(c.spec.pipeline);
+            }
+            let g = (c.spec.width, c.spec.height, c.spec.batch);
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        for (w, h, b) in groups {
+            let _ = writeln!(out, "### {w}×{h}, batch {b}\n");
+            let header: Vec<&str> = columns.iter().map(|c| c.label()).collect();
+            let _ = writeln!(out, "| pipeline | {} |", header.join(" | "));
+            let _ = writeln!(out, "|---|{}", "---:|".repeat(columns.len()));
+            for &p in &pipelines {
+                let row: Vec<String> = columns
+                    .iter()
+                    .map(|&col| {
+                        self.cells
+                            .iter()
+                            .find(|c| {
+                                c.spec.pipeline == p
+                                    && c.spec.column == col
+                                    && (c.spec.width, c.spec.height, c.spec.batch) == (w, h, b)
+                            })
+                            .map_or_else(|| "—".to_string(), |c| c.outcome.cell_text())
+                    })
+                    .collect();
+                let _ = writeln!(out, "| {p} | {} |", row.join(" | "));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// One line per cell.
+    pub fn to_csv(&self) -> String {
+        let mut out = String::from(
+            "pipeline,width,height,batch,column,attention,fusion,channels_last,dtype,backend,\
+             status,it_per_sec,unet_evals,warm_run_secs,peak_reserved_mib,reason\n",
+        );
+        for c in &self.cells {
+            let s = &c.spec;
+            let (status, its, evals, secs, mib, reason) = match &c.outcome {
+                CellOutcome::Measured {
+                    it_per_sec,
+                    unet_evals,
+                    run_secs,
+                    peak_reserved_bytes,
+                } => (
+                    "measured",
+                    format!("{it_per_sec:.4}"),
+                    unet_evals.to_string(),
+                    run_secs
+                        .last()
+                        .map_or_else(String::new, |s| format!("{s:.4}")),
+                    peak_reserved_bytes.map_or_else(String::new, |b| format!("{:.1}", mib(b))),
+                    String::new(),
+                ),
+                CellOutcome::Failed { reason } => (
+                    "failed",
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    reason.clone(),
+                ),
+            };
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                s.pipeline,
+                s.width,
+                s.height,
+                s.batch,
+                s.column.name(),
+                match s.column.attention() {
+                    AttnProcessor::Vanilla => "vanilla",
+                    AttnProcessor::Fused => "fused",
+                    AttnProcessor::Sliced { .. } => "sliced",
+                },
+                s.column.fusion(),
+                s.column.channels_last(),
+                self.precision,
+                csv_field(&self.backend),
+                status,
+                its,
+                evals,
+                secs,
+                mib,
+                csv_field(&reason),
+            );
+        }
+        out
+    }
+
+    /// Pretty JSON of the whole report.
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self)
+            .map_err(|e| EngineError::Backend(format!("could not serialise the report: {e}")))
+    }
+}
+
+impl CellOutcome {
+    /// What the markdown cell shows.
+    pub fn cell_text(&self) -> String {
+        match self {
+            Self::Measured {
+                it_per_sec,
+                peak_reserved_bytes,
+                ..
+            } => match peak_reserved_bytes {
+                Some(b) => format!("{it_per_sec:.2} it/s ({:.2} GiB)", mib(*b) / 1024.0),
+                None => format!("{it_per_sec:.2} it/s"),
+            },
+            Self::Failed { reason } => format!("not run: {}", reason.replace('|', "/")),
+        }
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Quotes a CSV field when it needs it.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+impl BenchPipeline {
+    /// Whether this build can run the pipeline's benchmark row.
+    pub fn implemented(self) -> bool {
+        self == Self::SdTxt2Img
+    }
+}
+
+/// The backend kind a plan's precision suits: f16 is the seed's, but only GPUs run it.
+pub fn default_precision(kind: BackendKind) -> Precision {
+    match kind {
+        BackendKind::Cpu => Precision::F32,
+        _ => Precision::F16,
+    }
+}

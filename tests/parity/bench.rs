@@ -1,0 +1,168 @@
+//! The benchmark runs the real denoising loop on random weights, records failures per cell
+//! instead of aborting, and prints the seed's table shape.
+
+use engine::backend::{BackendRequest, Precision, select_backend};
+use engine::bench::{BenchColumn, BenchModels, BenchPipeline, BenchPlan, CellOutcome, run_bench};
+use engine::pipelines::CancelToken;
+use engine::schedulers;
+
+use crate::common::{Cpu, fixture};
+
+fn tiny_plan() -> BenchPlan {
+    BenchPlan {
+        pipelines: vec![BenchPipeline::SdTxt2Img, BenchPipeline::If],
+        batches: vec![1, 2],
+        sizes: vec![(64, 48)],
+        columns: vec![
+            BenchColumn::Baseline,
+            BenchColumn::Fused,
+            BenchColumn::ChannelsLast,
+        ],
+        precision: Precision::F32,
+        steps: 3,
+        runs: 2,
+    }
+}
+
+#[test]
+fn bench_measures_every_runnable_cell_and_explains_the_rest() {
+    let selected = select_backend(BackendRequest::Cpu).unwrap();
+    let models = BenchModels::from_dir(&fixture("tiny-sd")).unwrap();
+    let plan = tiny_plan();
+    let report = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).unwrap();
+    assert_eq!(report.cells.len(), 2 * 2 * 3);
+
+    // PNDM with skip_prk_steps: the UNet count is the scheduler's timestep count.
+    let json: serde_json::Value = serde_json::from_str(&models.scheduler_config.0).unwrap();
+    let mut scheduler = schedulers::from_config_json::<Cpu>(&json, None).unwrap();
+    scheduler.set_timesteps(plan.steps).unwrap();
+    let evals = scheduler.timesteps().len();
+
+    for cell in &report.cells {
+        let runnable = cell.spec.pipeline == BenchPipeline::SdTxt2Img
+            && cell.spec.column != BenchColumn::ChannelsLast;
+        match (&cell.outcome, runnable) {
+            (
+                CellOutcome::Measured {
+                    it_per_sec,
+                    unet_evals,
+                    run_secs,
+                    peak_reserved_bytes,
+                },
+                true,
+            ) => {
+                assert_eq!(*unet_evals, evals, "{}", cell.spec);
+                assert_eq!(run_secs.len(), plan.runs);
+                let expected = evals as f64 / run_secs[plan.runs - 1];
+                assert!((it_per_sec - expected).abs() < 1e-9 * expected);
+                assert!(it_per_sec.is_finite() && *it_per_sec > 0.0);
+                assert_eq!(*peak_reserved_bytes, None, "the CPU backend has no pool");
+            }
+            (CellOutcome::Failed { reason }, false) => {
+                let expected = if cell.spec.pipeline == BenchPipeline::If {
+                    "if pipeline"
+                } else {
+                    "channels-last"
+                };
+                assert!(reason.contains(expected), "{}: {reason}", cell.spec);
+            }
+            (outcome, _) => panic!("{}: unexpected {outcome:?}", cell.spec),
+        }
+    }
+
+    let markdown = report.to_markdown();
+    assert!(markdown.contains("### 64×48, batch 1"), "{markdown}");
+    assert!(markdown.contains("### 64×48, batch 2"), "{markdown}");
+    assert!(markdown.contains("| baseline (vanilla attention) | fused attention |"));
+    let txt2img_rows: Vec<&str> = markdown
+        .lines()
+        .filter(|l| l.starts_with("| sd-txt2img |"))
+        .collect();
+    assert_eq!(txt2img_rows.len(), 2);
+    assert!(
+        txt2img_rows.iter().all(|r| r.matches(" it/s").count() == 2),
+        "{markdown}"
+    );
+    assert!(markdown.contains("| if | not run: "));
+
+    let csv = report.to_csv();
+    assert_eq!(csv.lines().count(), 1 + report.cells.len());
+    assert_eq!(csv.lines().filter(|l| l.contains(",measured,")).count(), 4);
+    let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+    assert_eq!(json["cells"].as_array().unwrap().len(), report.cells.len());
+    assert_eq!(json["cells"][0]["status"], "measured");
+}
+
+#[test]
+fn bench_rejects_bad_plans_before_running() {
+    let selected = select_backend(BackendRequest::Cpu).unwrap();
+    let models = BenchModels::sd15();
+    for (plan, field) in [
+        (
+            BenchPlan {
+                sizes: vec![(500, 512)],
+                ..tiny_plan()
+            },
+            "sizes",
+        ),
+        (
+            BenchPlan {
+                batches: vec![0],
+                ..tiny_plan()
+            },
+            "batches",
+        ),
+        (
+            BenchPlan {
+                runs: 0,
+                ..tiny_plan()
+            },
+            "runs",
+        ),
+        (
+            BenchPlan {
+                columns: vec![],
+                ..tiny_plan()
+            },
+            "columns",
+        ),
+    ] {
+        let err = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).unwrap_err();
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    }
+}
+
+#[test]
+fn f16_on_the_cpu_backend_is_a_failed_cell_not_a_panic() {
+    let selected = select_backend(BackendRequest::Cpu).unwrap();
+    let models = BenchModels::from_dir(&fixture("tiny-sd")).unwrap();
+    let plan = BenchPlan {
+        pipelines: vec![BenchPipeline::SdTxt2Img],
+        batches: vec![1],
+        columns: vec![BenchColumn::Fused],
+        precision: Precision::F16,
+        ..tiny_plan()
+    };
+    let report = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).unwrap();
+    match &report.cells[0].outcome {
+        CellOutcome::Failed { reason } => assert!(reason.contains("GPU"), "{reason}"),
+        other => panic!("expected a failed cell, got {other:?}"),
+    }
+}
+
+#[test]
+fn sd15_configs_shipped_in_assets_build_the_real_unet_shape() {
+    use engine::models::config::parse_config;
+    use engine::models::unets::UNet2DConditionConfig;
+    let models = BenchModels::sd15();
+    let config: UNet2DConditionConfig =
+        parse_config(&models.unet_config.0, &models.unet_config.1).unwrap();
+    assert_eq!(config.block_out_channels, vec![320, 640, 1280, 1280]);
+    assert_eq!(config.in_channels, 4);
+    let json: serde_json::Value = serde_json::from_str(&models.scheduler_config.0).unwrap();
+    let mut scheduler = schedulers::from_config_json::<Cpu>(&json, None).unwrap();
+    assert_eq!(scheduler.name(), "PLMS");
+    scheduler.set_timesteps(50).unwrap();
+    // The seed's 50 PNDM steps are 51 UNet evaluations (skip_prk_steps).
+    assert_eq!(scheduler.timesteps().len(), 51);
+}
