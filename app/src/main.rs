@@ -13,9 +13,10 @@ use clap::{Parser, Subcommand};
     about = "Local image generation with diffusion models"
 )]
 struct Cli {
-    /// The model the window loads at start: a diffusers folder or a hub id.
-    #[arg(long, default_value = "stable-diffusion-v1-5/stable-diffusion-v1-5")]
-    model: String,
+    /// The model the window loads at start: a diffusers folder or a hub id (default: the one
+    /// used last, else stable-diffusion-v1-5/stable-diffusion-v1-5).
+    #[arg(long)]
+    model: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -37,6 +38,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Before any backend starts: compiled kernels and autotune results persist across runs.
+    engine::backend::configure_kernel_cache();
     match cli.command {
         Some(Command::Generate(args)) => cli::generate(&args),
         Some(Command::Bench(args)) => bench_cli::bench(&args),

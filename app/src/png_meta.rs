@@ -42,6 +42,119 @@ impl GenerationParameters {
     }
 }
 
+/// What a `parameters` text says, as A1111's own reader splits it: the prompt, the negative
+/// prompt, and the `Key: value, …` line (values may be quoted to hold commas). Missing keys are
+/// `None`; keys Brushfire does not use are kept in `extra`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ParsedParameters {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: Option<usize>,
+    pub sampler: Option<String>,
+    pub cfg_scale: Option<f64>,
+    pub seed: Option<u64>,
+    pub size: Option<(usize, usize)>,
+    pub model: Option<String>,
+    pub extra: Vec<(String, String)>,
+}
+
+impl ParsedParameters {
+    /// Parses A1111's `parameters` text (also what Brushfire writes).
+    pub fn parse(text: &str) -> Self {
+        let text = text.trim_end_matches(['\n', '\r']);
+        let mut lines: Vec<&str> = text.lines().collect();
+        let mut out = Self::default();
+        // The settings line is the last line when it holds at least three `Key: value` pairs.
+        if let Some(last) = lines.last()
+            && let Some(pairs) = parse_settings_line(last)
+        {
+            lines.pop();
+            for (key, value) in pairs {
+                out.set(&key, value);
+            }
+        }
+        let negative_at = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with("Negative prompt:"));
+        let (prompt_lines, negative_lines) = match negative_at {
+            Some(i) => lines.split_at(i),
+            None => (&lines[..], &[][..]),
+        };
+        out.prompt = prompt_lines.join("\n").trim().to_string();
+        if let Some((first, rest)) = negative_lines.split_first() {
+            let first = first
+                .trim_start()
+                .trim_start_matches("Negative prompt:")
+                .trim_start();
+            let mut negative = vec![first];
+            negative.extend_from_slice(rest);
+            out.negative_prompt = negative.join("\n").trim().to_string();
+        }
+        out
+    }
+
+    fn set(&mut self, key: &str, value: String) {
+        match key {
+            "Steps" => self.steps = value.parse().ok(),
+            "Sampler" => self.sampler = Some(value),
+            "CFG scale" => self.cfg_scale = value.parse().ok(),
+            "Seed" => self.seed = value.parse().ok(),
+            "Size" => {
+                self.size = value
+                    .split_once('x')
+                    .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+            }
+            "Model" => self.model = Some(value),
+            _ => self.extra.push((key.to_string(), value)),
+        }
+    }
+}
+
+/// `Key: value, Key: "quoted, value", …` → pairs; `None` unless at least three pairs parse
+/// (A1111's rule for telling the settings line from a prompt line).
+fn parse_settings_line(line: &str) -> Option<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        let colon = rest.find(':')?;
+        let key = rest[..colon].trim();
+        let valid_key = !key.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_' | '/'));
+        if !valid_key {
+            return None;
+        }
+        rest = rest[colon + 1..].trim_start();
+        let value;
+        if let Some(quoted) = rest.strip_prefix('"') {
+            // A quoted value runs to the next unescaped quote.
+            let mut end = None;
+            let mut escaped = false;
+            for (i, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            let end = end?;
+            value = quoted[..end].replace("\\\"", "\"");
+            rest = quoted[end + 1..].trim_start();
+            rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            value = rest[..end].trim().to_string();
+            rest = rest.get(end + 1..).unwrap_or("").trim_start();
+        }
+        pairs.push((key.to_string(), value));
+    }
+    (pairs.len() >= 3).then_some(pairs)
+}
+
 /// Writes `rgb` (`width × height × 3` bytes) as a PNG with the parameters chunk, atomically.
 pub fn write_png(
     path: &Path,
@@ -126,6 +239,61 @@ mod tests {
         assert!(text.contains("\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 4x2"));
         let img = image::open(&path).unwrap().to_rgb8();
         assert_eq!(img.into_raw(), rgb);
+        let parsed = ParsedParameters::parse(&text);
+        assert_eq!(parsed.prompt, params.prompt);
+        assert_eq!(parsed.negative_prompt, params.negative_prompt);
+        assert_eq!(parsed.steps, Some(params.steps));
+        assert_eq!(parsed.sampler.as_deref(), Some("Euler a"));
+        assert_eq!(parsed.cfg_scale, Some(params.cfg_scale));
+        assert_eq!(parsed.seed, Some(params.seed));
+        assert_eq!(parsed.size, Some((4, 2)));
+        assert_eq!(parsed.model.as_deref(), Some("tiny-sd"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A `parameters` chunk as A1111 v1.9 writes it: multi-line prompt and negative prompt,
+    /// extra keys, a quoted value holding commas and a colon, and a trailing version.
+    #[test]
+    fn parses_a_real_a1111_parameters_string() {
+        let text = "masterpiece, best quality, (ghibli style:1.2), a fantasy landscape with castles\n\
+            <lora:add_detail:0.5>, sunset\n\
+            Negative prompt: lowres, bad anatomy, (worst quality:1.4)\n\
+            watermark\n\
+            Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 3735928559, \
+            Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, \
+            Lora hashes: \"add_detail: 7c6bad76eb54, other: 1a2b\", Version: v1.9.4";
+        let p = ParsedParameters::parse(text);
+        assert_eq!(
+            p.prompt,
+            "masterpiece, best quality, (ghibli style:1.2), a fantasy landscape with castles\n<lora:add_detail:0.5>, sunset"
+        );
+        assert_eq!(
+            p.negative_prompt,
+            "lowres, bad anatomy, (worst quality:1.4)\nwatermark"
+        );
+        assert_eq!(p.steps, Some(28));
+        assert_eq!(p.sampler.as_deref(), Some("DPM++ 2M"));
+        assert_eq!(p.cfg_scale, Some(6.5));
+        assert_eq!(p.seed, Some(3_735_928_559));
+        assert_eq!(p.size, Some((512, 768)));
+        assert_eq!(p.model.as_deref(), Some("v1-5-pruned-emaonly"));
+        assert!(p.extra.contains(&("Schedule type".into(), "Karras".into())));
+        assert!(p.extra.contains(&(
+            "Lora hashes".into(),
+            "add_detail: 7c6bad76eb54, other: 1a2b".into()
+        )));
+        assert!(p.extra.contains(&("Version".into(), "v1.9.4".into())));
+    }
+
+    #[test]
+    fn a_prompt_without_settings_is_all_prompt() {
+        let p = ParsedParameters::parse("just a prompt, with commas: and a colon");
+        assert_eq!(p.prompt, "just a prompt, with commas: and a colon");
+        assert_eq!(p.steps, None);
+        let p = ParsedParameters::parse("a cat\nNegative prompt: a dog");
+        assert_eq!(
+            (p.prompt.as_str(), p.negative_prompt.as_str()),
+            ("a cat", "a dog")
+        );
     }
 }

@@ -4,12 +4,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use app::gui::BrushfireApp;
+use app::gui::{BrushfireApp, ModelStatus, Persisted, Setting};
 use eframe::egui;
 use eframe::egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-use engine::backend::BackendRequest;
+use engine::backend::{BackendRequest, Precision};
+use engine::models::AttnProcessor;
+use engine::schedulers::SchedulerKind;
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -68,7 +70,7 @@ fn type_a_prompt_press_generate_and_get_an_image() {
         (app.state.gallery[0].width, app.state.gallery[0].height),
         (64, 64)
     );
-    assert_eq!(app.state.gallery[0].prompt, "a castle on a hill");
+    assert_eq!(app.state.gallery[0].params.prompt, "a castle on a hill");
     assert!(app.state.jobs.is_empty());
     assert!(app.state.error.is_none(), "{:?}", app.state.error);
 }
@@ -111,4 +113,204 @@ fn queue_two_jobs_and_cancel_one() {
         1,
         "only the first job made an image"
     );
+}
+
+#[test]
+fn each_setting_reaches_the_engine_and_cpu_only_greys_out_the_rest() {
+    let mut h = harness(app());
+    h.step();
+    wait(&mut h, "the model", |a| a.state.model_ready());
+    h.get_by_label("Vanilla").click();
+    h.run_steps(2);
+    wait(&mut h, "vanilla attention in the engine", |a| {
+        a.state
+            .engine_settings
+            .is_some_and(|s| s.attention == AttnProcessor::Vanilla)
+    });
+    h.get_by_label("Sliced").click();
+    h.run_steps(2);
+    wait(&mut h, "sliced attention in the engine", |a| {
+        a.state
+            .engine_settings
+            .is_some_and(|s| matches!(s.attention, AttnProcessor::Sliced { .. }))
+    });
+    h.get_by_label("Live preview").click();
+    h.run_steps(2);
+    wait(&mut h, "previews off in the engine", |a| {
+        a.state.engine_settings.is_some_and(|s| !s.preview)
+    });
+    // On the CPU backend fusion and f16 cannot be chosen; channels-last is not built yet.
+    h.get_by_label("Kernel fusion (\"compile\")").click();
+    h.get_by_label("f16").click();
+    h.get_by_label("Channels-last").click();
+    h.run_steps(3);
+    let state = &h.state().state;
+    assert!(state.settings.execution.fusion, "fusion stays as it was");
+    assert_eq!(state.settings.execution.precision, Precision::F32);
+    for setting in [
+        Setting::Fusion,
+        Setting::Precision(Precision::F16),
+        Setting::ChannelsLast,
+    ] {
+        assert!(state.unavailable_reason(setting).is_some(), "{setting:?}");
+    }
+    assert!(
+        state
+            .unavailable_reason(Setting::Precision(Precision::F32))
+            .is_none()
+    );
+    assert!(state.error.is_none(), "{:?}", state.error);
+}
+
+#[test]
+fn dropping_an_a1111_png_fills_the_form() {
+    let dir = std::env::temp_dir().join(format!("brushfire-drop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("a1111.png");
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, 2, 2);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder
+            .add_text_chunk(
+                "parameters".into(),
+                "a lighthouse at dusk, oil painting\nNegative prompt: people\nSteps: 31, \
+                 Sampler: DDIM, Schedule type: Automatic, CFG scale: 5.5, Seed: 987654321, \
+                 Size: 640x384, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1"
+                    .into(),
+            )
+            .unwrap();
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&[0; 12]).unwrap();
+    }
+    std::fs::write(&png, bytes).unwrap();
+
+    let mut h = harness(app());
+    h.step();
+    h.input_mut().dropped_files.push(egui::DroppedFile {
+        path: Some(png.clone()),
+        ..Default::default()
+    });
+    h.run_steps(2);
+    let form = &h.state().state.form;
+    assert_eq!(form.prompt, "a lighthouse at dusk, oil painting");
+    assert_eq!(form.negative_prompt, "people");
+    assert_eq!(
+        (form.steps, form.guidance, form.seed),
+        (31, 5.5, 987_654_321)
+    );
+    assert!(form.seed_locked, "a restored seed is kept for the next run");
+    assert_eq!((form.width, form.height), (640, 384));
+    assert_eq!(form.scheduler, Some(SchedulerKind::Ddim));
+
+    // A PNG without parameters is an error message, and the form is untouched.
+    let plain = dir.join("plain.png");
+    image::RgbImage::new(2, 2).save(&plain).unwrap();
+    h.input_mut().dropped_files.push(egui::DroppedFile {
+        path: Some(plain),
+        ..Default::default()
+    });
+    h.run_steps(2);
+    let state = &h.state().state;
+    assert!(
+        state
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no generation parameters"),
+        "{:?}",
+        state.error
+    );
+    assert_eq!(state.form.prompt, "a lighthouse at dusk, oil painting");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gallery_reuse_puts_seed_and_parameters_back() {
+    let mut a = app();
+    a.state.form.prompt = "reuse me".into();
+    a.state.form.negative_prompt = "not this".into();
+    let mut h = harness(a);
+    h.step();
+    wait(&mut h, "the model", |a| a.state.model_ready());
+    h.get_by_label("Generate").click();
+    h.run_steps(2);
+    wait(&mut h, "the image", |a| !a.state.gallery.is_empty());
+    let made = h.state().state.gallery[0].params.clone();
+    {
+        let form = &mut h.state_mut().state.form;
+        form.prompt = "something else".into();
+        form.seed = 1;
+        form.steps = 9;
+        form.seed_locked = false;
+    }
+    h.get_by_label("Reuse seed").click();
+    h.run_steps(2);
+    let form = &h.state().state.form;
+    assert_eq!((form.seed, form.seed_locked), (made.seed, true));
+    assert_eq!(form.prompt, "something else", "only the seed");
+    h.get_by_label("Reuse parameters").click();
+    h.run_steps(2);
+    let form = &h.state().state.form;
+    assert_eq!(form.prompt, "reuse me");
+    assert_eq!(form.negative_prompt, "not this");
+    assert_eq!(form.steps, made.steps);
+    assert_eq!((form.width, form.height), (64, 64));
+}
+
+#[test]
+fn the_form_and_settings_survive_a_restart() {
+    let mut a = app();
+    a.state.form.prompt = "remember me".into();
+    a.state.form.steps = 42;
+    a.state.form.scheduler = Some(SchedulerKind::EulerAncestral);
+    a.state.settings.attention = AttnProcessor::Sliced { slice_size: 1 };
+    a.state.settings.preview = false;
+    a.state.recent_models = vec!["org/a".into(), "org/b".into()];
+    let stored = serde_json::to_string(&a.state.to_persisted()).unwrap();
+    let back: Persisted = serde_json::from_str(&stored).unwrap();
+    let restored = BrushfireApp::restored(&back, None);
+    assert_eq!(restored.state.to_persisted(), a.state.to_persisted());
+    assert_eq!(restored.state.form.prompt, "remember me");
+    assert_eq!(restored.state.model_spec, a.state.model_spec);
+    // A model named on the command line wins; unknown stored values fall back to defaults.
+    let restored = BrushfireApp::restored(&back, Some("org/other".into()));
+    assert_eq!(restored.state.model_spec, "org/other");
+    let odd: Persisted = serde_json::from_str(r#"{"attention": "warp", "steps": 0}"#).unwrap();
+    let restored = BrushfireApp::restored(&odd, None);
+    assert_eq!(restored.state.settings.attention, AttnProcessor::default());
+    assert_eq!(restored.state.form.steps, 1);
+}
+
+#[test]
+fn a_model_not_downloaded_is_offered_not_fetched() {
+    let home = std::env::temp_dir().join(format!("brushfire-gui-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    // SAFETY: only this test reads the HF variables (the others load local folders).
+    unsafe {
+        std::env::set_var("HF_HOME", &home);
+        std::env::remove_var("HF_HUB_OFFLINE");
+    }
+    let mut a = app();
+    a.state.model_spec = "brushfire-test/not-downloaded".into();
+    let mut h = harness(a);
+    h.run_steps(3);
+    assert_eq!(
+        h.state().state.model_status,
+        ModelStatus::NeedsDownload {
+            repo_id: "brushfire-test/not-downloaded".into()
+        }
+    );
+    h.get_by_label("Download");
+    assert!(!h.state().state.model_ready());
+    // Offline it says so plainly instead.
+    unsafe { std::env::set_var("HF_HUB_OFFLINE", "1") };
+    h.state_mut().state.load_model();
+    h.run_steps(2);
+    assert!(matches!(
+        h.state().state.model_status,
+        ModelStatus::Offline { .. }
+    ));
+    h.get_by_label_contains("HF_HUB_OFFLINE");
+    unsafe { std::env::remove_var("HF_HUB_OFFLINE") };
 }

@@ -86,6 +86,42 @@ impl fmt::Display for SelectedBackend {
     }
 }
 
+/// Where compiled GPU kernels and autotune results are kept between runs:
+/// `$XDG_CACHE_HOME/brushfire/kernels` (or `~/.cache/brushfire/kernels`).
+pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("brushfire").join("kernels"))
+}
+
+/// Keeps compiled kernels (CUDA PTX) and autotune results on disk so only the first run on a
+/// machine pays for compilation. Burn 0.21's CUDA backend compiles every kernel with NVRTC on one
+/// thread (~0.4 s each on an H100 host) and autotunes ~20 variants per matmul shape, so without
+/// the cache every launch of the app spends minutes compiling before its first step. Call before
+/// any backend is used; a `cubecl.toml` or `CUBECL_*` variables still apply, and a cache location
+/// they set wins. Does nothing if CubeCL's configuration was already read.
+pub fn configure_kernel_cache() {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let Some(dir) = kernel_cache_dir() else {
+        return;
+    };
+    let storage = CubeClRuntimeConfig::storage();
+    let mut state = storage.lock();
+    if state.is_some() {
+        return;
+    }
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if config.compilation.cache.is_none() {
+        config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+    }
+    if matches!(config.autotune.cache, CacheConfig::Target) {
+        config.autotune.cache = CacheConfig::File(dir);
+    }
+    *state = Some(std::sync::Arc::new(config));
+}
+
 /// Picks the backend for `request`; see the module docs for the order.
 pub fn select_backend(request: BackendRequest) -> Result<SelectedBackend> {
     match request {

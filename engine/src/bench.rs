@@ -329,6 +329,8 @@ pub struct BenchCell {
 pub struct BenchReport {
     /// Backend and adapter, e.g. "cuda (NVIDIA H100 80GB HBM3)".
     pub backend: String,
+    /// Whose configs the random-weight models were built from.
+    pub model: String,
     pub precision: Precision,
     pub steps: usize,
     pub runs: usize,
@@ -344,6 +346,8 @@ impl Serialize for Precision {
 /// The configs the benchmark builds its random-weight models from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchModels {
+    /// What the configs are of, for the report (`stable-diffusion-v1-5`, a folder's name).
+    pub name: String,
     /// A UNet `config.json` and where it came from (for error messages).
     pub unet_config: (String, PathBuf),
     /// A `scheduler_config.json` and where it came from.
@@ -354,6 +358,7 @@ impl BenchModels {
     /// SD 1.5's published configs, shipped in `assets/models/stable-diffusion-v1-5`.
     pub fn sd15() -> Self {
         Self {
+            name: "stable-diffusion-v1-5".into(),
             unet_config: (SD15_UNET_CONFIG.into(), SD15_UNET_CONFIG_PATH.into()),
             scheduler_config: (
                 SD15_SCHEDULER_CONFIG.into(),
@@ -370,6 +375,10 @@ impl BenchModels {
             Ok((text, path))
         };
         Ok(Self {
+            name: dir.file_name().map_or_else(
+                || dir.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
             unet_config: read("unet/config.json")?,
             scheduler_config: read("scheduler/scheduler_config.json")?,
         })
@@ -402,6 +411,7 @@ pub fn run_bench(
     let cells = plan.cells();
     let mut report = BenchReport {
         backend: selected.to_string(),
+        model: models.name.clone(),
         precision: plan.precision,
         steps: plan.steps,
         runs: plan.runs,
@@ -602,8 +612,8 @@ impl BenchReport {
         let _ = writeln!(
             out,
             "Brushfire benchmark: {}, {}, PNDM {} steps, CFG, it/s = UNet evaluations per second \
-             (run {} of {}), random weights from SD 1.5's configs.\n",
-            self.backend, self.precision, self.steps, self.runs, self.runs
+             (run {} of {}), random weights from {}'s configs.\n",
+            self.backend, self.precision, self.steps, self.runs, self.runs, self.model
         );
         let mut columns: Vec<BenchColumn> = Vec::new();
         let mut pipelines: Vec<BenchPipeline> = Vec::new();

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 
-use crate::backend::{BackendRequest, BackendTask, SelectedBackend, dispatch, select_backend};
+use crate::backend::{
+    BackendRequest, BackendTask, ExecutionOptions, SelectedBackend, dispatch_with, select_backend,
+};
 use crate::error::{EngineError, Result};
 use crate::loading::{DownloadProgress, resolve_model};
 use crate::models::AttnProcessor;
@@ -26,10 +28,26 @@ use crate::tensor_io::HostTensor;
 pub type JobId = u64;
 
 /// Settings that change how the engine runs (not what it computes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineSettings {
     pub backend: BackendRequest,
     pub attention: AttnProcessor,
+    /// Fusion and precision: each combination is its own backend type, so changing them
+    /// rebuilds the loaded model.
+    pub execution: ExecutionOptions,
+    /// Decode a live preview from the latents after every step.
+    pub preview: bool,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            backend: BackendRequest::Auto,
+            attention: AttnProcessor::default(),
+            execution: ExecutionOptions::default(),
+            preview: true,
+        }
+    }
 }
 
 /// What the UI asks of the engine.
@@ -71,6 +89,12 @@ pub enum EngineEvent {
     JobStarted { job: JobId },
     /// One denoising step of a job finished.
     Progress { job: JobId, progress: StepProgress },
+    /// A live preview of a job's first image after `step`: `[h, w, 3]` in [0, 1], latent size.
+    Preview {
+        job: JobId,
+        step: usize,
+        image: HostTensor,
+    },
     /// A job's images: `[batch, height, width, 3]` in [0, 1].
     Finished {
         job: JobId,
@@ -106,6 +130,7 @@ impl EngineHandle {
             settings,
             backend: None,
             model: None,
+            reload_spec: None,
         };
         let thread = std::thread::Builder::new()
             .name("brushfire-engine".into())
@@ -249,6 +274,8 @@ struct Worker {
     settings: EngineSettings,
     backend: Option<SelectedBackend>,
     model: Option<LoadedModel>,
+    /// The model to load back if a settings change fails after unloading it.
+    reload_spec: Option<String>,
 }
 
 /// Forwards download progress as events.
@@ -354,8 +381,10 @@ impl Worker {
         };
         let dir = resolve_model(&spec, None, &mut progress)?;
         let backend = self.selected_backend()?;
-        let runner = dispatch(
+        self.settings.execution.check(&backend)?;
+        let runner = dispatch_with(
             &backend,
+            self.settings.execution,
             LoadTask {
                 dir: &dir,
                 attention: self.settings.attention,
@@ -388,14 +417,11 @@ impl Worker {
             .ok_or_else(|| EngineError::invalid("model", "no model is loaded"))?;
         self.emit(EngineEvent::JobStarted { job });
         let start = Instant::now();
-        let events = &self.events;
-        let waker = &self.waker;
-        let mut observer = |progress: &StepProgress| {
-            let _ = events.send(EngineEvent::Progress {
-                job,
-                progress: *progress,
-            });
-            waker();
+        let mut observer = JobObserver {
+            job,
+            events: &self.events,
+            waker: &self.waker,
+            preview: self.settings.preview,
         };
         let out = model.runner.generate(request, &cancel, &mut observer)?;
         self.emit(EngineEvent::Finished {
@@ -408,21 +434,79 @@ impl Worker {
     }
 
     fn apply(&mut self, settings: EngineSettings) -> Result<()> {
-        let backend_changed = settings.backend != self.settings.backend;
+        let previous = self.settings;
+        let backend_changed = settings.backend != previous.backend;
+        let rebuild = backend_changed || settings.execution != previous.execution;
         self.settings = settings;
-        if backend_changed {
-            self.backend = None;
-            if let Some(model) = self.model.take() {
-                // Rebuild the loaded model on the new backend.
-                self.load(model.spec)?;
-            } else {
-                self.selected_backend()?;
+        if rebuild {
+            let previous_backend = self.backend.clone();
+            if backend_changed {
+                self.backend = None;
+            }
+            if let Err(e) = self.rebuild() {
+                // Back to what worked, so the UI and the engine agree on the settings.
+                self.settings = previous;
+                self.backend = previous_backend;
+                if let Some(b) = &self.backend {
+                    self.emit(EngineEvent::Backend(b.clone()));
+                }
+                if let Some(spec) = self.reload_spec.take() {
+                    self.load(spec)?;
+                }
+                self.emit(EngineEvent::SettingsApplied(previous));
+                return Err(e);
             }
         } else if let Some(model) = self.model.as_mut() {
             model.runner.set_attn_processor(settings.attention);
         }
         self.emit(EngineEvent::SettingsApplied(settings));
         Ok(())
+    }
+
+    /// Rebuilds the loaded model (if any) for the current backend and execution options,
+    /// freeing the old one first (two copies may not fit the device).
+    fn rebuild(&mut self) -> Result<()> {
+        let backend = self.selected_backend()?;
+        self.settings.execution.check(&backend)?;
+        if let Some(model) = self.model.take() {
+            self.reload_spec = Some(model.spec.clone());
+            drop(model);
+            let spec = self.reload_spec.clone().unwrap_or_default();
+            self.load(spec)?;
+            self.reload_spec = None;
+        }
+        Ok(())
+    }
+}
+
+/// Forwards a job's steps and previews as events.
+struct JobObserver<'a> {
+    job: JobId,
+    events: &'a Sender<EngineEvent>,
+    waker: &'a (dyn Fn() + Send),
+    preview: bool,
+}
+
+impl StepObserver for JobObserver<'_> {
+    fn on_step(&mut self, progress: &StepProgress) {
+        let _ = self.events.send(EngineEvent::Progress {
+            job: self.job,
+            progress: *progress,
+        });
+        (self.waker)();
+    }
+
+    fn wants_preview(&self, _step: usize) -> bool {
+        self.preview
+    }
+
+    fn on_preview(&mut self, step: usize, image: HostTensor) {
+        let _ = self.events.send(EngineEvent::Preview {
+            job: self.job,
+            step,
+            image,
+        });
+        (self.waker)();
     }
 }
 

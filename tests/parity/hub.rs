@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use engine::EngineError;
-use engine::loading::hub::{Cache, ModelSource, cached_snapshot, resolve_model_in};
+use engine::loading::hub::{
+    Cache, ModelAvailability, ModelSource, cached_snapshot, model_availability_in, resolve_model_in,
+};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -59,6 +61,28 @@ fn hub_ids_resolve_from_the_hf_cache_offline() {
     assert_eq!(
         cached_snapshot(&cache, "brushfire-test/tiny-sd", None, Some("fp16")),
         Some(snapshot.clone())
+    );
+
+    // What the app checks before loading: cached, so no download offer.
+    assert_eq!(
+        model_availability_in(&cache, false, "brushfire-test/tiny-sd").unwrap(),
+        ModelAvailability::Cached(snapshot.clone())
+    );
+    assert_eq!(
+        model_availability_in(&cache, false, "brushfire-test/not-here").unwrap(),
+        ModelAvailability::NeedsDownload {
+            repo_id: "brushfire-test/not-here".into()
+        }
+    );
+    assert_eq!(
+        model_availability_in(&cache, true, "brushfire-test/not-here").unwrap(),
+        ModelAvailability::Offline {
+            repo_id: "brushfire-test/not-here".into()
+        }
+    );
+    assert_eq!(
+        model_availability_in(&cache, true, fixture("tiny-sd").to_str().unwrap()).unwrap(),
+        ModelAvailability::Local(fixture("tiny-sd"))
     );
 
     // Offline, as the CLI runs with HF_HUB_OFFLINE=1 (the CLI test covers the environment).

@@ -175,3 +175,60 @@ fn bad_requests_are_rejected_before_any_work() {
         assert!(!called, "{field}: no step may run");
     }
 }
+
+/// Records every step and every preview.
+#[derive(Default)]
+struct PreviewRecorder {
+    steps: usize,
+    previews: Vec<(usize, engine::tensor_io::HostTensor)>,
+}
+
+impl engine::pipelines::StepObserver for PreviewRecorder {
+    fn on_step(&mut self, _progress: &StepProgress) {
+        self.steps += 1;
+    }
+    fn wants_preview(&self, _step: usize) -> bool {
+        true
+    }
+    fn on_preview(&mut self, step: usize, preview: engine::tensor_io::HostTensor) {
+        self.previews.push((step, preview));
+    }
+}
+
+/// The live preview after step k is the SD 1.5 latent→RGB map of diffusers' latents after
+/// step k (PNDM's model input is the latents unscaled), for every step but the last (which is
+/// decoded by the VAE instead).
+#[test]
+fn live_previews_map_diffusers_latents_of_each_step() {
+    use engine::pipelines::preview::latents_to_rgb_preview_reference;
+    use engine::tensor_io::HostTensor;
+    let r = refs("txt2img_pndm");
+    let mut req = request(None);
+    req.latents = Some(r["latents"].clone());
+    let mut recorder = PreviewRecorder::default();
+    pipeline()
+        .generate(&req, None, &CancelToken::new(), &mut recorder)
+        .expect("generate");
+    let steps = r["timesteps"].values.len();
+    assert_eq!(recorder.steps, steps);
+    assert_eq!(
+        recorder
+            .previews
+            .iter()
+            .map(|(s, _)| *s)
+            .collect::<Vec<_>>(),
+        (1..steps).collect::<Vec<_>>()
+    );
+    let all = &r["step_latents"]; // [steps, batch, 4, h, w]
+    let [batch, c, h, w] = [all.shape[1], all.shape[2], all.shape[3], all.shape[4]];
+    for (step, preview) in &recorder.previews {
+        let start = (step - 1) * batch * c * h * w;
+        let first_image = HostTensor {
+            shape: vec![1, c, h, w],
+            values: all.values[start..start + c * h * w].to_vec(),
+        };
+        let expected = latents_to_rgb_preview_reference(&first_image).unwrap();
+        assert_eq!(preview.shape, vec![h, w, 3]);
+        assert_close(preview, &expected, 1e-4, 1e-4, &format!("preview {step}"));
+    }
+}

@@ -87,6 +87,22 @@ fn generate_reports_progress_then_images() {
         .collect();
     // PNDM with skip_prk_steps makes one more UNet call than steps.
     assert_eq!(steps, vec![1, 2, 3, 4]);
+    // A live preview after every step but the last, at latent size.
+    let previews: Vec<(usize, Vec<usize>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Preview {
+                job: j,
+                step,
+                image,
+            } if *j == job => Some((*step, image.shape.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        previews,
+        (1..4).map(|s| (s, vec![8, 8, 3])).collect::<Vec<_>>()
+    );
     match events.last() {
         Some(EngineEvent::Finished { images, .. }) => assert_eq!(images.shape, vec![1, 64, 64, 3]),
         other => panic!("expected Finished, got {other:?}"),
@@ -172,6 +188,85 @@ fn settings_apply_to_the_loaded_model() {
     });
     assert!(
         matches!(events.last(), Some(EngineEvent::SettingsApplied(s)) if *s == next),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn previews_are_not_made_when_switched_off() {
+    let mut engine = EngineHandle::spawn(
+        EngineSettings {
+            preview: false,
+            ..settings()
+        },
+        || {},
+    )
+    .unwrap();
+    loaded(&engine);
+    let job = engine.generate(request());
+    let events = until(&engine, is_end_of(job));
+    assert!(matches!(events.last(), Some(EngineEvent::Finished { .. })));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, EngineEvent::Preview { .. })),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn an_impossible_setting_is_refused_and_the_model_keeps_working() {
+    let mut engine = EngineHandle::spawn(settings(), || {}).unwrap();
+    loaded(&engine);
+    let mut f16 = settings();
+    f16.execution.precision = engine::backend::Precision::F16;
+    engine.apply_settings(f16);
+    let events = until(&engine, |e| matches!(e, EngineEvent::Failed { .. }));
+    assert!(
+        matches!(events.last(), Some(EngineEvent::Failed { job: None, error }) if error.contains("GPU")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, EngineEvent::SettingsApplied(s) if *s == settings())),
+        "the engine says which settings stay in effect: {events:?}"
+    );
+    let job = engine.generate(request());
+    let events = until(&engine, is_end_of(job));
+    assert!(
+        matches!(events.last(), Some(EngineEvent::Finished { .. })),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn switching_fusion_rebuilds_the_model() {
+    let mut engine = EngineHandle::spawn(settings(), || {}).unwrap();
+    loaded(&engine);
+    let mut next = settings();
+    next.execution.fusion = false;
+    engine.apply_settings(next);
+    let events = until(&engine, |e| {
+        matches!(
+            e,
+            EngineEvent::SettingsApplied(_) | EngineEvent::Failed { .. }
+        )
+    });
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, EngineEvent::ModelLoaded { .. })),
+        "the model is rebuilt for the other backend type: {events:?}"
+    );
+    assert!(
+        matches!(events.last(), Some(EngineEvent::SettingsApplied(s)) if *s == next),
+        "{events:?}"
+    );
+    let job = engine.generate(request());
+    let events = until(&engine, is_end_of(job));
+    assert!(
+        matches!(events.last(), Some(EngineEvent::Finished { .. })),
         "{events:?}"
     );
 }

@@ -5,14 +5,26 @@
 
 mod state;
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use eframe::egui;
-use engine::backend::BackendRequest;
+use engine::backend::{BackendRequest, Precision};
 use engine::models::AttnProcessor;
 use engine::schedulers::SchedulerKind;
 
-pub use state::{AppState, JobState};
+pub use state::{AppState, JobState, ModelStatus, Persisted, Setting};
+
+/// Hub models offered in the picker (those this build's pipelines can run).
+const HUB_MODELS: &[&str] = &[
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-2-1-base",
+];
+/// Where eframe's storage keeps our state.
+const STORAGE_KEY: &str = "brushfire";
+/// The window icon (also the .desktop entry's).
+const ICON_PNG: &[u8] = include_bytes!("../../../assets/brushfire.png");
 
 /// How long one frame may spend applying engine events.
 const EVENT_BUDGET: Duration = Duration::from_millis(8);
@@ -30,9 +42,17 @@ impl BrushfireApp {
         }
     }
 
+    /// The app as it was left (eframe storage); `model` from the command line wins.
+    pub fn restored(persisted: &Persisted, model: Option<String>) -> Self {
+        Self {
+            state: AppState::restore(persisted, model),
+        }
+    }
+
     /// The whole window (also what the UI tests drive).
     pub fn root_ui(&mut self, ui: &mut egui::Ui) {
         self.state.poll_engine(ui.ctx(), EVENT_BUDGET);
+        self.dropped_files_ui(ui);
         egui::Panel::bottom("status").show(ui, |ui| self.status_ui(ui));
         egui::Panel::bottom("gallery")
             .resizable(true)
@@ -110,10 +130,10 @@ impl BrushfireApp {
             ui.end_row();
         });
         ui.separator();
-        if ui
+        let generate = ui
             .add_enabled(self.state.model_ready(), egui::Button::new("Generate"))
-            .clicked()
-        {
+            .on_disabled_hover_text("Load a model first (settings panel, right).");
+        if generate.clicked() {
             self.state.queue_generation();
         }
         self.queue_ui(ui);
@@ -123,8 +143,13 @@ impl BrushfireApp {
         let mut cancel = None;
         for job in &self.state.jobs {
             ui.horizontal(|ui| {
+                let queued = job.state == JobState::Queued;
                 match &job.state {
-                    JobState::Queued => ui.label(format!("#{} queued", job.id)),
+                    JobState::Queued => ui.label(format!(
+                        "#{} queued: {}",
+                        job.id,
+                        ellipsis(&job.request.prompt, 28)
+                    )),
                     JobState::Running(Some(p)) => ui.label(format!(
                         "#{} step {}/{} · {:.2} it/s · {:.0}s, ETA {:.0}s",
                         job.id,
@@ -136,7 +161,12 @@ impl BrushfireApp {
                     )),
                     JobState::Running(None) => ui.label(format!("#{} starting", job.id)),
                 };
-                if ui.small_button("Cancel").clicked() {
+                let (label, tip) = if queued {
+                    ("Remove", "Take this job out of the queue")
+                } else {
+                    ("Cancel", "Stop after the current step")
+                };
+                if ui.small_button(label).on_hover_text(tip).clicked() {
                     cancel = Some(job.id);
                 }
             });
@@ -153,14 +183,7 @@ impl BrushfireApp {
 
     fn settings_ui(&mut self, ui: &mut egui::Ui) {
         ui.heading("Settings");
-        ui.label("Model");
-        ui.horizontal(|ui| {
-            ui.text_edit_singleline(&mut self.state.model_spec);
-            if ui.button("Load").clicked() {
-                self.state.load_model();
-            }
-        });
-        ui.label(self.state.model_status.to_string());
+        self.model_ui(ui);
         ui.separator();
         let mut settings = self.state.settings;
         ui.label("Backend");
@@ -181,30 +204,258 @@ impl BrushfireApp {
         }
         ui.label("Attention");
         ui.horizontal(|ui| {
-            ui.selectable_value(&mut settings.attention, AttnProcessor::Vanilla, "Vanilla");
-            ui.selectable_value(&mut settings.attention, AttnProcessor::Fused, "Fused");
-            ui.selectable_value(
-                &mut settings.attention,
-                AttnProcessor::Sliced { slice_size: 1 },
-                "Sliced",
-            );
+            for (value, label, tip) in [
+                (
+                    AttnProcessor::Vanilla,
+                    "Vanilla",
+                    "softmax(QKᵀ)V with the score matrix in memory (diffusers' AttnProcessor)",
+                ),
+                (
+                    AttnProcessor::Fused,
+                    "Fused",
+                    "Burn's fused attention kernel (diffusers' SDPA processor): faster, less memory",
+                ),
+                (
+                    AttnProcessor::Sliced { slice_size: 1 },
+                    "Sliced",
+                    "One head at a time: least memory, slowest (diffusers' attention slicing)",
+                ),
+            ] {
+                ui.selectable_value(&mut settings.attention, value, label)
+                    .on_hover_text(tip);
+            }
         });
+        let fusion_reason = self.state.unavailable_reason(Setting::Fusion);
+        ui.add_enabled_ui(fusion_reason.is_none(), |ui| {
+            ui.checkbox(
+                &mut settings.execution.fusion,
+                "Kernel fusion (\"compile\")",
+            )
+            .on_hover_text("Burn's fusion backend: fuses element-wise kernels and autotunes")
+            .on_disabled_hover_text(fusion_reason.unwrap_or_default());
+        });
+        let channels_last_reason = self.state.unavailable_reason(Setting::ChannelsLast);
+        ui.add_enabled_ui(channels_last_reason.is_none(), |ui| {
+            let mut off = false;
+            ui.checkbox(&mut off, "Channels-last")
+                .on_disabled_hover_text(channels_last_reason.unwrap_or_default());
+        });
+        ui.horizontal(|ui| {
+            ui.label("Precision");
+            for (value, label) in [(Precision::F32, "f32"), (Precision::F16, "f16")] {
+                let reason = self.state.unavailable_reason(Setting::Precision(value));
+                ui.add_enabled_ui(reason.is_none(), |ui| {
+                    ui.selectable_value(&mut settings.execution.precision, value, label)
+                        .on_disabled_hover_text(reason.unwrap_or_default());
+                });
+            }
+        });
+        ui.checkbox(&mut settings.preview, "Live preview")
+            .on_hover_text("Show the image forming at every step (a cheap decode of the latents)");
         if settings != self.state.settings {
             self.state.apply_settings(settings);
         }
+        ui.separator();
+        self.output_ui(ui);
+    }
+
+    fn model_ui(&mut self, ui: &mut egui::Ui) {
+        ui.label("Model");
+        let mut load = false;
+        ui.horizontal(|ui| {
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut self.state.model_spec)
+                    .desired_width(150.0)
+                    .hint_text("org/name or a folder"),
+            );
+            if edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
+                load = true;
+            }
+            egui::ComboBox::from_id_salt("model-picker")
+                .selected_text("")
+                .width(20.0)
+                .show_ui(ui, |ui| {
+                    let recent = self.state.recent_models.clone();
+                    let mut picks: Vec<String> = recent.clone();
+                    for m in HUB_MODELS {
+                        if !picks.iter().any(|p| p == m) {
+                            picks.push((*m).to_string());
+                        }
+                    }
+                    for m in picks {
+                        let label = if recent.contains(&m) {
+                            format!("🕘 {m}")
+                        } else {
+                            m.clone()
+                        };
+                        if ui
+                            .selectable_label(self.state.model_spec == m, label)
+                            .clicked()
+                        {
+                            self.state.model_spec = m;
+                            load = true;
+                        }
+                    }
+                });
+        });
+        ui.horizontal(|ui| {
+            if ui.button("Load").clicked() {
+                load = true;
+            }
+            if ui
+                .button("Folder…")
+                .on_hover_text("A diffusers folder (model_index.json, unet/, vae/, …)")
+                .clicked()
+                && let Some(dir) = rfd::FileDialog::new().pick_folder()
+            {
+                self.state.model_spec = dir.display().to_string();
+                load = true;
+            }
+            if ui
+                .button("File…")
+                .on_hover_text("A single-file .safetensors checkpoint")
+                .clicked()
+                && let Some(file) = rfd::FileDialog::new()
+                    .add_filter("checkpoint", &["safetensors"])
+                    .pick_file()
+            {
+                self.state.model_spec = file.display().to_string();
+                load = true;
+            }
+        });
+        if load {
+            self.state.load_model();
+        }
+        match &self.state.model_status {
+            ModelStatus::NeedsDownload { repo_id } => {
+                ui.label(format!(
+                    "{repo_id} is not on this computer yet (Stable Diffusion 1.5 is about 4 GB)."
+                ));
+                if ui.button("Download").clicked() {
+                    self.state.download_model();
+                }
+            }
+            ModelStatus::Loading { download: Some(d) } => {
+                ui.add(egui::ProgressBar::new(d.fraction()).show_percentage());
+                ui.small(self.state.model_status.to_string());
+            }
+            other => {
+                ui.small(other.to_string());
+            }
+        }
+    }
+
+    fn output_ui(&mut self, ui: &mut egui::Ui) {
+        ui.label("Save images to");
+        ui.horizontal(|ui| {
+            let shown = self
+                .state
+                .output_dir
+                .as_ref()
+                .map_or_else(|| "(not saved)".to_string(), |d| d.display().to_string());
+            ui.small(shown);
+            if ui.small_button("Choose…").clicked()
+                && let Some(dir) = rfd::FileDialog::new().pick_folder()
+            {
+                self.state.output_dir = Some(dir);
+            }
+        });
     }
 
     fn image_ui(&mut self, ui: &mut egui::Ui) {
-        match self.state.selected_image() {
-            Some(image) => {
-                let texture = image.texture(ui.ctx());
-                ui.add(egui::Image::new(&texture).shrink_to_fit());
+        if let Some(preview) = self.state.running_preview() {
+            let step = preview.step;
+            let texture = preview.texture(ui.ctx());
+            ui.vertical_centered(|ui| {
+                ui.small(format!("live preview, step {step}"));
+                ui.add(egui::Image::new(&texture).fit_to_exact_size(ui.available_size()));
+            });
+            return;
+        }
+        let Some(index) = self.state.selected else {
+            ui.centered_and_justified(|ui| {
+                ui.label(
+                    "Type a prompt and press Generate. Drop a PNG here to reuse its parameters.",
+                );
+            });
+            return;
+        };
+        let Some(image) = self.state.gallery.get(index) else {
+            return;
+        };
+        let texture = image.texture(ui.ctx());
+        let mut action = None;
+        ui.horizontal(|ui| {
+            if ui.button("Save as…").clicked() {
+                action = Some(GalleryAction::SaveAs);
             }
-            None => {
-                ui.centered_and_justified(|ui| {
-                    ui.label("Type a prompt and press Generate.");
-                });
+            if ui.button("Copy").clicked() {
+                action = Some(GalleryAction::Copy);
             }
+            if ui
+                .add_enabled(image.path.is_some(), egui::Button::new("Open folder"))
+                .clicked()
+            {
+                action = Some(GalleryAction::OpenFolder);
+            }
+            if ui.button("Reuse seed").clicked() {
+                action = Some(GalleryAction::ReuseSeed);
+            }
+            if ui.button("Reuse parameters").clicked() {
+                action = Some(GalleryAction::ReuseParameters);
+            }
+        });
+        ui.small(format!(
+            "seed {} · {} steps · {} · CFG {}",
+            image.params.seed, image.params.steps, image.params.sampler, image.params.cfg_scale
+        ));
+        ui.add(egui::Image::new(&texture).shrink_to_fit());
+        if let Some(action) = action {
+            self.gallery_action(ui.ctx(), index, action);
+        }
+    }
+
+    fn gallery_action(&mut self, ctx: &egui::Context, index: usize, action: GalleryAction) {
+        let Some(image) = self.state.gallery.get(index) else {
+            return;
+        };
+        match action {
+            GalleryAction::SaveAs => {
+                let name = image.path.as_ref().and_then(|p| p.file_name()).map_or_else(
+                    || format!("brushfire-{}.png", image.params.seed),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                if let Some(path) = rfd::FileDialog::new()
+                    .add_filter("PNG", &["png"])
+                    .set_file_name(name)
+                    .save_file()
+                {
+                    let written = crate::png_meta::write_png(
+                        &path,
+                        image.width,
+                        image.height,
+                        &image.rgb,
+                        &image.params,
+                    );
+                    match written {
+                        Ok(()) => self.state.status = format!("saved {}", path.display()),
+                        Err(e) => self.state.error = Some(format!("{e:#}")),
+                    }
+                }
+            }
+            GalleryAction::Copy => {
+                ctx.copy_image(image.color_image());
+                self.state.status = "image copied".into();
+            }
+            GalleryAction::OpenFolder => {
+                if let Some(dir) = image.path.as_deref().and_then(Path::parent)
+                    && let Err(e) = open_in_file_manager(dir)
+                {
+                    self.state.error = Some(format!("{e:#}"));
+                }
+            }
+            GalleryAction::ReuseSeed => self.state.reuse_seed(index),
+            GalleryAction::ReuseParameters => self.state.reuse_parameters(index),
         }
     }
 
@@ -217,7 +468,7 @@ impl BrushfireApp {
                     let selected = self.state.selected == Some(i);
                     let button = egui::Button::image(egui::Image::new(&texture).max_height(90.0))
                         .selected(selected);
-                    if ui.add(button).on_hover_text(&image.prompt).clicked() {
+                    if ui.add(button).on_hover_text(&image.params.prompt).clicked() {
                         clicked = Some(i);
                     }
                 }
@@ -226,6 +477,32 @@ impl BrushfireApp {
                 }
             });
         });
+    }
+
+    /// PNGs dropped on the window restore their parameters; a hint shows while hovering.
+    fn dropped_files_ui(&mut self, ui: &mut egui::Ui) {
+        let (hovering, dropped): (bool, Vec<PathBuf>) = ui.ctx().input(|i| {
+            (
+                !i.raw.hovered_files.is_empty(),
+                i.raw
+                    .dropped_files
+                    .iter()
+                    .filter_map(|f| f.path.clone())
+                    .collect(),
+            )
+        });
+        if hovering {
+            egui::Area::new(egui::Id::new("drop-hint"))
+                .anchor(egui::Align2::CENTER_CENTER, egui::Vec2::ZERO)
+                .show(ui.ctx(), |ui| {
+                    egui::Frame::popup(ui.style()).show(ui, |ui| {
+                        ui.heading("Drop a PNG to restore its parameters");
+                    });
+                });
+        }
+        if let Some(path) = dropped.last() {
+            self.state.open_dropped(path);
+        }
     }
 
     fn status_ui(&mut self, ui: &mut egui::Ui) {
@@ -245,6 +522,47 @@ impl BrushfireApp {
 impl eframe::App for BrushfireApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.root_ui(ui);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, STORAGE_KEY, &self.state.to_persisted());
+    }
+}
+
+/// What the buttons above the selected image do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GalleryAction {
+    SaveAs,
+    Copy,
+    OpenFolder,
+    ReuseSeed,
+    ReuseParameters,
+}
+
+/// Opens `dir` in the system's file manager.
+fn open_in_file_manager(dir: &Path) -> anyhow::Result<()> {
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else if cfg!(target_os = "windows") {
+        "explorer"
+    } else {
+        "xdg-open"
+    };
+    std::process::Command::new(opener)
+        .arg(dir)
+        .spawn()
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("could not run {opener} to open {}: {e}", dir.display()))
+}
+
+/// `text` cut to `max` characters with an ellipsis.
+fn ellipsis(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    if line.chars().count() <= max {
+        line.to_string()
+    } else {
+        let cut: String = line.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
     }
 }
 
@@ -268,18 +586,37 @@ fn backend_name(b: BackendRequest) -> &'static str {
     }
 }
 
-/// Opens the window.
-pub fn run(model: String) -> anyhow::Result<()> {
+/// Opens the window. `model` (from `--model`) overrides the model remembered from last time;
+/// with neither, SD 1.5 from the hub is offered.
+pub fn run(model: Option<String>) -> anyhow::Result<()> {
+    let mut viewport = egui::ViewportBuilder::default()
+        .with_title("Brushfire")
+        .with_app_id("brushfire")
+        .with_inner_size([1280.0, 800.0])
+        .with_drag_and_drop(true);
+    match eframe::icon_data::from_png_bytes(ICON_PNG) {
+        Ok(icon) => viewport = viewport.with_icon(Arc::new(icon)),
+        Err(e) => tracing::warn!("the window icon could not be decoded: {e}"),
+    }
     let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default()
-            .with_title("Brushfire")
-            .with_inner_size([1280.0, 800.0]),
+        viewport,
         ..Default::default()
     };
     eframe::run_native(
         "Brushfire",
         options,
-        Box::new(|_cc| Ok(Box::new(BrushfireApp::new(model)))),
+        Box::new(move |cc| {
+            let persisted: Option<Persisted> =
+                cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY));
+            let app = match persisted {
+                Some(p) if !p.model_spec.is_empty() || model.is_some() => {
+                    BrushfireApp::restored(&p, model)
+                }
+                Some(p) => BrushfireApp::restored(&p, Some(HUB_MODELS[0].to_string())),
+                None => BrushfireApp::new(model.unwrap_or_else(|| HUB_MODELS[0].to_string())),
+            };
+            Ok(Box::new(app))
+        }),
     )
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
 }

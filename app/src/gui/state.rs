@@ -1,18 +1,24 @@
 //! Everything the window shows, and how engine events change it. No egui layout here, so the
 //! behaviour can be tested on its own.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eframe::egui;
-use engine::backend::SelectedBackend;
+use engine::backend::{BackendKind, BackendRequest, Precision, SelectedBackend};
+use engine::loading::{ModelAvailability, model_availability};
+use engine::models::AttnProcessor;
 use engine::pipelines::{GenerationRequest, StepProgress};
 use engine::schedulers::SchedulerKind;
 use engine::tensor_io::HostTensor;
 use engine::worker::{EngineEvent, EngineHandle, EngineSettings, JobId};
+use serde::{Deserialize, Serialize};
 
-use crate::png_meta::{GenerationParameters, write_png};
+use crate::png_meta::{GenerationParameters, ParsedParameters, read_parameters_text, write_png};
+
+/// How many recently used models the picker remembers.
+const RECENT_MODELS: usize = 8;
 
 /// The prompt panel's fields.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +58,49 @@ impl PromptForm {
     pub fn randomise_seed(&mut self) {
         self.seed = crate::cli::random_seed();
     }
+
+    /// Fills the fields a `parameters` text gives; returns notes on what could not be used.
+    pub fn apply_parameters(&mut self, p: &ParsedParameters) -> Vec<String> {
+        let mut notes = Vec::new();
+        self.prompt.clone_from(&p.prompt);
+        self.negative_prompt.clone_from(&p.negative_prompt);
+        if let Some(steps) = p.steps {
+            self.steps = steps;
+        }
+        if let Some(cfg) = p.cfg_scale {
+            self.guidance = cfg;
+        }
+        if let Some(seed) = p.seed {
+            self.seed = seed;
+            // The restored seed is the point: keep it for the next generation.
+            self.seed_locked = true;
+        }
+        if let Some((w, h)) = p.size {
+            self.width = w;
+            self.height = h;
+        }
+        if let Some(sampler) = &p.sampler {
+            match scheduler_from_sampler(sampler) {
+                Some(kind) => self.scheduler = Some(kind),
+                None => notes.push(format!("sampler `{sampler}` is not available here")),
+            }
+        }
+        notes
+    }
+}
+
+/// A1111 sampler names (and Brushfire's, which use them) → scheduler.
+pub fn scheduler_from_sampler(name: &str) -> Option<SchedulerKind> {
+    let base = name.trim().trim_end_matches(" Karras");
+    Some(match base {
+        "PLMS" | "PNDM" => SchedulerKind::Pndm,
+        "DDIM" => SchedulerKind::Ddim,
+        "Euler" => SchedulerKind::Euler,
+        "Euler a" => SchedulerKind::EulerAncestral,
+        "DPM++ 2M" => SchedulerKind::DpmPlusPlus2M,
+        "DDPM" => SchedulerKind::Ddpm,
+        _ => return None,
+    })
 }
 
 /// Where a queued job is.
@@ -62,14 +111,44 @@ pub enum JobState {
     Running(Option<StepProgress>),
 }
 
+/// A live preview of a running job (latent resolution, decoded cheaply by the engine).
+pub struct Preview {
+    pub step: usize,
+    pub image: egui::ColorImage,
+    texture: Option<egui::TextureHandle>,
+    dirty: bool,
+}
+
+impl Preview {
+    /// The preview as a texture (re-uploaded after each new preview).
+    pub fn texture(&mut self, ctx: &egui::Context) -> egui::TextureHandle {
+        let options = egui::TextureOptions::NEAREST;
+        match &mut self.texture {
+            Some(t) if !self.dirty => t.clone(),
+            Some(t) => {
+                t.set(self.image.clone(), options);
+                self.dirty = false;
+                t.clone()
+            }
+            None => {
+                let t = ctx.load_texture("live-preview", self.image.clone(), options);
+                self.texture = Some(t.clone());
+                self.dirty = false;
+                t
+            }
+        }
+    }
+}
+
 /// A job in the queue.
-#[derive(Debug, Clone)]
 pub struct Job {
     pub id: JobId,
     pub request: GenerationRequest,
     pub state: JobState,
     /// Exponentially smoothed UNet evaluations per second.
     pub smoothed_it_per_sec: f64,
+    /// The latest live preview while running.
+    pub preview: Option<Preview>,
 }
 
 impl Job {
@@ -89,8 +168,8 @@ pub struct GalleryImage {
     pub width: usize,
     pub height: usize,
     pub rgb: Vec<u8>,
-    pub prompt: String,
-    pub seed: u64,
+    /// How it was made (what its PNG says).
+    pub params: GenerationParameters,
     pub path: Option<PathBuf>,
     texture: OnceLock<egui::TextureHandle>,
 }
@@ -101,12 +180,48 @@ impl GalleryImage {
         self.texture
             .get_or_init(|| {
                 ctx.load_texture(
-                    format!("image-{}-{}", self.seed, self.rgb.len()),
+                    format!("image-{}-{}", self.params.seed, self.rgb.len()),
                     egui::ColorImage::from_rgb([self.width, self.height], &self.rgb),
                     egui::TextureOptions::LINEAR,
                 )
             })
             .clone()
+    }
+
+    /// The pixels for the clipboard.
+    pub fn color_image(&self) -> egui::ColorImage {
+        egui::ColorImage::from_rgb([self.width, self.height], &self.rgb)
+    }
+}
+
+/// A download in progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownloadState {
+    pub file: String,
+    pub done_bytes: usize,
+    pub total_bytes: usize,
+    /// When this file started.
+    pub started: Instant,
+}
+
+impl DownloadState {
+    /// Bytes per second so far.
+    pub fn rate(&self) -> f64 {
+        self.done_bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-3)
+    }
+
+    /// Seconds left at the current rate.
+    pub fn eta_secs(&self) -> f64 {
+        self.total_bytes.saturating_sub(self.done_bytes) as f64 / self.rate().max(1.0)
+    }
+
+    /// Fraction done.
+    pub fn fraction(&self) -> f32 {
+        if self.total_bytes == 0 {
+            0.0
+        } else {
+            self.done_bytes as f32 / self.total_bytes as f32
+        }
     }
 }
 
@@ -114,8 +229,16 @@ impl GalleryImage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelStatus {
     NotLoaded,
+    /// A hub model not in the cache: the UI offers the download.
+    NeedsDownload {
+        repo_id: String,
+    },
+    /// Not cached and offline: said plainly, nothing to do but pick another model.
+    Offline {
+        repo_id: String,
+    },
     Loading {
-        file: Option<(String, usize, usize)>,
+        download: Option<DownloadState>,
     },
     Loaded(String),
     Failed(String),
@@ -125,14 +248,23 @@ impl std::fmt::Display for ModelStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NotLoaded => f.write_str("no model loaded"),
-            Self::Loading { file: None } => f.write_str("loading…"),
-            Self::Loading {
-                file: Some((name, done, total)),
-            } => write!(
+            Self::NeedsDownload { repo_id } => {
+                write!(f, "{repo_id} is not downloaded yet")
+            }
+            Self::Offline { repo_id } => write!(
                 f,
-                "downloading {name}: {:.1}/{:.1} MB",
-                *done as f64 / 1e6,
-                *total as f64 / 1e6
+                "{repo_id} is not downloaded and the hub is off (HF_HUB_OFFLINE): \
+                 pick a local folder or a cached model"
+            ),
+            Self::Loading { download: None } => f.write_str("loading…"),
+            Self::Loading { download: Some(d) } => write!(
+                f,
+                "downloading {}: {:.1}/{:.1} MB, {:.1} MB/s, ETA {:.0}s",
+                d.file,
+                d.done_bytes as f64 / 1e6,
+                d.total_bytes as f64 / 1e6,
+                d.rate() / 1e6,
+                d.eta_secs()
             ),
             Self::Loaded(name) => write!(f, "loaded: {name}"),
             Self::Failed(e) => write!(f, "failed: {e}"),
@@ -148,6 +280,8 @@ pub struct AppState {
     pub model_spec: String,
     pub model_status: ModelStatus,
     pub backend: Option<SelectedBackend>,
+    /// The settings the engine last confirmed (it may refuse a change and keep the old ones).
+    pub engine_settings: Option<EngineSettings>,
     pub jobs: Vec<Job>,
     pub gallery: Vec<GalleryImage>,
     pub selected: Option<usize>,
@@ -156,6 +290,57 @@ pub struct AppState {
     pub status: String,
     /// Where images are saved (`None`: not saved).
     pub output_dir: Option<PathBuf>,
+    /// Recently loaded models, newest first.
+    pub recent_models: Vec<String>,
+}
+
+/// What survives a restart (eframe storage). Strings, so an older or newer Brushfire reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Persisted {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub seed_locked: bool,
+    pub scheduler: Option<String>,
+    pub backend: String,
+    pub attention: String,
+    pub fusion: bool,
+    pub precision: String,
+    pub preview: bool,
+    pub model_spec: String,
+    pub recent_models: Vec<String>,
+    pub output_dir: Option<PathBuf>,
+}
+
+impl Default for Persisted {
+    fn default() -> Self {
+        AppState::new(String::new()).to_persisted()
+    }
+}
+
+/// The settings names the UI and storage use.
+pub fn attention_name(a: AttnProcessor) -> &'static str {
+    match a {
+        AttnProcessor::Vanilla => "vanilla",
+        AttnProcessor::Fused => "fused",
+        AttnProcessor::Sliced { .. } => "sliced",
+    }
+}
+
+/// `--backend` names.
+pub fn backend_request_name(b: BackendRequest) -> &'static str {
+    match b {
+        BackendRequest::Auto => "auto",
+        BackendRequest::Cuda => "cuda",
+        BackendRequest::Wgpu => "wgpu",
+        BackendRequest::Cpu => "cpu",
+    }
 }
 
 impl AppState {
@@ -168,13 +353,71 @@ impl AppState {
             model_spec: model,
             model_status: ModelStatus::NotLoaded,
             backend: None,
+            engine_settings: None,
             jobs: Vec::new(),
             gallery: Vec::new(),
             selected: None,
             error: None,
             status: "starting…".into(),
             output_dir: dirs_output(),
+            recent_models: Vec::new(),
         }
+    }
+
+    /// What to store for the next start.
+    pub fn to_persisted(&self) -> Persisted {
+        let f = &self.form;
+        Persisted {
+            prompt: f.prompt.clone(),
+            negative_prompt: f.negative_prompt.clone(),
+            steps: f.steps,
+            guidance: f.guidance,
+            width: f.width,
+            height: f.height,
+            batch: f.batch,
+            seed: f.seed,
+            seed_locked: f.seed_locked,
+            scheduler: f.scheduler.map(|k| k.cli_name().to_string()),
+            backend: backend_request_name(self.settings.backend).into(),
+            attention: attention_name(self.settings.attention).into(),
+            fusion: self.settings.execution.fusion,
+            precision: self.settings.execution.precision.to_string(),
+            preview: self.settings.preview,
+            model_spec: self.model_spec.clone(),
+            recent_models: self.recent_models.clone(),
+            output_dir: self.output_dir.clone(),
+        }
+    }
+
+    /// State restored from storage; anything unreadable keeps its default. `model` (from the
+    /// command line) wins over the stored model when given.
+    pub fn restore(p: &Persisted, model: Option<String>) -> Self {
+        let mut s = Self::new(model.unwrap_or_else(|| p.model_spec.clone()));
+        let f = &mut s.form;
+        f.prompt.clone_from(&p.prompt);
+        f.negative_prompt.clone_from(&p.negative_prompt);
+        f.steps = p.steps.max(1);
+        f.guidance = p.guidance;
+        f.width = p.width;
+        f.height = p.height;
+        f.batch = p.batch.max(1);
+        f.seed = p.seed;
+        f.seed_locked = p.seed_locked;
+        f.scheduler = p.scheduler.as_deref().and_then(|n| n.parse().ok());
+        if let Ok(b) = p.backend.parse() {
+            s.settings.backend = b;
+        }
+        if let Ok(a) = AttnProcessor::from_name(&p.attention) {
+            s.settings.attention = a;
+        }
+        s.settings.execution.fusion = p.fusion;
+        if let Ok(precision) = p.precision.parse() {
+            s.settings.execution.precision = precision;
+        }
+        s.settings.preview = p.preview;
+        s.recent_models.clone_from(&p.recent_models);
+        s.output_dir.clone_from(&p.output_dir);
+        s
     }
 
     fn engine(&mut self, ctx: &egui::Context) -> Option<&mut EngineHandle> {
@@ -215,18 +458,64 @@ impl AppState {
                 done_bytes,
                 total_bytes,
             } => {
+                let started = match &self.model_status {
+                    ModelStatus::Loading { download: Some(d) } if d.file == file => d.started,
+                    _ => Instant::now(),
+                };
                 self.model_status = ModelStatus::Loading {
-                    file: Some((file, done_bytes, total_bytes)),
+                    download: Some(DownloadState {
+                        file,
+                        done_bytes,
+                        total_bytes,
+                        started,
+                    }),
                 };
             }
             EngineEvent::ModelLoaded {
                 spec, elapsed_secs, ..
             } => {
                 self.status = format!("loaded {spec} in {elapsed_secs:.1}s");
+                self.recent_models.retain(|m| m != &spec);
+                self.recent_models.insert(0, spec.clone());
+                self.recent_models.truncate(RECENT_MODELS);
                 self.model_status = ModelStatus::Loaded(spec);
             }
             EngineEvent::SettingsApplied(s) => {
-                self.status = format!("settings applied from the next job on ({:?})", s.attention);
+                // The engine may have reverted a change it could not make.
+                self.settings = s;
+                self.engine_settings = Some(s);
+                self.status = format!(
+                    "settings in effect from the next job: {} attention, fusion {}, {}",
+                    attention_name(s.attention),
+                    if s.execution.fusion { "on" } else { "off" },
+                    s.execution.precision
+                );
+            }
+            EngineEvent::Preview { job, step, image } => {
+                if let Some(j) = self.job_mut(job) {
+                    let (h, w) = (image.shape[0], image.shape[1]);
+                    let rgb: Vec<u8> = image
+                        .values
+                        .iter()
+                        .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+                        .collect();
+                    let image = egui::ColorImage::from_rgb([w, h], &rgb);
+                    match &mut j.preview {
+                        Some(p) => {
+                            p.step = step;
+                            p.image = image;
+                            p.dirty = true;
+                        }
+                        None => {
+                            j.preview = Some(Preview {
+                                step,
+                                image,
+                                texture: None,
+                                dirty: true,
+                            })
+                        }
+                    }
+                }
             }
             EngineEvent::JobStarted { job } => {
                 if let Some(j) = self.job_mut(job) {
@@ -287,35 +576,6 @@ impl AppState {
     ) {
         let [batch, height, width] = [images.shape[0], images.shape[1], images.shape[2]];
         let per = height * width * 3;
-        for (i, chunk) in images.values.chunks(per).take(batch).enumerate() {
-            let rgb: Vec<u8> = chunk
-                .iter()
-                .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
-                .collect();
-            let path = self.save(request, scheduler, i, width, height, &rgb);
-            self.gallery.push(GalleryImage {
-                width,
-                height,
-                rgb,
-                prompt: request.prompt.clone(),
-                seed: request.seed,
-                path,
-                texture: OnceLock::new(),
-            });
-        }
-        self.selected = Some(self.gallery.len().saturating_sub(1));
-    }
-
-    fn save(
-        &mut self,
-        request: &GenerationRequest,
-        scheduler: &'static str,
-        index: usize,
-        width: usize,
-        height: usize,
-        rgb: &[u8],
-    ) -> Option<PathBuf> {
-        let dir = self.output_dir.clone()?;
         let params = GenerationParameters {
             prompt: request.prompt.clone(),
             negative_prompt: request.negative_prompt.clone(),
@@ -325,16 +585,33 @@ impl AppState {
             seed: request.seed,
             width,
             height,
-            model: self.model_spec.clone(),
+            model: model_label(&self.model_spec),
         };
-        let path = dir.join(format!(
-            "{:05}-{}-{index}.png",
-            self.gallery.len(),
-            request.seed
-        ));
+        for (i, chunk) in images.values.chunks(per).take(batch).enumerate() {
+            let rgb: Vec<u8> = chunk
+                .iter()
+                .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+                .collect();
+            let path = self.save(&params, i, &rgb);
+            self.gallery.push(GalleryImage {
+                width,
+                height,
+                rgb,
+                params: params.clone(),
+                path,
+                texture: OnceLock::new(),
+            });
+        }
+        self.selected = Some(self.gallery.len().saturating_sub(1));
+    }
+
+    fn save(&mut self, params: &GenerationParameters, index: usize, rgb: &[u8]) -> Option<PathBuf> {
+        let dir = self.output_dir.clone()?;
+        let (width, height, seed) = (params.width, params.height, params.seed);
+        let path = dir.join(format!("{:05}-{seed}-{index}.png", self.gallery.len()));
         let written = std::fs::create_dir_all(&dir)
             .map_err(anyhow::Error::from)
-            .and_then(|()| write_png(&path, width, height, rgb, &params));
+            .and_then(|()| write_png(&path, width, height, rgb, params));
         match written {
             Ok(()) => Some(path),
             Err(e) => {
@@ -349,11 +626,106 @@ impl AppState {
         matches!(self.model_status, ModelStatus::Loaded(_))
     }
 
-    /// Loads `model_spec`.
+    /// Loads `model_spec` if it is on disk or cached; a hub model that is not yet downloaded
+    /// waits for the user to accept the download ([`Self::download_model`]).
     pub fn load_model(&mut self) {
+        let spec = self.model_spec.trim().to_string();
+        match model_availability(&spec) {
+            Ok(ModelAvailability::NeedsDownload { repo_id }) => {
+                self.model_status = ModelStatus::NeedsDownload { repo_id };
+            }
+            Ok(ModelAvailability::Offline { repo_id }) => {
+                self.model_status = ModelStatus::Offline { repo_id };
+            }
+            Ok(ModelAvailability::Local(_) | ModelAvailability::Cached(_)) => self.send_load(spec),
+            Err(e) => {
+                self.model_status = ModelStatus::Failed(e.to_string());
+                self.error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Downloads (through the hub cache) and loads `model_spec`.
+    pub fn download_model(&mut self) {
+        let spec = self.model_spec.trim().to_string();
+        self.send_load(spec);
+    }
+
+    fn send_load(&mut self, spec: String) {
         if let Some(engine) = &self.engine {
-            engine.load_model(self.model_spec.clone());
-            self.model_status = ModelStatus::Loading { file: None };
+            engine.load_model(spec);
+            self.model_status = ModelStatus::Loading { download: None };
+        }
+    }
+
+    /// Reads the `parameters` of a dropped PNG (Brushfire's or A1111's) into the form.
+    pub fn open_dropped(&mut self, path: &Path) {
+        let is_png = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        if !is_png {
+            self.error = Some(format!(
+                "{}: drop a PNG made by Brushfire or A1111 to restore its parameters",
+                path.display()
+            ));
+            return;
+        }
+        match read_parameters_text(path) {
+            Ok(Some(text)) => {
+                let parsed = ParsedParameters::parse(&text);
+                let notes = self.form.apply_parameters(&parsed);
+                let mut status = format!("restored the parameters of {}", path.display());
+                if let Some(model) = &parsed.model
+                    && model != &model_label(&self.model_spec)
+                {
+                    status.push_str(&format!(" (made with {model})"));
+                }
+                for note in notes {
+                    status.push_str("; ");
+                    status.push_str(&note);
+                }
+                self.status = status;
+            }
+            Ok(None) => {
+                self.error = Some(format!(
+                    "{} carries no generation parameters",
+                    path.display()
+                ))
+            }
+            Err(e) => self.error = Some(format!("{e:#}")),
+        }
+    }
+
+    /// Puts a gallery image's seed back in the form (locked).
+    pub fn reuse_seed(&mut self, index: usize) {
+        if let Some(img) = self.gallery.get(index) {
+            self.form.seed = img.params.seed;
+            self.form.seed_locked = true;
+        }
+    }
+
+    /// Puts all of a gallery image's parameters back in the form.
+    pub fn reuse_parameters(&mut self, index: usize) {
+        if let Some(img) = self.gallery.get(index) {
+            let parsed = ParsedParameters::parse(&img.params.to_a1111());
+            let _ = self.form.apply_parameters(&parsed);
+        }
+    }
+
+    /// Why a setting cannot be chosen on the backend in use, if it cannot.
+    pub fn unavailable_reason(&self, setting: Setting) -> Option<&'static str> {
+        let kind = self.backend.as_ref().map(|b| b.kind);
+        match setting {
+            Setting::Fusion if kind == Some(BackendKind::Cpu) => {
+                Some("The CPU backend (flex) has no kernel fusion: nothing to switch.")
+            }
+            Setting::Precision(Precision::F16) if kind == Some(BackendKind::Cpu) => {
+                Some("f16 runs on GPU backends only (CUDA, wgpu); the CPU backend computes in f32.")
+            }
+            Setting::ChannelsLast => Some(
+                "Not implemented yet: this build keeps conv weights OIHW and activations NCHW.",
+            ),
+            _ => None,
         }
     }
 
@@ -382,6 +754,7 @@ impl AppState {
                 request,
                 state: JobState::Queued,
                 smoothed_it_per_sec: 0.0,
+                preview: None,
             });
         }
     }
@@ -405,6 +778,29 @@ impl AppState {
     pub fn selected_image(&self) -> Option<&GalleryImage> {
         self.selected.and_then(|i| self.gallery.get(i))
     }
+
+    /// The running job's live preview, if any.
+    pub fn running_preview(&mut self) -> Option<&mut Preview> {
+        self.jobs
+            .iter_mut()
+            .find(|j| matches!(j.state, JobState::Running(_)))
+            .and_then(|j| j.preview.as_mut())
+    }
+}
+
+/// A setting the panel may grey out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    Fusion,
+    ChannelsLast,
+    Precision(Precision),
+}
+
+/// The short model name PNGs record (`stable-diffusion-v1-5` for the hub id, a folder's name).
+pub fn model_label(spec: &str) -> String {
+    Path::new(spec.trim_end_matches(['/', '\\']))
+        .file_name()
+        .map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 /// `~/Pictures/Brushfire` (or `./brushfire-output` without a home folder).

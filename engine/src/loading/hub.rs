@@ -143,6 +143,47 @@ pub fn cached_snapshot(
     index.parent().map(Path::to_path_buf)
 }
 
+/// Where a model stands before loading, so a UI can offer a download instead of starting one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelAvailability {
+    /// A folder on disk.
+    Local(PathBuf),
+    /// A hub model already in the HF cache.
+    Cached(PathBuf),
+    /// A hub model that loading would download.
+    NeedsDownload { repo_id: String },
+    /// A hub model not in the cache while `HF_HUB_OFFLINE` is set.
+    Offline { repo_id: String },
+}
+
+/// Checks `spec` against the disk and the HF cache without touching the network.
+pub fn model_availability(spec: &str) -> Result<ModelAvailability> {
+    model_availability_in(&hf_cache(), hub_offline(), spec)
+}
+
+/// [`model_availability`] with the cache and offline mode given explicitly.
+pub fn model_availability_in(
+    cache: &Cache,
+    offline: bool,
+    spec: &str,
+) -> Result<ModelAvailability> {
+    Ok(match ModelSource::parse(spec)? {
+        ModelSource::Local(path) => ModelAvailability::Local(path),
+        ModelSource::Hub { repo_id, revision } => {
+            match cached_snapshot(cache, &repo_id, revision.as_deref(), None) {
+                Some(dir) => ModelAvailability::Cached(dir),
+                None if offline => ModelAvailability::Offline { repo_id },
+                None => ModelAvailability::NeedsDownload { repo_id },
+            }
+        }
+    })
+}
+
+/// `HF_HUB_OFFLINE` as `huggingface_hub` reads it.
+pub fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
 /// Resolves `spec` to a local diffusers folder, downloading from the hub when needed.
 /// `variant` prefers `*.{variant}.safetensors` weights (e.g. `fp16`). Reads `HF_HOME` and
 /// `HF_HUB_OFFLINE` from the environment, as `huggingface_hub` does.
@@ -151,9 +192,7 @@ pub fn resolve_model(
     variant: Option<&str>,
     progress: &mut dyn DownloadProgress,
 ) -> Result<PathBuf> {
-    let offline =
-        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-    resolve_model_in(&hf_cache(), offline, spec, variant, progress)
+    resolve_model_in(&hf_cache(), hub_offline(), spec, variant, progress)
 }
 
 /// [`resolve_model`] with the cache and offline mode given explicitly.

@@ -3,4 +3,7 @@
 
 pub mod hub;
 
-pub use hub::{DownloadProgress, ModelSource, resolve_model, resolve_model_in};
+pub use hub::{
+    DownloadProgress, ModelAvailability, ModelSource, model_availability, model_availability_in,
+    resolve_model, resolve_model_in,
+};

@@ -1,6 +1,7 @@
 //! Pipelines (aka diffusers' `pipelines/`), and what every pipeline shares: the request type,
 //! the cancel token and the per-step progress report.
 
+pub mod preview;
 pub mod request;
 pub mod stable_diffusion;
 
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::error::{EngineError, Result};
+use crate::tensor_io::HostTensor;
 
 /// Cancels a running job between steps. Clones share the flag.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +63,15 @@ pub struct StepProgress {
 pub trait StepObserver {
     /// Called after step `progress.step` of `progress.total`.
     fn on_step(&mut self, progress: &StepProgress);
+
+    /// Whether to decode a live preview after this step (1-based). Previews read a small image
+    /// back from the device, which waits for the step to finish: ask only when one is shown.
+    fn wants_preview(&self, _step: usize) -> bool {
+        false
+    }
+
+    /// A preview of the first image after `step`: `[h, w, 3]` in [0, 1] at latent resolution.
+    fn on_preview(&mut self, _step: usize, _preview: HostTensor) {}
 }
 
 impl<F: FnMut(&StepProgress)> StepObserver for F {

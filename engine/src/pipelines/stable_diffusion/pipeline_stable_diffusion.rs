@@ -15,6 +15,7 @@ use crate::models::text_encoders::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::models::text_encoders::clip_tokenizer::CLIPTokenizer;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::noise::{NoiseSource, TorchGenerator};
+use crate::pipelines::preview::latents_to_rgb_preview;
 use crate::pipelines::{CancelToken, GenerationRequest, ModelLimits, StepClock, StepObserver};
 use crate::schedulers::{self, Scheduler};
 use crate::tensor_io::HostTensor;
@@ -336,6 +337,13 @@ pub fn denoise<B: Backend>(
         };
         latents = scheduler.step(noise_pred, step, latents, noise)?;
         observer.on_step(&clock.progress(i + 1, t));
+        if i + 1 < options.timesteps.len() && observer.wants_preview(i + 1) {
+            // Unit-variance latents for the preview (what the UNet sees at this step).
+            let scaled = scheduler.scale_model_input(latents.clone().narrow(0, 0, 1), step + 1);
+            if let Some(preview) = latents_to_rgb_preview(scaled)? {
+                observer.on_preview(i + 1, preview);
+            }
+        }
     }
     Ok(latents)
 }
