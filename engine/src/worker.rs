@@ -320,6 +320,14 @@ impl Worker {
     }
 
     fn run(mut self, commands: Receiver<EngineCommand>) {
+        // Say which backend is in use before any model loads, so the UI can show it (and grey
+        // out what it cannot do) from the start.
+        if let Err(e) = self.selected_backend() {
+            self.emit(EngineEvent::Failed {
+                job: None,
+                error: e.to_string(),
+            });
+        }
         while let Ok(command) = commands.recv() {
             if matches!(command, EngineCommand::Shutdown) {
                 break;

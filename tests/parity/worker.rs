@@ -56,7 +56,16 @@ fn loaded(engine: &EngineHandle) {
         matches!(events.last(), Some(EngineEvent::ModelLoaded { .. })),
         "{events:?}"
     );
-    assert!(events.iter().any(|e| matches!(e, EngineEvent::Backend(_))));
+}
+
+#[test]
+fn the_backend_is_announced_before_any_model_loads() {
+    let engine = EngineHandle::spawn(settings(), || {}).unwrap();
+    let events = until(&engine, |e| matches!(e, EngineEvent::Backend(_)));
+    match events.last() {
+        Some(EngineEvent::Backend(b)) => assert_eq!(b.kind, engine::backend::BackendKind::Cpu),
+        other => panic!("expected the backend, got {other:?}"),
+    }
 }
 
 fn is_end_of(job: JobId) -> impl FnMut(&EngineEvent) -> bool {

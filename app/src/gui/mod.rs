@@ -368,7 +368,11 @@ impl BrushfireApp {
             let texture = preview.texture(ui.ctx());
             ui.vertical_centered(|ui| {
                 ui.small(format!("live preview, step {step}"));
-                ui.add(egui::Image::new(&texture).fit_to_exact_size(ui.available_size()));
+                // Scale the latent-sized preview up to the view, keeping its aspect ratio.
+                let [w, h] = texture.size().map(|s| s.max(1) as f32);
+                let room = ui.available_size();
+                let scale = (room.x / w).min(room.y / h);
+                ui.add(egui::Image::new(&texture).fit_to_exact_size(egui::vec2(w, h) * scale));
             });
             return;
         }

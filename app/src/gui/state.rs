@@ -450,7 +450,7 @@ impl AppState {
     fn apply_event(&mut self, event: EngineEvent) {
         match event {
             EngineEvent::Backend(b) => {
-                self.status = format!("backend: {b}");
+                self.status = format!("ready: {b}");
                 self.backend = Some(b);
             }
             EngineEvent::Download {

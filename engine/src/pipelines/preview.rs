@@ -48,14 +48,14 @@ pub fn latents_to_rgb_preview_reference(latents: &HostTensor) -> Option<HostTens
     let mut values = Vec::with_capacity(h * w * 3);
     for y in 0..h {
         for x in 0..w {
-            for rgb in 0..3 {
-                let v: f32 = (0..4)
-                    .map(|ch| {
-                        latents.values[ch * h * w + y * w + x] * SD15_LATENT_RGB_FACTORS[ch][rgb]
-                    })
-                    .sum();
-                values.push(((v + 1.0) / 2.0).clamp(0.0, 1.0));
+            let mut pixel = [0f32; 3];
+            for (ch, factors) in SD15_LATENT_RGB_FACTORS.iter().enumerate() {
+                let v = latents.values[ch * h * w + y * w + x];
+                for (p, f) in pixel.iter_mut().zip(factors) {
+                    *p += v * f;
+                }
             }
+            values.extend(pixel.map(|v| ((v + 1.0) / 2.0).clamp(0.0, 1.0)));
         }
     }
     Some(HostTensor {
