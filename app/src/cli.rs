@@ -267,7 +267,7 @@ impl BackendTask for GenerateTask {
         } = self.job;
         let load_start = std::time::Instant::now();
         let mut pipe =
-            StableDiffusionPipeline::<B>::load(&model_dir, &LoadOptions::default(), &device)
+            StableDiffusionPipeline::<B>::load_path(&model_dir, &LoadOptions::default(), &device)
                 .with_context(|| format!("loading {}", model_dir.display()))?;
         pipe.set_attn_processor(attention);
         eprintln!(

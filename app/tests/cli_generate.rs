@@ -262,3 +262,54 @@ fn bad_flags_fail_with_a_message() {
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
 }
+
+#[test]
+fn a_single_file_checkpoint_generates_the_same_image() {
+    let refs = fixture("refs/txt2img_pndm.safetensors");
+    let out = temp("single-file.safetensors");
+    let model = fixture("tiny-sd-single-file.safetensors");
+    let output = Command::new(env!("CARGO_BIN_EXE_brushfire"))
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of an astronaut riding a horse on mars",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            "5",
+            "--width",
+            "128",
+            "--height",
+            "64",
+            "--batch",
+            "2",
+            "--latents",
+            refs.to_str().unwrap(),
+            "--save-array",
+            out.to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ])
+        // The tiny model's configs stand in for SD 1.5's.
+        .env("BRUSHFIRE_SD15_CONFIGS", fixture("tiny-sd"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run brushfire");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ours = &read_safetensors(&out).unwrap()["image"];
+    let theirs = &read_safetensors(&refs).unwrap()["image"];
+    let worst = ours
+        .values
+        .iter()
+        .zip(&theirs.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(ours.shape, theirs.shape);
+    assert!(worst <= 1e-4, "max |diff| {worst}");
+}

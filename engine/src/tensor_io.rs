@@ -77,6 +77,36 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
     Ok(out)
 }
 
+/// The tensor names of a safetensors file, read from its header only (a 4 GB checkpoint is not
+/// read to list its keys).
+pub fn read_safetensors_keys(path: &Path) -> Result<Vec<String>> {
+    use std::io::Read;
+    let bad = |message: String| EngineError::Safetensors {
+        file: path.to_path_buf(),
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| bad(format!("no safetensors header: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 * 1024 * 1024 {
+        return Err(bad(format!(
+            "header of {len} bytes: not a safetensors file"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(format!("truncated header: {e}")))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    Ok(header
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "__metadata__")
+        .collect())
+}
+
 /// One named tensor of a safetensors file.
 pub fn read_tensor(path: &Path, name: &str) -> Result<HostTensor> {
     read_safetensors(path)?

@@ -255,7 +255,7 @@ impl BackendTask for LoadTask<'_> {
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let mut pipe =
-            StableDiffusionPipeline::<B>::load(self.dir, &LoadOptions::default(), &device)?;
+            StableDiffusionPipeline::<B>::load_path(self.dir, &LoadOptions::default(), &device)?;
         pipe.set_attn_processor(self.attention);
         Ok(Box::new(pipe))
     }

@@ -165,4 +165,25 @@ fn sd15_configs_shipped_in_assets_build_the_real_unet_shape() {
     scheduler.set_timesteps(50).unwrap();
     // The seed's 50 PNDM steps are 51 UNet evaluations (skip_prk_steps).
     assert_eq!(scheduler.timesteps().len(), 51);
+    // The same folder reads single-file checkpoints: configs, tokenizer and scheduler.
+    let dir = engine::pipelines::stable_diffusion::sd15_config_dir().unwrap();
+    for file in [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+    ] {
+        assert!(dir.join(file).is_file(), "{file}");
+    }
+    let tokenizer =
+        engine::models::text_encoders::clip_tokenizer::CLIPTokenizer::load(&dir.join("tokenizer"))
+            .unwrap();
+    let ids = tokenizer.encode(&["a photo of a cat"]).unwrap();
+    // <|startoftext|> a photo of a cat <|endoftext|>, padded to 77 with <|endoftext|>.
+    let row = &ids.input_ids[0];
+    assert_eq!(&row[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
+    assert_eq!(row.len(), 77);
+    assert_eq!(row[76], 49407);
 }

@@ -232,3 +232,50 @@ fn live_previews_map_diffusers_latents_of_each_step() {
         assert_close(preview, &expected, 1e-4, 1e-4, &format!("preview {step}"));
     }
 }
+
+/// The same tiny weights in the LDM / A1111 single-file layout (written by
+/// `tests/fixtures/gen_single_file.py` and read back equal by diffusers' `from_single_file`)
+/// give diffusers' image: every key is renamed and reshaped as diffusers does.
+#[test]
+fn single_file_checkpoint_gives_the_folders_image() {
+    let pipe = StableDiffusionPipeline::<Cpu>::load_single_file(
+        &fixture("tiny-sd-single-file.safetensors"),
+        &fixture("tiny-sd"),
+        &Default::default(),
+    )
+    .expect("load the single file");
+    check_on(&pipe, "txt2img_pndm", None, false);
+}
+
+#[test]
+fn files_that_are_not_sd1_checkpoints_are_named_errors() {
+    // A safetensors file without a UNet.
+    let not_sd = fixture("refs/txt2img_pndm.safetensors");
+    let err = StableDiffusionPipeline::<Cpu>::load_single_file(
+        &not_sd,
+        &fixture("tiny-sd"),
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Config { path, message } if path == &not_sd && message.contains("model.diffusion_model")),
+        "{err}"
+    );
+    // An SD 2.x checkpoint (OpenCLIP text encoder) is refused with a reason.
+    let keys: Vec<String> = [
+        "model.diffusion_model.out.2.weight",
+        "cond_stage_model.model.token_embedding.weight",
+    ]
+    .map(String::from)
+    .to_vec();
+    let err = engine::loading::single_file::map_single_file_keys(
+        &keys,
+        2,
+        std::path::Path::new("sd21.safetensors"),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Unsupported(m) if m.contains("SD 2.x")),
+        "{err}"
+    );
+}

@@ -205,11 +205,15 @@ pub fn resolve_model_in(
 ) -> Result<PathBuf> {
     match ModelSource::parse(spec)? {
         ModelSource::Local(path) => {
-            if path.is_dir() {
+            let safetensors = path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+            if path.is_dir() || (path.is_file() && safetensors) {
                 Ok(path)
             } else {
                 Err(EngineError::Unsupported(format!(
-                    "{}: single-file checkpoints are not supported yet; pass a diffusers folder",
+                    "{}: neither a diffusers folder nor a single-file `.safetensors` checkpoint \
+                     (pickled `.ckpt` files are not read)",
                     path.display()
                 )))
             }

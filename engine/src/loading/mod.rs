@@ -2,6 +2,7 @@
 //! through `hf-hub` into the standard cache (`HF_HOME`, `HF_TOKEN`), with progress.
 
 pub mod hub;
+pub mod single_file;
 
 pub use hub::{
     DownloadProgress, ModelAvailability, ModelSource, model_availability, model_availability_in,

@@ -13,8 +13,8 @@ use std::rc::Rc;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use burn_store::{
-    ApplyError, BurnToPyTorchAdapter, ChainAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
-    PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot,
+    ApplyError, BurnToPyTorchAdapter, ChainAdapter, KeyRemapper, ModuleAdapter, ModuleSnapshot,
+    ModuleStore, PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot,
 };
 
 use crate::error::{EngineError, Result};
@@ -26,6 +26,18 @@ use crate::error::{EngineError, Result};
 pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
     module: &mut M,
     file: &Path,
+) -> Result<()> {
+    load_safetensors_renamed(module, file, &[])
+}
+
+/// [`load_safetensors`] from a file whose keys differ from the module's: `renames` holds
+/// `(key in the file, module key in PyTorch naming)` (a single-file checkpoint's LDM names,
+/// see `loading::single_file`). Keys not renamed are read as they are; 1×1-conv weights stored
+/// for a `Linear` (LDM's VAE attention) are reshaped to `[out, in]`. Errors name the file's keys.
+pub fn load_safetensors_renamed<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    file: &Path,
+    renames: &[(String, String)],
 ) -> Result<()> {
     if !file.is_file() {
         return Err(EngineError::io(
@@ -45,10 +57,20 @@ pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
             )
         })
         .collect();
+    // Module key → the file's own key, for messages.
+    let original: HashMap<&str, &str> = renames
+        .iter()
+        .map(|(file_key, module_key)| (module_key.as_str(), file_key.as_str()))
+        .collect();
+    let in_file = |module_key: &str| -> String {
+        original
+            .get(module_key)
+            .map_or_else(|| module_key.to_owned(), |k| (*k).to_owned())
+    };
     let file_key = |burn_path: &str| {
         file_names
             .get(burn_path)
-            .map(|(key, _)| key.clone())
+            .map(|(key, _)| in_file(key))
             .unwrap_or_else(|| burn_path.to_owned())
     };
     let safetensors_error = |message: String| EngineError::Safetensors {
@@ -66,8 +88,18 @@ pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
         .unwrap_or(DType::F32);
 
     // We check the outcome ourselves (below) to name keys in the file's terms.
+    let mut remapper = KeyRemapper::new();
+    for (from, to) in renames {
+        remapper = remapper
+            .add_pattern(format!("^{}$", regex_escape(from)), to.clone())
+            .map_err(|e| safetensors_error(format!("renaming `{from}`: {e}")))?;
+    }
     let mut store = SafetensorsStore::from_file(file)
-        .with_from_adapter(ChainAdapter::new(PyTorchToBurnAdapter, CastFloats(target)))
+        .remap(remapper)
+        .with_from_adapter(ChainAdapter::new(
+            ChainAdapter::new(ConvToLinear, PyTorchToBurnAdapter),
+            CastFloats(target),
+        ))
         .skip_enum_variants(true)
         .validate(false)
         .allow_partial(true);
@@ -95,7 +127,7 @@ pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
                     .map(|s| s.shape.to_vec())
                     .unwrap_or_default();
                 EngineError::ShapeMismatch {
-                    key,
+                    key: in_file(&key),
                     file: file.to_path_buf(),
                     expected,
                     found,
@@ -122,6 +154,57 @@ pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
         "loaded weights"
     );
     Ok(())
+}
+
+/// Escapes a literal for use in a regex pattern.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A `Linear` weight stored as a 1×1 conv (`[out, in, 1, 1]` or `[out, in, 1]`, LDM's VAE
+/// attention) becomes `[out, in]`, as diffusers' conversion does.
+#[derive(Debug, Clone, Copy)]
+struct ConvToLinear;
+
+impl ModuleAdapter for ConvToLinear {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        let is_linear_weight = snapshot.module_type().as_deref() == Some("Struct:Linear")
+            && snapshot
+                .path_stack
+                .as_ref()
+                .and_then(|p| p.last())
+                .is_some_and(|name| name == "weight");
+        let shape = snapshot.shape.to_vec();
+        if !is_linear_weight || shape.len() < 3 || shape[2..].iter().any(|&d| d != 1) {
+            return snapshot.clone();
+        }
+        let (rows, cols) = (shape[0], shape[1]);
+        let data = snapshot.clone_data_fn();
+        TensorSnapshot::from_closure(
+            Rc::new(move || {
+                data().map(|mut d| {
+                    d.shape = burn::tensor::Shape::new([rows, cols]);
+                    d
+                })
+            }),
+            snapshot.dtype,
+            burn::tensor::Shape::new([rows, cols]),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(*self)
+    }
 }
 
 /// Casts every floating-point tensor to one dtype as it is loaded.

@@ -4,4 +4,5 @@ pub mod pipeline_stable_diffusion;
 
 pub use pipeline_stable_diffusion::{
     DenoiseOptions, GenerationOutput, LoadOptions, StableDiffusionPipeline, denoise,
+    sd15_config_dir,
 };

@@ -9,16 +9,20 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Tensor, backend::Backend};
 
 use crate::error::{EngineError, Result};
+use crate::loading::single_file::map_single_file_keys;
 use crate::models::AttnProcessor;
 use crate::models::autoencoders::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::config::read_config;
 use crate::models::text_encoders::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::models::text_encoders::clip_tokenizer::CLIPTokenizer;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::weights::{load_safetensors, load_safetensors_renamed};
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::preview::latents_to_rgb_preview;
 use crate::pipelines::{CancelToken, GenerationRequest, ModelLimits, StepClock, StepObserver};
 use crate::schedulers::{self, Scheduler};
 use crate::tensor_io::HostTensor;
+use crate::tensor_io::read_safetensors_keys;
 
 /// How to load a diffusers folder.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,6 +38,108 @@ pub struct GenerationOutput {
     pub images: HostTensor,
     /// The scheduler used, for metadata.
     pub scheduler: &'static str,
+}
+
+/// The SD 1.5 configs, tokenizer and scheduler config single-file checkpoints are read with:
+/// `$BRUSHFIRE_SD15_CONFIGS`, else `assets/models/stable-diffusion-v1-5` of the source tree this
+/// binary was built from.
+pub fn sd15_config_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("BRUSHFIRE_SD15_CONFIGS").map_or_else(
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../assets/models/stable-diffusion-v1-5"
+            ))
+        },
+        PathBuf::from,
+    );
+    if dir.join("unet").join("config.json").is_file() {
+        Ok(dir)
+    } else {
+        Err(EngineError::Config {
+            path: dir,
+            message: "SD 1.5's configs (needed to read a single-file checkpoint) are not here; \
+                      set BRUSHFIRE_SD15_CONFIGS to a diffusers SD 1.5 folder"
+                .into(),
+        })
+    }
+}
+
+/// Everything of a diffusers folder but the weights: configs, tokenizer, scheduler config.
+struct Components {
+    tokenizer: CLIPTokenizer,
+    text_encoder_dir: PathBuf,
+    text_encoder_config: CLIPTextConfig,
+    unet_dir: PathBuf,
+    unet_config: UNet2DConditionConfig,
+    vae_dir: PathBuf,
+    vae_config: AutoencoderKLConfig,
+    scheduler_config: serde_json::Value,
+}
+
+impl Components {
+    fn read(dir: &Path) -> Result<Self> {
+        let component = |name: &str| -> Result<PathBuf> {
+            let path = dir.join(name);
+            if path.is_dir() {
+                Ok(path)
+            } else {
+                Err(EngineError::io(
+                    &path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("not a diffusers folder: the `{name}` component is missing"),
+                    ),
+                ))
+            }
+        };
+        let tokenizer = CLIPTokenizer::load(&component("tokenizer")?)?;
+        let text_encoder_dir = component("text_encoder")?;
+        let text_encoder_config = CLIPTextConfig::from_file(&text_encoder_dir.join("config.json"))?;
+        let unet_dir = component("unet")?;
+        let unet_config = read_config(&unet_dir.join("config.json"))?;
+        let vae_dir = component("vae")?;
+        let vae_config = read_config(&vae_dir.join("config.json"))?;
+        let sched_path = component("scheduler")?.join("scheduler_config.json");
+        let sched_json =
+            std::fs::read_to_string(&sched_path).map_err(|e| EngineError::io(&sched_path, e))?;
+        let scheduler_config =
+            serde_json::from_str(&sched_json).map_err(|e| EngineError::Config {
+                path: sched_path.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            tokenizer,
+            text_encoder_dir,
+            text_encoder_config,
+            unet_dir,
+            unet_config,
+            vae_dir,
+            vae_config,
+            scheduler_config,
+        })
+    }
+
+    fn into_pipeline<B: Backend>(
+        self,
+        text_encoder: CLIPTextModel<B>,
+        unet: UNet2DConditionModel<B>,
+        vae: AutoencoderKL<B>,
+        source: &Path,
+        device: &B::Device,
+    ) -> StableDiffusionPipeline<B> {
+        StableDiffusionPipeline {
+            tokenizer: self.tokenizer,
+            text_encoder,
+            unet,
+            unet_config: self.unet_config,
+            vae,
+            vae_config: self.vae_config,
+            scheduler_config: self.scheduler_config,
+            device: device.clone(),
+            source: source.to_path_buf(),
+        }
+    }
 }
 
 /// Diffusers' `StableDiffusionPipeline`: the loaded components and the scheduler config.
@@ -68,56 +174,56 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// Loads a local diffusers folder (`model_index.json` + `tokenizer/`, `text_encoder/`,
     /// `unet/`, `vae/`, `scheduler/`).
     pub fn load(dir: &Path, options: &LoadOptions, device: &B::Device) -> Result<Self> {
-        let component = |name: &str| -> Result<PathBuf> {
-            let path = dir.join(name);
-            if path.is_dir() {
-                Ok(path)
-            } else {
-                Err(EngineError::io(
-                    &path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("not a diffusers folder: the `{name}` component is missing"),
-                    ),
-                ))
-            }
-        };
-        let tokenizer = CLIPTokenizer::load(&component("tokenizer")?)?;
-        let te_dir = component("text_encoder")?;
-        let mut text_encoder =
-            CLIPTextConfig::from_file(&te_dir.join("config.json"))?.init::<B>(device);
-        text_encoder.load_safetensors(&weights_file(&te_dir, "model", options))?;
-        let unet_dir = component("unet")?;
-        let (unet, unet_config) = UNet2DConditionModel::load(
-            &unet_dir,
-            Some(&weights_file(&unet_dir, "diffusion_pytorch_model", options)),
-            device,
+        let parts = Components::read(dir)?;
+        let mut text_encoder = parts.text_encoder_config.init::<B>(device);
+        text_encoder.load_safetensors(&weights_file(&parts.text_encoder_dir, "model", options))?;
+        let mut unet = parts.unet_config.init(device)?;
+        load_safetensors(
+            &mut unet,
+            &weights_file(&parts.unet_dir, "diffusion_pytorch_model", options),
         )?;
-        let vae_dir = component("vae")?;
-        let (vae, vae_config) = AutoencoderKL::load(
-            &vae_dir,
-            Some(&weights_file(&vae_dir, "diffusion_pytorch_model", options)),
-            device,
+        let mut vae = parts.vae_config.init(device)?;
+        load_safetensors(
+            &mut vae,
+            &weights_file(&parts.vae_dir, "diffusion_pytorch_model", options),
         )?;
-        let sched_path = component("scheduler")?.join("scheduler_config.json");
-        let sched_json =
-            std::fs::read_to_string(&sched_path).map_err(|e| EngineError::io(&sched_path, e))?;
-        let scheduler_config =
-            serde_json::from_str(&sched_json).map_err(|e| EngineError::Config {
-                path: sched_path.clone(),
-                message: e.to_string(),
-            })?;
-        Ok(Self {
-            tokenizer,
-            text_encoder,
-            unet,
-            unet_config,
-            vae,
-            vae_config,
-            scheduler_config,
-            device: device.clone(),
-            source: dir.to_path_buf(),
-        })
+        Ok(parts.into_pipeline(text_encoder, unet, vae, dir, device))
+    }
+
+    /// Loads `path`: a diffusers folder, or a single-file checkpoint read with SD 1.5's configs
+    /// (see [`sd15_config_dir`]).
+    pub fn load_path(path: &Path, options: &LoadOptions, device: &B::Device) -> Result<Self> {
+        if path.is_file() {
+            Self::load_single_file(path, &sd15_config_dir()?, device)
+        } else {
+            Self::load(path, options, device)
+        }
+    }
+
+    /// Loads a single-file checkpoint (the LDM / A1111 `.safetensors` layout: UNet, VAE and text
+    /// encoder in one file) with the configs, tokenizer and scheduler of `config_dir`, a
+    /// diffusers folder without weights (for SD 1.x, `assets/models/stable-diffusion-v1-5`).
+    pub fn load_single_file(file: &Path, config_dir: &Path, device: &B::Device) -> Result<Self> {
+        let parts = Components::read(config_dir)?;
+        let keys = read_safetensors_keys(file)?;
+        let layers_per_block = parts.unet_config.layers_per_block.expand(
+            parts.unet_config.block_out_channels.len(),
+            "layers_per_block",
+        )?;
+        let per_block = layers_per_block.first().copied().unwrap_or(2);
+        if layers_per_block.iter().any(|&l| l != per_block) {
+            return Err(EngineError::Unsupported(
+                "single-file checkpoints of UNets with different layers per block".into(),
+            ));
+        }
+        let renames = map_single_file_keys(&keys, per_block, file)?;
+        let mut text_encoder = parts.text_encoder_config.init::<B>(device);
+        load_safetensors_renamed(&mut text_encoder, file, &renames.text_encoder)?;
+        let mut unet = parts.unet_config.init(device)?;
+        load_safetensors_renamed(&mut unet, file, &renames.unet)?;
+        let mut vae = parts.vae_config.init(device)?;
+        load_safetensors_renamed(&mut vae, file, &renames.vae)?;
+        Ok(parts.into_pipeline(text_encoder, unet, vae, file, device))
     }
 
     /// What this model imposes on requests.
