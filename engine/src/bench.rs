@@ -561,13 +561,7 @@ impl BackendTask for UnetLoopTask<'_> {
             .mul_scalar(scheduler.init_noise_sigma());
             sync::<B>(&device)?;
             let start = Instant::now();
-            let selected = self.selected;
-            let mut on_step = |progress: &StepProgress| {
-                if let Some(m) = device_memory(selected) {
-                    peak = Some(peak.unwrap_or(0).max(m.bytes_reserved));
-                }
-                observer.step(run, progress);
-            };
+            let mut on_step = |progress: &StepProgress| observer.step(run, progress);
             let latents = denoise(
                 &unet,
                 scheduler.as_mut(),
@@ -586,9 +580,12 @@ impl BackendTask for UnetLoopTask<'_> {
             sync::<B>(&device)?;
             run_secs.push(start.elapsed().as_secs_f64());
             drop::<Tensor<B, 4>>(latents);
-        }
-        if let Some(m) = device_memory(self.selected) {
-            peak = Some(peak.unwrap_or(0).max(m.bytes_reserved));
+            // Outside the timed region: the pool keeps what it reserved until a cleanup, so its
+            // reserved bytes after the run are the run's high-water mark (a query per step
+            // would be a blocking round trip to the device thread inside the loop).
+            if let Some(m) = device_memory(self.selected) {
+                peak = Some(peak.unwrap_or(0).max(m.bytes_reserved));
+            }
         }
         let last = run_secs.last().copied().unwrap_or(f64::NAN);
         Ok(CellOutcome::Measured {
