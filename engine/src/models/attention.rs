@@ -2,6 +2,7 @@
 //! `FeedForward`; `models/activations.py`: `GEGLU`) and `Transformer2DModel`
 //! (`models/transformers/transformer_2d.py`, continuous input only: what SD uses).
 
+use crate::models::conv::conv2d_forward;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, LayerNorm, Linear};
@@ -173,7 +174,7 @@ impl<B: Backend> Transformer2DModel<B> {
         let x = group_norm_forward(&self.norm, x);
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => {
-                let x = conv.forward(x);
+                let x = conv2d_forward(conv, x);
                 let inner = x.dims()[1];
                 x.reshape([b, inner, h * w]).swap_dims(1, 2) // [b, hw, inner]
             }
@@ -185,7 +186,7 @@ impl<B: Backend> Transformer2DModel<B> {
         let out = match &self.proj_out {
             Projection::Conv(conv) => {
                 let inner = tokens.dims()[2];
-                conv.forward(tokens.swap_dims(1, 2).reshape([b, inner, h, w]))
+                conv2d_forward(conv, tokens.swap_dims(1, 2).reshape([b, inner, h, w]))
             }
             Projection::Linear(l) => l.forward(tokens).swap_dims(1, 2).reshape([b, c, h, w]),
         };

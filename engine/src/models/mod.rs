@@ -4,6 +4,7 @@ pub mod attention;
 pub mod attention_processor;
 pub mod autoencoders;
 pub mod config;
+pub mod conv;
 pub mod embeddings;
 pub mod normalization;
 pub mod resnet;

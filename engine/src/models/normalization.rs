@@ -63,21 +63,39 @@ pub fn group_norm_forward<B: Backend, const D: usize>(
     let channels = dims[1];
     let groups = norm.num_groups;
     let per_group = dims[1..].iter().product::<usize>() / groups;
+    let channels_per_group = channels / groups;
     let x = x.cast(DType::F32).reshape([batch, groups, per_group]);
     let mean = x.clone().mean_dim(2);
-    let centered = x.sub(mean);
-    let var = centered.clone().square().mean_dim(2);
-    let normed = centered.div(var.add_scalar(norm.epsilon).sqrt());
-    let mut affine_shape = [1usize; D];
-    affine_shape[1] = channels;
-    let mut out = normed.reshape(shape).cast(dtype);
-    if let Some(gamma) = &norm.gamma {
-        out = out.mul(gamma.val().reshape(affine_shape));
-    }
-    if let Some(beta) = &norm.beta {
-        out = out.add(beta.val().reshape(affine_shape));
-    }
-    out
+    let var = x.clone().sub(mean.clone()).square().mean_dim(2);
+    let rstd = var.add_scalar(norm.epsilon).sqrt().recip();
+    // As PyTorch's kernel: y = x·scale + shift with per-(item, channel) scale = γ·rstd and
+    // shift = β − mean·scale, applied to `[batch·channels, spatial]` rows (two passes over the
+    // activations, and a row-scalar broadcast every backend handles at full speed).
+    let per_channel = |t: Tensor<B, 3>| {
+        t.repeat_dim(2, channels_per_group)
+            .reshape([batch * channels, 1])
+    };
+    let per_item = |p: Tensor<B, 1>| {
+        p.cast(DType::F32)
+            .reshape([1, channels])
+            .repeat_dim(0, batch)
+            .reshape([batch * channels, 1])
+    };
+    let rstd = per_channel(rstd);
+    let mean = per_channel(mean);
+    let scale = match &norm.gamma {
+        Some(gamma) => rstd.mul(per_item(gamma.val())),
+        None => rstd,
+    };
+    let shift = match &norm.beta {
+        Some(beta) => per_item(beta.val()).sub(mean.mul(scale.clone())),
+        None => mean.mul(scale.clone()).neg(),
+    };
+    x.reshape([batch * channels, per_group / channels_per_group])
+        .mul(scale)
+        .add(shift)
+        .reshape(shape)
+        .cast(dtype)
 }
 
 /// The activation functions diffusers' configs name (`act_fn`).

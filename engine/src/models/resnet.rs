@@ -1,6 +1,7 @@
 //! Residual blocks and resampling (aka diffusers' `models/resnet.py`: `ResnetBlock2D`;
 //! `models/downsampling.py`: `Downsample2D`; `models/upsampling.py`: `Upsample2D`).
 
+use crate::models::conv::conv2d_forward;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
@@ -94,7 +95,7 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// - output: `[batch, out_channels, h, w]`
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<&Tensor<B, 2>>) -> Tensor<B, 4> {
         let h = self.act.forward(group_norm_forward(&self.norm1, x.clone()));
-        let h = self.conv1.forward(h);
+        let h = conv2d_forward(&self.conv1, h);
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = if self.skip_time_act {
@@ -116,9 +117,9 @@ impl<B: Backend> ResnetBlock2D<B> {
             }
             (_, None) => group_norm_forward(&self.norm2, h),
         };
-        let h = self.conv2.forward(self.act.forward(h));
+        let h = conv2d_forward(&self.conv2, self.act.forward(h));
         let x = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x),
+            Some(conv) => conv2d_forward(conv, x),
             None => x,
         };
         let out = x.add(h);
@@ -156,7 +157,7 @@ impl<B: Backend> Downsample2D<B> {
     /// # Shapes
     /// - x: `[b, c, h, w]` → `[b, c_out, ceil(h/2), ceil(w/2)]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.conv.forward(x)
+        conv2d_forward(&self.conv, x)
     }
 }
 
@@ -180,7 +181,7 @@ impl<B: Backend> Upsample2D<B> {
     /// # Shapes
     /// - x: `[b, c, h, w]` → `[b, c_out, 2h, 2w]` or `[b, c_out, size.0, size.1]`
     pub fn forward(&self, x: Tensor<B, 4>, size: Option<[usize; 2]>) -> Tensor<B, 4> {
-        self.conv.forward(upsample_nearest(x, size))
+        conv2d_forward(&self.conv, upsample_nearest(x, size))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Diffusers' `AutoencoderKL` (aka `models/autoencoders/autoencoder_kl.py`), configured from
 //! `vae/config.json`.
 
+use crate::models::conv::conv2d_forward;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -162,7 +163,7 @@ impl<B: Backend> AutoencoderKL<B> {
     pub fn encode(&self, image: Tensor<B, 4>) -> DiagonalGaussianDistribution<B> {
         let moments = self.encoder.forward(image);
         let moments = match &self.quant_conv {
-            Some(conv) => conv.forward(moments),
+            Some(conv) => conv2d_forward(conv, moments),
             None => moments,
         };
         DiagonalGaussianDistribution::from_moments(moments)
@@ -174,7 +175,7 @@ impl<B: Backend> AutoencoderKL<B> {
     /// - z: `[b, latent, h, w]` → `[b, 3, h·f, w·f]`
     pub fn decode(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         let z = match &self.post_quant_conv {
-            Some(conv) => conv.forward(z),
+            Some(conv) => conv2d_forward(conv, z),
             None => z,
         };
         self.decoder.forward(z)

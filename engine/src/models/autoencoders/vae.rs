@@ -1,6 +1,7 @@
 //! The VAE's encoder and decoder (aka diffusers' `models/autoencoders/vae.py`: `Encoder`,
 //! `Decoder`, `DiagonalGaussianDistribution`).
 
+use crate::models::conv::conv2d_forward;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
@@ -94,13 +95,13 @@ impl<B: Backend> Encoder<B> {
     /// # Shapes
     /// - x: `[b, in, h, w]` → `[b, 2·latent, h/f, w/f]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.conv_in.forward(x);
+        let mut x = conv2d_forward(&self.conv_in, x);
         for block in &self.down_blocks {
             x = block.forward_encoder(x);
         }
         let x = self.mid_block.forward(x);
         let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
-        self.conv_out.forward(x)
+        conv2d_forward(&self.conv_out, x)
     }
 }
 
@@ -158,12 +159,12 @@ impl<B: Backend> Decoder<B> {
     /// # Shapes
     /// - z: `[b, latent, h, w]` → `[b, out, h·f, w·f]`
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.mid_block.forward(self.conv_in.forward(z));
+        let mut x = self.mid_block.forward(conv2d_forward(&self.conv_in, z));
         for block in &self.up_blocks {
             x = block.forward_decoder(x);
         }
         let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
-        self.conv_out.forward(x)
+        conv2d_forward(&self.conv_out, x)
     }
 }
 

@@ -2,6 +2,7 @@
 //! its `config.json`: SD 1.x and 2.x (conv or linear projections, per-block heads,
 //! `only_cross_attention`, `upcast_attention`, class embeddings).
 
+use crate::models::conv::conv2d_forward;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -534,7 +535,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             };
         }
 
-        let mut x = self.conv_in.forward(sample);
+        let mut x = conv2d_forward(&self.conv_in, sample);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             x = block.forward(x, Some(&emb), Some(context), &mut skips);
@@ -561,7 +562,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             x = block.forward(x, Some(&emb), Some(context), &mut skips, upsample_size);
         }
         let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
-        Ok(self.conv_out.forward(x))
+        Ok(conv2d_forward(&self.conv_out, x))
     }
 
     /// Sets the attention processor of every attention layer (diffusers' `set_attn_processor`).
