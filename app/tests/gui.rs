@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use app::gui::{BrushfireApp, ModelStatus, Persisted, Setting};
+use app::gui::{BenchForm, BrushfireApp, ModelStatus, Persisted, Setting, View};
 use eframe::egui;
 use eframe::egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use engine::backend::{BackendRequest, Precision};
+use engine::bench::{BenchColumn, BenchModels, BenchPipeline, CellOutcome};
 use engine::models::AttnProcessor;
 use engine::schedulers::SchedulerKind;
 
@@ -313,4 +314,158 @@ fn a_model_not_downloaded_is_offered_not_fetched() {
     ));
     h.get_by_label_contains("HF_HUB_OFFLINE");
     unsafe { std::env::remove_var("HF_HUB_OFFLINE") };
+}
+
+#[test]
+fn the_benchmark_panel_runs_a_plan_shows_the_table_and_exports_it() {
+    let mut a = app();
+    a.state.bench.models =
+        Some(BenchModels::from_dir(&fixture("tiny-sd")).expect("tiny model configs"));
+    let mut h = harness(a);
+    h.step();
+    wait(&mut h, "the backend", |a| a.state.backend.is_some());
+    h.get_by_label("⏱ Benchmark").click();
+    h.run_steps(2);
+    assert_eq!(h.state().state.view, View::Benchmark);
+    h.state_mut().state.bench.form = BenchForm {
+        pipelines: vec![BenchPipeline::SdTxt2Img, BenchPipeline::SdImg2Img],
+        batches: vec![1],
+        size: 256,
+        columns: vec![BenchColumn::Baseline, BenchColumn::Fused],
+        precision: None,
+        steps: 2,
+        runs: 1,
+    };
+    h.run_steps(1);
+    h.get_by_label("▶ Run benchmark").click();
+    h.run_steps(1);
+    assert!(
+        h.state().state.bench.running.is_some(),
+        "the run started: {:?}",
+        h.state().state.error
+    );
+    wait(&mut h, "the report", |a| a.state.bench.report.is_some());
+    let bench = &h.state().state.bench;
+    assert!(bench.running.is_none());
+    assert_eq!(bench.cells.len(), 4, "2 pipelines × 2 columns");
+    for cell in &bench.cells {
+        match (&cell.spec.pipeline, &cell.outcome) {
+            (
+                BenchPipeline::SdTxt2Img,
+                CellOutcome::Measured {
+                    it_per_sec,
+                    unet_evals,
+                    ..
+                },
+            ) => {
+                assert!(*it_per_sec > 0.0);
+                assert_eq!(*unet_evals, 3, "PNDM: 2 steps are 3 UNet evaluations");
+            }
+            (BenchPipeline::SdImg2Img, CellOutcome::Failed { reason }) => {
+                assert!(reason.contains("not implemented"), "{reason}");
+            }
+            other => panic!("unexpected cell {other:?}"),
+        }
+    }
+    assert!(
+        h.state().state.error.is_none(),
+        "{:?}",
+        h.state().state.error
+    );
+    // The table and the chart are on screen.
+    h.run_steps(2);
+    h.get_by_label("sd-txt2img 256² ×1");
+    h.get_by_label("Copy markdown");
+    // Export (the file dialog itself cannot be driven; this is what it calls).
+    let dir = std::env::temp_dir().join(format!("brushfire-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let csv = dir.join("bench.csv");
+    h.state_mut().state.bench.export(&csv).expect("csv export");
+    let text = std::fs::read_to_string(&csv).expect("csv written");
+    assert_eq!(text.lines().count(), 5, "header + 4 cells:\n{text}");
+    let md = dir.join("bench.md");
+    h.state_mut()
+        .state
+        .bench
+        .export(&md)
+        .expect("markdown export");
+    assert!(
+        std::fs::read_to_string(&md)
+            .expect("md")
+            .contains("| sd-txt2img |")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_running_benchmark_can_be_cancelled() {
+    let mut a = app();
+    a.state.bench.models =
+        Some(BenchModels::from_dir(&fixture("tiny-sd")).expect("tiny model configs"));
+    let mut h = harness(a);
+    h.step();
+    wait(&mut h, "the backend", |a| a.state.backend.is_some());
+    h.state_mut().state.view = View::Benchmark;
+    h.state_mut().state.bench.form = BenchForm {
+        pipelines: vec![BenchPipeline::SdTxt2Img],
+        batches: vec![1],
+        size: 256,
+        columns: vec![BenchColumn::Baseline],
+        precision: None,
+        steps: 200,
+        runs: 10,
+    };
+    // New widgets take a frame to be laid out before they take clicks.
+    h.run_steps(3);
+    h.get_by_label("▶ Run benchmark").click();
+    h.run_steps(1);
+    assert!(
+        h.state().state.bench.running.is_some(),
+        "the run started: {:?}",
+        h.state().state.error
+    );
+    let start = Instant::now();
+    while h
+        .state()
+        .state
+        .bench
+        .running
+        .as_ref()
+        .is_some_and(|r| r.step.is_none())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no step yet: {:?}, status {:?}, error {:?}",
+            h.state().state.bench.running,
+            h.state().state.status,
+            h.state().state.error
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        h.step();
+    }
+    assert!(
+        h.state().state.bench.running.is_some(),
+        "the run ended early: {:?} {:?}",
+        h.state().state.bench.status,
+        h.state().state.error
+    );
+    h.get_by_label("Cancel benchmark").click();
+    wait(&mut h, "the cancellation", |a| {
+        a.state.bench.running.is_none()
+    });
+    let bench = &h.state().state.bench;
+    assert!(bench.report.is_none());
+    assert!(
+        bench
+            .status
+            .as_deref()
+            .is_some_and(|s| s.contains("cancelled")),
+        "{:?}",
+        bench.status
+    );
+    assert!(
+        h.state().state.error.is_none(),
+        "{:?}",
+        h.state().state.error
+    );
 }

@@ -17,6 +17,9 @@ use burn::tensor::backend::Backend;
 use crate::backend::{
     BackendRequest, BackendTask, ExecutionOptions, SelectedBackend, dispatch_with, select_backend,
 };
+use crate::bench::{
+    BenchCell, BenchModels, BenchObserver, BenchPlan, BenchReport, CellSpec, run_bench,
+};
 use crate::error::{EngineError, Result};
 use crate::loading::{DownloadProgress, resolve_model};
 use crate::models::AttnProcessor;
@@ -62,6 +65,12 @@ pub enum EngineCommand {
     },
     /// Change settings; a backend change reloads the model on the new backend.
     ApplySettings(EngineSettings),
+    /// Run the benchmark (queued like a job, so it never shares the device with one).
+    Bench {
+        job: JobId,
+        plan: Box<BenchPlan>,
+        models: Box<BenchModels>,
+    },
     /// Stop the worker.
     Shutdown,
 }
@@ -104,6 +113,27 @@ pub enum EngineEvent {
     },
     /// A job was cancelled (before or while running).
     Cancelled { job: JobId },
+    /// A benchmark cell starts (`index` of `total`).
+    BenchCellStarted {
+        job: JobId,
+        index: usize,
+        total: usize,
+        spec: CellSpec,
+    },
+    /// A denoising step of run `run` (0-based) of the current benchmark cell.
+    BenchStep {
+        job: JobId,
+        run: usize,
+        progress: StepProgress,
+    },
+    /// A benchmark cell was measured (or failed, with the reason).
+    BenchCellFinished {
+        job: JobId,
+        index: usize,
+        cell: BenchCell,
+    },
+    /// The whole benchmark finished.
+    BenchFinished { job: JobId, report: BenchReport },
     /// Something failed; `job` is `None` for model loading and settings.
     Failed { job: Option<JobId>, error: String },
 }
@@ -163,6 +193,19 @@ impl EngineHandle {
         self.send(EngineCommand::Generate {
             job,
             request: Box::new(request),
+        });
+        job
+    }
+
+    /// Queues a benchmark run and returns its id (cancel it like a job).
+    pub fn bench(&mut self, plan: BenchPlan, models: BenchModels) -> JobId {
+        let job = self.next_job;
+        self.next_job += 1;
+        self.lock_cancels().insert(job, CancelToken::new());
+        self.send(EngineCommand::Bench {
+            job,
+            plan: Box::new(plan),
+            models: Box::new(models),
         });
         job
     }
@@ -333,7 +376,9 @@ impl Worker {
                 break;
             }
             let job = match &command {
-                EngineCommand::Generate { job, .. } => Some(*job),
+                EngineCommand::Generate { job, .. } | EngineCommand::Bench { job, .. } => {
+                    Some(*job)
+                }
                 _ => None,
             };
             let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(command)));
@@ -365,6 +410,7 @@ impl Worker {
             EngineCommand::LoadModel { spec } => self.load(spec),
             EngineCommand::Generate { job, request } => self.generate(job, &request),
             EngineCommand::ApplySettings(settings) => self.apply(settings),
+            EngineCommand::Bench { job, plan, models } => self.bench(job, &plan, &models),
             EngineCommand::Shutdown => Ok(()),
         }
     }
@@ -411,13 +457,7 @@ impl Worker {
     }
 
     fn generate(&mut self, job: JobId, request: &GenerationRequest) -> Result<()> {
-        let cancel = self
-            .cancels
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&job)
-            .cloned()
-            .unwrap_or_default();
+        let cancel = self.cancel_token(job);
         cancel.check()?;
         let model = self
             .model
@@ -439,6 +479,31 @@ impl Worker {
             elapsed_secs: start.elapsed().as_secs_f64(),
         });
         Ok(())
+    }
+
+    /// Runs the benchmark on the backend in use (its own random-weight models; the loaded
+    /// model stays loaded).
+    fn bench(&mut self, job: JobId, plan: &BenchPlan, models: &BenchModels) -> Result<()> {
+        let cancel = self.cancel_token(job);
+        cancel.check()?;
+        let backend = self.selected_backend()?;
+        let mut observer = BenchEvents {
+            job,
+            events: &self.events,
+            waker: &self.waker,
+        };
+        let report = run_bench(&backend, plan, models, &cancel, &mut observer)?;
+        self.emit(EngineEvent::BenchFinished { job, report });
+        Ok(())
+    }
+
+    fn cancel_token(&self, job: JobId) -> CancelToken {
+        self.cancels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&job)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn apply(&mut self, settings: EngineSettings) -> Result<()> {
@@ -484,6 +549,47 @@ impl Worker {
             self.reload_spec = None;
         }
         Ok(())
+    }
+}
+
+/// Forwards a benchmark's progress as events.
+struct BenchEvents<'a> {
+    job: JobId,
+    events: &'a Sender<EngineEvent>,
+    waker: &'a (dyn Fn() + Send),
+}
+
+impl BenchEvents<'_> {
+    fn emit(&self, event: EngineEvent) {
+        let _ = self.events.send(event);
+        (self.waker)();
+    }
+}
+
+impl BenchObserver for BenchEvents<'_> {
+    fn cell_started(&mut self, index: usize, total: usize, spec: &CellSpec) {
+        self.emit(EngineEvent::BenchCellStarted {
+            job: self.job,
+            index,
+            total,
+            spec: *spec,
+        });
+    }
+
+    fn step(&mut self, run: usize, progress: &StepProgress) {
+        self.emit(EngineEvent::BenchStep {
+            job: self.job,
+            run,
+            progress: *progress,
+        });
+    }
+
+    fn cell_finished(&mut self, index: usize, cell: &BenchCell) {
+        self.emit(EngineEvent::BenchCellFinished {
+            job: self.job,
+            index,
+            cell: cell.clone(),
+        });
     }
 }
 

@@ -3,6 +3,8 @@
 //! tensor. Layout: prompt panel (left), image view (centre), settings (right), gallery strip
 //! and status bar (bottom).
 
+mod bench;
+mod bench_panel;
 mod state;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +16,8 @@ use engine::backend::{BackendRequest, Precision};
 use engine::models::AttnProcessor;
 use engine::schedulers::SchedulerKind;
 
-pub use state::{AppState, JobState, ModelStatus, Persisted, Setting};
+pub use bench::{BenchForm, BenchState};
+pub use state::{AppState, JobState, ModelStatus, Persisted, Setting, View};
 
 /// Hub models offered in the picker (those this build's pipelines can run).
 const HUB_MODELS: &[&str] = &[
@@ -66,7 +69,22 @@ impl BrushfireApp {
             .resizable(true)
             .default_size(220.0)
             .show(ui, |ui| self.settings_ui(ui));
-        egui::CentralPanel::default().show(ui, |ui| self.image_ui(ui));
+        egui::CentralPanel::default().show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.selectable_value(&mut self.state.view, View::Generate, "🖼 Generate");
+                let bench = if self.state.bench.running.is_some() {
+                    "⏱ Benchmark (running)"
+                } else {
+                    "⏱ Benchmark"
+                };
+                ui.selectable_value(&mut self.state.view, View::Benchmark, bench);
+            });
+            ui.separator();
+            match self.state.view {
+                View::Generate => self.image_ui(ui),
+                View::Benchmark => self.bench_ui(ui),
+            }
+        });
     }
 
     fn prompt_ui(&mut self, ui: &mut egui::Ui) {

@@ -15,6 +15,7 @@ use engine::tensor_io::HostTensor;
 use engine::worker::{EngineEvent, EngineHandle, EngineSettings, JobId};
 use serde::{Deserialize, Serialize};
 
+use super::bench::BenchState;
 use crate::png_meta::{GenerationParameters, ParsedParameters, read_parameters_text, write_png};
 
 /// How many recently used models the picker remembers.
@@ -292,6 +293,18 @@ pub struct AppState {
     pub output_dir: Option<PathBuf>,
     /// Recently loaded models, newest first.
     pub recent_models: Vec<String>,
+    /// Which page the centre shows.
+    pub view: View,
+    /// The benchmark panel.
+    pub bench: BenchState,
+}
+
+/// The centre's pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum View {
+    #[default]
+    Generate,
+    Benchmark,
 }
 
 /// What survives a restart (eframe storage). Strings, so an older or newer Brushfire reads it.
@@ -361,6 +374,8 @@ impl AppState {
             status: "starting…".into(),
             output_dir: dirs_output(),
             recent_models: Vec::new(),
+            view: View::default(),
+            bench: BenchState::default(),
         }
     }
 
@@ -448,6 +463,9 @@ impl AppState {
     }
 
     fn apply_event(&mut self, event: EngineEvent) {
+        let Some(event) = self.bench.apply_event(event) else {
+            return;
+        };
         match event {
             EngineEvent::Backend(b) => {
                 self.status = format!("ready: {b}");
@@ -549,6 +567,12 @@ impl AppState {
             EngineEvent::Cancelled { job } => {
                 self.jobs.retain(|j| j.id != job);
                 self.status = format!("#{job} cancelled");
+            }
+            EngineEvent::BenchCellStarted { .. }
+            | EngineEvent::BenchStep { .. }
+            | EngineEvent::BenchCellFinished { .. }
+            | EngineEvent::BenchFinished { .. } => {
+                // A benchmark this window no longer tracks.
             }
             EngineEvent::Failed { job, error } => {
                 match job {
@@ -756,6 +780,27 @@ impl AppState {
                 smoothed_it_per_sec: 0.0,
                 preview: None,
             });
+        }
+    }
+
+    /// Queues the benchmark panel's plan on the engine (behind any generation).
+    pub fn start_bench(&mut self) {
+        let plan = self.bench.form.plan(self.backend.as_ref().map(|b| b.kind));
+        if let Err(e) = plan.validate() {
+            self.error = Some(format!("benchmark: {e}"));
+            return;
+        }
+        if let Some(engine) = self.engine.as_mut() {
+            let job = engine.bench(plan.clone(), self.bench.models());
+            self.bench.started(job, plan);
+        }
+    }
+
+    /// Cancels the running benchmark.
+    pub fn cancel_bench(&mut self) {
+        if let Some(run) = &self.bench.running {
+            let job = run.job;
+            self.cancel(job);
         }
     }
 

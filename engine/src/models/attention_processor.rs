@@ -59,6 +59,10 @@ impl AttnProcessor {
         match self {
             Self::Vanilla => vanilla_attention(q, k, v, scale, upcast),
             Self::Fused => {
+                // Burn's CPU backend: our blocked kernel (flex's own is single-threaded here).
+                if let Some(out) = super::flex::flex_attention(&q, &k, &v, scale) {
+                    return out;
+                }
                 let options = AttentionModuleOptions {
                     scale: Some(scale),
                     softcap: None,
@@ -108,7 +112,12 @@ fn vanilla_attention<B: Backend>(
         (q, k)
     };
     let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3)); // [n, h, lq, lk]
-    let probs = softmax(scores, 3).cast(dtype);
+    // The scores are materialised either way; on the CPU backend our row kernel does the softmax.
+    let probs = match super::flex::flex_softmax_last_dim(&scores) {
+        Some(p) => p,
+        None => softmax(scores, 3),
+    }
+    .cast(dtype);
     probs.matmul(v)
 }
 

@@ -8,13 +8,13 @@
 //! large multi-threaded GEMM per tile of output rows, so the whole machine works on the
 //! arithmetic. Profile and numbers: `tests/python/RESULTS.md`.
 
-use std::any::Any;
-
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{Bytes, DType, Shape, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{Bytes, DType, Shape, Tensor, backend::Backend};
 use rayon::prelude::*;
+
+use super::flex::{as_flex, from_flex};
 
 /// Largest `im2col` buffer built at once, in elements (64 MiB of f32): the output is processed
 /// in tiles of whole rows so the VAE's 512×512 layers do not need gigabytes.
@@ -114,22 +114,6 @@ fn flex_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tensor<
         DType::F32,
     );
     from_flex(out)
-}
-
-fn as_flex<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Option<FlexTensor> {
-    match tensor.into_primitive() {
-        TensorPrimitive::Float(primitive) => {
-            let any: Box<dyn Any> = Box::new(primitive);
-            any.downcast::<FlexTensor>().ok().map(|t| *t)
-        }
-        TensorPrimitive::QFloat(_) => None,
-    }
-}
-
-fn from_flex<B: Backend, const D: usize>(tensor: FlexTensor) -> Option<Tensor<B, D>> {
-    let any: Box<dyn Any> = Box::new(tensor);
-    let primitive = any.downcast::<B::FloatTensorPrimitive>().ok()?;
-    Some(Tensor::from_primitive(TensorPrimitive::Float(*primitive)))
 }
 
 /// Convolution of a contiguous NCHW f32 input with a contiguous OIHW weight, result NCHW.

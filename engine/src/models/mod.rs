@@ -6,6 +6,7 @@ pub mod autoencoders;
 pub mod config;
 pub mod conv;
 pub mod embeddings;
+pub mod flex;
 pub mod normalization;
 pub mod resnet;
 pub mod text_encoders;

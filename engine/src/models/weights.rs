@@ -232,3 +232,17 @@ impl ModuleAdapter for CastFloats {
         Box::new(*self)
     }
 }
+
+/// Casts every float parameter of a module to `dtype` (e.g. the VAE to f32 inside an f16
+/// pipeline: its decoder overflows f16 on some images, as diffusers' `force_upcast` notes).
+pub struct CastParams(pub DType);
+
+impl<B: Backend> burn::module::ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<B, D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<B, D>> {
+        let dtype = self.0;
+        param.map(|t| if t.dtype() == dtype { t } else { t.cast(dtype) })
+    }
+}

@@ -6,7 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::module::Module;
+use burn::tensor::{DType, Tensor, backend::Backend};
 
 use crate::error::{EngineError, Result};
 use crate::loading::single_file::map_single_file_keys;
@@ -16,7 +17,7 @@ use crate::models::config::read_config;
 use crate::models::text_encoders::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::models::text_encoders::clip_tokenizer::CLIPTokenizer;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::weights::{load_safetensors, load_safetensors_renamed};
+use crate::models::weights::{CastParams, load_safetensors, load_safetensors_renamed};
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::preview::latents_to_rgb_preview;
 use crate::pipelines::{CancelToken, GenerationRequest, ModelLimits, StepClock, StepObserver};
@@ -128,6 +129,9 @@ impl Components {
         source: &Path,
         device: &B::Device,
     ) -> StableDiffusionPipeline<B> {
+        // DESIGN.md §1: in f16 the VAE still runs in f32 (its decoder overflows f16 on bright
+        // images; diffusers upcasts it too). Decoding casts the latents to match.
+        let vae = vae.map(&mut CastParams(DType::F32));
         StableDiffusionPipeline {
             tokenizer: self.tokenizer,
             text_encoder,
@@ -383,7 +387,9 @@ impl<B: Backend> StableDiffusionPipeline<B> {
 
     /// Latents → images `[b, h, w, 3]` in [0, 1] (VAE decode + diffusers' postprocess).
     pub fn decode_latents(&self, latents: Tensor<B, 4>) -> Result<HostTensor> {
-        let mut z = latents.div_scalar(self.vae_config.scaling_factor);
+        let mut z = latents
+            .cast(DType::F32)
+            .div_scalar(self.vae_config.scaling_factor);
         if let Some(shift) = self.vae_config.shift_factor {
             z = z.add_scalar(shift);
         }
