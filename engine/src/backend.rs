@@ -15,7 +15,7 @@ use burn::backend::wgpu::{
 };
 use burn::backend::{Cuda, Wgpu, cuda::CudaDevice};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, f16};
+use burn::tensor::{DType, FloatDType, IntDType, f16, get_device_settings, set_default_dtypes};
 use cubecl::Runtime;
 use cubecl::cuda::CudaRuntime;
 
@@ -178,12 +178,16 @@ fn probe_cuda_once() -> Option<SelectedBackend> {
     }
     let name = catch_unwind(|| {
         let device = CudaDevice::default();
-        // A tiny op proves the device answers.
-        let t = burn::tensor::Tensor::<Cuda, 1>::ones([1], &device);
-        let _ = t.into_data();
-        <Cuda as Backend>::name(&device)
+        // A round trip through the device proves it answers. Straight through CubeCL, not a
+        // Burn tensor: the first Burn tensor on a device fixes its default float type for the
+        // whole process, which is the precision switch's to choose (`claim_precision`).
+        let client = CudaRuntime::client(&device);
+        let handle = client.create_from_slice(&[1, 2, 3, 4]);
+        client.read_one(handle).ok()?;
+        Some(<Cuda as Backend>::name(&device))
     })
-    .ok()?;
+    .ok()
+    .flatten()?;
     Some(SelectedBackend {
         kind: BackendKind::Cuda,
         adapter: name,
@@ -280,13 +284,50 @@ impl ExecutionOptions {
                     selected.adapter
                 )))
             }
-            _ => Ok(()),
+            _ => claim_precision(selected.kind, self.precision),
         }
     }
 
     /// Whether the fusion switch changes anything on `kind` (the CPU backend has no fusion).
     pub fn fusion_applies(kind: BackendKind) -> bool {
         kind != BackendKind::Cpu
+    }
+}
+
+/// Makes `precision` the device's float type, or says why it cannot be.
+///
+/// Burn 0.21 keeps one default float type per device for the whole process, shared by every
+/// backend type on that device (`Cuda<f32>` and `Cuda<f16>` alike), and fixed by the first
+/// tensor created there. Params, `from_data` and `zeros` all follow it, so without this a
+/// second precision in one process would silently compute in the first one.
+fn claim_precision(kind: BackendKind, precision: Precision) -> Result<()> {
+    let dtype = match precision {
+        Precision::F32 => FloatDType::F32,
+        Precision::F16 => FloatDType::F16,
+    };
+    match kind {
+        BackendKind::Cuda => claim_float_dtype::<Cuda>(&CudaDevice::default(), dtype),
+        BackendKind::Wgpu => claim_float_dtype::<Wgpu>(&WgpuDevice::DefaultDevice, dtype),
+        // flex computes in f32 only (f16 is refused before this).
+        BackendKind::Cpu => Ok(()),
+    }
+}
+
+fn claim_float_dtype<B: Backend>(device: &B::Device, dtype: FloatDType) -> Result<()> {
+    match set_default_dtypes::<B>(device, dtype, IntDType::I32) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            let current = get_device_settings::<B>(device).float_dtype;
+            if current == dtype {
+                Ok(())
+            } else {
+                Err(EngineError::Unsupported(format!(
+                    "this device already computes in {current:?} in this process, and Burn \
+                     fixes a device's float type at its first tensor: {dtype:?} needs a new \
+                     process (CLI: `--dtype`)"
+                )))
+            }
+        }
     }
 }
 
