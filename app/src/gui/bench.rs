@@ -26,7 +26,8 @@ pub struct BenchForm {
     /// Square image side in pixels.
     pub size: usize,
     pub columns: Vec<BenchColumn>,
-    /// `None`: the backend's default (f16 on GPUs as the seed, f32 on the CPU).
+    /// `None`: the precision the app runs in (Burn fixes a device's float type for the whole
+    /// process, so another one can only be measured with `brushfire bench --dtype`).
     pub precision: Option<Precision>,
     pub steps: usize,
     pub runs: usize,
@@ -58,10 +59,12 @@ impl BenchForm {
         }
     }
 
-    /// The plan to run on a backend of `kind` (checked by the engine before anything runs).
-    pub fn plan(&self, kind: Option<BackendKind>) -> BenchPlan {
+    /// The plan to run on a backend of `kind` while the app computes in `current` (checked by
+    /// the engine before anything runs).
+    pub fn plan(&self, kind: Option<BackendKind>, current: Option<Precision>) -> BenchPlan {
         let precision = self
             .precision
+            .or(current)
             .unwrap_or_else(|| kind.map_or(Precision::F32, default_precision));
         BenchPlan {
             pipelines: self.pipelines.clone(),

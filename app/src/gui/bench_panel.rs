@@ -143,7 +143,11 @@ impl BrushfireApp {
 
                 ui.label("Precision");
                 ui.horizontal(|ui| {
-                    ui.radio_value(&mut form.precision, None, "backend default");
+                    ui.radio_value(&mut form.precision, None, "as the app runs")
+                        .on_hover_text(
+                            "Burn fixes a device's float type for the whole process: another \
+                             precision is measured with `brushfire bench --dtype`.",
+                        );
                     ui.radio_value(&mut form.precision, Some(Precision::F32), "f32");
                     ui.add_enabled_ui(!cpu, |ui| {
                         ui.radio_value(&mut form.precision, Some(Precision::F16), "f16")

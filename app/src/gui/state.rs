@@ -785,7 +785,11 @@ impl AppState {
 
     /// Queues the benchmark panel's plan on the engine (behind any generation).
     pub fn start_bench(&mut self) {
-        let plan = self.bench.form.plan(self.backend.as_ref().map(|b| b.kind));
+        let current = self.engine_settings.map(|s| s.execution.precision);
+        let plan = self
+            .bench
+            .form
+            .plan(self.backend.as_ref().map(|b| b.kind), current);
         if let Err(e) = plan.validate() {
             self.error = Some(format!("benchmark: {e}"));
             return;
