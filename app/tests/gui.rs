@@ -316,8 +316,8 @@ fn a_model_not_downloaded_is_offered_not_fetched() {
     unsafe { std::env::remove_var("HF_HUB_OFFLINE") };
 }
 
-#[test]
-fn the_benchmark_panel_runs_a_plan_shows_the_table_and_exports_it() {
+/// The app on the Benchmark page with `form` set (tiny model configs), its Run button pressed.
+fn start_benchmark(form: BenchForm) -> Harness<'static, BrushfireApp> {
     let mut a = app();
     a.state.bench.models =
         Some(BenchModels::from_dir(&fixture("tiny-sd")).expect("tiny model configs"));
@@ -327,16 +327,9 @@ fn the_benchmark_panel_runs_a_plan_shows_the_table_and_exports_it() {
     h.get_by_label("⏱ Benchmark").click();
     h.run_steps(2);
     assert_eq!(h.state().state.view, View::Benchmark);
-    h.state_mut().state.bench.form = BenchForm {
-        pipelines: vec![BenchPipeline::SdTxt2Img, BenchPipeline::SdImg2Img],
-        batches: vec![1],
-        size: 256,
-        columns: vec![BenchColumn::Baseline, BenchColumn::Fused],
-        precision: None,
-        steps: 2,
-        runs: 1,
-    };
-    h.run_steps(1);
+    h.state_mut().state.bench.form = form;
+    // New widgets take a frame to be laid out before they take clicks.
+    h.run_steps(3);
     h.get_by_label("▶ Run benchmark").click();
     h.run_steps(1);
     assert!(
@@ -344,6 +337,20 @@ fn the_benchmark_panel_runs_a_plan_shows_the_table_and_exports_it() {
         "the run started: {:?}",
         h.state().state.error
     );
+    h
+}
+
+#[test]
+fn the_benchmark_panel_runs_a_plan_shows_the_table_and_exports_it() {
+    let mut h = start_benchmark(BenchForm {
+        pipelines: vec![BenchPipeline::SdTxt2Img, BenchPipeline::SdImg2Img],
+        batches: vec![1],
+        size: 256,
+        columns: vec![BenchColumn::Baseline, BenchColumn::Fused],
+        precision: None,
+        steps: 2,
+        runs: 1,
+    });
     wait(&mut h, "the report", |a| a.state.bench.report.is_some());
     let bench = &h.state().state.bench;
     assert!(bench.running.is_none());
@@ -399,14 +406,7 @@ fn the_benchmark_panel_runs_a_plan_shows_the_table_and_exports_it() {
 
 #[test]
 fn a_running_benchmark_can_be_cancelled() {
-    let mut a = app();
-    a.state.bench.models =
-        Some(BenchModels::from_dir(&fixture("tiny-sd")).expect("tiny model configs"));
-    let mut h = harness(a);
-    h.step();
-    wait(&mut h, "the backend", |a| a.state.backend.is_some());
-    h.state_mut().state.view = View::Benchmark;
-    h.state_mut().state.bench.form = BenchForm {
+    let mut h = start_benchmark(BenchForm {
         pipelines: vec![BenchPipeline::SdTxt2Img],
         batches: vec![1],
         size: 256,
@@ -414,35 +414,14 @@ fn a_running_benchmark_can_be_cancelled() {
         precision: None,
         steps: 200,
         runs: 10,
-    };
-    // New widgets take a frame to be laid out before they take clicks.
-    h.run_steps(3);
-    h.get_by_label("▶ Run benchmark").click();
-    h.run_steps(1);
-    assert!(
-        h.state().state.bench.running.is_some(),
-        "the run started: {:?}",
-        h.state().state.error
-    );
-    let start = Instant::now();
-    while h
-        .state()
-        .state
-        .bench
-        .running
-        .as_ref()
-        .is_some_and(|r| r.step.is_none())
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no step yet: {:?}, status {:?}, error {:?}",
-            h.state().state.bench.running,
-            h.state().state.status,
-            h.state().state.error
-        );
-        std::thread::sleep(Duration::from_millis(20));
-        h.step();
-    }
+    });
+    wait(&mut h, "the first step (or an early end)", |a| {
+        a.state
+            .bench
+            .running
+            .as_ref()
+            .is_none_or(|r| r.step.is_some())
+    });
     assert!(
         h.state().state.bench.running.is_some(),
         "the run ended early: {:?} {:?}",
