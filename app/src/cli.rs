@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use engine::backend::{
     self, BackendRequest, BackendTask, ExecutionOptions, dispatch_with, select_backend,
 };
-use engine::models::AttnProcessor;
+use engine::models::{AttnProcessor, MemoryFormat};
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
 use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepProgress};
@@ -118,13 +118,14 @@ struct Job {
     model_name: String,
     request: GenerationRequest,
     attention: AttnProcessor,
+    memory_format: MemoryFormat,
     tape: Option<NoiseTape>,
     output: Option<PathBuf>,
     save_array: Option<PathBuf>,
 }
 
 fn reject_unused(args: &GenerateArgs) -> Result<()> {
-    let unused: [(&str, bool); 9] = [
+    let unused: [(&str, bool); 8] = [
         ("--image", args.image.is_some()),
         ("--mask", args.mask.is_some()),
         ("--strength", args.strength.is_some()),
@@ -133,7 +134,6 @@ fn reject_unused(args: &GenerateArgs) -> Result<()> {
         ("--controlnet-scale", args.controlnet_scale.is_some()),
         ("--noise-level", args.noise_level.is_some()),
         ("--image-array", args.image_array.is_some()),
-        ("--channels-last on", args.channels_last == Switch::On),
     ];
     if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
         bail!("{flag} is not used by the {} pipeline", args.pipeline);
@@ -208,6 +208,7 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
             latents,
         },
         attention,
+        memory_format: MemoryFormat::from_channels_last(args.channels_last == Switch::On),
         tape,
         output: args.output.clone(),
         save_array: args.save_array.clone(),
@@ -241,9 +242,14 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     };
     options.check(&selected)?;
     eprintln!(
-        "backend: {selected}, {}, fusion {}",
+        "backend: {selected}, {}, fusion {}, channels-last {}",
         options.precision,
-        if options.fusion { "on" } else { "off" }
+        if options.fusion { "on" } else { "off" },
+        if job.memory_format.is_channels_last() {
+            "on"
+        } else {
+            "off"
+        }
     );
     dispatch_with(&selected, options, GenerateTask { job })
 }
@@ -261,6 +267,7 @@ impl BackendTask for GenerateTask {
             model_name,
             mut request,
             attention,
+            memory_format,
             mut tape,
             output,
             save_array,
@@ -270,6 +277,7 @@ impl BackendTask for GenerateTask {
             StableDiffusionPipeline::<B>::load_path(&model_dir, &LoadOptions::default(), &device)
                 .with_context(|| format!("loading {}", model_dir.display()))?;
         pipe.set_attn_processor(attention);
+        pipe.set_memory_format(memory_format);
         eprintln!(
             "loaded {} in {:.1}s",
             model_dir.display(),
@@ -293,6 +301,9 @@ impl BackendTask for GenerateTask {
         let noise = tape.as_mut().map(|t| t as &mut dyn NoiseSource);
         let out = pipe.generate(&request, noise, &cancel, &mut observer)?;
         eprintln!();
+        for note in &out.notes {
+            eprintln!("note: {note}");
+        }
         if let Some(t) = &tape
             && t.remaining() > 0
         {

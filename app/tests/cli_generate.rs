@@ -108,7 +108,19 @@ fn generate_pndm_equals_diffusers() {
 
 #[test]
 fn generate_ddim_equals_diffusers() {
-    generate_matches("txt2img_ddim", "ddim", &["--seed", "1234"]);
+    // With the channels-last switch and the vanilla processor: the same image.
+    generate_matches(
+        "txt2img_ddim",
+        "ddim",
+        &[
+            "--seed",
+            "1234",
+            "--channels-last",
+            "on",
+            "--attention",
+            "vanilla",
+        ],
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use engine::backend::{BackendRequest, Precision};
 use engine::bench::{BenchColumn, BenchModels, BenchPipeline, CellOutcome};
-use engine::models::AttnProcessor;
+use engine::models::{AttnProcessor, MemoryFormat};
 use engine::schedulers::SchedulerKind;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -140,21 +140,24 @@ fn each_setting_reaches_the_engine_and_cpu_only_greys_out_the_rest() {
     wait(&mut h, "previews off in the engine", |a| {
         a.state.engine_settings.is_some_and(|s| !s.preview)
     });
-    // On the CPU backend fusion and f16 cannot be chosen; channels-last is not built yet.
+    h.get_by_label("Channels-last").click();
+    h.run_steps(2);
+    wait(&mut h, "channels-last in the engine", |a| {
+        a.state
+            .engine_settings
+            .is_some_and(|s| s.memory_format == MemoryFormat::ChannelsLast)
+    });
+    // On the CPU backend fusion and f16 cannot be chosen.
     h.get_by_label("Kernel fusion (\"compile\")").click();
     h.get_by_label("f16").click();
-    h.get_by_label("Channels-last").click();
     h.run_steps(3);
     let state = &h.state().state;
     assert!(state.settings.execution.fusion, "fusion stays as it was");
     assert_eq!(state.settings.execution.precision, Precision::F32);
-    for setting in [
-        Setting::Fusion,
-        Setting::Precision(Precision::F16),
-        Setting::ChannelsLast,
-    ] {
+    for setting in [Setting::Fusion, Setting::Precision(Precision::F16)] {
         assert!(state.unavailable_reason(setting).is_some(), "{setting:?}");
     }
+    assert!(state.unavailable_reason(Setting::ChannelsLast).is_none());
     assert!(
         state
             .unavailable_reason(Setting::Precision(Precision::F32))

@@ -20,9 +20,9 @@ use crate::backend::{
     dispatch_with, release_device_memory,
 };
 use crate::error::{EngineError, Result};
-use crate::models::AttnProcessor;
 use crate::models::config::parse_config;
 use crate::models::unets::UNet2DConditionConfig;
+use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::stable_diffusion::{DenoiseOptions, denoise};
 use crate::pipelines::{CancelToken, StepProgress};
@@ -452,11 +452,6 @@ fn run_cell(
             spec.pipeline
         )));
     }
-    if spec.column.channels_last() {
-        return Err(EngineError::Unsupported(
-            "channels-last is not implemented yet".into(),
-        ));
-    }
     let options = ExecutionOptions {
         fusion: spec.column.fusion(),
         precision: plan.precision,
@@ -520,6 +515,9 @@ impl BackendTask for UnetLoopTask<'_> {
         let config: UNet2DConditionConfig = parse_config(unet_json, unet_path)?;
         let mut unet = config.init::<B>(&device)?;
         unet.set_attn_processor(spec.column.attention());
+        unet.set_memory_format(MemoryFormat::from_channels_last(
+            spec.column.channels_last(),
+        ));
         let (scheduler_text, scheduler_path) = &self.models.scheduler_config;
         let scheduler_json: serde_json::Value =
             serde_json::from_str(scheduler_text).map_err(|e| EngineError::Config {

@@ -54,6 +54,9 @@ pub enum EngineError {
     /// The user cancelled the job.
     #[error("cancelled")]
     Cancelled,
+    /// A model produced NaN or infinite values even in f32 (broken weights or inputs).
+    #[error("{0}")]
+    NonFinite(String),
 }
 
 /// The engine's result type.

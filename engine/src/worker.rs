@@ -22,7 +22,7 @@ use crate::bench::{
 };
 use crate::error::{EngineError, Result};
 use crate::loading::{DownloadProgress, resolve_model};
-use crate::models::AttnProcessor;
+use crate::models::{AttnProcessor, MemoryFormat};
 use crate::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
 use crate::pipelines::{CancelToken, GenerationRequest, StepObserver, StepProgress};
 use crate::tensor_io::HostTensor;
@@ -35,6 +35,8 @@ pub type JobId = u64;
 pub struct EngineSettings {
     pub backend: BackendRequest,
     pub attention: AttnProcessor,
+    /// The UNet's memory format (the channels-last switch); applied to the loaded model.
+    pub memory_format: MemoryFormat,
     /// Fusion and precision: each combination is its own backend type, so changing them
     /// rebuilds the loaded model.
     pub execution: ExecutionOptions,
@@ -47,6 +49,7 @@ impl Default for EngineSettings {
         Self {
             backend: BackendRequest::Auto,
             attention: AttnProcessor::default(),
+            memory_format: MemoryFormat::default(),
             execution: ExecutionOptions::default(),
             preview: true,
         }
@@ -110,6 +113,8 @@ pub enum EngineEvent {
         images: HostTensor,
         scheduler: &'static str,
         elapsed_secs: f64,
+        /// What the user should know about the run (e.g. steps redone in f32).
+        notes: Vec<String>,
     },
     /// A job was cancelled (before or while running).
     Cancelled { job: JobId },
@@ -271,6 +276,7 @@ trait PipelineRunner: Send {
         observer: &mut dyn StepObserver,
     ) -> Result<GenerationOutput>;
     fn set_attn_processor(&mut self, processor: AttnProcessor);
+    fn set_memory_format(&mut self, format: MemoryFormat);
 }
 
 impl<B: Backend> PipelineRunner for StableDiffusionPipeline<B> {
@@ -286,11 +292,16 @@ impl<B: Backend> PipelineRunner for StableDiffusionPipeline<B> {
     fn set_attn_processor(&mut self, processor: AttnProcessor) {
         StableDiffusionPipeline::set_attn_processor(self, processor);
     }
+
+    fn set_memory_format(&mut self, format: MemoryFormat) {
+        StableDiffusionPipeline::set_memory_format(self, format);
+    }
 }
 
 struct LoadTask<'a> {
     dir: &'a Path,
     attention: AttnProcessor,
+    memory_format: MemoryFormat,
 }
 
 impl BackendTask for LoadTask<'_> {
@@ -300,6 +311,7 @@ impl BackendTask for LoadTask<'_> {
         let mut pipe =
             StableDiffusionPipeline::<B>::load_path(self.dir, &LoadOptions::default(), &device)?;
         pipe.set_attn_processor(self.attention);
+        pipe.set_memory_format(self.memory_format);
         Ok(Box::new(pipe))
     }
 }
@@ -442,6 +454,7 @@ impl Worker {
             LoadTask {
                 dir: &dir,
                 attention: self.settings.attention,
+                memory_format: self.settings.memory_format,
             },
         )?;
         self.model = Some(LoadedModel {
@@ -477,6 +490,7 @@ impl Worker {
             images: out.images,
             scheduler: out.scheduler,
             elapsed_secs: start.elapsed().as_secs_f64(),
+            notes: out.notes,
         });
         Ok(())
     }
@@ -531,6 +545,7 @@ impl Worker {
             }
         } else if let Some(model) = self.model.as_mut() {
             model.runner.set_attn_processor(settings.attention);
+            model.runner.set_memory_format(settings.memory_format);
         }
         self.emit(EngineEvent::SettingsApplied(settings));
         Ok(())

@@ -4,6 +4,7 @@
 use crate::common::{Cpu, assert_close, fixture, refs};
 use burn::tensor::backend::Backend;
 use engine::EngineError;
+use engine::models::MemoryFormat;
 use engine::noise::NoiseTape;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
 use engine::pipelines::{CancelToken, GenerationRequest, StepProgress};
@@ -17,7 +18,7 @@ pub(crate) fn pipeline_on<B: Backend>(device: &B::Device) -> StableDiffusionPipe
         .expect("load tiny-sd")
 }
 
-fn request(scheduler: Option<&str>) -> GenerationRequest {
+pub(crate) fn request(scheduler: Option<&str>) -> GenerationRequest {
     let params: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("refs/txt2img.json")).unwrap())
             .unwrap();
@@ -84,6 +85,13 @@ pub(crate) fn check_on_within<B: Backend>(
 #[test]
 fn txt2img_pndm_matches_diffusers() {
     check("txt2img_pndm", None);
+}
+
+#[test]
+fn txt2img_channels_last_matches_diffusers() {
+    let mut pipe = pipeline();
+    pipe.set_memory_format(MemoryFormat::ChannelsLast);
+    check_on(&pipe, "txt2img_pndm", None, false);
 }
 
 #[test]

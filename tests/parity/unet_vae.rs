@@ -1,11 +1,11 @@
 //! UNet and VAE parity with diffusers on the tiny fixtures (`tests/fixtures/generate.py`).
 
 use crate::common::{Cpu, assert_close, fixture, host, refs, tensor};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use engine::EngineError;
-use engine::models::AttnProcessor;
 use engine::models::autoencoders::AutoencoderKL;
 use engine::models::unets::{ClassLabels, UNet2DConditionModel};
+use engine::models::{AttnProcessor, MemoryFormat};
 
 fn timesteps(
     refs: &std::collections::HashMap<String, engine::tensor_io::HostTensor>,
@@ -27,10 +27,27 @@ fn labels(
 }
 
 fn check_unet(folder: &str, ref_name: &str, with_labels: bool, processor: AttnProcessor) {
+    check_unet_in(
+        folder,
+        ref_name,
+        with_labels,
+        processor,
+        MemoryFormat::Contiguous,
+    );
+}
+
+fn check_unet_in(
+    folder: &str,
+    ref_name: &str,
+    with_labels: bool,
+    processor: AttnProcessor,
+    format: MemoryFormat,
+) {
     let device = Default::default();
     let (mut unet, _) =
         UNet2DConditionModel::<Cpu>::load(&fixture(folder), None, &device).expect("load unet");
     unet.set_attn_processor(processor);
+    unet.set_memory_format(format);
     let r = refs(ref_name);
     for suffix in ["", "_odd"] {
         let class = if with_labels {
@@ -51,7 +68,7 @@ fn check_unet(folder: &str, ref_name: &str, with_labels: bool, processor: AttnPr
             &r[&format!("out{suffix}")],
             1e-4,
             1e-4,
-            &format!("{folder} {processor:?} out{suffix}"),
+            &format!("{folder} {processor:?} {format:?} out{suffix}"),
         );
     }
 }
@@ -70,6 +87,73 @@ fn unet_attention_processors_agree() {
         false,
         AttnProcessor::Sliced { slice_size: 3 },
     );
+}
+
+/// The channels-last switch (NHWC activations, OHWI conv weights, our NHWC conv and GroupNorm
+/// on the CPU backend) with every attention processor, on both UNet fixtures (the second has
+/// linear projections and class labels), even and odd latent sizes: diffusers' output within
+/// 1e-4. Then back to NCHW: the weights are restored and the output is again diffusers'.
+#[test]
+fn unet_channels_last_matches_diffusers() {
+    for processor in [
+        AttnProcessor::Fused,
+        AttnProcessor::Vanilla,
+        AttnProcessor::Sliced { slice_size: 3 },
+    ] {
+        check_unet_in(
+            "tiny-sd/unet",
+            "unet",
+            false,
+            processor,
+            MemoryFormat::ChannelsLast,
+        );
+    }
+    check_unet_in(
+        "tiny-sd2-unet/unet",
+        "unet_sd2",
+        true,
+        AttnProcessor::Fused,
+        MemoryFormat::ChannelsLast,
+    );
+
+    let device = Default::default();
+    let (mut unet, _) =
+        UNet2DConditionModel::<Cpu>::load(&fixture("tiny-sd/unet"), None, &device).unwrap();
+    let before = unet.conv_in.weight.val().into_data();
+    unet.set_memory_format(MemoryFormat::ChannelsLast);
+    assert_eq!(unet.memory_format(), MemoryFormat::ChannelsLast);
+    // Every 3×3 conv weight is OHWI in memory behind its [out, in, 3, 3] shape.
+    let strides = |w: Tensor<Cpu, 4>| match w.into_primitive() {
+        TensorPrimitive::Float(t) => t.layout().strides().to_vec(),
+        TensorPrimitive::QFloat(_) => unreachable!("f32 weights"),
+    };
+    let conv1 = &unet.down_blocks[0].resnets[0].conv1;
+    let [_, i, kh, kw] = conv1.weight.dims();
+    assert_eq!(
+        strides(conv1.weight.val()),
+        vec![(i * kh * kw) as isize, 1, (kw * i) as isize, i as isize]
+    );
+    assert_eq!(
+        unet.conv_in.weight.val().into_data(),
+        before,
+        "same values, only the memory order changes"
+    );
+    unet.set_memory_format(MemoryFormat::Contiguous);
+    let conv1 = &unet.down_blocks[0].resnets[0].conv1;
+    assert_eq!(
+        strides(conv1.weight.val()),
+        vec![(i * kh * kw) as isize, (kh * kw) as isize, kw as isize, 1]
+    );
+    let r = refs("unet");
+    let out = unet
+        .forward(
+            tensor(&r, "sample"),
+            &timesteps(&r, "timestep"),
+            &tensor(&r, "encoder_hidden_states"),
+            &ClassLabels::None,
+        )
+        .unwrap();
+    assert_close(&host(out), &r["out"], 1e-4, 1e-4, "back to NCHW");
 }
 
 #[test]

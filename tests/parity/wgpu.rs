@@ -8,11 +8,14 @@ use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, IntDType, Tensor, TensorData, f16, set_default_dtypes};
 use engine::backend::{BackendKind, BackendRequest, select_backend};
+use engine::models::MemoryFormat;
 use engine::models::unets::ClassLabels;
 use engine::tensor_io::HostTensor;
 
 use crate::common::{assert_close, refs};
-use crate::txt2img::{check_on, check_on_within, pipeline_on};
+use crate::txt2img::{check_on, check_on_within, pipeline_on, request};
+use engine::pipelines::stable_diffusion::StableDiffusionPipeline;
+use engine::pipelines::{CancelToken, StepProgress};
 
 /// Burn's plain CubeCL backend on wgpu: the "fusion off" switch.
 type WgpuUnfused = CubeBackend<WgpuRuntime, f32, i32, u32>;
@@ -80,9 +83,12 @@ fn check_unet<B: Backend>(
 #[test]
 fn engine_matches_diffusers_on_wgpu() {
     let Some(device) = adapter() else { return };
-    let pipe = pipeline_on::<Wgpu>(&device);
+    let mut pipe = pipeline_on::<Wgpu>(&device);
 
     check_unet(&pipe, &device, 1e-4, "wgpu unet");
+    pipe.set_memory_format(MemoryFormat::ChannelsLast);
+    check_unet(&pipe, &device, 1e-4, "wgpu channels-last unet");
+    pipe.set_memory_format(MemoryFormat::Contiguous);
 
     let r = refs("vae");
     let posterior = pipe.vae.encode(upload::<Wgpu, 4>(&r["image"], &device));
@@ -106,8 +112,10 @@ fn engine_matches_diffusers_on_wgpu() {
 #[test]
 fn unfused_and_f16_match_diffusers_on_wgpu() {
     let Some(device) = adapter() else { return };
-    let pipe = pipeline_on::<WgpuUnfused>(&device);
+    let mut pipe = pipeline_on::<WgpuUnfused>(&device);
     check_unet(&pipe, &device, 1e-4, "wgpu unfused unet");
+    pipe.set_memory_format(MemoryFormat::ChannelsLast);
+    check_unet(&pipe, &device, 1e-4, "wgpu unfused channels-last unet");
     drop(pipe);
 
     // Burn fixes a device's float type at its first tensor, for every backend type on it, so
@@ -137,5 +145,74 @@ fn unfused_and_f16_match_diffusers_on_wgpu() {
         "the VAE stays f32"
     );
     check_unet(&pipe, &f16_device, F16_UNET_TOLERANCE, "wgpu f16 unet");
+    let mut pipe = pipe;
+    pipe.set_memory_format(MemoryFormat::ChannelsLast);
+    check_unet(
+        &pipe,
+        &f16_device,
+        F16_UNET_TOLERANCE,
+        "wgpu f16 channels-last unet",
+    );
+    pipe.set_memory_format(MemoryFormat::Contiguous);
     check_on_within(&pipe, "txt2img_pndm", None, false, F16_IMAGE_TOLERANCE);
+
+    // The NaN fallback: a conv whose outputs overflow f16 (but not f32, where the GroupNorm
+    // after it removes the scale) makes the f16 UNet return NaN; the pipeline redoes the step
+    // in f32, says so, and gives the image an all-f32 run of the same weights gives.
+    overflow_f16(&mut pipe);
+    let r = refs("unet");
+    let ts: Vec<f64> = r["timestep"].values.iter().map(|&v| v as f64).collect();
+    let raw = pipe
+        .unet
+        .forward(
+            upload(&r["sample"], &f16_device),
+            &ts,
+            &upload(&r["encoder_hidden_states"], &f16_device),
+            &ClassLabels::None,
+        )
+        .unwrap();
+    let raw = HostTensor::from_tensor(raw).unwrap();
+    assert!(
+        raw.values.iter().any(|v| !v.is_finite()),
+        "the doctored f16 UNet overflows"
+    );
+    let req = request(None);
+    let out = pipe
+        .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+        .expect("generate with the f32 fallback");
+    assert!(
+        out.notes.iter().any(|n| n.contains("redone in f32")),
+        "{:?}",
+        out.notes
+    );
+    let mut cpu = pipeline_on::<crate::common::Cpu>(&Default::default());
+    overflow_f16(&mut cpu);
+    let want = cpu
+        .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+        .unwrap();
+    assert!(want.notes.is_empty(), "f32 needs no fallback");
+    assert_close(
+        &out.images,
+        &want.images,
+        F16_IMAGE_TOLERANCE,
+        F16_IMAGE_TOLERANCE,
+        "f16 with the f32 fallback vs f32",
+    );
+}
+
+/// Scales the first resnet's conv1 by 10⁵ (computed in f32): its outputs (~10⁵) overflow
+/// f16's 65504 while its weights (≤ 3.3·10⁴ on the fixture) still fit.
+fn overflow_f16<B: Backend>(pipe: &mut StableDiffusionPipeline<B>) {
+    let scale = |t: Tensor<B, 4>| {
+        let dtype = t.dtype();
+        t.cast(DType::F32).mul_scalar(1e5).cast(dtype)
+    };
+    let conv = &mut pipe.unet.down_blocks[0].resnets[0].conv1;
+    conv.weight = conv.weight.clone().map(scale);
+    if let Some(bias) = conv.bias.take() {
+        conv.bias = Some(bias.map(|b| {
+            let dtype = b.dtype();
+            b.cast(DType::F32).mul_scalar(1e5).cast(dtype)
+        }));
+    }
 }

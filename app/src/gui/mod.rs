@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use eframe::egui;
 use engine::backend::{BackendRequest, Precision};
-use engine::models::AttnProcessor;
+use engine::models::{AttnProcessor, MemoryFormat};
 use engine::schedulers::SchedulerKind;
 
 pub use bench::{BenchForm, BenchState};
@@ -254,9 +254,18 @@ impl BrushfireApp {
         });
         let channels_last_reason = self.state.unavailable_reason(Setting::ChannelsLast);
         ui.add_enabled_ui(channels_last_reason.is_none(), |ui| {
-            let mut off = false;
-            ui.checkbox(&mut off, "Channels-last")
-                .on_disabled_hover_text(channels_last_reason.unwrap_or_default());
+            let mut on = settings.memory_format.is_channels_last();
+            if ui
+                .checkbox(&mut on, "Channels-last")
+                .on_hover_text(
+                    "UNet conv weights stored OHWI and activations kept NHWC between convs \
+                     (torch.channels_last); same images, different kernels",
+                )
+                .on_disabled_hover_text(channels_last_reason.unwrap_or_default())
+                .changed()
+            {
+                settings.memory_format = MemoryFormat::from_channels_last(on);
+            }
         });
         ui.horizontal(|ui| {
             ui.label("Precision");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use eframe::egui;
 use engine::backend::{BackendKind, BackendRequest, Precision, SelectedBackend};
 use engine::loading::{ModelAvailability, model_availability};
-use engine::models::AttnProcessor;
+use engine::models::{AttnProcessor, MemoryFormat};
 use engine::pipelines::{GenerationRequest, StepProgress};
 use engine::schedulers::SchedulerKind;
 use engine::tensor_io::HostTensor;
@@ -324,6 +324,7 @@ pub struct Persisted {
     pub backend: String,
     pub attention: String,
     pub fusion: bool,
+    pub channels_last: bool,
     pub precision: String,
     pub preview: bool,
     pub model_spec: String,
@@ -396,6 +397,7 @@ impl AppState {
             backend: backend_request_name(self.settings.backend).into(),
             attention: attention_name(self.settings.attention).into(),
             fusion: self.settings.execution.fusion,
+            channels_last: self.settings.memory_format.is_channels_last(),
             precision: self.settings.execution.precision.to_string(),
             preview: self.settings.preview,
             model_spec: self.model_spec.clone(),
@@ -426,6 +428,7 @@ impl AppState {
             s.settings.attention = a;
         }
         s.settings.execution.fusion = p.fusion;
+        s.settings.memory_format = MemoryFormat::from_channels_last(p.channels_last);
         if let Ok(precision) = p.precision.parse() {
             s.settings.execution.precision = precision;
         }
@@ -557,11 +560,16 @@ impl AppState {
                 images,
                 scheduler,
                 elapsed_secs,
+                notes,
             } => {
                 if let Some(index) = self.jobs.iter().position(|j| j.id == job) {
                     let job = self.jobs.remove(index);
                     self.add_images(&job.request, &images, scheduler);
                     self.status = format!("#{} done in {elapsed_secs:.1}s", job.id);
+                    for note in notes {
+                        self.status.push_str(" — ");
+                        self.status.push_str(&note);
+                    }
                 }
             }
             EngineEvent::Cancelled { job } => {
@@ -746,9 +754,6 @@ impl AppState {
             Setting::Precision(Precision::F16) if kind == Some(BackendKind::Cpu) => {
                 Some("f16 runs on GPU backends only (CUDA, wgpu); the CPU backend computes in f32.")
             }
-            Setting::ChannelsLast => Some(
-                "Not implemented yet: this build keeps conv weights OIHW and activations NCHW.",
-            ),
             _ => None,
         }
     }

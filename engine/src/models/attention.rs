@@ -2,7 +2,8 @@
 //! `FeedForward`; `models/activations.py`: `GEGLU`) and `Transformer2DModel`
 //! (`models/transformers/transformer_2d.py`, continuous input only: what SD uses).
 
-use crate::models::conv::conv2d_forward;
+use crate::models::conv::conv2d_forward_in;
+use crate::models::layout::MemoryFormat;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, LayerNorm, Linear};
@@ -10,7 +11,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::{Tensor, backend::Backend};
 
 use super::attention_processor::{Attention, AttentionConfig, AttnProcessor};
-use super::normalization::{conv2d, group_norm, group_norm_forward, layer_norm, linear};
+use super::normalization::{conv2d, group_norm, group_norm_forward_in, layer_norm, linear};
 
 /// `GEGLU`: a projection to twice the width, one half gating the other through GELU.
 #[derive(Module, Debug)]
@@ -169,27 +170,49 @@ impl<B: Backend> Transformer2DModel<B> {
     /// # Shapes
     /// - x: `[batch, channels, h, w]`, context: `[batch, ctx_tokens, cross_dim]` → `[batch, channels, h, w]`
     pub fn forward(&self, x: Tensor<B, 4>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
-        let [b, c, h, w] = x.dims();
+        self.forward_in(x, context, MemoryFormat::Contiguous)
+    }
+
+    /// [`Self::forward`] on a feature map in `format`. Channels-last feature maps are already
+    /// `[batch, h·w, channels]` tokens in memory: both reshapes are free.
+    pub fn forward_in(
+        &self,
+        x: Tensor<B, 4>,
+        context: &Tensor<B, 3>,
+        format: MemoryFormat,
+    ) -> Tensor<B, 4> {
+        let dims = x.dims();
+        let (b, c) = (dims[0], format.channels(dims));
+        let [h, w] = format.spatial(dims);
         let residual = x.clone();
-        let x = group_norm_forward(&self.norm, x);
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => {
-                let x = conv2d_forward(conv, x);
-                let inner = x.dims()[1];
-                x.reshape([b, inner, h * w]).swap_dims(1, 2) // [b, hw, inner]
+        let x = group_norm_forward_in(&self.norm, x, format);
+        // Feature map → tokens `[b, hw, channels]`, and back.
+        let to_tokens = |x: Tensor<B, 4>| {
+            let inner = format.channels(x.dims());
+            match format {
+                MemoryFormat::Contiguous => x.reshape([b, inner, h * w]).swap_dims(1, 2),
+                MemoryFormat::ChannelsLast => x.reshape([b, h * w, inner]),
             }
-            Projection::Linear(l) => l.forward(x.reshape([b, c, h * w]).swap_dims(1, 2)),
+        };
+        let to_map = |t: Tensor<B, 3>| {
+            let inner = t.dims()[2];
+            match format {
+                MemoryFormat::Contiguous => t.swap_dims(1, 2).reshape([b, inner, h, w]),
+                MemoryFormat::ChannelsLast => t.reshape([b, h, w, inner]),
+            }
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv2d_forward_in(conv, x, format)),
+            Projection::Linear(l) => l.forward(to_tokens(x)),
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context);
         }
         let out = match &self.proj_out {
-            Projection::Conv(conv) => {
-                let inner = tokens.dims()[2];
-                conv2d_forward(conv, tokens.swap_dims(1, 2).reshape([b, inner, h, w]))
-            }
-            Projection::Linear(l) => l.forward(tokens).swap_dims(1, 2).reshape([b, c, h, w]),
+            Projection::Conv(conv) => conv2d_forward_in(conv, to_map(tokens), format),
+            Projection::Linear(l) => to_map(l.forward(tokens)),
         };
+        debug_assert_eq!(format.channels(out.dims()), c);
         out.add(residual)
     }
 

@@ -15,6 +15,7 @@ use burn::tensor::{Bytes, DType, Shape, Tensor, backend::Backend};
 use rayon::prelude::*;
 
 use super::flex::{as_flex, from_flex};
+use super::layout::MemoryFormat;
 
 /// Largest `im2col` buffer built at once, in elements (64 MiB of f32): the output is processed
 /// in tiles of whole rows so the VAE's 512×512 layers do not need gigabytes.
@@ -25,6 +26,25 @@ pub fn conv2d_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B
     match flex_conv2d(conv, &x) {
         Some(out) => out,
         None => conv.forward(x),
+    }
+}
+
+/// `conv.forward` on a feature map in `format`, the result in the same format.
+///
+/// Channels-last on GPU backends: Burn's convolution permutes its input to NHWC and its
+/// output back, both views; handing it the NCHW view of an NHWC tensor makes both permutes
+/// land on contiguous memory. On the CPU backend our NHWC kernel runs.
+pub fn conv2d_forward_in<B: Backend>(
+    conv: &Conv2d<B>,
+    x: Tensor<B, 4>,
+    format: MemoryFormat,
+) -> Tensor<B, 4> {
+    match format {
+        MemoryFormat::Contiguous => conv2d_forward(conv, x),
+        MemoryFormat::ChannelsLast => match flex_conv2d_nhwc(conv, &x) {
+            Some(out) => out,
+            None => conv.forward(x.permute([0, 3, 1, 2])).permute([0, 2, 3, 1]),
+        },
     }
 }
 
@@ -69,48 +89,103 @@ impl ConvGeometry {
 /// Runs the convolution on flex's own buffers when `B` is flex, the tensors are f32 and the
 /// convolution is one our kernel covers (no groups, no dilation, explicit or no padding).
 fn flex_conv2d<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
-    if conv.groups != 1 || conv.dilation != [1, 1] || x.dtype() != DType::F32 {
-        return None;
-    }
-    let padding = match conv.padding {
-        PaddingConfig2d::Valid => [0; 4],
-        PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
-        PaddingConfig2d::Same => return None,
-    };
-    let input = as_flex(x.clone())?;
-    let weight = as_flex(conv.weight.val())?;
-    let bias = match &conv.bias {
-        Some(bias) => Some(as_flex(bias.val())?),
-        None => None,
-    };
     let [batch, c_in, h, w] = x.dims();
-    let w_dims = conv.weight.dims();
-    let geometry = ConvGeometry {
-        batch,
-        c_in,
-        in_hw: [h, w],
-        c_out: w_dims[0],
-        kernel: [w_dims[2], w_dims[3]],
-        stride: conv.stride,
-        padding,
-    };
-    if w_dims[1] != c_in || weight.dtype() != DType::F32 {
-        return None;
-    }
+    let FlexConv {
+        geometry,
+        input,
+        weight,
+        bias,
+    } = FlexConv::new(conv, x, batch, c_in, [h, w])?;
     let [oh, ow] = geometry.out_hw()?;
-    let input = input.to_contiguous();
     let weight = weight.to_contiguous();
-    let bias = bias.map(|b| b.to_contiguous());
     let out = conv2d_nchw_f32(
         &geometry,
         input.storage::<f32>(),
         weight.storage::<f32>(),
         bias.as_ref().map(|b| b.storage::<f32>()),
     )?;
-    let shape = Shape::from(vec![batch, geometry.c_out, oh, ow]);
+    flex_output([batch, geometry.c_out, oh, ow], out)
+}
+
+/// The NHWC twin of [`flex_conv2d`]: `x` is `[batch, h, w, c_in]`, the result
+/// `[batch, oh, ow, c_out]`; the weight is read OHWI (no copy when stored so).
+fn flex_conv2d_nhwc<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+    let [batch, h, w, c_in] = x.dims();
+    let FlexConv {
+        geometry,
+        input,
+        weight,
+        bias,
+    } = FlexConv::new(conv, x, batch, c_in, [h, w])?;
+    let [oh, ow] = geometry.out_hw()?;
+    let weight = weight.permute(&[0, 2, 3, 1]).to_contiguous();
+    let out = conv2d_nhwc_f32(
+        &geometry,
+        input.storage::<f32>(),
+        weight.storage::<f32>(),
+        bias.as_ref().map(|b| b.storage::<f32>()),
+    )?;
+    flex_output([batch, oh, ow, geometry.c_out], out)
+}
+
+/// A convolution our flex kernels cover, its tensors as contiguous flex buffers (the weight as
+/// stored, OIHW-shaped).
+struct FlexConv {
+    geometry: ConvGeometry,
+    input: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+}
+
+impl FlexConv {
+    /// `None` unless `B` is flex, everything is f32, and the convolution has no groups, no
+    /// dilation and explicit (or no) padding.
+    fn new<B: Backend>(
+        conv: &Conv2d<B>,
+        x: &Tensor<B, 4>,
+        batch: usize,
+        c_in: usize,
+        in_hw: [usize; 2],
+    ) -> Option<Self> {
+        if conv.groups != 1 || conv.dilation != [1, 1] || x.dtype() != DType::F32 {
+            return None;
+        }
+        let padding = match conv.padding {
+            PaddingConfig2d::Valid => [0; 4],
+            PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
+            PaddingConfig2d::Same => return None,
+        };
+        let input = as_flex(x.clone())?;
+        let weight = as_flex(conv.weight.val())?;
+        let bias = match &conv.bias {
+            Some(bias) => Some(as_flex(bias.val())?.to_contiguous()),
+            None => None,
+        };
+        let w_dims = conv.weight.dims();
+        if w_dims[1] != c_in || weight.dtype() != DType::F32 {
+            return None;
+        }
+        Some(Self {
+            geometry: ConvGeometry {
+                batch,
+                c_in,
+                in_hw,
+                c_out: w_dims[0],
+                kernel: [w_dims[2], w_dims[3]],
+                stride: conv.stride,
+                padding,
+            },
+            input: input.to_contiguous(),
+            weight,
+            bias,
+        })
+    }
+}
+
+fn flex_output<B: Backend>(dims: [usize; 4], out: Vec<f32>) -> Option<Tensor<B, 4>> {
     let out = FlexTensor::new(
         Bytes::from_elems(out),
-        Layout::contiguous(shape),
+        Layout::contiguous(Shape::from(dims.to_vec())),
         DType::F32,
     );
     from_flex(out)
@@ -170,7 +245,16 @@ fn conv2d_nchw_f32_tiled(
         let image = &input[b * g.c_in * h * w..(b + 1) * g.c_in * h * w];
         let out_image = &mut out[b * g.c_out * pixels..(b + 1) * g.c_out * pixels];
         if g.is_pointwise() {
-            gemm_accumulate(out_image, pixels, weight, image, g.c_out, k, pixels);
+            gemm_accumulate(
+                out_image,
+                pixels,
+                weight,
+                image,
+                Rhs::KByN,
+                g.c_out,
+                k,
+                pixels,
+            );
             continue;
         }
         let mut row0 = 0;
@@ -180,7 +264,16 @@ fn conv2d_nchw_f32_tiled(
             let column = &mut column[..k * tile_pixels];
             im2col_rows(g, image, row0, rows, ow, column);
             let dst = &mut out_image[row0 * ow..];
-            gemm_accumulate(dst, pixels, weight, column, g.c_out, k, tile_pixels);
+            gemm_accumulate(
+                dst,
+                pixels,
+                weight,
+                column,
+                Rhs::KByN,
+                g.c_out,
+                k,
+                tile_pixels,
+            );
             row0 += rows;
         }
     }
@@ -241,21 +334,37 @@ fn im2col_rows(
         });
 }
 
-/// `dst[m][0..n] += lhs[m × k] · rhs[k × n]`, `dst` rows `dst_row_stride` apart, on all threads.
+/// How the GEMM's right-hand matrix is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rhs {
+    /// `[k × n]`, row-major.
+    KByN,
+    /// `[n × k]`, row-major (the product uses its transpose).
+    NByK,
+}
+
+/// `dst[m][0..n] += lhs[m × k] · rhs`, `dst` rows `dst_row_stride` apart, on all threads.
+#[allow(clippy::too_many_arguments)]
 fn gemm_accumulate(
     dst: &mut [f32],
     dst_row_stride: usize,
     lhs: &[f32],
     rhs: &[f32],
+    rhs_layout: Rhs,
     m: usize,
     k: usize,
     n: usize,
 ) {
     assert!(m == 0 || dst.len() >= (m - 1) * dst_row_stride + n);
     assert!(lhs.len() >= m * k && rhs.len() >= k * n);
+    // Element (p, j) of the right-hand matrix is rhs[p·rhs_rs + j·rhs_cs].
+    let (rhs_cs, rhs_rs) = match rhs_layout {
+        Rhs::KByN => (1, n as isize),
+        Rhs::NByK => (k as isize, 1),
+    };
     // SAFETY: the asserts above keep every index the GEMM touches inside the three slices:
-    // dst[i·dst_row_stride + j] (i < m, j < n), lhs[i·k + p] (p < k), rhs[p·n + j]; `dst` is
-    // borrowed mutably, so it does not alias the inputs.
+    // dst[i·dst_row_stride + j] (i < m, j < n), lhs[i·k + p] (p < k), rhs[p·n + j] or
+    // rhs[j·k + p], all below k·n; `dst` is borrowed mutably, so it does not alias the inputs.
     unsafe {
         gemm::gemm(
             m,
@@ -269,8 +378,8 @@ fn gemm_accumulate(
             1,
             k as isize,
             rhs.as_ptr(),
-            1,
-            n as isize,
+            rhs_cs,
+            rhs_rs,
             1.0,
             1.0,
             false,
@@ -279,6 +388,105 @@ fn gemm_accumulate(
             gemm::Parallelism::Rayon(0),
         );
     }
+}
+
+/// Convolution of a contiguous NHWC f32 input with a contiguous OHWI weight, result NHWC.
+///
+/// Output pixels are the GEMM's rows: per tile of pixels, the `im2col` matrix
+/// `[pixels, kh·kw·c_in]` is gathered in parallel (each row is `kh·kw` contiguous channel runs of
+/// the input), then `out[pixels, c_out] = bias + col · Wᵀ` is one GEMM on all threads. A 1×1,
+/// stride-1, unpadded convolution is a single GEMM on the input as it is.
+///
+/// Returns `None` when the slices do not match the geometry.
+pub fn conv2d_nhwc_f32(
+    g: &ConvGeometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+) -> Option<Vec<f32>> {
+    conv2d_nhwc_f32_tiled(g, input, weight, bias, MAX_COLUMN_ELEMENTS)
+}
+
+fn conv2d_nhwc_f32_tiled(
+    g: &ConvGeometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    max_column_elements: usize,
+) -> Option<Vec<f32>> {
+    let [oh, ow] = g.out_hw()?;
+    let [h, w] = g.in_hw;
+    let k = g.c_in * g.kernel[0] * g.kernel[1];
+    let pixels = g.batch * oh * ow;
+    if input.len() != g.batch * h * w * g.c_in
+        || weight.len() != g.c_out * k
+        || bias.is_some_and(|b| b.len() != g.c_out)
+    {
+        return None;
+    }
+    let mut out = vec![0f32; pixels * g.c_out];
+    if out.is_empty() {
+        return Some(out);
+    }
+    if let Some(bias) = bias {
+        out.par_chunks_mut(g.c_out)
+            .for_each(|row| row.copy_from_slice(bias));
+    }
+    if g.is_pointwise() {
+        gemm_accumulate(
+            &mut out,
+            g.c_out,
+            input,
+            weight,
+            Rhs::NByK,
+            pixels,
+            k,
+            g.c_out,
+        );
+        return Some(out);
+    }
+    let tile = (max_column_elements / k.max(1)).clamp(1, pixels);
+    let mut column = vec![0f32; tile * k];
+    let mut p0 = 0;
+    while p0 < pixels {
+        let rows = tile.min(pixels - p0);
+        let column = &mut column[..rows * k];
+        im2col_nhwc(g, input, [oh, ow], p0, column);
+        let dst = &mut out[p0 * g.c_out..(p0 + rows) * g.c_out];
+        gemm_accumulate(dst, g.c_out, column, weight, Rhs::NByK, rows, k, g.c_out);
+        p0 += rows;
+    }
+    Some(out)
+}
+
+/// Fills `column[p][(ky·kw + kx)·c_in + ci]` for output pixels `p0..p0 + column.len()/k`
+/// (pixels numbered over the whole batch, row-major).
+fn im2col_nhwc(g: &ConvGeometry, input: &[f32], out_hw: [usize; 2], p0: usize, column: &mut [f32]) {
+    let [h, w] = g.in_hw;
+    let [oh, ow] = out_hw;
+    let [kh, kw] = g.kernel;
+    let [sy, sx] = g.stride;
+    let [pad_top, pad_left, _, _] = g.padding;
+    let c = g.c_in;
+    column
+        .par_chunks_mut(c * kh * kw)
+        .enumerate()
+        .for_each(|(i, row)| {
+            let p = p0 + i;
+            let (b, oy, ox) = (p / (oh * ow), (p / ow) % oh, p % ow);
+            for (tap, dst) in row.chunks_mut(c).enumerate() {
+                let (ky, kx) = (tap / kw, tap % kw);
+                let iy = (oy * sy + ky).checked_sub(pad_top).filter(|&y| y < h);
+                let ix = (ox * sx + kx).checked_sub(pad_left).filter(|&x| x < w);
+                match (iy, ix) {
+                    (Some(iy), Some(ix)) => {
+                        let start = ((b * h + iy) * w + ix) * c;
+                        dst.copy_from_slice(&input[start..start + c]);
+                    }
+                    _ => dst.fill(0.0),
+                }
+            }
+        });
 }
 
 #[cfg(test)]
@@ -394,6 +602,75 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(diff < 1e-5, "max diff {diff}");
+    }
+
+    /// `[a, b, c, d]` row-major → `[a, c, d, b]` (NCHW → NHWC, OIHW → OHWI).
+    fn channels_last(x: &[f32], [a, b, c, d]: [usize; 4]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for i in 0..a {
+            for j in 0..b {
+                for k in 0..c {
+                    for l in 0..d {
+                        out[((i * c + k) * d + l) * b + j] = x[((i * b + j) * c + k) * d + l];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn nhwc_matches_direct_convolution() {
+        let cases = [
+            ([2, 3, 7, 5, 4], [3, 3], [1, 1], [1, 1, 1, 1], usize::MAX),
+            ([1, 4, 9, 8, 3], [3, 3], [2, 2], [1, 1, 1, 1], usize::MAX),
+            ([2, 2, 8, 9, 5], [3, 3], [2, 2], [0, 0, 1, 1], usize::MAX),
+            ([2, 6, 4, 5, 3], [1, 1], [1, 1], [0, 0, 0, 0], usize::MAX),
+            ([1, 2, 6, 11, 2], [3, 5], [1, 1], [0, 2, 2, 1], usize::MAX),
+            // Tiles of 7 pixels (k = 18): tiles straddle rows and batch items.
+            ([2, 2, 5, 4, 3], [3, 3], [1, 1], [1, 1, 1, 1], 7 * 18),
+        ];
+        for ([batch, c_in, h, w, c_out], kernel, stride, padding, budget) in cases {
+            let g = ConvGeometry {
+                batch,
+                c_in,
+                in_hw: [h, w],
+                c_out,
+                kernel,
+                stride,
+                padding,
+            };
+            let [oh, ow] = g.out_hw().expect("geometry");
+            let x = values(batch * c_in * h * w, 1);
+            let wt = values(c_out * c_in * kernel[0] * kernel[1], 7);
+            let bias = values(c_out, 3);
+            let want = channels_last(&conv_reference(&g, &x, &wt, &bias), [batch, c_out, oh, ow]);
+            let got = conv2d_nhwc_f32_tiled(
+                &g,
+                &channels_last(&x, [batch, c_in, h, w]),
+                &channels_last(&wt, [c_out, c_in, kernel[0], kernel[1]]),
+                Some(&bias),
+                budget,
+            )
+            .expect("conv");
+            assert_eq!(got.len(), want.len());
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{g:?}: max diff {diff}");
+        }
+        let g = ConvGeometry {
+            batch: 1,
+            c_in: 2,
+            in_hw: [4, 4],
+            c_out: 3,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1, 1, 1, 1],
+        };
+        assert!(conv2d_nhwc_f32(&g, &[0.0; 31], &[0.0; 54], None).is_none());
     }
 
     #[test]

@@ -202,6 +202,101 @@ pub fn flex_softmax_last_dim<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Op
     ))
 }
 
+/// GroupNorm over a contiguous `[batch, h, w, channels]` f32 tensor on flex: per batch item,
+/// per-channel sums and sums of squares in f64 over row chunks in parallel, group statistics from
+/// them, then `y = x·scale + shift` with per-channel scale = γ·rstd and shift = β − mean·scale,
+/// rows in parallel. `None` (use the generic ops) when `B` is not flex or anything is not f32.
+pub fn flex_group_norm_nhwc<B: Backend>(
+    x: &Tensor<B, 4>,
+    groups: usize,
+    epsilon: f64,
+    gamma: Option<Tensor<B, 1>>,
+    beta: Option<Tensor<B, 1>>,
+) -> Option<Tensor<B, 4>> {
+    let [batch, h, w, c] = x.dims();
+    if x.dtype() != DType::F32 || groups == 0 || c % groups != 0 {
+        return None;
+    }
+    let input = as_flex(x.clone())?.to_contiguous();
+    let affine = |p: Option<Tensor<B, 1>>, default: f32| -> Option<Vec<f32>> {
+        match p {
+            Some(p) if p.dtype() == DType::F32 => {
+                Some(as_flex(p)?.to_contiguous().storage::<f32>().to_vec())
+            }
+            Some(_) => None,
+            None => Some(vec![default; c]),
+        }
+    };
+    let (gamma, beta) = (affine(gamma, 1.0)?, affine(beta, 0.0)?);
+    if gamma.len() != c || beta.len() != c {
+        return None;
+    }
+    let data = input.storage::<f32>();
+    let pixels = h * w;
+    let per_group = c / groups;
+    let count = (pixels * per_group) as f64;
+    let mut out = vec![0f32; data.len()];
+    if out.is_empty() {
+        return from_flex(FlexTensor::new(
+            Bytes::from_elems(out),
+            Layout::contiguous(Shape::from(vec![batch, h, w, c])),
+            DType::F32,
+        ));
+    }
+    let rows_per_task = (4096 / c).max(1);
+    for (item, dst) in data.chunks(pixels * c).zip(out.chunks_mut(pixels * c)) {
+        let (sum, sum_sq) = item
+            .par_chunks(rows_per_task * c)
+            .map(|rows| {
+                let mut s = vec![0f64; c];
+                let mut q = vec![0f64; c];
+                for row in rows.chunks(c) {
+                    for ((s, q), &v) in s.iter_mut().zip(q.iter_mut()).zip(row) {
+                        let v = v as f64;
+                        *s += v;
+                        *q += v * v;
+                    }
+                }
+                (s, q)
+            })
+            .reduce(
+                || (vec![0f64; c], vec![0f64; c]),
+                |(mut s, mut q), (s2, q2)| {
+                    s.iter_mut().zip(&s2).for_each(|(a, b)| *a += b);
+                    q.iter_mut().zip(&q2).for_each(|(a, b)| *a += b);
+                    (s, q)
+                },
+            );
+        let mut scale = vec![0f32; c];
+        let mut shift = vec![0f32; c];
+        for g in 0..groups {
+            let span = g * per_group..(g + 1) * per_group;
+            let mean = sum[span.clone()].iter().sum::<f64>() / count;
+            let var = (sum_sq[span.clone()].iter().sum::<f64>() / count - mean * mean).max(0.0);
+            let rstd = 1.0 / (var + epsilon).sqrt();
+            for ch in span {
+                let s = gamma[ch] as f64 * rstd;
+                scale[ch] = s as f32;
+                shift[ch] = (beta[ch] as f64 - mean * s) as f32;
+            }
+        }
+        dst.par_chunks_mut(rows_per_task * c)
+            .zip(item.par_chunks(rows_per_task * c))
+            .for_each(|(dst, src)| {
+                for (dst, src) in dst.chunks_mut(c).zip(src.chunks(c)) {
+                    for (((y, &x), &a), &b) in dst.iter_mut().zip(src).zip(&scale).zip(&shift) {
+                        *y = x * a + b;
+                    }
+                }
+            });
+    }
+    from_flex(FlexTensor::new(
+        Bytes::from_elems(out),
+        Layout::contiguous(Shape::from(vec![batch, h, w, c])),
+        DType::F32,
+    ))
+}
+
 /// Numerically stable softmax of one row, in place.
 fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

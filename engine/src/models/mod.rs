@@ -7,6 +7,7 @@ pub mod config;
 pub mod conv;
 pub mod embeddings;
 pub mod flex;
+pub mod layout;
 pub mod normalization;
 pub mod resnet;
 pub mod text_encoders;
@@ -14,3 +15,4 @@ pub mod unets;
 pub mod weights;
 
 pub use attention_processor::AttnProcessor;
+pub use layout::MemoryFormat;

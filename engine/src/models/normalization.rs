@@ -11,6 +11,9 @@ use burn::nn::{
 use burn::tensor::activation;
 use burn::tensor::{DType, Tensor, backend::Backend};
 
+use super::flex::flex_group_norm_nhwc;
+use super::layout::MemoryFormat;
+
 /// A `GroupNorm` with diffusers' arguments (always affine).
 pub fn group_norm<B: Backend>(
     groups: usize,
@@ -98,6 +101,61 @@ pub fn group_norm_forward<B: Backend, const D: usize>(
         .cast(dtype)
 }
 
+/// GroupNorm of a feature map in `format` (statistics in f32 as [`group_norm_forward`]).
+pub fn group_norm_forward_in<B: Backend>(
+    norm: &GroupNorm<B>,
+    x: Tensor<B, 4>,
+    format: MemoryFormat,
+) -> Tensor<B, 4> {
+    match format {
+        MemoryFormat::Contiguous => group_norm_forward(norm, x),
+        MemoryFormat::ChannelsLast => flex_group_norm_nhwc(
+            &x,
+            norm.num_groups,
+            norm.epsilon,
+            norm.gamma.as_ref().map(|g| g.val()),
+            norm.beta.as_ref().map(|b| b.val()),
+        )
+        .unwrap_or_else(|| group_norm_nhwc(norm, x)),
+    }
+}
+
+/// GroupNorm over `[batch, h, w, channels]`: channels stay innermost, so a group is a
+/// `[pixels, channels_per_group]` slab and scale/shift broadcast along the rows.
+fn group_norm_nhwc<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let dtype = x.dtype();
+    let [batch, h, w, channels] = x.dims();
+    let groups = norm.num_groups;
+    let per_group = channels / groups;
+    let x = x
+        .cast(DType::F32)
+        .reshape([batch, h * w, groups, per_group]);
+    // Every row holds the same number of a group's values: the mean of row means is the mean.
+    let mean = x.clone().mean_dim(3).mean_dim(1); // [batch, 1, groups, 1]
+    let var = x.clone().sub(mean.clone()).square().mean_dim(3).mean_dim(1);
+    let rstd = var.add_scalar(norm.epsilon).sqrt().recip();
+    let per_channel = |t: Tensor<B, 4>| {
+        t.expand([batch, 1, groups, per_group])
+            .reshape([batch, 1, channels])
+    };
+    let affine = |p: Tensor<B, 1>| p.cast(DType::F32).reshape([1, 1, channels]);
+    let rstd = per_channel(rstd);
+    let mean = per_channel(mean);
+    let scale = match &norm.gamma {
+        Some(gamma) => rstd.mul(affine(gamma.val())),
+        None => rstd,
+    };
+    let shift = match &norm.beta {
+        Some(beta) => affine(beta.val()).sub(mean.mul(scale.clone())),
+        None => mean.mul(scale.clone()).neg(),
+    };
+    x.reshape([batch, h * w, channels])
+        .mul(scale)
+        .add(shift)
+        .reshape([batch, h, w, channels])
+        .cast(dtype)
+}
+
 /// The activation functions diffusers' configs name (`act_fn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -128,6 +186,42 @@ impl Activation {
             Self::Silu => activation::silu(x),
             Self::Gelu => activation::gelu(x),
             Self::Mish => activation::mish(x),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Param;
+    use burn::tensor::Distribution;
+
+    type F = burn::backend::Flex;
+
+    /// Both channels-last GroupNorms (flex's kernel and the generic ops other backends run)
+    /// equal the NCHW one on the same values.
+    #[test]
+    fn channels_last_group_norm_equals_nchw() {
+        let device = Default::default();
+        let normal = Distribution::Normal(0.5, 2.0);
+        for (groups, [b, c, h, w]) in [(4, [2, 8, 5, 3]), (1, [1, 3, 4, 4]), (8, [3, 16, 1, 7])] {
+            let mut norm = group_norm::<F>(groups, c, 1e-5, &device);
+            norm.gamma = Some(Param::from_tensor(Tensor::random([c], normal, &device)));
+            norm.beta = Some(Param::from_tensor(Tensor::random([c], normal, &device)));
+            let x = Tensor::<F, 4>::random([b, c, h, w], normal, &device);
+            let want = group_norm_forward(&norm, x.clone()).permute([0, 2, 3, 1]);
+            let nhwc = x.permute([0, 2, 3, 1]);
+            let flex = group_norm_forward_in(&norm, nhwc.clone(), MemoryFormat::ChannelsLast);
+            let generic = group_norm_nhwc(&norm, nhwc);
+            for (got, what) in [(flex, "flex"), (generic, "generic")] {
+                assert_eq!(got.dims(), [b, h, w, c]);
+                let diff: f32 = (got - want.clone()).abs().max().into_scalar();
+                assert!(
+                    diff < 1e-5,
+                    "{what} {groups} groups {:?}: {diff}",
+                    [b, c, h, w]
+                );
+            }
         }
     }
 }

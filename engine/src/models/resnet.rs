@@ -1,13 +1,14 @@
 //! Residual blocks and resampling (aka diffusers' `models/resnet.py`: `ResnetBlock2D`;
 //! `models/downsampling.py`: `Downsample2D`; `models/upsampling.py`: `Upsample2D`).
 
-use crate::models::conv::conv2d_forward;
+use crate::models::conv::conv2d_forward_in;
+use crate::models::layout::MemoryFormat;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
-use super::normalization::{Activation, conv2d, group_norm, group_norm_forward, linear};
+use super::normalization::{Activation, conv2d, group_norm, group_norm_forward_in, linear};
 
 /// How the time embedding enters a resnet (`resnet_time_scale_shift`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +95,20 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// - temb: `[batch, temb_channels]`
     /// - output: `[batch, out_channels, h, w]`
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<&Tensor<B, 2>>) -> Tensor<B, 4> {
-        let h = self.act.forward(group_norm_forward(&self.norm1, x.clone()));
-        let h = conv2d_forward(&self.conv1, h);
+        self.forward_in(x, temb, MemoryFormat::Contiguous)
+    }
+
+    /// [`Self::forward`] on a feature map in `format`.
+    pub fn forward_in(
+        &self,
+        x: Tensor<B, 4>,
+        temb: Option<&Tensor<B, 2>>,
+        format: MemoryFormat,
+    ) -> Tensor<B, 4> {
+        let norm = |n: &GroupNorm<B>, h: Tensor<B, 4>| group_norm_forward_in(n, h, format);
+        let conv = |c: &Conv2d<B>, h: Tensor<B, 4>| conv2d_forward_in(c, h, format);
+        let h = self.act.forward(norm(&self.norm1, x.clone()));
+        let h = conv(&self.conv1, h);
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = if self.skip_time_act {
@@ -103,23 +116,21 @@ impl<B: Backend> ResnetBlock2D<B> {
                 } else {
                     self.act.forward(t.clone())
                 };
-                Some(proj.forward(t).unsqueeze_dims::<4>(&[2, 3])) // [b, c', 1, 1]
+                Some(format.per_channel(proj.forward(t))) // [b, c', 1, 1] or [b, 1, 1, c']
             }
             _ => None,
         };
         let h = match (self.time_embedding_norm, temb) {
-            (TimeEmbeddingNorm::Default, Some(t)) => group_norm_forward(&self.norm2, h.add(t)),
+            (TimeEmbeddingNorm::Default, Some(t)) => norm(&self.norm2, h.add(t)),
             (TimeEmbeddingNorm::ScaleShift, Some(t)) => {
-                let [scale, shift] = split2(t);
-                group_norm_forward(&self.norm2, h)
-                    .mul(scale.add_scalar(1.0))
-                    .add(shift)
+                let [scale, shift] = format.split_channels(t);
+                norm(&self.norm2, h).mul(scale.add_scalar(1.0)).add(shift)
             }
-            (_, None) => group_norm_forward(&self.norm2, h),
+            (_, None) => norm(&self.norm2, h),
         };
-        let h = conv2d_forward(&self.conv2, self.act.forward(h));
+        let h = conv(&self.conv2, self.act.forward(h));
         let x = match &self.conv_shortcut {
-            Some(conv) => conv2d_forward(conv, x),
+            Some(c) => conv(c, x),
             None => x,
         };
         let out = x.add(h);
@@ -129,12 +140,6 @@ impl<B: Backend> ResnetBlock2D<B> {
             out.div_scalar(self.output_scale_factor)
         }
     }
-}
-
-/// Splits `[b, 2c, 1, 1]` into two `[b, c, 1, 1]` halves (torch's `chunk(2, dim=1)`).
-fn split2<B: Backend>(t: Tensor<B, 4>) -> [Tensor<B, 4>; 2] {
-    let c = t.dims()[1] / 2;
-    [t.clone().narrow(1, 0, c), t.narrow(1, c, c)]
 }
 
 /// Diffusers' `Downsample2D` with a conv (`downsamplers.0.conv`).
@@ -157,7 +162,12 @@ impl<B: Backend> Downsample2D<B> {
     /// # Shapes
     /// - x: `[b, c, h, w]` → `[b, c_out, ceil(h/2), ceil(w/2)]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        conv2d_forward(&self.conv, x)
+        self.forward_in(x, MemoryFormat::Contiguous)
+    }
+
+    /// [`Self::forward`] on a feature map in `format`.
+    pub fn forward_in(&self, x: Tensor<B, 4>, format: MemoryFormat) -> Tensor<B, 4> {
+        conv2d_forward_in(&self.conv, x, format)
     }
 }
 
@@ -181,24 +191,53 @@ impl<B: Backend> Upsample2D<B> {
     /// # Shapes
     /// - x: `[b, c, h, w]` → `[b, c_out, 2h, 2w]` or `[b, c_out, size.0, size.1]`
     pub fn forward(&self, x: Tensor<B, 4>, size: Option<[usize; 2]>) -> Tensor<B, 4> {
-        conv2d_forward(&self.conv, upsample_nearest(x, size))
+        self.forward_in(x, size, MemoryFormat::Contiguous)
+    }
+
+    /// [`Self::forward`] on a feature map in `format`.
+    pub fn forward_in(
+        &self,
+        x: Tensor<B, 4>,
+        size: Option<[usize; 2]>,
+        format: MemoryFormat,
+    ) -> Tensor<B, 4> {
+        conv2d_forward_in(&self.conv, upsample_nearest_in(x, size, format), format)
     }
 }
 
 /// Nearest-neighbour upsampling with torch's `F.interpolate(mode="nearest")` index rule
 /// (`src = floor(dst · in / out)`).
 pub fn upsample_nearest<B: Backend>(x: Tensor<B, 4>, size: Option<[usize; 2]>) -> Tensor<B, 4> {
-    let [b, c, h, w] = x.dims();
-    match size {
-        None => x
+    upsample_nearest_in(x, size, MemoryFormat::Contiguous)
+}
+
+/// [`upsample_nearest`] of a feature map in `format`.
+pub fn upsample_nearest_in<B: Backend>(
+    x: Tensor<B, 4>,
+    size: Option<[usize; 2]>,
+    format: MemoryFormat,
+) -> Tensor<B, 4> {
+    let dims = x.dims();
+    let [h, w] = format.spatial(dims);
+    let (b, c) = (dims[0], format.channels(dims));
+    let (row_dim, col_dim) = match format {
+        MemoryFormat::Contiguous => (2, 3),
+        MemoryFormat::ChannelsLast => (1, 2),
+    };
+    match (size, format) {
+        (None, MemoryFormat::Contiguous) => x
             .reshape([b, c, h, 1, w, 1])
             .expand([b, c, h, 2, w, 2])
             .reshape([b, c, 2 * h, 2 * w]),
-        Some([oh, ow]) => {
+        (None, MemoryFormat::ChannelsLast) => x
+            .reshape([b, h, 1, w, 1, c])
+            .expand([b, h, 2, w, 2, c])
+            .reshape([b, 2 * h, 2 * w, c]),
+        (Some([oh, ow]), _) => {
             let device = x.device();
             let rows = nearest_indices::<B>(h, oh, &device);
             let cols = nearest_indices::<B>(w, ow, &device);
-            x.select(2, rows).select(3, cols)
+            x.select(row_dim, rows).select(col_dim, cols)
         }
     }
 }

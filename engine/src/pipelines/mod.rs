@@ -72,6 +72,34 @@ pub trait StepObserver {
 
     /// A preview of the first image after `step`: `[h, w, 3]` in [0, 1] at latent resolution.
     fn on_preview(&mut self, _step: usize, _preview: HostTensor) {}
+
+    /// Something the user should know about the run (e.g. a step redone in f32).
+    fn on_note(&mut self, _note: &str) {}
+}
+
+/// Passes everything on to `inner` and keeps the notes.
+pub(crate) struct NoteCollector<'a> {
+    pub inner: &'a mut dyn StepObserver,
+    pub notes: Vec<String>,
+}
+
+impl StepObserver for NoteCollector<'_> {
+    fn on_step(&mut self, progress: &StepProgress) {
+        self.inner.on_step(progress);
+    }
+
+    fn wants_preview(&self, step: usize) -> bool {
+        self.inner.wants_preview(step)
+    }
+
+    fn on_preview(&mut self, step: usize, preview: HostTensor) {
+        self.inner.on_preview(step, preview);
+    }
+
+    fn on_note(&mut self, note: &str) {
+        self.notes.push(note.to_string());
+        self.inner.on_note(note);
+    }
 }
 
 impl<F: FnMut(&StepProgress)> StepObserver for F {

@@ -7,6 +7,7 @@ use burn::tensor::{Tensor, backend::Backend};
 
 use crate::models::attention::{Transformer2DModel, Transformer2DModelConfig};
 use crate::models::attention_processor::{Attention, AttentionConfig, AttnProcessor};
+use crate::models::layout::MemoryFormat;
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 
 /// What every block of one UNet shares (the `get_down_block`/`get_up_block` arguments).
@@ -75,23 +76,24 @@ impl<B: Backend> DownBlock2D<B> {
     /// after the downsampler).
     ///
     /// # Shapes
-    /// - x: `[b, c_in, h, w]` → `[b, c_out, h', w']`
+    /// - x: `[b, c_in, h, w]` → `[b, c_out, h', w']` (in `format`, as are the skips)
     pub fn forward(
         &self,
         mut x: Tensor<B, 4>,
         temb: Option<&Tensor<B, 2>>,
         context: Option<&Tensor<B, 3>>,
         skips: &mut Vec<Tensor<B, 4>>,
+        format: MemoryFormat,
     ) -> Tensor<B, 4> {
         for (i, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(x, temb);
+            x = resnet.forward_in(x, temb, format);
             if let (Some(attn), Some(ctx)) = (self.attentions.get(i), context) {
-                x = attn.forward(x, ctx);
+                x = attn.forward_in(x, ctx, format);
             }
             skips.push(x.clone());
         }
         for down in &self.downsamplers {
-            x = down.forward(x);
+            x = down.forward_in(x, format);
             skips.push(x.clone());
         }
         x
@@ -100,7 +102,7 @@ impl<B: Backend> DownBlock2D<B> {
     /// The VAE encoder's use: no skips kept.
     pub fn forward_encoder(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let mut skips = Vec::new();
-        self.forward(x, None, None, &mut skips)
+        self.forward(x, None, None, &mut skips, MemoryFormat::Contiguous)
     }
 
     fn set_attn_processor(&mut self, processor: AttnProcessor) {
@@ -183,18 +185,19 @@ impl<B: Backend> UpBlock2D<B> {
         context: Option<&Tensor<B, 3>>,
         skips: &mut Vec<Tensor<B, 4>>,
         upsample_size: Option<[usize; 2]>,
+        format: MemoryFormat,
     ) -> Tensor<B, 4> {
         for (i, resnet) in self.resnets.iter().enumerate() {
             if let Some(skip) = skips.pop() {
-                x = Tensor::cat(vec![x, skip], 1);
+                x = format.cat_channels(vec![x, skip]);
             }
-            x = resnet.forward(x, temb);
+            x = resnet.forward_in(x, temb, format);
             if let (Some(attn), Some(ctx)) = (self.attentions.get(i), context) {
-                x = attn.forward(x, ctx);
+                x = attn.forward_in(x, ctx, format);
             }
         }
         for up in &self.upsamplers {
-            x = up.forward(x, upsample_size);
+            x = up.forward_in(x, upsample_size, format);
         }
         x
     }
@@ -202,7 +205,7 @@ impl<B: Backend> UpBlock2D<B> {
     /// The VAE decoder's use.
     pub fn forward_decoder(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let mut none = Vec::new();
-        self.forward(x, None, None, &mut none, None)
+        self.forward(x, None, None, &mut none, None, MemoryFormat::Contiguous)
     }
 
     fn set_attn_processor(&mut self, processor: AttnProcessor) {
@@ -238,17 +241,18 @@ impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
     }
 
     /// # Shapes
-    /// - x: `[b, c, h, w]` → same
+    /// - x: `[b, c, h, w]` → same (in `format`)
     pub fn forward(
         &self,
         x: Tensor<B, 4>,
         temb: &Tensor<B, 2>,
         context: &Tensor<B, 3>,
+        format: MemoryFormat,
     ) -> Tensor<B, 4> {
-        let mut x = self.resnets[0].forward(x, Some(temb));
+        let mut x = self.resnets[0].forward_in(x, Some(temb), format);
         for (attn, resnet) in self.attentions.iter().zip(self.resnets.iter().skip(1)) {
-            x = attn.forward(x, context);
-            x = resnet.forward(x, Some(temb));
+            x = attn.forward_in(x, context, format);
+            x = resnet.forward_in(x, Some(temb), format);
         }
         x
     }

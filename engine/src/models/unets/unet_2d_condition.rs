@@ -2,7 +2,8 @@
 //! its `config.json`: SD 1.x and 2.x (conv or linear projections, per-block heads,
 //! `only_cross_attention`, `upcast_attention`, class embeddings).
 
-use crate::models::conv::conv2d_forward;
+use crate::models::conv::conv2d_forward_in;
+use crate::models::layout::{ConvWeightLayout, MemoryFormat, map_in_place};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -21,7 +22,7 @@ use crate::models::attention::Transformer2DModelConfig;
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::config::{ModelConfig, PerBlock, read_config};
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
-use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward};
+use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward_in};
 use crate::models::resnet::{ResnetBlock2DConfig, TimeEmbeddingNorm};
 use crate::models::weights::load_safetensors;
 
@@ -188,6 +189,8 @@ pub struct UNet2DConditionModel<B: Backend> {
     pub class_embeddings_concat: bool,
     /// `2^(number of upsamplers)`: latent sides must be multiples of it or sizes are passed down.
     pub overall_up_factor: usize,
+    #[module(skip)]
+    memory_format: MemoryFormat,
 }
 
 impl UNet2DConditionConfig {
@@ -444,6 +447,7 @@ impl UNet2DConditionConfig {
             center_input_sample: self.center_input_sample,
             class_embeddings_concat: self.class_embeddings_concat,
             overall_up_factor: 1 << num_upsamplers,
+            memory_format: MemoryFormat::Contiguous,
         })
     }
 }
@@ -535,13 +539,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
             };
         }
 
-        let mut x = conv2d_forward(&self.conv_in, sample);
+        let format = self.memory_format;
+        let mut x = conv2d_forward_in(&self.conv_in, format.from_nchw(sample), format);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            x = block.forward(x, Some(&emb), Some(context), &mut skips);
+            x = block.forward(x, Some(&emb), Some(context), &mut skips, format);
         }
         if let Some(mid) = &self.mid_block {
-            x = mid.forward(x, &emb, context);
+            x = mid.forward(x, &emb, context, format);
         }
         let last = self.up_blocks.len().saturating_sub(1);
         for (i, block) in self.up_blocks.iter().enumerate() {
@@ -552,17 +557,51 @@ impl<B: Backend> UNet2DConditionModel<B> {
                     .len()
                     .checked_sub(n_res + 1)
                     .and_then(|k| skips.get(k))
-                    .map(|t| {
-                        let d = t.dims();
-                        [d[2], d[3]]
-                    })
+                    .map(|t| format.spatial(t.dims()))
             } else {
                 None
             };
-            x = block.forward(x, Some(&emb), Some(context), &mut skips, upsample_size);
+            x = block.forward(
+                x,
+                Some(&emb),
+                Some(context),
+                &mut skips,
+                upsample_size,
+                format,
+            );
         }
-        let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
-        Ok(conv2d_forward(&self.conv_out, x))
+        let x = self
+            .act
+            .forward(group_norm_forward_in(&self.conv_norm_out, x, format));
+        Ok(format.to_nchw(conv2d_forward_in(&self.conv_out, x, format)))
+    }
+
+    /// The memory format of the feature maps inside (diffusers'
+    /// `unet.to(memory_format=torch.channels_last)`): stores the conv weights in its order
+    /// (OHWI for channels-last) and keeps activations in it between the first and last
+    /// convolution. Inputs and outputs stay NCHW. Switching converts every conv weight once.
+    pub fn set_memory_format(&mut self, format: MemoryFormat) {
+        if format == self.memory_format {
+            return;
+        }
+        let mut mapper = ConvWeightLayout(format);
+        map_in_place(&mut self.conv_in, &mut mapper);
+        for block in &mut self.down_blocks {
+            map_in_place(block, &mut mapper);
+        }
+        if let Some(mid) = self.mid_block.as_mut() {
+            map_in_place(mid, &mut mapper);
+        }
+        for block in &mut self.up_blocks {
+            map_in_place(block, &mut mapper);
+        }
+        map_in_place(&mut self.conv_out, &mut mapper);
+        self.memory_format = format;
+    }
+
+    /// The memory format set by [`Self::set_memory_format`].
+    pub fn memory_format(&self) -> MemoryFormat {
+        self.memory_format
     }
 
     /// Sets the attention processor of every attention layer (diffusers' `set_attn_processor`).

@@ -11,16 +11,18 @@ use burn::tensor::{DType, Tensor, backend::Backend};
 
 use crate::error::{EngineError, Result};
 use crate::loading::single_file::map_single_file_keys;
-use crate::models::AttnProcessor;
 use crate::models::autoencoders::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::config::read_config;
 use crate::models::text_encoders::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::models::text_encoders::clip_tokenizer::CLIPTokenizer;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::weights::{CastParams, load_safetensors, load_safetensors_renamed};
+use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::preview::latents_to_rgb_preview;
-use crate::pipelines::{CancelToken, GenerationRequest, ModelLimits, StepClock, StepObserver};
+use crate::pipelines::{
+    CancelToken, GenerationRequest, ModelLimits, NoteCollector, StepClock, StepObserver,
+};
 use crate::schedulers::{self, Scheduler};
 use crate::tensor_io::HostTensor;
 use crate::tensor_io::read_safetensors_keys;
@@ -39,6 +41,8 @@ pub struct GenerationOutput {
     pub images: HostTensor,
     /// The scheduler used, for metadata.
     pub scheduler: &'static str,
+    /// What the user should know about the run (e.g. steps redone in f32).
+    pub notes: Vec<String>,
 }
 
 /// The SD 1.5 configs, tokenizer and scheduler config single-file checkpoints are read with:
@@ -245,6 +249,12 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         self.vae.set_attn_processor(processor);
     }
 
+    /// Sets the UNet's memory format (diffusers' `pipe.unet.to(memory_format=torch.channels_last)`;
+    /// the VAE keeps NCHW, as in the seed's benchmark).
+    pub fn set_memory_format(&mut self, format: MemoryFormat) {
+        self.unet.set_memory_format(format);
+    }
+
     /// Builds the scheduler the request asks for (its config, else the model's; its class
     /// override, else the config's `_class_name`).
     pub fn scheduler_for(&self, request: &GenerationRequest) -> Result<Box<dyn Scheduler<B>>> {
@@ -359,6 +369,10 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let latents = latents.mul_scalar(scheduler.init_noise_sigma());
 
         // 5. Denoising loop.
+        let mut observer = NoteCollector {
+            inner: observer,
+            notes: Vec::new(),
+        };
         let latents = denoise(
             &self.unet,
             scheduler.as_mut(),
@@ -373,7 +387,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             },
             noise,
             cancel,
-            observer,
+            &mut observer,
         )?;
         cancel.check()?;
 
@@ -382,6 +396,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         Ok(GenerationOutput {
             images,
             scheduler: scheduler.name(),
+            notes: observer.notes,
         })
     }
 
@@ -399,6 +414,69 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     }
 }
 
+/// The f16 → f32 fallback of [`denoise`].
+#[derive(Default)]
+struct UpcastUnet<B: Backend> {
+    /// The f32 copy, made at the first non-finite output.
+    unet: Option<UNet2DConditionModel<B>>,
+}
+
+impl<B: Backend> UpcastUnet<B> {
+    /// One UNet evaluation, in f32 once a reduced-precision one has failed.
+    fn forward(
+        &mut self,
+        unet: &UNet2DConditionModel<B>,
+        input: Tensor<B, 4>,
+        t: f64,
+        context: &Tensor<B, 3>,
+        step: usize,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Tensor<B, 4>> {
+        let dtype = input.dtype();
+        if self.unet.is_none() {
+            let out = unet.forward(input.clone(), &[t], context, &ClassLabels::None)?;
+            if dtype == DType::F32 || all_finite(&out) {
+                return Ok(out);
+            }
+            observer.on_note(&format!(
+                "the UNet's {dtype:?} output had NaN/inf values at step {step}: the step was \
+                 redone in f32, and so were the remaining steps"
+            ));
+            tracing::warn!(
+                step,
+                ?dtype,
+                "non-finite UNet output; redoing the step in f32"
+            );
+        }
+        let upcast = self
+            .unet
+            .get_or_insert_with(|| unet.clone().map(&mut CastParams(DType::F32)));
+        let out = upcast.forward(
+            input.cast(DType::F32),
+            &[t],
+            &context.clone().cast(DType::F32),
+            &ClassLabels::None,
+        )?;
+        if !all_finite(&out) {
+            return Err(EngineError::NonFinite(format!(
+                "the UNet produced NaN/inf values at step {step} even in f32: the weights or \
+                 inputs are broken"
+            )));
+        }
+        Ok(out.cast(dtype))
+    }
+}
+
+/// Whether a tensor holds only finite values (reads one flag back from the device).
+fn all_finite<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    t.clone()
+        .is_finite()
+        .all()
+        .into_data()
+        .iter::<bool>()
+        .all(|finite| finite)
+}
+
 /// What the denoising loop needs besides the models.
 #[derive(Debug, Clone, Copy)]
 pub struct DenoiseOptions<'a> {
@@ -413,6 +491,11 @@ pub struct DenoiseOptions<'a> {
 /// The denoising loop every SD pipeline shares: per timestep, the CFG batch through the UNet,
 /// guidance, the scheduler step; the cancel token is checked and the observer told each step.
 /// This is the loop the benchmark times (its it/s is the UNet evaluation rate).
+///
+/// In f16 (or any float type but f32) every UNet output is checked for NaN/∞: f16 overflows
+/// where f32 does not (activations past 65504). A step that produced one is redone with an f32
+/// copy of the UNet, which then runs the remaining steps of this call too, and the observer gets
+/// a note. NaN in f32 is an error naming the step.
 ///
 /// # Shapes
 /// - latents: `[batch, channels, h, w]` (already scaled by `init_noise_sigma`)
@@ -430,6 +513,7 @@ pub fn denoise<B: Backend>(
 ) -> Result<Tensor<B, 4>> {
     let batch = latents.dims()[0];
     let clock = StepClock::start(options.timesteps.len());
+    let mut upcast = UpcastUnet::default();
     for (i, &t) in options.timesteps.iter().enumerate() {
         cancel.check()?;
         let step = options.first_step + i;
@@ -438,7 +522,7 @@ pub fn denoise<B: Backend>(
             None => latents.clone(),
         };
         let model_input = scheduler.scale_model_input(model_input, step);
-        let noise_pred = unet.forward(model_input, &[t], context, &ClassLabels::None)?;
+        let noise_pred = upcast.forward(unet, model_input, t, context, i + 1, observer)?;
         let noise_pred = match options.guidance_scale {
             Some(scale) => {
                 let uncond = noise_pred.clone().narrow(0, 0, batch);
