@@ -354,6 +354,27 @@ pub fn device_memory(selected: &SelectedBackend) -> Option<DeviceMemory> {
     })
 }
 
+/// Starts a new peak of the process's resident memory (Linux: resets `VmHWM` through
+/// `/proc/self/clear_refs`). The CPU backend's "device memory" is the process's; the benchmark
+/// reads this per cell. Returns whether the reset worked.
+pub fn reset_peak_process_memory() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The process's peak resident memory in bytes since the last reset (Linux `VmHWM`).
+pub fn peak_process_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// Returns unused pool memory to the device (between benchmark cells, after unloading).
 pub fn release_device_memory(selected: &SelectedBackend) {
     match selected.kind {

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::backend::{
     BackendKind, BackendTask, ExecutionOptions, Precision, SelectedBackend, device_memory,
-    dispatch_with, release_device_memory,
+    dispatch_with, peak_process_memory, release_device_memory, reset_peak_process_memory,
 };
 use crate::error::{EngineError, Result};
 use crate::models::config::parse_config;
@@ -308,7 +308,8 @@ pub enum CellOutcome {
         unet_evals: usize,
         /// Seconds of every run, in order (the first includes kernel compilation).
         run_secs: Vec<f64>,
-        /// The most the device's memory pool held during the runs (GPU backends).
+        /// The most the device's memory pool held during the runs (GPU backends), or the
+        /// process's peak resident memory during the cell (CPU backend, Linux).
         peak_reserved_bytes: Option<u64>,
     },
     /// Did not run; the reason is shown in the table's cell.
@@ -511,6 +512,9 @@ impl BackendTask for UnetLoopTask<'_> {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<CellOutcome> {
         let spec = self.spec;
+        // On the CPU the device memory is the process's: its peak from here on is this cell's
+        // (the model, the activations, and whatever else the process holds).
+        let cpu_peak = self.selected.kind == BackendKind::Cpu && reset_peak_process_memory();
         let (unet_json, unet_path) = &self.models.unet_config;
         let config: UNet2DConditionConfig = parse_config(unet_json, unet_path)?;
         let mut unet = config.init::<B>(&device)?;
@@ -584,6 +588,9 @@ impl BackendTask for UnetLoopTask<'_> {
             if let Some(m) = device_memory(self.selected) {
                 peak = Some(peak.unwrap_or(0).max(m.bytes_reserved));
             }
+        }
+        if cpu_peak {
+            peak = peak_process_memory();
         }
         let last = run_secs.last().copied().unwrap_or(f64::NAN);
         Ok(CellOutcome::Measured {

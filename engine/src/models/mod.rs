@@ -5,6 +5,7 @@ pub mod attention_processor;
 pub mod autoencoders;
 pub mod config;
 pub mod conv;
+pub mod cube_attention;
 pub mod embeddings;
 pub mod flex;
 pub mod layout;

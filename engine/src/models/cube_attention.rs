@@ -1,0 +1,201 @@
+//! The fused attention processor on Burn's CubeCL backends (CUDA, wgpu) in f16, forced onto a
+//! flash kernel.
+//!
+//! Burn 0.21's `attention` op autotunes between CubeCL's flash kernels and a materialised
+//! fallback (and goes straight to the fallback when given an explicit scale): the fastest on a
+//! given shape wins, which at SD sizes can be the one that materialises `[heads, hw, hw]`
+//! scores — the very thing diffusers' SDPA processor exists to avoid (DESIGN.md §1). Here the
+//! flash kernel is called directly: the tensor-core variant where the device has tensor cores,
+//! else the unit variant, with f32 accumulation in both. Only when neither accepts the problem
+//! does it fall back to the materialised maths.
+//!
+//! Unfused backends (`CubeBackend`) run it on the spot; under fusion it is registered as a custom
+//! operation in the fusion stream, so the ops around it keep their order and fusion.
+
+use std::any::Any;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::wgpu::WgpuRuntime;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::ops::attention::attention_fallback;
+use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::kernel::attention::{AttentionStrategy, attention as cube_attention};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, CubeRuntime};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr, TensorStatus};
+use cubecl::cuda::CudaRuntime;
+use cubek::attention::routines::blackbox_accelerated::BlackboxAcceleratedStrategy;
+
+/// Planes per cube for the tensor-core variant (one of the sizes Burn's autotune tries).
+const ACCELERATED_PLANES: u8 = 4;
+
+/// Calls a flash kernel ran, and calls that no flash kernel accepted (materialised instead),
+/// for diagnostics and tests.
+static FLASH: AtomicUsize = AtomicUsize::new(0);
+static MATERIALISED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many forced calls ran a flash kernel in this process (counted when the kernel is
+/// launched, which under fusion is when the stream executes).
+pub fn flash_calls() -> usize {
+    FLASH.load(Ordering::Relaxed)
+}
+
+/// How many forced calls fell back to materialised scores in this process.
+pub fn materialised_fallbacks() -> usize {
+    MATERIALISED.load(Ordering::Relaxed)
+}
+
+/// `softmax(q kᵀ / √d) v` through a flash kernel when `B` is one of Burn's CubeCL backends
+/// (fused or not) on CUDA or wgpu; `None` otherwise (the caller runs Burn's op).
+///
+/// # Shapes
+/// - q `[n, heads, lq, d]`, k `[n, heads, lk, d]`, v `[n, heads, lk, dv]` → `[n, heads, lq, dv]`
+pub fn forced_flash_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+) -> Option<Tensor<B, 4>> {
+    let [q, k, v] = [q, k, v].map(|t| primitive::<B>(t.clone()));
+    let out = fused::<B, CudaRuntime>(&q, &k, &v)
+        .or_else(|| fused::<B, WgpuRuntime>(&q, &k, &v))
+        .or_else(|| unfused::<B, CudaRuntime>(&q, &k, &v))
+        .or_else(|| unfused::<B, WgpuRuntime>(&q, &k, &v))?;
+    Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+fn primitive<B: Backend>(t: Tensor<B, 4>) -> Option<B::FloatTensorPrimitive> {
+    match t.into_primitive() {
+        TensorPrimitive::Float(p) => Some(p),
+        TensorPrimitive::QFloat(_) => None,
+    }
+}
+
+/// `value` as a `T` if that is its type.
+fn cast<T: 'static, U: 'static>(value: U) -> Option<T> {
+    let any: Box<dyn Any> = Box::new(value);
+    any.downcast::<T>().ok().map(|b| *b)
+}
+
+/// The unfused CubeCL backend on runtime `R`: the kernel runs now.
+fn unfused<B: Backend, R: CubeRuntime>(
+    q: &Option<B::FloatTensorPrimitive>,
+    k: &Option<B::FloatTensorPrimitive>,
+    v: &Option<B::FloatTensorPrimitive>,
+) -> Option<B::FloatTensorPrimitive> {
+    let [q, k, v] = [q, k, v].map(|t| t.clone().and_then(cast::<CubeTensor<R>, _>));
+    let out = flash_or_fallback(q?, k?, v?);
+    cast(out)
+}
+
+/// The fusion backend over CubeCL on runtime `R`: a custom operation in the stream.
+fn fused<B: Backend, R: CubeRuntime>(
+    q: &Option<B::FloatTensorPrimitive>,
+    k: &Option<B::FloatTensorPrimitive>,
+    v: &Option<B::FloatTensorPrimitive>,
+) -> Option<B::FloatTensorPrimitive> {
+    type Fused<R> = FusionTensor<FusionCubeRuntime<R>>;
+    let [q, k, v] = [q, k, v].map(|t| t.clone().and_then(cast::<Fused<R>, _>));
+    let (q, k, v) = (q?, k?, v?);
+    let [n, heads, lq, _] = dims(&q.shape)?;
+    let [_, _, _, dv] = dims(&v.shape)?;
+    let client = q.client.clone();
+    let streams = OperationStreams::with_inputs([&q, &k, &v]);
+    let out = TensorIr {
+        id: client.create_empty_handle(),
+        shape: [n, heads, lq, dv].into(),
+        status: TensorStatus::NotInit,
+        dtype: q.dtype,
+    };
+    let desc = CustomOpIr::new(
+        "brushfire_flash_attention",
+        &[q.into_ir(), k.into_ir(), v.into_ir()],
+        &[out],
+    );
+    let op = FlashOp::<R> {
+        desc: desc.clone(),
+        _runtime: PhantomData,
+    };
+    let out = client
+        .register(streams, OperationIr::Custom(desc), op)
+        .into_iter()
+        .next()?;
+    cast(out)
+}
+
+fn dims(shape: &burn::tensor::Shape) -> Option<[usize; 4]> {
+    shape.to_vec().try_into().ok()
+}
+
+/// The fusion stream's record of one forced flash attention.
+#[derive(Debug)]
+struct FlashOp<R> {
+    desc: CustomOpIr,
+    _runtime: PhantomData<R>,
+}
+
+/// Reads and registers handles; the float type parameter does not matter for that.
+type Handles<R> = CubeBackend<R, f32, i32, u8>;
+
+impl<R: CubeRuntime> Operation<FusionCubeRuntime<R>> for FlashOp<R> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([q, k, v], [out]) = self.desc.as_fixed::<3, 1>();
+        let q = handles.get_float_tensor::<Handles<R>>(q);
+        let k = handles.get_float_tensor::<Handles<R>>(k);
+        let v = handles.get_float_tensor::<Handles<R>>(v);
+        let result = flash_or_fallback(q, k, v);
+        handles.register_float_tensor::<Handles<R>>(&out.id, result);
+    }
+}
+
+fn options() -> AttentionModuleOptions {
+    AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: false,
+    }
+}
+
+/// The tensor-core flash kernel, else the unit one, else the materialised maths.
+fn flash_or_fallback<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+) -> CubeTensor<R> {
+    // CubeCL's flash kernels (cubek 0.2) read their inputs as if contiguous, whatever the
+    // strides: a heads-split view of q came out wrong by ~1 on lavapipe. Copy views first.
+    let [q, k, v] = [q, k, v].map(into_contiguous);
+    let accelerated = AttentionStrategy::FlashBlackboxAccelerated(BlackboxAcceleratedStrategy {
+        num_planes: ACCELERATED_PLANES,
+        seq_q: 1,
+        seq_kv: 1,
+    });
+    for strategy in [accelerated, AttentionStrategy::FlashUnit] {
+        let name = format!("{strategy:?}");
+        match cube_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            None,
+            None,
+            options(),
+            strategy,
+        ) {
+            Ok(out) => {
+                FLASH.fetch_add(1, Ordering::Relaxed);
+                return out;
+            }
+            Err(e) => tracing::debug!(strategy = %name, error = ?e, "flash attention declined"),
+        }
+    }
+    MATERIALISED.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!("no flash attention kernel accepts this problem; materialising the scores");
+    attention_fallback::<Handles<R>>(q, k, v, None, None, options())
+}
