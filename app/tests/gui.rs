@@ -270,12 +270,17 @@ fn the_form_and_settings_survive_a_restart() {
     a.state.form.scheduler = Some(SchedulerKind::EulerAncestral);
     a.state.settings.attention = AttnProcessor::Sliced { slice_size: 1 };
     a.state.settings.preview = false;
+    a.state.settings.memory_format = MemoryFormat::ChannelsLast;
     a.state.recent_models = vec!["org/a".into(), "org/b".into()];
     let stored = serde_json::to_string(&a.state.to_persisted()).unwrap();
     let back: Persisted = serde_json::from_str(&stored).unwrap();
     let restored = BrushfireApp::restored(&back, None);
     assert_eq!(restored.state.to_persisted(), a.state.to_persisted());
     assert_eq!(restored.state.form.prompt, "remember me");
+    assert_eq!(
+        restored.state.settings.memory_format,
+        MemoryFormat::ChannelsLast
+    );
     assert_eq!(restored.state.model_spec, a.state.model_spec);
     // A model named on the command line wins; unknown stored values fall back to defaults.
     let restored = BrushfireApp::restored(&back, Some("org/other".into()));

@@ -57,6 +57,10 @@ run_parity() {
   parity f32-vanilla-nofusion --attention vanilla --fusion off --dtype f32
   parity f16-vanilla-fusion --attention vanilla --fusion on --dtype f16
   parity f32-sliced-fusion --attention sliced --fusion on --dtype f32
+  # The forced flash kernel (f16 fused) through fusion and without, and channels-last.
+  parity f16-fused-nofusion --attention fused --fusion off --dtype f16
+  parity f16-fused-fusion-cl --attention fused --fusion on --dtype f16 --channels-last on
+  parity f32-fused-fusion-cl --attention fused --fusion on --dtype f32 --channels-last on
 }
 export -f parity run_parity
 export BF
@@ -71,7 +75,7 @@ budget diffusers-b1 140 python3 tests/python/bench_diffusers.py --device cuda --
 
 # 3. Batch 16 (CFG batch 32): 10 steps (11 evaluations) per run to fit the lease.
 budget brushfire-b16 70 $BF bench --backend cuda --dtype f16 --pipelines sd-txt2img --batch 16 --size 512 \
-  --columns fusion,fused,baseline --steps 10 --runs 2 \
+  --columns fusion,fused,baseline,channels-last --steps 10 --runs 2 \
   --markdown "$OUT/brushfire_b16.md" --json "$OUT/brushfire_b16.json"
 budget diffusers-b16 50 python3 tests/python/bench_diffusers.py --device cuda --dtype f16 --batch 16 --size 512 \
   --columns fused,baseline --steps 10 --runs 2 --markdown "$OUT/diffusers_b16.md"

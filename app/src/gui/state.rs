@@ -506,9 +506,15 @@ impl AppState {
                 self.settings = s;
                 self.engine_settings = Some(s);
                 self.status = format!(
-                    "settings in effect from the next job: {} attention, fusion {}, {}",
+                    "settings in effect from the next job: {} attention, fusion {}, \
+                     channels-last {}, {}",
                     attention_name(s.attention),
                     if s.execution.fusion { "on" } else { "off" },
+                    if s.memory_format.is_channels_last() {
+                        "on"
+                    } else {
+                        "off"
+                    },
                     s.execution.precision
                 );
             }
