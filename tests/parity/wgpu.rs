@@ -28,6 +28,16 @@ const F16_UNET_TOLERANCE: f32 = 3e-2;
 /// Measured on lavapipe: max |diff| 2.6e-2.
 const F16_IMAGE_TOLERANCE: f32 = 4e-2;
 
+/// Held by the tests that read the process-wide flash-kernel counters, so one's kernel calls
+/// cannot be counted as the other's.
+static FLASH_COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock_flash_counters() -> std::sync::MutexGuard<'static, ()> {
+    FLASH_COUNTERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn adapter() -> Option<WgpuDevice> {
     match select_backend(BackendRequest::Wgpu) {
         Ok(selected) => {
@@ -145,6 +155,7 @@ fn unfused_and_f16_match_diffusers_on_wgpu() {
         DType::F32,
         "the VAE stays f32"
     );
+    let counters = lock_flash_counters();
     let (flash, materialised) = (flash_calls(), materialised_fallbacks());
     check_unet(&pipe, &f16_device, F16_UNET_TOLERANCE, "wgpu f16 unet");
     assert!(
@@ -239,6 +250,7 @@ fn forced_flash_attention_matches_the_definition_in_f16() {
     type W = WgpuUnfused;
     let normal = Distribution::Normal(0.0, 1.0);
     let f16 = |t: &Tensor<W, 4>| t.clone().cast(DType::F16);
+    let _counters = lock_flash_counters();
     for (n, h, lq, lk, d, strided) in [
         (1, 1, 16, 16, 8, false),
         (2, 2, 64, 77, 8, false),
