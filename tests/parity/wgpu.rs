@@ -167,6 +167,7 @@ fn unfused_and_f16_match_diffusers_on_wgpu() {
         materialised,
         "and never materialised"
     );
+    drop(counters);
     let mut pipe = pipe;
     pipe.set_memory_format(MemoryFormat::ChannelsLast);
     check_unet(

@@ -81,6 +81,26 @@ impl ConvGeometry {
         ])
     }
 
+    /// Weights per output channel: `c_in · kh · kw` (the GEMM's inner dimension).
+    fn taps(&self) -> usize {
+        self.c_in * self.kernel[0] * self.kernel[1]
+    }
+
+    /// The output size, when the input, weight and bias slices have this geometry's lengths
+    /// (in either layout: the lengths are the same).
+    fn check_slices(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Option<[usize; 2]> {
+        let [h, w] = self.in_hw;
+        let fits = input.len() == self.batch * self.c_in * h * w
+            && weight.len() == self.c_out * self.taps()
+            && bias.is_none_or(|b| b.len() == self.c_out);
+        if fits { self.out_hw() } else { None }
+    }
+
     fn is_pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0; 4]
     }
@@ -215,16 +235,9 @@ fn conv2d_nchw_f32_tiled(
     bias: Option<&[f32]>,
     max_column_elements: usize,
 ) -> Option<Vec<f32>> {
-    let [oh, ow] = g.out_hw()?;
-    let [h, w] = g.in_hw;
-    let k = g.c_in * g.kernel[0] * g.kernel[1];
+    let [oh, ow] = g.check_slices(input, weight, bias)?;
+    let k = g.taps();
     let pixels = oh * ow;
-    if input.len() != g.batch * g.c_in * h * w
-        || weight.len() != g.c_out * k
-        || bias.is_some_and(|b| b.len() != g.c_out)
-    {
-        return None;
-    }
     let mut out = vec![0f32; g.batch * g.c_out * pixels];
     if out.is_empty() {
         return Some(out);
@@ -242,7 +255,8 @@ fn conv2d_nchw_f32_tiled(
         vec![0f32; k * rows_per_tile * ow]
     };
     for b in 0..g.batch {
-        let image = &input[b * g.c_in * h * w..(b + 1) * g.c_in * h * w];
+        let plane = g.c_in * g.in_hw[0] * g.in_hw[1];
+        let image = &input[b * plane..(b + 1) * plane];
         let out_image = &mut out[b * g.c_out * pixels..(b + 1) * g.c_out * pixels];
         if g.is_pointwise() {
             gemm_accumulate(
@@ -414,16 +428,9 @@ fn conv2d_nhwc_f32_tiled(
     bias: Option<&[f32]>,
     max_column_elements: usize,
 ) -> Option<Vec<f32>> {
-    let [oh, ow] = g.out_hw()?;
-    let [h, w] = g.in_hw;
-    let k = g.c_in * g.kernel[0] * g.kernel[1];
+    let [oh, ow] = g.check_slices(input, weight, bias)?;
+    let k = g.taps();
     let pixels = g.batch * oh * ow;
-    if input.len() != g.batch * h * w * g.c_in
-        || weight.len() != g.c_out * k
-        || bias.is_some_and(|b| b.len() != g.c_out)
-    {
-        return None;
-    }
     let mut out = vec![0f32; pixels * g.c_out];
     if out.is_empty() {
         return Some(out);
