@@ -15,6 +15,7 @@ use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, PromptEmbe
 use engine::schedulers::SchedulerKind;
 use engine::tensor_io::{HostTensor, read_safetensors, read_tensor, write_safetensors};
 
+use crate::image_files::{read_mask, read_rgb, to_u8};
 use crate::png_meta::{GenerationParameters, write_png};
 
 /// On/off switches.
@@ -66,12 +67,23 @@ pub struct GenerateArgs {
     /// A diffusers scheduler_config.json; its `_class_name` picks the scheduler.
     #[arg(long)]
     pub scheduler_config: Option<PathBuf>,
+    /// img2img/inpaint init image (PNG/JPEG). img2img works at its size (rounded down to a
+    /// multiple of 8) unless --width/--height say otherwise; inpaint at the model's default size.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Inpainting mask (PNG/JPEG, the image's size): white = repaint, black = keep.
     #[arg(long)]
     pub mask: Option<PathBuf>,
+    /// img2img/inpaint strength in [0, 1] (default 0.8 for img2img, 1.0 for inpaint).
     #[arg(long)]
     pub strength: Option<f64>,
+    /// Inpaint: Gaussian blur radius of the mask, in pixels (0 = none).
+    #[arg(long, default_value_t = 0.0)]
+    pub mask_blur: f64,
+    /// Inpaint "only masked": work on the mask's box grown by N pixels, at full resolution, and
+    /// paste it back (diffusers' padding_mask_crop).
+    #[arg(long)]
+    pub padding_mask_crop: Option<usize>,
     #[arg(long)]
     pub controlnet: Option<String>,
     #[arg(long)]
@@ -124,11 +136,22 @@ struct Job {
     save_array: Option<PathBuf>,
 }
 
-fn reject_unused(args: &GenerateArgs) -> Result<()> {
-    let unused: [(&str, bool); 8] = [
-        ("--image", args.image.is_some()),
-        ("--mask", args.mask.is_some()),
-        ("--strength", args.strength.is_some()),
+fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
+    let image_flags = pipeline != PipelineKind::Txt2Img;
+    let inpaint = pipeline == PipelineKind::Inpaint;
+    let unused: [(&str, bool); 11] = [
+        ("--image", !image_flags && args.image.is_some()),
+        ("--strength", !image_flags && args.strength.is_some()),
+        ("--mask", !inpaint && args.mask.is_some()),
+        ("--mask-blur", !inpaint && args.mask_blur != 0.0),
+        (
+            "--padding-mask-crop",
+            !inpaint && args.padding_mask_crop.is_some(),
+        ),
+        (
+            "--latents",
+            pipeline == PipelineKind::Img2Img && args.latents.is_some(),
+        ),
         ("--controlnet", args.controlnet.is_some()),
         ("--control-image", args.control_image.is_some()),
         ("--controlnet-scale", args.controlnet_scale.is_some()),
@@ -138,12 +161,20 @@ fn reject_unused(args: &GenerateArgs) -> Result<()> {
     if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
         bail!("{flag} is not used by the {} pipeline", args.pipeline);
     }
+    if image_flags && args.image.is_none() {
+        bail!("the {} pipeline needs --image", args.pipeline);
+    }
+    if inpaint && args.mask.is_none() {
+        bail!("the inpaint pipeline needs --mask");
+    }
     Ok(())
 }
 
 fn prepare(args: &GenerateArgs) -> Result<Job> {
     let pipeline: PipelineKind = args.pipeline.parse()?;
-    reject_unused(args)?;
+    reject_unused(args, pipeline)?;
+    let image = args.image.as_deref().map(read_rgb).transpose()?;
+    let mask = args.mask.as_deref().map(read_mask).transpose()?;
     let attention = AttnProcessor::from_name(&args.attention)?;
     let scheduler = args
         .scheduler
@@ -206,6 +237,11 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
             scheduler,
             scheduler_config,
             latents,
+            image,
+            mask,
+            strength: args.strength,
+            mask_blur: args.mask_blur,
+            padding_mask_crop: args.padding_mask_crop,
         },
         attention,
         memory_format: MemoryFormat::from_channels_last(args.channels_last == Switch::On),
@@ -283,13 +319,22 @@ impl BackendTask for GenerateTask {
             model_dir.display(),
             load_start.elapsed().as_secs_f64()
         );
-        let default_side =
-            pipe.unet_config.sample_size.unwrap_or(64) * pipe.vae_config.scale_factor();
+        let factor = pipe.vae_config.scale_factor();
+        let default_side = pipe.unet_config.sample_size.unwrap_or(64) * factor;
+        // img2img works at the image's size rounded down to the VAE factor (diffusers'
+        // preprocess); txt2img and inpaint at the model's default size.
+        let default_size = match (&request.image, request.pipeline) {
+            (Some(image), PipelineKind::Img2Img) if image.shape.len() == 3 => (
+                (image.shape[1] / factor * factor).max(factor),
+                (image.shape[0] / factor * factor).max(factor),
+            ),
+            _ => (default_side, default_side),
+        };
         if request.width == 0 {
-            request.width = default_side;
+            request.width = default_size.0;
         }
         if request.height == 0 {
-            request.height = default_side;
+            request.height = default_size.1;
         }
         let cancel = CancelToken::new();
         let mut observer = |p: &StepProgress| {
@@ -322,6 +367,8 @@ impl BackendTask for GenerateTask {
                 .then(|| PathBuf::from(format!("brushfire-{}.png", request.seed)))
         });
         if let Some(path) = output {
+            // "Only masked" inpainting returns the original image's size.
+            let (height, width) = (out.images.shape[1], out.images.shape[2]);
             let params = GenerationParameters {
                 prompt: request.prompt.clone(),
                 negative_prompt: request.negative_prompt.clone(),
@@ -329,13 +376,15 @@ impl BackendTask for GenerateTask {
                 sampler: out.scheduler.to_string(),
                 cfg_scale: request.guidance_scale,
                 seed: request.seed,
-                width: request.width,
-                height: request.height,
+                width,
+                height,
                 model: model_name,
+                denoising_strength: (request.pipeline != PipelineKind::Txt2Img)
+                    .then(|| request.strength()),
             };
             for (i, rgb) in to_rgb8(&out.images).iter().enumerate() {
                 let file = numbered(&path, i, request.batch);
-                write_png(&file, request.width, request.height, rgb, &params)?;
+                write_png(&file, width, height, rgb, &params)?;
                 eprintln!("wrote {}", file.display());
             }
         }
@@ -346,15 +395,7 @@ impl BackendTask for GenerateTask {
 /// `[b, h, w, 3]` floats in [0, 1] → one RGB8 buffer per image (rounded as diffusers' `numpy_to_pil`).
 fn to_rgb8(images: &HostTensor) -> Vec<Vec<u8>> {
     let per = images.shape[1..].iter().product::<usize>();
-    images
-        .values
-        .chunks(per.max(1))
-        .map(|img| {
-            img.iter()
-                .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
-                .collect()
-        })
-        .collect()
+    images.values.chunks(per.max(1)).map(to_u8).collect()
 }
 
 fn numbered(path: &Path, i: usize, batch: usize) -> PathBuf {

@@ -4,5 +4,6 @@
 pub mod bench_cli;
 pub mod cli;
 pub mod gui;
+pub mod image_files;
 pub mod png_meta;
 pub mod progress;

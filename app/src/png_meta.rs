@@ -18,6 +18,8 @@ pub struct GenerationParameters {
     pub width: usize,
     pub height: usize,
     pub model: String,
+    /// img2img/inpaint strength (A1111's "Denoising strength").
+    pub denoising_strength: Option<f64>,
 }
 
 impl GenerationParameters {
@@ -38,6 +40,9 @@ impl GenerationParameters {
             self.height,
             self.model
         ));
+        if let Some(strength) = self.denoising_strength {
+            s.push_str(&format!(", Denoising strength: {strength}"));
+        }
         s
     }
 }
@@ -231,6 +236,7 @@ mod tests {
             width: 4,
             height: 2,
             model: "tiny-sd".into(),
+            denoising_strength: Some(0.75),
         };
         let rgb: Vec<u8> = (0..24).collect();
         write_png(&path, 4, 2, &rgb, &params).unwrap();

@@ -217,6 +217,7 @@ fn prompt_embeds_replace_the_text_encoder() {
 fn bad_flags_fail_with_a_message() {
     let model = fixture("tiny-sd");
     let model = model.to_str().unwrap();
+    let init = fixture("refs/init.png").to_string_lossy().into_owned();
     for (args, needle) in [
         (vec!["generate", "--model", model], "--prompt is required"),
         (
@@ -279,6 +280,64 @@ fn bad_flags_fail_with_a_message() {
             ],
             "--image",
         ),
+        (
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--pipeline",
+                "img2img",
+            ],
+            "needs --image",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--pipeline",
+                "img2img",
+                "--image",
+                "/nonexistent/init.png",
+            ],
+            "/nonexistent/init.png",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--pipeline",
+                "inpaint",
+                "--image",
+                init.as_str(),
+            ],
+            "needs --mask",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--pipeline",
+                "img2img",
+                "--image",
+                init.as_str(),
+                "--strength",
+                "2",
+                "--backend",
+                "cpu",
+            ],
+            "strength",
+        ),
     ] {
         let output = brushfire(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -300,5 +359,115 @@ fn a_single_file_checkpoint_generates_the_same_image() {
         "txt2img_pndm",
         "pndm",
         &["--seed", "1234"],
+    );
+}
+
+/// `brushfire generate --pipeline img2img|inpaint` with the reference's arguments equals
+/// diffusers' images (the PNGs have the working size and record the strength).
+fn image_pipeline_matches(model: &str, pipeline: &str, reference: &str, extra: &[&str]) {
+    let refs = fixture(&format!("refs/{reference}.safetensors"));
+    let out = temp(&format!("{reference}.safetensors"));
+    let png = temp(&format!("{reference}.png"));
+    let (model, init, mask) = (
+        fixture(model),
+        fixture("refs/init.png"),
+        fixture("refs/mask.png"),
+    );
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--pipeline",
+        pipeline,
+        "--prompt",
+        "a fantasy landscape, trending on artstation",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "5",
+        "--batch",
+        "2",
+        "--image",
+        init.to_str().unwrap(),
+        "--save-array",
+        out.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ];
+    if pipeline == "inpaint" {
+        args.extend([
+            "--mask",
+            mask.to_str().unwrap(),
+            "--width",
+            "128",
+            "--height",
+            "64",
+        ]);
+    }
+    args.extend_from_slice(extra);
+    let output = brushfire(&args);
+    assert!(
+        output.status.success(),
+        "brushfire failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ours = &read_safetensors(&out).unwrap()["image"];
+    let theirs = &read_safetensors(&refs).unwrap()["image"];
+    assert_eq!(ours.shape, theirs.shape, "{reference}");
+    let worst = ours
+        .values
+        .iter()
+        .zip(&theirs.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "{reference}: max |diff| {worst}");
+    let file = png.with_file_name(format!("{reference}-1.png"));
+    let img = image::open(&file).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 64));
+    let text = app::png_meta::read_parameters_text(&file).unwrap().unwrap();
+    assert!(text.contains("Denoising strength: "), "{text}");
+}
+
+#[test]
+fn img2img_equals_diffusers() {
+    // The image's own size (128×64) is the working size, as in diffusers.
+    image_pipeline_matches(
+        "tiny-sd",
+        "img2img",
+        "img2img_pndm",
+        &["--scheduler", "pndm", "--strength", "0.8", "--seed", "777"],
+    );
+    let tape = fixture("refs/img2img_ddim_tape.safetensors");
+    image_pipeline_matches(
+        "tiny-sd",
+        "img2img",
+        "img2img_ddim",
+        &[
+            "--scheduler",
+            "ddim",
+            "--strength",
+            "0.6",
+            "--noise-tape",
+            tape.to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn inpaint_equals_diffusers() {
+    // Default strength 1.0, as diffusers'.
+    image_pipeline_matches(
+        "tiny-sd-inpaint",
+        "inpaint",
+        "inpaint_pndm",
+        &["--scheduler", "pndm", "--seed", "4321"],
+    );
+    image_pipeline_matches(
+        "tiny-sd",
+        "inpaint",
+        "inpaint_legacy_ddim",
+        &["--scheduler", "ddim", "--strength", "0.8", "--seed", "4321"],
     );
 }

@@ -573,6 +573,7 @@ impl BackendTask for UnetLoopTask<'_> {
                     guidance_scale: Some(7.5),
                     timesteps: &timesteps,
                     first_step: 0,
+                    conditioning: None,
                 },
                 &mut generator as &mut dyn NoiseSource,
                 self.cancel,

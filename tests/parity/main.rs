@@ -8,6 +8,7 @@ mod backend;
 mod bench;
 mod clip;
 mod hub;
+mod img2img_inpaint;
 mod noise;
 mod schedulers;
 mod txt2img;

@@ -9,7 +9,7 @@ use eframe::egui;
 use engine::backend::{BackendKind, BackendRequest, Precision, SelectedBackend};
 use engine::loading::{ModelAvailability, model_availability};
 use engine::models::{AttnProcessor, MemoryFormat};
-use engine::pipelines::{GenerationRequest, StepProgress};
+use engine::pipelines::{GenerationRequest, PipelineKind, StepProgress};
 use engine::schedulers::SchedulerKind;
 use engine::tensor_io::HostTensor;
 use engine::worker::{EngineEvent, EngineHandle, EngineSettings, JobId};
@@ -624,6 +624,8 @@ impl AppState {
             width,
             height,
             model: model_label(&self.model_spec),
+            denoising_strength: (request.pipeline != PipelineKind::Txt2Img)
+                .then(|| request.strength()),
         };
         for (i, chunk) in images.values.chunks(per).take(batch).enumerate() {
             let rgb: Vec<u8> = chunk

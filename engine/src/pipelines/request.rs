@@ -2,6 +2,7 @@
 //! [`GenerationRequest::check_inputs`] before any tensor work.
 
 use crate::error::{EngineError, Result};
+use crate::pipelines::image_processor::image_size;
 use crate::schedulers::SchedulerKind;
 use crate::tensor_io::HostTensor;
 
@@ -11,6 +12,29 @@ pub enum PipelineKind {
     /// `StableDiffusionPipeline`.
     #[default]
     Txt2Img,
+    /// `StableDiffusionImg2ImgPipeline`.
+    Img2Img,
+    /// `StableDiffusionInpaintPipeline` (9-channel inpainting UNet, or a plain 4-channel one).
+    Inpaint,
+}
+
+impl PipelineKind {
+    /// The CLI name (`--pipeline`).
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Self::Txt2Img => "txt2img",
+            Self::Img2Img => "img2img",
+            Self::Inpaint => "inpaint",
+        }
+    }
+
+    /// Diffusers' default `strength` of the pipeline (img2img 0.8, inpaint 1.0).
+    pub fn default_strength(self) -> f64 {
+        match self {
+            Self::Img2Img => 0.8,
+            Self::Txt2Img | Self::Inpaint => 1.0,
+        }
+    }
 }
 
 impl std::str::FromStr for PipelineKind {
@@ -18,9 +42,11 @@ impl std::str::FromStr for PipelineKind {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "txt2img" => Ok(Self::Txt2Img),
-            "img2img" | "inpaint" | "controlnet" | "if" | "if-stage2" | "upscale" => Err(
-                EngineError::Unsupported(format!("the `{s}` pipeline is not implemented yet")),
-            ),
+            "img2img" => Ok(Self::Img2Img),
+            "inpaint" => Ok(Self::Inpaint),
+            "controlnet" | "if" | "if-stage2" | "upscale" => Err(EngineError::Unsupported(
+                format!("the `{s}` pipeline is not implemented yet"),
+            )),
             other => Err(EngineError::invalid(
                 "pipeline",
                 format!(
@@ -59,7 +85,24 @@ pub struct GenerationRequest {
     /// A diffusers scheduler config to use instead of the model's (`--scheduler-config`).
     pub scheduler_config: Option<serde_json::Value>,
     /// Initial latents before `init_noise_sigma` scaling (`--latents`), `[batch, c, h/f, w/f]`.
+    /// Inpainting takes them as its noise, as diffusers does; img2img has none.
     pub latents: Option<HostTensor>,
+    /// The init image of img2img and inpainting, `[h, w, 3]` in [0, 1]. Resized to
+    /// `width × height` when its size differs (diffusers' preprocessing); with
+    /// `padding_mask_crop` the crop around the mask is.
+    pub image: Option<HostTensor>,
+    /// The inpainting mask, `[h, w]` in [0, 1], the size of `image`: white (≥ 0.5 after the
+    /// blur) is repainted, black kept.
+    pub mask: Option<HostTensor>,
+    /// How much of the schedule runs on the noised image (0–1); `None` = the pipeline's default.
+    pub strength: Option<f64>,
+    /// Gaussian blur radius (pixels) applied to the mask first (diffusers' `mask_processor.blur`);
+    /// 0 = none.
+    pub mask_blur: f64,
+    /// "Inpaint only masked": work on the mask's bounding box grown by this many pixels, at
+    /// `width × height`, and paste the result back through the mask (diffusers'
+    /// `padding_mask_crop`). The output then has the size of `image`.
+    pub padding_mask_crop: Option<usize>,
 }
 
 impl Default for GenerationRequest {
@@ -78,6 +121,11 @@ impl Default for GenerationRequest {
             scheduler: None,
             scheduler_config: None,
             latents: None,
+            image: None,
+            mask: None,
+            strength: None,
+            mask_blur: 0.0,
+            padding_mask_crop: None,
         }
     }
 }
@@ -87,8 +135,10 @@ impl Default for GenerationRequest {
 pub struct ModelLimits {
     /// Image pixels per latent pixel (8 for SD).
     pub vae_scale_factor: usize,
-    /// Latent channels the UNet denoises.
+    /// Latent channels the UNet denoises (the VAE's).
     pub latent_channels: usize,
+    /// Input channels of the UNet: the latent channels, or 2·latent + 1 for an inpainting UNet.
+    pub unet_in_channels: usize,
     /// Width of the text embeddings the UNet attends to.
     pub cross_attention_dim: usize,
 }
@@ -100,6 +150,8 @@ pub const MAX_SIDE: usize = 8192;
 pub const MAX_BATCH: usize = 64;
 /// The most denoising steps one request may ask for.
 pub const MAX_STEPS: usize = 1000;
+/// The largest mask blur radius we accept (pixels).
+pub const MAX_MASK_BLUR: f64 = 256.0;
 
 impl GenerationRequest {
     /// Validates the request against the model before any tensor work (diffusers' `check_inputs`).
@@ -154,6 +206,7 @@ impl GenerationRequest {
                 ));
             }
         }
+        self.check_image_inputs(limits)?;
         if let Some(embeds) = &self.prompt_embeds {
             let check = |name: &'static str, t: &HostTensor| -> Result<()> {
                 let ok = t.shape.len() == 3
@@ -181,6 +234,113 @@ impl GenerationRequest {
                         "must have as many tokens as prompt_embeds",
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The strength this request runs with (its own, else the pipeline's default).
+    pub fn strength(&self) -> f64 {
+        self.strength
+            .unwrap_or_else(|| self.pipeline.default_strength())
+    }
+
+    /// `(t_start, steps that run)` of diffusers' `get_timesteps`: strength keeps the last
+    /// `min(int(steps · strength), steps)` of the schedule.
+    pub fn strength_schedule(&self) -> (usize, usize) {
+        let init_timestep = ((self.steps as f64 * self.strength()) as usize).min(self.steps);
+        (self.steps - init_timestep, init_timestep)
+    }
+
+    /// The image-conditioning part of [`Self::check_inputs`].
+    fn check_image_inputs(&self, limits: &ModelLimits) -> Result<()> {
+        let name = self.pipeline.cli_name();
+        let unused = |field: &'static str, given: bool| -> Result<()> {
+            if given {
+                Err(EngineError::invalid(
+                    field,
+                    format!("is not used by the {name} pipeline"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let inpainting_unet = limits.unet_in_channels == 2 * limits.latent_channels + 1;
+        if inpainting_unet && self.pipeline != PipelineKind::Inpaint {
+            return Err(EngineError::invalid(
+                "pipeline",
+                format!(
+                    "this model's UNet takes {} input channels (an inpainting model): use the \
+                     inpaint pipeline, not {name}",
+                    limits.unet_in_channels
+                ),
+            ));
+        }
+        if !inpainting_unet && limits.unet_in_channels != limits.latent_channels {
+            return Err(EngineError::Unsupported(format!(
+                "a UNet with {} input channels for {} latent channels",
+                limits.unet_in_channels, limits.latent_channels
+            )));
+        }
+        if self.pipeline == PipelineKind::Txt2Img {
+            unused("image", self.image.is_some())?;
+            unused("strength", self.strength.is_some())?;
+        }
+        if self.pipeline != PipelineKind::Inpaint {
+            unused("mask", self.mask.is_some())?;
+            unused("mask_blur", self.mask_blur != 0.0)?;
+            unused("padding_mask_crop", self.padding_mask_crop.is_some())?;
+        }
+        if self.pipeline == PipelineKind::Img2Img {
+            unused("latents", self.latents.is_some())?;
+        }
+        if self.pipeline == PipelineKind::Txt2Img {
+            return Ok(());
+        }
+        let image = self.image.as_ref().ok_or_else(|| {
+            EngineError::invalid("image", format!("the {name} pipeline needs an init image"))
+        })?;
+        let (w, h) = image_size(image, "image", 3)?;
+        if w > MAX_SIDE || h > MAX_SIDE {
+            return Err(EngineError::invalid(
+                "image",
+                format!("{w}×{h} is larger than {MAX_SIDE} on a side"),
+            ));
+        }
+        let strength = self.strength();
+        if !(0.0..=1.0).contains(&strength) {
+            return Err(EngineError::invalid(
+                "strength",
+                format!("{strength} must be between 0 and 1"),
+            ));
+        }
+        let (_, runs) = self.strength_schedule();
+        if runs < 1 {
+            return Err(EngineError::invalid(
+                "strength",
+                format!(
+                    "{strength} × {} steps leaves no step to run: raise the strength or the steps",
+                    self.steps
+                ),
+            ));
+        }
+        if self.pipeline == PipelineKind::Inpaint {
+            let mask = self
+                .mask
+                .as_ref()
+                .ok_or_else(|| EngineError::invalid("mask", "the inpaint pipeline needs a mask"))?;
+            let (mw, mh) = image_size(mask, "mask", 1)?;
+            if (mw, mh) != (w, h) {
+                return Err(EngineError::invalid(
+                    "mask",
+                    format!("is {mw}×{mh} but the image is {w}×{h}"),
+                ));
+            }
+            if !self.mask_blur.is_finite() || !(0.0..=MAX_MASK_BLUR).contains(&self.mask_blur) {
+                return Err(EngineError::invalid(
+                    "mask_blur",
+                    format!("{} must be between 0 and {MAX_MASK_BLUR}", self.mask_blur),
+                ));
             }
         }
         Ok(())

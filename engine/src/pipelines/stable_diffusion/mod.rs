@@ -1,8 +1,11 @@
-//! Stable Diffusion pipelines (aka diffusers' `pipelines/stable_diffusion/`).
+//! Stable Diffusion pipelines (aka diffusers' `pipelines/stable_diffusion/`): txt2img, img2img
+//! and inpainting share one loaded [`StableDiffusionPipeline`]; the request picks the pipeline.
 
 pub mod pipeline_stable_diffusion;
+mod pipeline_stable_diffusion_img2img;
+mod pipeline_stable_diffusion_inpaint;
 
 pub use pipeline_stable_diffusion::{
-    DenoiseOptions, GenerationOutput, LoadOptions, StableDiffusionPipeline, denoise,
-    sd15_config_dir,
+    DenoiseOptions, GenerationOutput, InpaintConditioning, LoadOptions, StableDiffusionPipeline,
+    denoise, sd15_config_dir,
 };

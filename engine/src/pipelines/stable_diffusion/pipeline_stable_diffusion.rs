@@ -1,5 +1,6 @@
 //! Text-to-image with Stable Diffusion 1.x/2.x (aka diffusers'
-//! `pipelines/stable_diffusion/pipeline_stable_diffusion.py`, `StableDiffusionPipeline`).
+//! `pipelines/stable_diffusion/pipeline_stable_diffusion.py`, `StableDiffusionPipeline`), and
+//! the loaded components img2img and inpainting share (their steps live beside this file).
 //!
 //! `__call__` order is kept: check inputs, encode the prompt, prepare timesteps, prepare latents,
 //! denoise (cancel checked and progress reported every step), decode.
@@ -21,7 +22,8 @@ use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::preview::latents_to_rgb_preview;
 use crate::pipelines::{
-    CancelToken, GenerationRequest, ModelLimits, NoteCollector, StepClock, StepObserver,
+    CancelToken, GenerationRequest, ModelLimits, NoteCollector, PipelineKind, StepClock,
+    StepObserver,
 };
 use crate::schedulers::{self, Scheduler};
 use crate::tensor_io::HostTensor;
@@ -238,7 +240,8 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     pub fn limits(&self) -> ModelLimits {
         ModelLimits {
             vae_scale_factor: self.vae_config.scale_factor(),
-            latent_channels: self.unet_config.in_channels,
+            latent_channels: self.vae_config.latent_channels,
+            unet_in_channels: self.unet_config.in_channels,
             cross_attention_dim: self.text_encoder.hidden_size(),
         }
     }
@@ -276,7 +279,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
 
     /// The CFG conditioning: `[negative; positive]` each repeated per image, or the positive
     /// alone without guidance. `[2·batch or batch, tokens, dim]`.
-    fn encode_prompt(&self, request: &GenerationRequest) -> Result<Tensor<B, 3>> {
+    pub(crate) fn encode_prompt(&self, request: &GenerationRequest) -> Result<Tensor<B, 3>> {
         let batch = request.batch;
         let cfg = request.do_classifier_free_guidance();
         let repeat = |t: Tensor<B, 3>| -> Tensor<B, 3> {
@@ -324,8 +327,9 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         })
     }
 
-    /// Runs txt2img. The seed feeds a torch-compatible generator for every draw not given
-    /// (initial latents, stochastic scheduler noise); `noise` replaces that generator when given.
+    /// Runs the request's pipeline (txt2img, img2img or inpaint). The seed feeds a
+    /// torch-compatible generator for every draw not given (initial latents, VAE posterior
+    /// samples, stochastic scheduler noise); `noise` replaces that generator when given.
     pub fn generate(
         &self,
         request: &GenerationRequest,
@@ -333,71 +337,133 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         cancel: &CancelToken,
         observer: &mut dyn StepObserver,
     ) -> Result<GenerationOutput> {
-        // 1. Check inputs (before any tensor work).
-        let limits = self.limits();
-        request.check_inputs(&limits)?;
-        let mut scheduler = self.scheduler_for(request)?;
+        // Check inputs before any tensor work.
+        request.check_inputs(&self.limits())?;
         let mut generator = TorchGenerator::new(request.seed);
         let noise: &mut dyn NoiseSource = match noise {
             Some(n) => n,
             None => &mut generator,
         };
         cancel.check()?;
+        match request.pipeline {
+            PipelineKind::Txt2Img => self.txt2img(request, noise, cancel, observer),
+            PipelineKind::Img2Img => self.img2img(request, noise, cancel, observer),
+            PipelineKind::Inpaint => self.inpaint(request, noise, cancel, observer),
+        }
+    }
+
+    /// Diffusers' `StableDiffusionPipeline.__call__` after `check_inputs`.
+    fn txt2img(
+        &self,
+        request: &GenerationRequest,
+        noise: &mut dyn NoiseSource,
+        cancel: &CancelToken,
+        observer: &mut dyn StepObserver,
+    ) -> Result<GenerationOutput> {
+        let limits = self.limits();
+        let mut scheduler = self.scheduler_for(request)?;
 
         // 2. Encode the prompt.
         let context = self.encode_prompt(request)?;
 
         // 3. Timesteps.
         scheduler.set_timesteps(request.steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
 
         // 4. Latents.
-        let shape = [
+        let shape = self.latent_shape(request);
+        let latents = match &request.latents {
+            Some(l) => l.to_tensor::<B, 4>("latents", &self.device)?,
+            None => self.randn(noise, &shape)?,
+        };
+        let latents = latents.mul_scalar(scheduler.init_noise_sigma());
+        debug_assert_eq!(shape[1], limits.latent_channels);
+
+        // 5.–6. Denoise and decode.
+        let (latents, notes) = self.denoise_from(
+            scheduler.as_mut(),
+            latents,
+            &context,
+            request,
+            0,
+            None,
+            noise,
+            cancel,
+            observer,
+        )?;
+        Ok(GenerationOutput {
+            images: self.decode_latents(latents)?,
+            scheduler: scheduler.name(),
+            notes,
+        })
+    }
+
+    /// `[batch, latent channels, h / f, w / f]` of a request.
+    pub(crate) fn latent_shape(&self, request: &GenerationRequest) -> [usize; 4] {
+        let limits = self.limits();
+        [
             request.batch,
             limits.latent_channels,
             request.height / limits.vae_scale_factor,
             request.width / limits.vae_scale_factor,
-        ];
-        let latents = match &request.latents {
-            Some(l) => l.to_tensor::<B, 4>("latents", &self.device)?,
-            None => HostTensor {
-                shape: shape.to_vec(),
-                values: noise.randn(&shape)?,
-            }
-            .to_tensor::<B, 4>("latents", &self.device)?,
-        };
-        let latents = latents.mul_scalar(scheduler.init_noise_sigma());
+        ]
+    }
 
-        // 5. Denoising loop.
+    /// One Gaussian draw of `shape` from `noise`, on the device.
+    pub(crate) fn randn(
+        &self,
+        noise: &mut dyn NoiseSource,
+        shape: &[usize],
+    ) -> Result<Tensor<B, 4>> {
+        HostTensor {
+            shape: shape.to_vec(),
+            values: noise.randn(shape)?,
+        }
+        .to_tensor::<B, 4>("noise", &self.device)
+    }
+
+    /// The denoising loop from scheduler step `first_step` to the end, with the request's
+    /// guidance; returns the final latents and the run's notes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn denoise_from(
+        &self,
+        scheduler: &mut dyn Scheduler<B>,
+        latents: Tensor<B, 4>,
+        context: &Tensor<B, 3>,
+        request: &GenerationRequest,
+        first_step: usize,
+        conditioning: Option<&InpaintConditioning<B>>,
+        noise: &mut dyn NoiseSource,
+        cancel: &CancelToken,
+        observer: &mut dyn StepObserver,
+    ) -> Result<(Tensor<B, 4>, Vec<String>)> {
+        let timesteps = scheduler
+            .timesteps()
+            .get(first_step..)
+            .unwrap_or_default()
+            .to_vec();
         let mut observer = NoteCollector {
             inner: observer,
             notes: Vec::new(),
         };
         let latents = denoise(
             &self.unet,
-            scheduler.as_mut(),
+            scheduler,
             latents,
-            &context,
+            context,
             &DenoiseOptions {
                 guidance_scale: request
                     .do_classifier_free_guidance()
                     .then_some(request.guidance_scale),
                 timesteps: &timesteps,
-                first_step: 0,
+                first_step,
+                conditioning,
             },
             noise,
             cancel,
             &mut observer,
         )?;
         cancel.check()?;
-
-        // 6. Decode.
-        let images = self.decode_latents(latents)?;
-        Ok(GenerationOutput {
-            images,
-            scheduler: scheduler.name(),
-            notes: observer.notes,
-        })
+        Ok((latents, observer.notes))
     }
 
     /// Latents → images `[b, h, w, 3]` in [0, 1] (VAE decode + diffusers' postprocess).
@@ -477,15 +543,35 @@ fn all_finite<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
         .all(|finite| finite)
 }
 
+/// How an inpainting run conditions the denoising loop on the known image.
+#[derive(Debug, Clone)]
+pub enum InpaintConditioning<B: Backend> {
+    /// A 9-channel inpainting UNet: `[mask, masked_image_latents]`, `[CFG batch, 1 + c, h, w]`,
+    /// concatenated to the scaled model input on the channel axis every step.
+    ExtraChannels(Tensor<B, 4>),
+    /// A plain UNet: after every step the known region is re-noised to the next step's level
+    /// and blended back through the mask (diffusers' 4-channel path).
+    Blend {
+        /// The init image's latents, `[batch, c, h, w]`.
+        image_latents: Tensor<B, 4>,
+        /// The noise the initial latents were made with, `[batch, c, h, w]`.
+        noise: Tensor<B, 4>,
+        /// 1 = repaint, `[batch, 1, h, w]`.
+        mask: Tensor<B, 4>,
+    },
+}
+
 /// What the denoising loop needs besides the models.
-#[derive(Debug, Clone, Copy)]
-pub struct DenoiseOptions<'a> {
+#[derive(Debug, Clone)]
+pub struct DenoiseOptions<'a, B: Backend> {
     /// Classifier-free guidance scale; `None` runs the UNet on the conditional batch only.
     pub guidance_scale: Option<f64>,
     /// The timesteps to run, `timesteps[i]` being scheduler step `first_step + i`.
     pub timesteps: &'a [f64],
     /// Index of the first timestep in the scheduler's list (img2img starts part-way).
     pub first_step: usize,
+    /// Inpainting's conditioning on the known image, if any.
+    pub conditioning: Option<&'a InpaintConditioning<B>>,
 }
 
 /// The denoising loop every SD pipeline shares: per timestep, the CFG batch through the UNet,
@@ -506,7 +592,7 @@ pub fn denoise<B: Backend>(
     scheduler: &mut dyn Scheduler<B>,
     mut latents: Tensor<B, 4>,
     context: &Tensor<B, 3>,
-    options: &DenoiseOptions<'_>,
+    options: &DenoiseOptions<'_, B>,
     noise: &mut dyn NoiseSource,
     cancel: &CancelToken,
     observer: &mut dyn StepObserver,
@@ -522,6 +608,12 @@ pub fn denoise<B: Backend>(
             None => latents.clone(),
         };
         let model_input = scheduler.scale_model_input(model_input, step);
+        let model_input = match options.conditioning {
+            Some(InpaintConditioning::ExtraChannels(extra)) => {
+                Tensor::cat(vec![model_input, extra.clone()], 1)
+            }
+            _ => model_input,
+        };
         let noise_pred = upcast.forward(unet, model_input, t, context, i + 1, observer)?;
         let noise_pred = match options.guidance_scale {
             Some(scale) => {
@@ -532,6 +624,20 @@ pub fn denoise<B: Backend>(
             None => noise_pred,
         };
         latents = scheduler.step(noise_pred, step, latents, noise)?;
+        if let Some(InpaintConditioning::Blend {
+            image_latents,
+            noise,
+            mask,
+        }) = options.conditioning
+        {
+            let known = if i + 1 < options.timesteps.len() {
+                scheduler.add_noise(image_latents.clone(), noise.clone(), step + 1)
+            } else {
+                image_latents.clone()
+            };
+            let keep = mask.clone().neg().add_scalar(1.0);
+            latents = keep.mul(known).add(mask.clone().mul(latents));
+        }
         observer.on_step(&clock.progress(i + 1, t));
         if i + 1 < options.timesteps.len() && observer.wants_preview(i + 1) {
             // Unit-variance latents for the preview (what the UNet sees at this step).
