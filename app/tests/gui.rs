@@ -456,3 +456,282 @@ fn a_running_benchmark_can_be_cancelled() {
         h.state().state.error
     );
 }
+
+/// The app on the inpaint page with a `w × h` grey source image, the canvas at `zoom` with
+/// the image's top-left `pan` points into the viewport.
+fn inpaint_harness(
+    w: usize,
+    h: usize,
+    zoom: f32,
+    pan: egui::Vec2,
+) -> Harness<'static, BrushfireApp> {
+    let mut app = app();
+    app.state.view = View::Inpaint;
+    app.state
+        .inputs
+        .set_source("grey.png".into(), w, h, vec![128; w * h * 3]);
+    let mut h = harness(app);
+    h.run_steps(2);
+    set_view(&mut h, zoom, pan);
+    h
+}
+
+fn set_view(h: &mut Harness<'static, BrushfireApp>, zoom: f32, pan: egui::Vec2) {
+    let canvas = &mut h.state_mut().state.inputs.source.as_mut().unwrap().canvas;
+    canvas.fit_pending = false;
+    canvas.zoom = zoom;
+    canvas.pan = pan;
+    h.run_steps(2);
+}
+
+fn canvas<'h>(h: &'h Harness<'static, BrushfireApp>) -> &'h app::gui::canvas::PaintCanvas {
+    &h.state().state.inputs.source.as_ref().unwrap().canvas
+}
+
+/// Drags through `points` (image pixels) on the canvas, one frame per point.
+fn drag_through(h: &mut Harness<'static, BrushfireApp>, points: &[egui::Pos2]) {
+    let screen: Vec<egui::Pos2> = points
+        .iter()
+        .map(|&p| canvas(h).image_to_screen(p))
+        .collect();
+    h.hover_at(screen[0]);
+    h.step();
+    h.drag_at(screen[0]);
+    h.step();
+    for &p in &screen[1..] {
+        h.hover_at(p);
+        h.step();
+    }
+    h.drop_at(*screen.last().unwrap());
+    h.run_steps(2);
+}
+
+/// Distance from pixel `(x, y)`'s centre to the polyline through `points`.
+fn distance_to_stroke(x: usize, y: usize, points: &[egui::Pos2]) -> f32 {
+    let c = egui::pos2(x as f32 + 0.5, y as f32 + 0.5);
+    let mut best = f32::INFINITY;
+    for pair in points.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        let ab = b - a;
+        let t = ((c - a).dot(ab) / ab.length_sq()).clamp(0.0, 1.0);
+        best = best.min((a + ab * t - c).length());
+    }
+    best
+}
+
+/// Every pixel well inside the brush's reach along `points` is `inside`, every pixel well
+/// outside it is `outside` (pixels within 0.02 px of the edge may go either way).
+fn assert_stroke(
+    layer: &[u8],
+    width: usize,
+    points: &[egui::Pos2],
+    radius: f32,
+    inside: u8,
+    outside: impl Fn(usize) -> u8,
+) {
+    let mut counted = 0;
+    for (i, &v) in layer.iter().enumerate() {
+        let d = distance_to_stroke(i % width, i / width, points);
+        if d < radius - 0.02 {
+            assert_eq!(
+                v,
+                inside,
+                "pixel ({}, {}) at {d} from the stroke",
+                i % width,
+                i / width
+            );
+            counted += 1;
+        } else if d > radius + 0.02 {
+            assert_eq!(
+                v,
+                outside(i),
+                "pixel ({}, {}) at {d} from the stroke",
+                i % width,
+                i / width
+            );
+        }
+    }
+    assert!(counted > 50, "the stroke covers pixels ({counted})");
+}
+
+#[test]
+fn a_drag_paints_exactly_the_brush_pixels_at_any_zoom_and_pan() {
+    for (zoom, pan) in [
+        (1.0, egui::Vec2::ZERO),
+        (2.5, egui::vec2(-31.0, 17.0)),
+        (2.5, egui::vec2(40.0, -9.0)),
+    ] {
+        let mut h = inpaint_harness(96, 64, zoom, pan);
+        let radius = 4.3;
+        h.state_mut()
+            .state
+            .inputs
+            .source
+            .as_mut()
+            .unwrap()
+            .canvas
+            .brush_radius = radius;
+        let points = [
+            egui::pos2(20.2, 12.7),
+            egui::pos2(44.6, 30.1),
+            egui::pos2(70.3, 33.9),
+        ];
+        drag_through(&mut h, &points);
+        let c = canvas(&h);
+        assert_stroke(c.layer(), 96, &points, radius, 255, |_| 0);
+        assert!(
+            c.can_undo() && !c.stroke_active(),
+            "zoom {zoom}: one finished stroke"
+        );
+    }
+}
+
+#[test]
+fn eraser_undo_redo_and_brush_keys_on_the_canvas() {
+    let mut h = inpaint_harness(80, 60, 2.0, egui::vec2(10.0, 10.0));
+    h.state_mut()
+        .state
+        .inputs
+        .source
+        .as_mut()
+        .unwrap()
+        .canvas
+        .brush_radius = 6.0;
+    let paint = [egui::pos2(10.5, 30.5), egui::pos2(70.5, 30.5)];
+    drag_through(&mut h, &paint);
+    let painted = canvas(&h).layer().to_vec();
+    assert!(canvas(&h).painted_pixels() > 500);
+
+    h.get_by_label("Eraser").click();
+    h.run_steps(2);
+    h.state_mut()
+        .state
+        .inputs
+        .source
+        .as_mut()
+        .unwrap()
+        .canvas
+        .brush_radius = 3.0;
+    let erase = [egui::pos2(40.2, 20.3), egui::pos2(40.7, 40.1)];
+    drag_through(&mut h, &erase);
+    assert_stroke(canvas(&h).layer(), 80, &erase, 3.0, 0, |i| painted[i]);
+    let erased = canvas(&h).layer().to_vec();
+
+    // Ctrl+Z undoes the eraser stroke, then the brush stroke; Ctrl+Shift+Z redoes them.
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    h.run_steps(2);
+    assert_eq!(canvas(&h).layer(), &painted[..]);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    h.run_steps(2);
+    assert!(canvas(&h).is_empty());
+    h.key_press_modifiers(
+        egui::Modifiers::COMMAND | egui::Modifiers::SHIFT,
+        egui::Key::Z,
+    );
+    h.run_steps(2);
+    assert_eq!(canvas(&h).layer(), &painted[..]);
+    h.key_press_modifiers(
+        egui::Modifiers::COMMAND | egui::Modifiers::SHIFT,
+        egui::Key::Z,
+    );
+    h.run_steps(2);
+    assert_eq!(canvas(&h).layer(), &erased[..]);
+
+    // [ and ] change the brush size; the Invert and Clear buttons are undoable too.
+    h.key_press(egui::Key::CloseBracket);
+    h.run_steps(2);
+    assert_eq!(canvas(&h).brush_radius, 4.0);
+    h.key_press(egui::Key::OpenBracket);
+    h.key_press(egui::Key::OpenBracket);
+    h.run_steps(2);
+    assert_eq!(canvas(&h).brush_radius, 2.0);
+    h.get_by_label("Invert").click();
+    h.run_steps(2);
+    assert_eq!(
+        canvas(&h).painted_pixels(),
+        80 * 60 - erased.iter().filter(|&&v| v > 0).count()
+    );
+    h.get_by_label("Clear").click();
+    h.run_steps(2);
+    assert!(canvas(&h).is_empty());
+    h.get_by_label("Undo").click();
+    h.run_steps(2);
+    h.get_by_label("Undo").click();
+    h.run_steps(2);
+    assert_eq!(canvas(&h).layer(), &erased[..]);
+}
+
+#[test]
+fn inpaint_and_img2img_generate_from_the_page_and_keep_the_mask() {
+    let mut h = inpaint_harness(64, 48, 1.0, egui::Vec2::ZERO);
+    wait(&mut h, "the model", |a| a.state.model_ready());
+    // An empty mask is refused with a message, before any work.
+    h.get_by_label("Generate").click();
+    h.run_steps(2);
+    let error = h.state().state.error.clone().unwrap_or_default();
+    assert!(error.contains("mask is empty"), "{error}");
+    assert!(h.state().state.jobs.is_empty());
+    h.state_mut().state.error = None;
+
+    h.state_mut()
+        .state
+        .inputs
+        .source
+        .as_mut()
+        .unwrap()
+        .canvas
+        .brush_radius = 8.0;
+    drag_through(&mut h, &[egui::pos2(12.0, 12.0), egui::pos2(40.0, 30.0)]);
+    let mask = canvas(&h).layer().to_vec();
+    h.get_by_label("Generate").click();
+    h.run_steps(2);
+    let job = &h.state().state.jobs[0].request;
+    assert_eq!(job.pipeline, engine::pipelines::PipelineKind::Inpaint);
+    assert_eq!((job.width, job.height), (64, 48), "the image's size");
+    assert_eq!(job.strength, Some(1.0));
+    let sent = job.mask.as_ref().unwrap();
+    assert_eq!(
+        sent.values.iter().filter(|&&v| v == 1.0).count(),
+        mask.iter().filter(|&&v| v > 0).count()
+    );
+    wait(&mut h, "the inpainted image", |a| {
+        !a.state.gallery.is_empty()
+    });
+    assert!(
+        h.state().state.error.is_none(),
+        "{:?}",
+        h.state().state.error
+    );
+    let img = &h.state().state.gallery[0];
+    assert_eq!((img.width, img.height), (64, 48));
+    assert_eq!(img.params.denoising_strength, Some(1.0));
+
+    // Another page and back: the mask is still there.
+    h.get_by_label("🎨 Image to image").click();
+    h.run_steps(2);
+    h.get_by_label("🖌 Inpaint").click();
+    h.run_steps(2);
+    assert_eq!(canvas(&h).layer(), &mask[..]);
+
+    // Send the result to img2img and run it at strength 0.5.
+    h.state_mut().state.send_to(0, View::Img2Img);
+    h.state_mut().state.inputs.strength = 0.5;
+    h.run_steps(2);
+    h.get_by_label("Generate").click();
+    h.run_steps(2);
+    let job = &h.state().state.jobs[0].request;
+    assert_eq!(job.pipeline, engine::pipelines::PipelineKind::Img2Img);
+    assert_eq!(job.strength, Some(0.5));
+    assert!(job.mask.is_none());
+    wait(&mut h, "the img2img image", |a| a.state.gallery.len() == 2);
+    assert!(
+        h.state().state.error.is_none(),
+        "{:?}",
+        h.state().state.error
+    );
+    assert_eq!(
+        canvas(&h).layer(),
+        &mask[..],
+        "same size: the mask stays with the new source"
+    );
+}

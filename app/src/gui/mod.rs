@@ -5,6 +5,9 @@
 
 mod bench;
 mod bench_panel;
+pub mod canvas;
+pub mod image_input;
+mod image_pages;
 mod state;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +25,7 @@ pub use state::{AppState, JobState, ModelStatus, Persisted, Setting, View};
 /// Hub models offered in the picker (those this build's pipelines can run).
 const HUB_MODELS: &[&str] = &[
     "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stable-diffusion-v1-5/stable-diffusion-inpainting",
     "stabilityai/stable-diffusion-2-1-base",
 ];
 /// Where eframe's storage keeps our state.
@@ -72,6 +76,8 @@ impl BrushfireApp {
         egui::CentralPanel::default().show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.selectable_value(&mut self.state.view, View::Generate, "🖼 Generate");
+                ui.selectable_value(&mut self.state.view, View::Img2Img, "🎨 Image to image");
+                ui.selectable_value(&mut self.state.view, View::Inpaint, "🖌 Inpaint");
                 let bench = if self.state.bench.running.is_some() {
                     "⏱ Benchmark (running)"
                 } else {
@@ -82,6 +88,8 @@ impl BrushfireApp {
             ui.separator();
             match self.state.view {
                 View::Generate => self.image_ui(ui),
+                View::Img2Img => self.img2img_ui(ui),
+                View::Inpaint => self.inpaint_ui(ui),
                 View::Benchmark => self.bench_ui(ui),
             }
         });
@@ -435,6 +443,12 @@ impl BrushfireApp {
             if ui.button("Reuse parameters").clicked() {
                 action = Some(GalleryAction::ReuseParameters);
             }
+            if ui.button("Send to img2img").clicked() {
+                action = Some(GalleryAction::SendTo(View::Img2Img));
+            }
+            if ui.button("Send to inpaint").clicked() {
+                action = Some(GalleryAction::SendTo(View::Inpaint));
+            }
         });
         ui.small(format!(
             "seed {} · {} steps · {} · CFG {}",
@@ -487,6 +501,7 @@ impl BrushfireApp {
             }
             GalleryAction::ReuseSeed => self.state.reuse_seed(index),
             GalleryAction::ReuseParameters => self.state.reuse_parameters(index),
+            GalleryAction::SendTo(view) => self.state.send_to(index, view),
         }
     }
 
@@ -527,12 +542,18 @@ impl BrushfireApp {
                 .anchor(egui::Align2::CENTER_CENTER, egui::Vec2::ZERO)
                 .show(ui.ctx(), |ui| {
                     egui::Frame::popup(ui.style()).show(ui, |ui| {
-                        ui.heading("Drop a PNG to restore its parameters");
+                        ui.heading(
+                            if matches!(self.state.view, View::Img2Img | View::Inpaint) {
+                                "Drop an image to start from it"
+                            } else {
+                                "Drop a PNG to restore its parameters"
+                            },
+                        );
                     });
                 });
         }
         if let Some(path) = dropped.last() {
-            self.state.open_dropped(path);
+            self.state.drop_file(path);
         }
     }
 
@@ -568,6 +589,8 @@ enum GalleryAction {
     OpenFolder,
     ReuseSeed,
     ReuseParameters,
+    /// Make it the img2img/inpainting source and show that page.
+    SendTo(View),
 }
 
 /// Opens `dir` in the system's file manager.

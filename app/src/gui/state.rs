@@ -16,6 +16,7 @@ use engine::worker::{EngineEvent, EngineHandle, EngineSettings, JobId};
 use serde::{Deserialize, Serialize};
 
 use super::bench::BenchState;
+use super::image_input::{ImageInputs, SizeFit};
 use crate::png_meta::{GenerationParameters, ParsedParameters, read_parameters_text, write_png};
 
 /// How many recently used models the picker remembers.
@@ -297,14 +298,32 @@ pub struct AppState {
     pub view: View,
     /// The benchmark panel.
     pub bench: BenchState,
+    /// The img2img / inpainting source image, its mask and their settings.
+    pub inputs: ImageInputs,
 }
 
 /// The centre's pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum View {
+    /// Text to image.
     #[default]
     Generate,
+    /// Image to image.
+    Img2Img,
+    /// Inpainting, with the mask canvas.
+    Inpaint,
     Benchmark,
+}
+
+impl View {
+    /// The pipeline Generate runs on this page.
+    pub fn pipeline(self) -> PipelineKind {
+        match self {
+            Self::Img2Img => PipelineKind::Img2Img,
+            Self::Inpaint => PipelineKind::Inpaint,
+            Self::Generate | Self::Benchmark => PipelineKind::Txt2Img,
+        }
+    }
 }
 
 /// What survives a restart (eframe storage). Strings, so an older or newer Brushfire reads it.
@@ -330,6 +349,12 @@ pub struct Persisted {
     pub model_spec: String,
     pub recent_models: Vec<String>,
     pub output_dir: Option<PathBuf>,
+    pub strength: f64,
+    pub inpaint_strength: f64,
+    pub size_fit: SizeFit,
+    pub mask_blur: f64,
+    pub only_masked: bool,
+    pub mask_padding: usize,
 }
 
 impl Default for Persisted {
@@ -377,6 +402,7 @@ impl AppState {
             recent_models: Vec::new(),
             view: View::default(),
             bench: BenchState::default(),
+            inputs: ImageInputs::default(),
         }
     }
 
@@ -403,6 +429,12 @@ impl AppState {
             model_spec: self.model_spec.clone(),
             recent_models: self.recent_models.clone(),
             output_dir: self.output_dir.clone(),
+            strength: self.inputs.strength,
+            inpaint_strength: self.inputs.inpaint_strength,
+            size_fit: self.inputs.fit,
+            mask_blur: self.inputs.mask_blur,
+            only_masked: self.inputs.only_masked,
+            mask_padding: self.inputs.padding,
         }
     }
 
@@ -435,6 +467,14 @@ impl AppState {
         s.settings.preview = p.preview;
         s.recent_models.clone_from(&p.recent_models);
         s.output_dir.clone_from(&p.output_dir);
+        let i = &mut s.inputs;
+        let unit = |v: f64, default: f64| if (0.0..=1.0).contains(&v) { v } else { default };
+        i.strength = unit(p.strength, i.strength);
+        i.inpaint_strength = unit(p.inpaint_strength, i.inpaint_strength);
+        i.fit = p.size_fit;
+        i.mask_blur = p.mask_blur.clamp(0.0, 64.0);
+        i.only_masked = p.only_masked;
+        i.padding = p.mask_padding.min(1024);
         s
     }
 
@@ -698,6 +738,37 @@ impl AppState {
         }
     }
 
+    /// Makes gallery image `index` the img2img/inpainting source and shows `view`.
+    pub fn send_to(&mut self, index: usize, view: View) {
+        if let Some(img) = self.gallery.get(index) {
+            let label = img.path.as_ref().and_then(|p| p.file_name()).map_or_else(
+                || format!("gallery image {}", index + 1),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            self.inputs
+                .set_source(label, img.width, img.height, img.rgb.clone());
+            self.view = view;
+        }
+    }
+
+    /// Opens an image file as the img2img/inpainting source.
+    pub fn open_source(&mut self, path: &Path) {
+        match self.inputs.open(path) {
+            Ok(()) => self.status = format!("opened {}", path.display()),
+            Err(e) => self.error = Some(format!("{e:#}")),
+        }
+    }
+
+    /// A file dropped on the window: on the img2img and inpaint pages an image becomes the
+    /// source; elsewhere a PNG's `parameters` go into the form.
+    pub fn drop_file(&mut self, path: &Path) {
+        if matches!(self.view, View::Img2Img | View::Inpaint) {
+            self.open_source(path);
+        } else {
+            self.open_dropped(path);
+        }
+    }
+
     /// Reads the `parameters` of a dropped PNG (Brushfire's or A1111's) into the form.
     pub fn open_dropped(&mut self, path: &Path) {
         let is_png = path
@@ -766,13 +837,29 @@ impl AppState {
         }
     }
 
-    /// Queues a generation from the form.
+    /// Queues a generation from the form, with the page's pipeline (the source image and its
+    /// mask for img2img/inpainting). A request that cannot be made says why in the status bar.
     pub fn queue_generation(&mut self) {
+        let pipeline = self.view.pipeline();
+        let images = match pipeline {
+            PipelineKind::Txt2Img => None,
+            _ => match self
+                .inputs
+                .request_images(pipeline, (self.form.width, self.form.height))
+            {
+                Ok(images) => Some(images),
+                Err(e) => {
+                    self.error = Some(format!("{e:#}"));
+                    return;
+                }
+            },
+        };
         if !self.form.seed_locked && !self.gallery.is_empty() {
             self.form.randomise_seed();
         }
         let f = &self.form;
-        let request = GenerationRequest {
+        let mut request = GenerationRequest {
+            pipeline,
             prompt: f.prompt.clone(),
             negative_prompt: f.negative_prompt.clone(),
             steps: f.steps,
@@ -784,6 +871,15 @@ impl AppState {
             scheduler: f.scheduler,
             ..Default::default()
         };
+        if let Some(images) = images {
+            request.width = images.width;
+            request.height = images.height;
+            request.image = Some(images.image);
+            request.mask = images.mask;
+            request.strength = Some(images.strength);
+            request.mask_blur = images.mask_blur;
+            request.padding_mask_crop = images.padding_mask_crop;
+        }
         if let Some(engine) = self.engine.as_mut() {
             let id = engine.generate(request.clone());
             self.jobs.push(Job {
