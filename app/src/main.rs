@@ -17,6 +17,10 @@ struct Cli {
     /// used last, else stable-diffusion-v1-5/stable-diffusion-v1-5).
     #[arg(long)]
     model: Option<String>,
+    /// Images to open (what the desktop entry's "Open with" passes): the last one becomes the
+    /// image-to-image / inpainting source, and a Brushfire or A1111 PNG also restores its
+    /// generation parameters.
+    files: Vec<std::path::PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -43,6 +47,6 @@ fn main() -> Result<()> {
     match cli.command {
         Some(Command::Generate(args)) => cli::generate(&args),
         Some(Command::Bench(args)) => bench_cli::bench(&args),
-        None => gui::run(cli.model),
+        None => gui::run(cli.model, cli.files),
     }
 }

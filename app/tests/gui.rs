@@ -376,8 +376,19 @@ fn the_benchmark_panel_runs_a_plan_shows_the_table_and_exports_it() {
                 assert!(*it_per_sec > 0.0);
                 assert_eq!(*unet_evals, 3, "PNDM: 2 steps are 3 UNet evaluations");
             }
-            (BenchPipeline::SdImg2Img, CellOutcome::Failed { reason }) => {
-                assert!(reason.contains("not implemented"), "{reason}");
+            (
+                BenchPipeline::SdImg2Img,
+                CellOutcome::Measured {
+                    it_per_sec,
+                    unet_evals,
+                    ..
+                },
+            ) => {
+                assert!(*it_per_sec > 0.0);
+                assert_eq!(
+                    *unet_evals, 2,
+                    "strength 0.8 keeps int(1.6) = 1 of 2 steps: 2 of PNDM's 3 evaluations"
+                );
             }
             other => panic!("unexpected cell {other:?}"),
         }
@@ -706,10 +717,24 @@ fn inpaint_and_img2img_generate_from_the_page_and_keep_the_mask() {
     assert_eq!((img.width, img.height), (64, 48));
     assert_eq!(img.params.denoising_strength, Some(1.0));
 
+    // A request the engine refuses (strength 0.1 of 3 steps leaves none) shows its error and
+    // loses nothing.
+    h.state_mut().state.inputs.inpaint_strength = 0.1;
+    h.get_by_label("Generate").click();
+    wait(&mut h, "the refusal", |a| {
+        a.state.error.is_some() && a.state.jobs.is_empty()
+    });
+    let error = h.state().state.error.clone().unwrap();
+    assert!(error.contains("strength"), "{error}");
+    assert_eq!(canvas(&h).layer(), &mask[..]);
+    assert_eq!(h.state().state.gallery.len(), 1);
+    h.state_mut().state.error = None;
+    h.state_mut().state.inputs.inpaint_strength = 1.0;
+
     // Another page and back: the mask is still there.
     h.get_by_label("🎨 Image to image").click();
     h.run_steps(2);
-    h.get_by_label("🖌 Inpaint").click();
+    h.get_by_label("✏ Inpaint").click();
     h.run_steps(2);
     assert_eq!(canvas(&h).layer(), &mask[..]);
 
@@ -733,5 +758,93 @@ fn inpaint_and_img2img_generate_from_the_page_and_keep_the_mask() {
         canvas(&h).layer(),
         &mask[..],
         "same size: the mask stays with the new source"
+    );
+}
+
+#[test]
+fn wheel_zooms_about_the_cursor_and_space_drag_pans_without_painting() {
+    let mut h = inpaint_harness(64, 64, 2.0, egui::vec2(20.0, 20.0));
+    let target = egui::pos2(30.5, 12.5);
+    let cursor = canvas(&h).image_to_screen(target);
+    h.hover_at(cursor);
+    h.step();
+    h.event(egui::Event::MouseWheel {
+        unit: egui::MouseWheelUnit::Line,
+        delta: egui::vec2(0.0, 3.0),
+        phase: egui::TouchPhase::Move,
+        modifiers: egui::Modifiers::NONE,
+    });
+    h.run_steps(2);
+    let c = canvas(&h);
+    assert!(c.zoom > 2.0 * 1.3, "zoomed in: {}", c.zoom);
+    assert!(
+        (c.screen_to_image(cursor) - target).length() < 1e-3,
+        "the pixel under the cursor stays there"
+    );
+
+    // Space + drag pans by the pointer's movement and paints nothing; the middle button too.
+    let pan = canvas(&h).pan;
+    h.key_down(egui::Key::Space);
+    h.step();
+    h.drag_at(cursor);
+    h.step();
+    h.hover_at(cursor + egui::vec2(25.0, -10.0));
+    h.step();
+    h.drop_at(cursor + egui::vec2(25.0, -10.0));
+    h.key_up(egui::Key::Space);
+    h.run_steps(2);
+    let moved = canvas(&h).pan - pan;
+    assert!(
+        (moved - egui::vec2(25.0, -10.0)).length() < 1e-3,
+        "panned by {moved:?}"
+    );
+    assert!(canvas(&h).is_empty(), "panning does not paint");
+    assert!(!canvas(&h).can_undo());
+
+    let pan = canvas(&h).pan;
+    let start = canvas(&h).image_to_screen(egui::pos2(20.0, 20.0));
+    h.hover_at(start);
+    h.step();
+    h.event(egui::Event::PointerButton {
+        pos: start,
+        button: egui::PointerButton::Middle,
+        pressed: true,
+        modifiers: egui::Modifiers::NONE,
+    });
+    h.step();
+    h.hover_at(start + egui::vec2(-12.0, 30.0));
+    h.step();
+    h.event(egui::Event::PointerButton {
+        pos: start + egui::vec2(-12.0, 30.0),
+        button: egui::PointerButton::Middle,
+        pressed: false,
+        modifiers: egui::Modifiers::NONE,
+    });
+    h.run_steps(2);
+    let moved = canvas(&h).pan - pan;
+    assert!(
+        (moved - egui::vec2(-12.0, 30.0)).length() < 1e-3,
+        "panned by {moved:?}"
+    );
+    assert!(canvas(&h).is_empty());
+}
+
+#[test]
+fn an_image_given_at_start_opens_as_the_img2img_source() {
+    // What "Open with Brushfire" passes (the desktop entry's %F).
+    let mut a = app();
+    a.state
+        .open_files(&[fixture("refs/mask.png"), fixture("refs/init.png")]);
+    assert_eq!(a.state.view, View::Img2Img);
+    let source = a.state.inputs.source.as_ref().unwrap();
+    assert_eq!((source.width, source.height), (128, 64));
+    assert_eq!(source.label, "init.png");
+    a.state.open_files(&[fixture("refs/missing.png")]);
+    let error = a.state.error.clone().unwrap();
+    assert!(error.contains("missing.png"), "{error}");
+    assert_eq!(
+        a.state.inputs.source.as_ref().unwrap().label,
+        "init.png",
+        "kept"
     );
 }

@@ -24,8 +24,8 @@ use crate::models::config::parse_config;
 use crate::models::unets::UNet2DConditionConfig;
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
-use crate::pipelines::stable_diffusion::{DenoiseOptions, denoise};
-use crate::pipelines::{CancelToken, StepProgress};
+use crate::pipelines::stable_diffusion::{DenoiseOptions, InpaintConditioning, denoise};
+use crate::pipelines::{CancelToken, StepProgress, strength_schedule};
 use crate::schedulers;
 use crate::tensor_io::HostTensor;
 
@@ -516,7 +516,21 @@ impl BackendTask for UnetLoopTask<'_> {
         // (the model, the activations, and whatever else the process holds).
         let cpu_peak = self.selected.kind == BackendKind::Cpu && reset_peak_process_memory();
         let (unet_json, unet_path) = &self.models.unet_config;
-        let config: UNet2DConditionConfig = parse_config(unet_json, unet_path)?;
+        let mut config: UNet2DConditionConfig = parse_config(unet_json, unet_path)?;
+        let latent_channels = config.out_channels;
+        let inpainting_channels = 2 * latent_channels + 1;
+        if spec.pipeline == BenchPipeline::SdInpaint {
+            // `stable-diffusion-inpainting`'s UNet is SD 1.5's config with 9 input channels
+            // (latents + mask + masked-image latents).
+            config.in_channels = inpainting_channels;
+        } else if config.in_channels != latent_channels {
+            return Err(EngineError::Unsupported(format!(
+                "the {} row needs a UNet with {latent_channels} input channels; {} has {}",
+                spec.pipeline,
+                unet_path.display(),
+                config.in_channels
+            )));
+        }
         let mut unet = config.init::<B>(&device)?;
         unet.set_attn_processor(spec.column.attention());
         unet.set_memory_format(MemoryFormat::from_channels_last(
@@ -532,12 +546,7 @@ impl BackendTask for UnetLoopTask<'_> {
             .cross_attention_dim
             .expand(config.block_out_channels.len(), "cross_attention_dim")?[0];
         // SD's VAE downsamples by 8 (2^(4 blocks - 1)).
-        let latent_shape = [
-            spec.batch,
-            config.in_channels,
-            spec.height / 8,
-            spec.width / 8,
-        ];
+        let latent_shape = [spec.batch, latent_channels, spec.height / 8, spec.width / 8];
         let mut generator = TorchGenerator::new(0);
         let context_shape = [2 * spec.batch, TOKENS, dim];
         let context = HostTensor {
@@ -545,6 +554,24 @@ impl BackendTask for UnetLoopTask<'_> {
             values: generator.randn(&context_shape),
         }
         .to_tensor::<B, 3>("prompt_embeds", &device)?;
+        // Inpainting's extra UNet input (mask + masked-image latents) for the CFG batch.
+        let conditioning = if spec.pipeline == BenchPipeline::SdInpaint {
+            let shape = [
+                2 * spec.batch,
+                inpainting_channels - latent_channels,
+                spec.height / 8,
+                spec.width / 8,
+            ];
+            Some(InpaintConditioning::ExtraChannels(
+                HostTensor {
+                    shape: shape.to_vec(),
+                    values: generator.randn(&shape),
+                }
+                .to_tensor::<B, 4>("conditioning", &device)?,
+            ))
+        } else {
+            None
+        };
 
         let mut run_secs = Vec::with_capacity(self.runs);
         let mut peak: Option<u64> = None;
@@ -553,14 +580,27 @@ impl BackendTask for UnetLoopTask<'_> {
         for run in 0..self.runs {
             let mut scheduler = schedulers::from_config_json::<B>(&scheduler_json, None)?;
             scheduler.set_timesteps(self.steps)?;
-            let timesteps = scheduler.timesteps().to_vec();
+            // img2img's strength keeps the tail of the schedule (40 of 50 steps at 0.8).
+            let first_step = spec.pipeline.t_start(self.steps) * scheduler.order();
+            let timesteps =
+                scheduler.timesteps()[first_step.min(scheduler.timesteps().len())..].to_vec();
             unet_evals = timesteps.len();
-            let latents = HostTensor {
+            let noise = HostTensor {
                 shape: latent_shape.to_vec(),
                 values: generator.randn(&latent_shape),
             }
-            .to_tensor::<B, 4>("latents", &device)?
-            .mul_scalar(scheduler.init_noise_sigma());
+            .to_tensor::<B, 4>("latents", &device)?;
+            let latents = if first_step > 0 {
+                // Random "image latents" noised to the first timestep, as img2img's are.
+                let image_latents = HostTensor {
+                    shape: latent_shape.to_vec(),
+                    values: generator.randn(&latent_shape),
+                }
+                .to_tensor::<B, 4>("image_latents", &device)?;
+                scheduler.add_noise(image_latents, noise, first_step)
+            } else {
+                noise.mul_scalar(scheduler.init_noise_sigma())
+            };
             sync::<B>(&device)?;
             let start = Instant::now();
             let mut on_step = |progress: &StepProgress| observer.step(run, progress);
@@ -572,8 +612,8 @@ impl BackendTask for UnetLoopTask<'_> {
                 &DenoiseOptions {
                     guidance_scale: Some(7.5),
                     timesteps: &timesteps,
-                    first_step: 0,
-                    conditioning: None,
+                    first_step,
+                    conditioning: conditioning.as_ref(),
                 },
                 &mut generator as &mut dyn NoiseSource,
                 self.cancel,
@@ -760,7 +800,20 @@ fn csv_field(text: &str) -> String {
 impl BenchPipeline {
     /// Whether this build can run the pipeline's benchmark row.
     pub fn implemented(self) -> bool {
-        self == Self::SdTxt2Img
+        matches!(self, Self::SdTxt2Img | Self::SdImg2Img | Self::SdInpaint)
+    }
+
+    /// The seed's strength for the row: img2img 0.8, everything else the whole schedule.
+    pub fn strength(self) -> f64 {
+        match self {
+            Self::SdImg2Img => 0.8,
+            _ => 1.0,
+        }
+    }
+
+    /// The first of `steps` steps the row runs (diffusers' `get_timesteps`).
+    fn t_start(self, steps: usize) -> usize {
+        strength_schedule(steps, self.strength()).0
     }
 }
 

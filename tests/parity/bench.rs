@@ -10,7 +10,12 @@ use crate::common::{Cpu, fixture};
 
 fn tiny_plan() -> BenchPlan {
     BenchPlan {
-        pipelines: vec![BenchPipeline::SdTxt2Img, BenchPipeline::If],
+        pipelines: vec![
+            BenchPipeline::SdTxt2Img,
+            BenchPipeline::SdImg2Img,
+            BenchPipeline::SdInpaint,
+            BenchPipeline::If,
+        ],
         batches: vec![1, 2],
         sizes: vec![(64, 48)],
         columns: vec![
@@ -30,16 +35,23 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
     let models = BenchModels::from_dir(&fixture("tiny-sd")).unwrap();
     let plan = tiny_plan();
     let report = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).unwrap();
-    assert_eq!(report.cells.len(), 2 * 2 * 3);
+    assert_eq!(report.cells.len(), 4 * 2 * 3);
 
     // PNDM with skip_prk_steps: the UNet count is the scheduler's timestep count.
     let json: serde_json::Value = serde_json::from_str(&models.scheduler_config.0).unwrap();
     let mut scheduler = schedulers::from_config_json::<Cpu>(&json, None).unwrap();
     scheduler.set_timesteps(plan.steps).unwrap();
     let evals = scheduler.timesteps().len();
+    // img2img at strength 0.8 of 3 steps keeps int(2.4) = 2: the first scheduler step is skipped.
+    let img2img_evals = evals - 1;
 
     for cell in &report.cells {
-        let runnable = cell.spec.pipeline == BenchPipeline::SdTxt2Img;
+        let runnable = cell.spec.pipeline != BenchPipeline::If;
+        let expected_evals = if cell.spec.pipeline == BenchPipeline::SdImg2Img {
+            img2img_evals
+        } else {
+            evals
+        };
         match (&cell.outcome, runnable) {
             (
                 CellOutcome::Measured {
@@ -50,9 +62,9 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
                 },
                 true,
             ) => {
-                assert_eq!(*unet_evals, evals, "{}", cell.spec);
+                assert_eq!(*unet_evals, expected_evals, "{}", cell.spec);
                 assert_eq!(run_secs.len(), plan.runs);
-                let expected = evals as f64 / run_secs[plan.runs - 1];
+                let expected = expected_evals as f64 / run_secs[plan.runs - 1];
                 assert!((it_per_sec - expected).abs() < 1e-9 * expected);
                 assert!(it_per_sec.is_finite() && *it_per_sec > 0.0);
                 // The CPU backend's memory is the process's peak resident set (Linux).
@@ -80,10 +92,18 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
         "{markdown}"
     );
     assert!(markdown.contains("| if | not run: "));
+    for row in ["| sd-img2img |", "| sd-inpaint |"] {
+        let rows: Vec<&str> = markdown.lines().filter(|l| l.starts_with(row)).collect();
+        assert_eq!(rows.len(), 2, "{markdown}");
+        assert!(
+            rows.iter().all(|r| r.matches(" it/s").count() == 3),
+            "{markdown}"
+        );
+    }
 
     let csv = report.to_csv();
     assert_eq!(csv.lines().count(), 1 + report.cells.len());
-    assert_eq!(csv.lines().filter(|l| l.contains(",measured,")).count(), 6);
+    assert_eq!(csv.lines().filter(|l| l.contains(",measured,")).count(), 18);
     let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
     assert_eq!(json["cells"].as_array().unwrap().len(), report.cells.len());
     assert_eq!(json["cells"][0]["status"], "measured");

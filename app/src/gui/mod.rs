@@ -77,7 +77,7 @@ impl BrushfireApp {
             ui.horizontal(|ui| {
                 ui.selectable_value(&mut self.state.view, View::Generate, "🖼 Generate");
                 ui.selectable_value(&mut self.state.view, View::Img2Img, "🎨 Image to image");
-                ui.selectable_value(&mut self.state.view, View::Inpaint, "🖌 Inpaint");
+                ui.selectable_value(&mut self.state.view, View::Inpaint, "✏ Inpaint");
                 let bench = if self.state.bench.running.is_some() {
                     "⏱ Benchmark (running)"
                 } else {
@@ -641,8 +641,8 @@ fn backend_name(b: BackendRequest) -> &'static str {
 }
 
 /// Opens the window. `model` (from `--model`) overrides the model remembered from last time;
-/// with neither, SD 1.5 from the hub is offered.
-pub fn run(model: Option<String>) -> anyhow::Result<()> {
+/// with neither, SD 1.5 from the hub is offered. `files` are opened as by [`AppState::open_files`].
+pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
     let mut viewport = egui::ViewportBuilder::default()
         .with_title("Brushfire")
         .with_app_id("brushfire")
@@ -662,13 +662,14 @@ pub fn run(model: Option<String>) -> anyhow::Result<()> {
         Box::new(move |cc| {
             let persisted: Option<Persisted> =
                 cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY));
-            let app = match persisted {
+            let mut app = match persisted {
                 Some(p) if !p.model_spec.is_empty() || model.is_some() => {
                     BrushfireApp::restored(&p, model)
                 }
                 Some(p) => BrushfireApp::restored(&p, Some(HUB_MODELS[0].to_string())),
                 None => BrushfireApp::new(model.unwrap_or_else(|| HUB_MODELS[0].to_string())),
             };
+            app.state.open_files(&files);
             Ok(Box::new(app))
         }),
     )

@@ -759,6 +759,22 @@ impl AppState {
         }
     }
 
+    /// Files given on the command line ("Open with Brushfire"): the last image becomes the
+    /// img2img/inpainting source (the Image to image page opens), and a PNG with generation
+    /// parameters also puts them in the form.
+    pub fn open_files(&mut self, files: &[PathBuf]) {
+        let Some(path) = files.last() else {
+            return;
+        };
+        if matches!(read_parameters_text(path), Ok(Some(_))) {
+            self.open_dropped(path);
+        }
+        match self.inputs.open(path) {
+            Ok(()) => self.view = View::Img2Img,
+            Err(e) => self.error = Some(format!("{e:#}")),
+        }
+    }
+
     /// A file dropped on the window: on the img2img and inpaint pages an image becomes the
     /// source; elsewhere a PNG's `parameters` go into the form.
     pub fn drop_file(&mut self, path: &Path) {

@@ -6,7 +6,7 @@ pub mod preview;
 pub mod request;
 pub mod stable_diffusion;
 
-pub use request::{GenerationRequest, ModelLimits, PipelineKind, PromptEmbeds};
+pub use request::{GenerationRequest, ModelLimits, PipelineKind, PromptEmbeds, strength_schedule};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -130,6 +130,13 @@ impl Default for GenerationRequest {
     }
 }
 
+/// Diffusers' `get_timesteps`: `strength` keeps the last `min(int(steps · strength), steps)` of
+/// `steps`; returns `(t_start, steps that run)`.
+pub fn strength_schedule(steps: usize, strength: f64) -> (usize, usize) {
+    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
+    (steps - init_timestep, init_timestep)
+}
+
 /// What a model imposes on requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelLimits {
@@ -248,8 +255,7 @@ impl GenerationRequest {
     /// `(t_start, steps that run)` of diffusers' `get_timesteps`: strength keeps the last
     /// `min(int(steps · strength), steps)` of the schedule.
     pub fn strength_schedule(&self) -> (usize, usize) {
-        let init_timestep = ((self.steps as f64 * self.strength()) as usize).min(self.steps);
-        (self.steps - init_timestep, init_timestep)
+        strength_schedule(self.steps, self.strength())
     }
 
     /// The image-conditioning part of [`Self::check_inputs`].
