@@ -155,7 +155,8 @@ impl ImageInputs {
         Some((round(s.width), round(s.height)))
     }
 
-    /// What happens to the image's size, for the page: e.g. "1023×767 → 1016×760 (resized)".
+    /// What happens to the image's size, for the page: e.g. "1023×767, works at 1016×760
+    /// (resized)".
     pub fn size_note(&self) -> Option<String> {
         let s = self.source.as_ref()?;
         let (w, h) = self.working_size()?;
@@ -166,7 +167,7 @@ impl ImageInputs {
                 SizeFit::Resize => "resized",
                 SizeFit::Crop => "cropped",
             };
-            format!("{}×{} → {w}×{h} ({how})", s.width, s.height)
+            format!("{}×{}, works at {w}×{h} ({how})", s.width, s.height)
         })
     }
 
@@ -266,7 +267,7 @@ mod tests {
     fn odd_sizes_are_resized_or_cropped_to_multiples_of_eight() {
         let mut i = inputs(21, 17);
         assert_eq!(i.working_size(), Some((16, 16)));
-        assert_eq!(i.size_note().unwrap(), "21×17 → 16×16 (resized)");
+        assert_eq!(i.size_note().unwrap(), "21×17, works at 16×16 (resized)");
         let r = i.request_images(PipelineKind::Img2Img, (512, 512)).unwrap();
         assert_eq!(r.image.shape, vec![17, 21, 3], "the engine resizes");
         assert_eq!((r.width, r.height), (16, 16));

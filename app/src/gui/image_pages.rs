@@ -58,7 +58,8 @@ impl BrushfireApp {
                 ui.radio_value(&mut inputs.fit, SizeFit::Resize, "Resize");
                 ui.radio_value(&mut inputs.fit, SizeFit::Crop, "Crop");
             }
-            ui.separator();
+        });
+        ui.horizontal(|ui| {
             let strength = if view == View::Inpaint {
                 &mut inputs.inpaint_strength
             } else {

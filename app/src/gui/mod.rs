@@ -413,9 +413,11 @@ impl BrushfireApp {
         }
         let Some(index) = self.state.selected else {
             ui.centered_and_justified(|ui| {
-                ui.label(
-                    "Type a prompt and press Generate. Drop a PNG here to reuse its parameters.",
-                );
+                ui.label(if self.state.view == View::Generate {
+                    "Type a prompt and press Generate. Drop a PNG here to reuse its parameters."
+                } else {
+                    "The result appears here."
+                });
             });
             return;
         };
