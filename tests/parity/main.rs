@@ -7,6 +7,7 @@ mod common;
 mod backend;
 mod bench;
 mod clip;
+mod controlnet;
 mod hub;
 mod img2img_inpaint;
 mod noise;

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod attention_processor;
 pub mod autoencoders;
 pub mod config;
+pub mod controlnets;
 pub mod conv;
 pub mod cube_attention;
 pub mod embeddings;

@@ -3,4 +3,6 @@
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 
-pub use unet_2d_condition::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
+pub use unet_2d_condition::{
+    ClassLabels, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel,
+};

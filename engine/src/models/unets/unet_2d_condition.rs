@@ -193,7 +193,125 @@ pub struct UNet2DConditionModel<B: Backend> {
     memory_format: MemoryFormat,
 }
 
+/// The per-block values `init` derives from the config, and the block templates built from them.
+struct BlockBuilders<'a> {
+    config: &'a UNet2DConditionConfig,
+    groups: usize,
+    act: Activation,
+    only_cross: Vec<bool>,
+    layers: Vec<usize>,
+    cross_dim: Vec<usize>,
+    tlayers: Vec<usize>,
+    heads: Vec<usize>,
+    time_embed_dim: usize,
+    temb_channels: usize,
+    time_embedding_norm: TimeEmbeddingNorm,
+}
+
+impl BlockBuilders<'_> {
+    /// The resnet template (in/out channels set per resnet).
+    fn resnet(&self, scale: f64) -> ResnetBlock2DConfig {
+        ResnetBlock2DConfig {
+            in_channels: 0,
+            out_channels: 0,
+            temb_channels: Some(self.temb_channels),
+            groups: self.groups,
+            eps: self.config.norm_eps,
+            act: self.act,
+            time_embedding_norm: self.time_embedding_norm,
+            output_scale_factor: scale,
+            skip_time_act: self.config.resnet_skip_time_act,
+        }
+    }
+
+    /// Block `i`'s transformer template, when the block has attention.
+    fn transformer(
+        &self,
+        i: usize,
+        cross: bool,
+        only_cross: bool,
+    ) -> Option<Transformer2DModelConfig> {
+        let c = &self.config;
+        let boc = &c.block_out_channels;
+        cross.then(|| Transformer2DModelConfig {
+            num_attention_heads: self.heads[i],
+            attention_head_dim: boc[i] / self.heads[i],
+            in_channels: boc[i],
+            num_layers: self.tlayers[i],
+            cross_attention_dim: self.cross_dim[i],
+            norm_num_groups: self.groups,
+            use_linear_projection: c.use_linear_projection,
+            only_cross_attention: only_cross,
+            upcast_attention: c.upcast_attention,
+        })
+    }
+}
+
+/// Whether a block type of direction `dir` (`Down`/`Up`) has cross-attention.
+fn is_cross(kind: &str, dir: &str) -> Result<bool> {
+    match kind {
+        k if k == format!("CrossAttn{dir}Block2D") => Ok(true),
+        k if k == format!("{dir}Block2D") => Ok(false),
+        other => Err(EngineError::Unsupported(format!(
+            "UNet block type `{other}`"
+        ))),
+    }
+}
+
+/// The UNet's contracting half, owned: what a ControlNet copies (aka diffusers'
+/// `ControlNetModel.from_unet`).
+pub(crate) struct DownHalf<B: Backend> {
+    pub conv_in: Conv2d<B>,
+    pub time_proj: Timesteps,
+    pub time_embedding: TimestepEmbedding<B>,
+    pub class_embedding: Option<ClassEmbedding<B>>,
+    pub down_blocks: Vec<DownBlock2D<B>>,
+    pub mid_block: Option<UNetMidBlock2DCrossAttn<B>>,
+    pub act: Activation,
+}
+
 impl UNet2DConditionConfig {
+    /// The per-block lists and templates, checked.
+    fn block_builders(&self, groups: usize, act: Activation) -> Result<BlockBuilders<'_>> {
+        let n = self.block_out_channels.len();
+        let boc = &self.block_out_channels;
+        // Diffusers' naming quirk: `attention_head_dim` in SD configs is the number of heads.
+        let heads = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .expand(n, "num_attention_heads")?;
+        for (i, (&c, &h)) in boc.iter().zip(&heads).enumerate() {
+            if h == 0 || c % h != 0 || c % groups != 0 {
+                return Err(EngineError::Unsupported(format!(
+                    "UNet block {i}: {c} channels with {h} heads and {groups} groups"
+                )));
+            }
+        }
+        let time_embed_dim = self.time_embedding_dim.unwrap_or(boc[0] * 4);
+        Ok(BlockBuilders {
+            config: self,
+            groups,
+            act,
+            only_cross: self
+                .only_cross_attention
+                .expand(n, "only_cross_attention")?,
+            layers: self.layers_per_block.expand(n, "layers_per_block")?,
+            cross_dim: self.cross_attention_dim.expand(n, "cross_attention_dim")?,
+            tlayers: self
+                .transformer_layers_per_block
+                .expand(n, "transformer_layers_per_block")?,
+            heads,
+            time_embed_dim,
+            temb_channels: if self.class_embeddings_concat {
+                time_embed_dim * 2
+            } else {
+                time_embed_dim
+            },
+            time_embedding_norm: TimeEmbeddingNorm::from_name(&self.resnet_time_scale_shift)?,
+        })
+    }
+
     /// Rejects configurations this implementation does not cover, with the reason.
     fn check_supported(&self) -> Result<()> {
         let unsupported = |what: String| Err(EngineError::Unsupported(what));
@@ -239,8 +357,9 @@ impl UNet2DConditionConfig {
         Ok(())
     }
 
-    /// Builds the model with freshly initialised (random) weights.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<UNet2DConditionModel<B>> {
+    /// Builds the contracting half (time embedding, `conv_in`, down blocks, mid block) with
+    /// freshly initialised weights: the part the UNet and a ControlNet share.
+    pub(crate) fn init_down_half<B: Backend>(&self, device: &B::Device) -> Result<DownHalf<B>> {
         self.check_supported()?;
         let n = self.block_out_channels.len();
         let boc = &self.block_out_channels;
@@ -248,29 +367,8 @@ impl UNet2DConditionConfig {
             .norm_num_groups
             .ok_or_else(|| EngineError::Unsupported("UNet without norm_num_groups".into()))?;
         let act = Activation::from_name(&self.act_fn)?;
-        let only_cross = self
-            .only_cross_attention
-            .expand(n, "only_cross_attention")?;
-        let layers = self.layers_per_block.expand(n, "layers_per_block")?;
-        let cross_dim = self.cross_attention_dim.expand(n, "cross_attention_dim")?;
-        let tlayers = self
-            .transformer_layers_per_block
-            .expand(n, "transformer_layers_per_block")?;
-        // Diffusers' naming quirk: `attention_head_dim` in SD configs is the number of heads.
-        let heads = self
-            .num_attention_heads
-            .as_ref()
-            .unwrap_or(&self.attention_head_dim)
-            .expand(n, "num_attention_heads")?;
-        for (i, (&c, &h)) in boc.iter().zip(&heads).enumerate() {
-            if h == 0 || c % h != 0 || c % groups != 0 {
-                return Err(EngineError::Unsupported(format!(
-                    "UNet block {i}: {c} channels with {h} heads and {groups} groups"
-                )));
-            }
-        }
-
-        let time_embed_dim = self.time_embedding_dim.unwrap_or(boc[0] * 4);
+        let blocks = self.block_builders(groups, act)?;
+        let time_embed_dim = blocks.time_embed_dim;
         let time_proj = Timesteps {
             num_channels: boc[0],
             flip_sin_to_cos: self.flip_sin_to_cos,
@@ -310,53 +408,13 @@ impl UNet2DConditionConfig {
                 )));
             }
         };
-        let temb_channels = if self.class_embeddings_concat {
-            time_embed_dim * 2
-        } else {
-            time_embed_dim
-        };
-        let time_embedding_norm = TimeEmbeddingNorm::from_name(&self.resnet_time_scale_shift)?;
-        let resnet = |scale: f64| ResnetBlock2DConfig {
-            in_channels: 0,
-            out_channels: 0,
-            temb_channels: Some(temb_channels),
-            groups,
-            eps: self.norm_eps,
-            act,
-            time_embedding_norm,
-            output_scale_factor: scale,
-            skip_time_act: self.resnet_skip_time_act,
-        };
-        let transformer = |i: usize, cross: bool, only_cross: bool| {
-            cross.then(|| Transformer2DModelConfig {
-                num_attention_heads: heads[i],
-                attention_head_dim: boc[i] / heads[i],
-                in_channels: boc[i],
-                num_layers: tlayers[i],
-                cross_attention_dim: cross_dim[i],
-                norm_num_groups: groups,
-                use_linear_projection: self.use_linear_projection,
-                only_cross_attention: only_cross,
-                upcast_attention: self.upcast_attention,
-            })
-        };
-        let is_cross = |kind: &str, dir: &str| -> Result<bool> {
-            match kind {
-                k if k == format!("CrossAttn{dir}Block2D") => Ok(true),
-                k if k == format!("{dir}Block2D") => Ok(false),
-                other => Err(EngineError::Unsupported(format!(
-                    "UNet block type `{other}`"
-                ))),
-            }
-        };
-
         let mut down_blocks = Vec::with_capacity(n);
         let mut in_ch = boc[0];
         for (i, kind) in self.down_block_types.iter().enumerate() {
             let config = BlockConfig {
-                resnet: resnet(self.resnet_out_scale_factor),
-                transformer: transformer(i, is_cross(kind, "Down")?, only_cross[i]),
-                num_layers: layers[i],
+                resnet: blocks.resnet(self.resnet_out_scale_factor),
+                transformer: blocks.transformer(i, is_cross(kind, "Down")?, blocks.only_cross[i]),
+                num_layers: blocks.layers[i],
             };
             let is_final = i == n - 1;
             down_blocks.push(DownBlock2D::new(
@@ -371,13 +429,49 @@ impl UNet2DConditionConfig {
 
         let mid_block = self.mid_block_type.as_ref().map(|_| {
             let config = BlockConfig {
-                resnet: resnet(self.mid_block_scale_factor),
+                resnet: blocks.resnet(self.mid_block_scale_factor),
                 // UNetMidBlock2DCrossAttn takes no only_cross_attention in diffusers.
-                transformer: transformer(n - 1, true, false),
+                transformer: blocks.transformer(n - 1, true, false),
                 num_layers: 1,
             };
             UNetMidBlock2DCrossAttn::new(&config, boc[n - 1], device)
         });
+        let pad_in = (self.conv_in_kernel - 1) / 2;
+        Ok(DownHalf {
+            conv_in: conv2d(
+                self.in_channels,
+                boc[0],
+                self.conv_in_kernel,
+                1,
+                pad_in,
+                device,
+            ),
+            time_proj,
+            time_embedding,
+            class_embedding,
+            down_blocks,
+            mid_block,
+            act,
+        })
+    }
+
+    /// Builds the model with freshly initialised (random) weights.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<UNet2DConditionModel<B>> {
+        let DownHalf {
+            conv_in,
+            time_proj,
+            time_embedding,
+            class_embedding,
+            down_blocks,
+            mid_block,
+            act,
+        } = self.init_down_half(device)?;
+        let n = self.block_out_channels.len();
+        let boc = &self.block_out_channels;
+        let groups = self
+            .norm_num_groups
+            .ok_or_else(|| EngineError::Unsupported("UNet without norm_num_groups".into()))?;
+        let blocks = self.block_builders(groups, act)?;
 
         // Skip widths in the order the down path pushes them.
         let mut skip_widths = vec![boc[0]];
@@ -394,10 +488,10 @@ impl UNet2DConditionConfig {
         for (i, kind) in self.up_block_types.iter().enumerate() {
             let r = n - 1 - i; // the matching down block
             let is_final = i == n - 1;
-            let num_layers = layers[r] + 1;
+            let num_layers = blocks.layers[r] + 1;
             let config = BlockConfig {
-                resnet: resnet(self.resnet_out_scale_factor),
-                transformer: transformer(r, is_cross(kind, "Up")?, only_cross[r]),
+                resnet: blocks.resnet(self.resnet_out_scale_factor),
+                transformer: blocks.transformer(r, is_cross(kind, "Up")?, blocks.only_cross[r]),
                 num_layers,
             };
             let mut skips = Vec::with_capacity(num_layers);
@@ -417,17 +511,9 @@ impl UNet2DConditionConfig {
             prev_out = boc[r];
         }
 
-        let pad_in = (self.conv_in_kernel - 1) / 2;
         let pad_out = (self.conv_out_kernel - 1) / 2;
         Ok(UNet2DConditionModel {
-            conv_in: conv2d(
-                self.in_channels,
-                boc[0],
-                self.conv_in_kernel,
-                1,
-                pad_in,
-                device,
-            ),
+            conv_in,
             time_proj,
             time_embedding,
             class_embedding,
@@ -481,18 +567,21 @@ impl<B: Backend> UNet2DConditionModel<B> {
         context: &Tensor<B, 3>,
         class_labels: &ClassLabels<B>,
     ) -> Result<Tensor<B, 4>> {
+        self.forward_with_residuals(sample, timesteps, context, class_labels, None)
+    }
+
+    /// [`Self::forward`] with a ControlNet's residuals added to the skips and to the mid block's
+    /// output (diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`).
+    pub fn forward_with_residuals(
+        &self,
+        sample: Tensor<B, 4>,
+        timesteps: &[f64],
+        context: &Tensor<B, 3>,
+        class_labels: &ClassLabels<B>,
+        residuals: Option<&ControlResiduals<B>>,
+    ) -> Result<Tensor<B, 4>> {
         let [batch, _, h, w] = sample.dims();
-        let device = sample.device();
-        let timesteps: Vec<f64> = match timesteps.len() {
-            1 => vec![timesteps[0]; batch],
-            n if n == batch => timesteps.to_vec(),
-            n => {
-                return Err(EngineError::invalid(
-                    "timesteps",
-                    format!("{n} timesteps for a batch of {batch}"),
-                ));
-            }
-        };
+        let timesteps = per_item_timesteps(timesteps, batch)?;
         let factor = self.overall_up_factor;
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
@@ -501,52 +590,21 @@ impl<B: Backend> UNet2DConditionModel<B> {
         } else {
             sample
         };
-        let t_emb = self
-            .time_proj
-            .forward::<B>(&timesteps, &device)
-            .cast(sample.dtype());
-        let mut emb = self.time_embedding.forward(t_emb);
-        if let Some(class_embedding) = &self.class_embedding {
-            let class_emb = match (class_embedding, class_labels) {
-                (ClassEmbedding::Embedding(e), ClassLabels::Ids(ids)) => e
-                    .forward(ids.clone().unsqueeze_dim::<2>(1))
-                    .squeeze_dim::<2>(1),
-                (ClassEmbedding::Timestep(mlp), ClassLabels::Levels(levels)) => {
-                    let levels = match levels.len() {
-                        1 => vec![levels[0]; batch],
-                        _ => levels.clone(),
-                    };
-                    mlp.forward(
-                        self.time_proj
-                            .forward::<B>(&levels, &device)
-                            .cast(sample.dtype()),
-                    )
-                }
-                (ClassEmbedding::Projection(mlp), ClassLabels::Vectors(v)) => {
-                    mlp.forward(v.clone())
-                }
-                _ => {
-                    return Err(EngineError::invalid(
-                        "class_labels",
-                        "this UNet needs class labels of the kind its config names",
-                    ));
-                }
-            };
-            emb = if self.class_embeddings_concat {
-                Tensor::cat(vec![emb, class_emb], 1)
-            } else {
-                emb.add(class_emb)
-            };
-        }
-
+        let down = self.down_path();
+        let emb = down.embedding(&timesteps, class_labels, sample.dtype(), &sample.device())?;
         let format = self.memory_format;
-        let mut x = conv2d_forward_in(&self.conv_in, format.from_nchw(sample), format);
-        let mut skips = vec![x.clone()];
-        for block in &self.down_blocks {
-            x = block.forward(x, Some(&emb), Some(context), &mut skips, format);
-        }
-        if let Some(mid) = &self.mid_block {
-            x = mid.forward(x, &emb, context, format);
+        let (mut x, mut skips) = down.run(format.from_nchw(sample), &emb, context, None, format);
+        if let Some(r) = residuals {
+            if r.down.len() != skips.len() {
+                return Err(EngineError::invalid(
+                    "down_block_additional_residuals",
+                    format!("{} residuals for {} skips", r.down.len(), skips.len()),
+                ));
+            }
+            for (skip, res) in skips.iter_mut().zip(&r.down) {
+                *skip = skip.clone().add(format.from_nchw(res.clone()));
+            }
+            x = x.add(format.from_nchw(r.mid.clone()));
         }
         let last = self.up_blocks.len().saturating_sub(1);
         for (i, block) in self.up_blocks.iter().enumerate() {
@@ -574,6 +632,19 @@ impl<B: Backend> UNet2DConditionModel<B> {
             .act
             .forward(group_norm_forward_in(&self.conv_norm_out, x, format));
         Ok(format.to_nchw(conv2d_forward_in(&self.conv_out, x, format)))
+    }
+
+    /// The contracting half's parts, borrowed for the forward pass.
+    fn down_path(&self) -> DownPath<'_, B> {
+        DownPath {
+            conv_in: &self.conv_in,
+            time_proj: &self.time_proj,
+            time_embedding: &self.time_embedding,
+            class_embedding: self.class_embedding.as_ref(),
+            class_embeddings_concat: self.class_embeddings_concat,
+            down_blocks: &self.down_blocks,
+            mid_block: self.mid_block.as_ref(),
+        }
     }
 
     /// The memory format of the feature maps inside (diffusers'
@@ -612,5 +683,103 @@ impl<B: Backend> UNet2DConditionModel<B> {
             &mut self.up_blocks,
             processor,
         );
+    }
+}
+
+/// A ControlNet's output: residuals for every skip of the UNet's down path and for its mid
+/// block, NCHW.
+#[derive(Debug, Clone)]
+pub struct ControlResiduals<B: Backend> {
+    pub down: Vec<Tensor<B, 4>>,
+    pub mid: Tensor<B, 4>,
+}
+
+/// One timestep per batch item (one given for all is repeated).
+pub(crate) fn per_item_timesteps(timesteps: &[f64], batch: usize) -> Result<Vec<f64>> {
+    match timesteps.len() {
+        1 => Ok(vec![timesteps[0]; batch]),
+        n if n == batch => Ok(timesteps.to_vec()),
+        n => Err(EngineError::invalid(
+            "timesteps",
+            format!("{n} timesteps for a batch of {batch}"),
+        )),
+    }
+}
+
+/// The contracting half's parts, borrowed: the one forward path of the UNet's down half and of
+/// a ControlNet (its trainable copy).
+pub(crate) struct DownPath<'a, B: Backend> {
+    pub conv_in: &'a Conv2d<B>,
+    pub time_proj: &'a Timesteps,
+    pub time_embedding: &'a TimestepEmbedding<B>,
+    pub class_embedding: Option<&'a ClassEmbedding<B>>,
+    pub class_embeddings_concat: bool,
+    pub down_blocks: &'a [DownBlock2D<B>],
+    pub mid_block: Option<&'a UNetMidBlock2DCrossAttn<B>>,
+}
+
+impl<B: Backend> DownPath<'_, B> {
+    /// The time embedding (plus the class embedding), `[batch, temb]`.
+    pub fn embedding(
+        &self,
+        timesteps: &[f64],
+        class_labels: &ClassLabels<B>,
+        dtype: burn::tensor::DType,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>> {
+        let batch = timesteps.len();
+        let t_emb = self.time_proj.forward::<B>(timesteps, device).cast(dtype);
+        let emb = self.time_embedding.forward(t_emb);
+        let Some(class_embedding) = self.class_embedding else {
+            return Ok(emb);
+        };
+        let class_emb = match (class_embedding, class_labels) {
+            (ClassEmbedding::Embedding(e), ClassLabels::Ids(ids)) => e
+                .forward(ids.clone().unsqueeze_dim::<2>(1))
+                .squeeze_dim::<2>(1),
+            (ClassEmbedding::Timestep(mlp), ClassLabels::Levels(levels)) => {
+                let levels = match levels.len() {
+                    1 => vec![levels[0]; batch],
+                    _ => levels.clone(),
+                };
+                mlp.forward(self.time_proj.forward::<B>(&levels, device).cast(dtype))
+            }
+            (ClassEmbedding::Projection(mlp), ClassLabels::Vectors(v)) => mlp.forward(v.clone()),
+            _ => {
+                return Err(EngineError::invalid(
+                    "class_labels",
+                    "this UNet needs class labels of the kind its config names",
+                ));
+            }
+        };
+        Ok(if self.class_embeddings_concat {
+            Tensor::cat(vec![emb, class_emb], 1)
+        } else {
+            emb.add(class_emb)
+        })
+    }
+
+    /// `conv_in`, then `cond` added to its output (a ControlNet's conditioning embedding), the
+    /// down blocks and the mid block: the features and every skip, in `format`.
+    pub fn run(
+        &self,
+        sample: Tensor<B, 4>,
+        emb: &Tensor<B, 2>,
+        context: &Tensor<B, 3>,
+        cond: Option<Tensor<B, 4>>,
+        format: MemoryFormat,
+    ) -> (Tensor<B, 4>, Vec<Tensor<B, 4>>) {
+        let mut x = conv2d_forward_in(self.conv_in, sample, format);
+        if let Some(cond) = cond {
+            x = x.add(cond);
+        }
+        let mut skips = vec![x.clone()];
+        for block in self.down_blocks {
+            x = block.forward(x, Some(emb), Some(context), &mut skips, format);
+        }
+        if let Some(mid) = self.mid_block {
+            x = mid.forward(x, emb, context, format);
+        }
+        (x, skips)
     }
 }
