@@ -84,12 +84,24 @@ pub struct GenerateArgs {
     /// paste it back (diffusers' padding_mask_crop).
     #[arg(long)]
     pub padding_mask_crop: Option<usize>,
+    /// The ControlNet of `--pipeline controlnet`: a diffusers folder or a hub id.
     #[arg(long)]
     pub controlnet: Option<String>,
+    /// The control image (PNG/JPEG), used as given (e.g. a canny edge map).
     #[arg(long)]
     pub control_image: Option<PathBuf>,
+    /// controlnet_conditioning_scale (default 1.0).
     #[arg(long)]
     pub controlnet_scale: Option<f64>,
+    /// The fraction of the steps where the ControlNet starts acting (default 0).
+    #[arg(long)]
+    pub control_guidance_start: Option<f64>,
+    /// The fraction of the steps where it stops (default 1).
+    #[arg(long)]
+    pub control_guidance_end: Option<f64>,
+    /// Guess mode: the ControlNet sees only the conditional batch.
+    #[arg(long)]
+    pub guess_mode: bool,
     #[arg(long)]
     pub noise_level: Option<usize>,
     /// Tensor `image` [B,3,H,W] in [-1,1].
@@ -127,6 +139,8 @@ pub struct GenerateArgs {
 /// Everything validated from the flags, before any model is loaded.
 struct Job {
     model_dir: PathBuf,
+    /// The ControlNet's folder (`--controlnet`), resolved.
+    controlnet_dir: Option<PathBuf>,
     model_name: String,
     request: GenerationRequest,
     attention: AttnProcessor,
@@ -137,9 +151,10 @@ struct Job {
 }
 
 fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
-    let image_flags = pipeline != PipelineKind::Txt2Img;
+    let image_flags = matches!(pipeline, PipelineKind::Img2Img | PipelineKind::Inpaint);
     let inpaint = pipeline == PipelineKind::Inpaint;
-    let unused: [(&str, bool); 11] = [
+    let control = pipeline == PipelineKind::ControlNet;
+    let unused: [(&str, bool); 13] = [
         ("--image", !image_flags && args.image.is_some()),
         ("--strength", !image_flags && args.strength.is_some()),
         ("--mask", !inpaint && args.mask.is_some()),
@@ -152,9 +167,20 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
             "--latents",
             pipeline == PipelineKind::Img2Img && args.latents.is_some(),
         ),
-        ("--controlnet", args.controlnet.is_some()),
-        ("--control-image", args.control_image.is_some()),
-        ("--controlnet-scale", args.controlnet_scale.is_some()),
+        ("--controlnet", !control && args.controlnet.is_some()),
+        ("--control-image", !control && args.control_image.is_some()),
+        (
+            "--controlnet-scale",
+            !control && args.controlnet_scale.is_some(),
+        ),
+        (
+            "--control-guidance-start",
+            !control && args.control_guidance_start.is_some(),
+        ),
+        (
+            "--control-guidance-end",
+            !control && args.control_guidance_end.is_some(),
+        ),
         ("--noise-level", args.noise_level.is_some()),
         ("--image-array", args.image_array.is_some()),
     ];
@@ -167,6 +193,12 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
     if inpaint && args.mask.is_none() {
         bail!("the inpaint pipeline needs --mask");
     }
+    if control && (args.controlnet.is_none() || args.control_image.is_none()) {
+        bail!("the controlnet pipeline needs --controlnet and --control-image");
+    }
+    if !control && args.guess_mode {
+        bail!("--guess-mode is not used by the {} pipeline", args.pipeline);
+    }
     Ok(())
 }
 
@@ -175,6 +207,7 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
     reject_unused(args, pipeline)?;
     let image = args.image.as_deref().map(read_rgb).transpose()?;
     let mask = args.mask.as_deref().map(read_mask).transpose()?;
+    let control_image = args.control_image.as_deref().map(read_rgb).transpose()?;
     let attention = AttnProcessor::from_name(&args.attention)?;
     let scheduler = args
         .scheduler
@@ -219,6 +252,11 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
     let seed = args.seed.unwrap_or_else(random_seed);
     let mut progress = crate::progress::TerminalDownload::default();
     let model_dir = engine::loading::resolve_model(&args.model, None, &mut progress)?;
+    let controlnet_dir = args
+        .controlnet
+        .as_deref()
+        .map(|spec| engine::loading::resolve_controlnet(spec, &mut progress))
+        .transpose()?;
     Ok(Job {
         model_name: model_name(&args.model),
         model_dir,
@@ -242,7 +280,15 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
             strength: args.strength,
             mask_blur: args.mask_blur,
             padding_mask_crop: args.padding_mask_crop,
+            control_image,
+            controlnet_scale: args.controlnet_scale.unwrap_or(1.0),
+            control_guidance: (
+                args.control_guidance_start.unwrap_or(0.0),
+                args.control_guidance_end.unwrap_or(1.0),
+            ),
+            guess_mode: args.guess_mode,
         },
+        controlnet_dir,
         attention,
         memory_format: MemoryFormat::from_channels_last(args.channels_last == Switch::On),
         tape,
@@ -300,6 +346,7 @@ impl BackendTask for GenerateTask {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let Job {
             model_dir,
+            controlnet_dir,
             model_name,
             mut request,
             attention,
@@ -312,6 +359,10 @@ impl BackendTask for GenerateTask {
         let mut pipe =
             StableDiffusionPipeline::<B>::load_path(&model_dir, &LoadOptions::default(), &device)
                 .with_context(|| format!("loading {}", model_dir.display()))?;
+        if let Some(dir) = &controlnet_dir {
+            pipe.load_controlnet(dir)
+                .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
+        }
         pipe.set_attn_processor(attention);
         pipe.set_memory_format(memory_format);
         eprintln!(
@@ -379,8 +430,11 @@ impl BackendTask for GenerateTask {
                 width,
                 height,
                 model: model_name,
-                denoising_strength: (request.pipeline != PipelineKind::Txt2Img)
-                    .then(|| request.strength()),
+                denoising_strength: matches!(
+                    request.pipeline,
+                    PipelineKind::Img2Img | PipelineKind::Inpaint
+                )
+                .then(|| request.strength()),
             };
             for (i, rgb) in to_rgb8(&out.images).iter().enumerate() {
                 let file = numbered(&path, i, request.batch);

@@ -471,3 +471,79 @@ fn inpaint_equals_diffusers() {
         &["--scheduler", "ddim", "--strength", "0.8", "--seed", "4321"],
     );
 }
+
+#[test]
+fn controlnet_equals_diffusers() {
+    let refs = fixture("refs/controlnet_pndm.safetensors");
+    let out = temp("controlnet_pndm.safetensors");
+    let (model, controlnet, control) = (
+        fixture("tiny-sd"),
+        fixture("tiny-controlnet"),
+        fixture("refs/control.png"),
+    );
+    let output = brushfire(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--pipeline",
+        "controlnet",
+        "--controlnet",
+        controlnet.to_str().unwrap(),
+        "--control-image",
+        control.to_str().unwrap(),
+        "--controlnet-scale",
+        "1.0",
+        "--prompt",
+        "a house on a hill, ghibli style",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "5",
+        "--width",
+        "128",
+        "--height",
+        "64",
+        "--batch",
+        "2",
+        "--scheduler",
+        "pndm",
+        "--seed",
+        "2468",
+        "--save-array",
+        out.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        output.status.success(),
+        "brushfire failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ours = &read_safetensors(&out).unwrap()["image"];
+    let theirs = &read_safetensors(&refs).unwrap()["image"];
+    assert_eq!(ours.shape, theirs.shape);
+    let worst = ours
+        .values
+        .iter()
+        .zip(&theirs.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "controlnet: max |diff| {worst}");
+    // Without a control image the run is refused before loading anything.
+    let output = brushfire(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--pipeline",
+        "controlnet",
+        "--controlnet",
+        controlnet.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("--control-image"),
+        "{stderr}"
+    );
+}

@@ -614,6 +614,7 @@ impl BackendTask for UnetLoopTask<'_> {
                     timesteps: &timesteps,
                     first_step,
                     conditioning: conditioning.as_ref(),
+                    control: None,
                 },
                 &mut generator as &mut dyn NoiseSource,
                 self.cancel,

@@ -126,3 +126,111 @@ fn mismatched_control_inputs_are_errors() {
         "{err}"
     );
 }
+
+mod pipeline {
+    use crate::common::{Cpu, assert_close, fixture, refs};
+    use engine::noise::{NoiseSource, NoiseTape};
+    use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
+    use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
+    use engine::tensor_io::HostTensor;
+
+    fn control_image() -> HostTensor {
+        let img = image::open(fixture("refs/control.png")).unwrap().to_rgb8();
+        HostTensor {
+            shape: vec![img.height() as usize, img.width() as usize, 3],
+            values: img.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect(),
+        }
+    }
+
+    fn pipeline() -> StableDiffusionPipeline<Cpu> {
+        let mut pipe = StableDiffusionPipeline::load(
+            &fixture("tiny-sd"),
+            &LoadOptions::default(),
+            &Default::default(),
+        )
+        .unwrap();
+        pipe.load_controlnet(&fixture("tiny-controlnet")).unwrap();
+        pipe
+    }
+
+    fn request(case: &str) -> GenerationRequest {
+        let m: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture("refs/controlnet.json")).unwrap(),
+        )
+        .unwrap();
+        let c = &m["cases"][case];
+        GenerationRequest {
+            pipeline: PipelineKind::ControlNet,
+            prompt: m["prompt"].as_str().unwrap().into(),
+            negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
+            steps: 5,
+            guidance_scale: c["guidance_scale"].as_f64().unwrap(),
+            width: 128,
+            height: 64,
+            batch: 2,
+            seed: 2468,
+            scheduler: Some(match c["scheduler"].as_str().unwrap() {
+                "PNDMScheduler" => engine::schedulers::SchedulerKind::Pndm,
+                _ => engine::schedulers::SchedulerKind::Ddim,
+            }),
+            control_image: Some(control_image()),
+            controlnet_scale: c["controlnet_conditioning_scale"].as_f64().unwrap(),
+            control_guidance: (
+                c["control_guidance_start"].as_f64().unwrap(),
+                c["control_guidance_end"].as_f64().unwrap(),
+            ),
+            guess_mode: c["guess_mode"].as_bool().unwrap(),
+            ..Default::default()
+        }
+    }
+
+    fn check(pipe: &StableDiffusionPipeline<Cpu>, name: &str, tape: bool) {
+        let r = refs(name);
+        let mut tape = tape
+            .then(|| NoiseTape::load(fixture(&format!("refs/{name}_tape.safetensors"))).unwrap());
+        let out = pipe
+            .generate(
+                &request(name),
+                tape.as_mut().map(|t| t as &mut dyn NoiseSource),
+                &CancelToken::new(),
+                &mut |_: &StepProgress| {},
+            )
+            .expect("generate");
+        assert_close(&out.images, &r["image"], 1e-4, 1e-4, name);
+    }
+
+    #[test]
+    fn controlnet_pipeline_matches_diffusers() {
+        let pipe = pipeline();
+        check(&pipe, "controlnet_pndm", false);
+        // Guess mode, scale 0.7, the ControlNet only on steps 2-4 of 5, from the tape.
+        check(&pipe, "controlnet_ddim_guess", true);
+    }
+
+    #[test]
+    fn controlnet_requests_are_checked() {
+        let plain = StableDiffusionPipeline::<Cpu>::load(
+            &fixture("tiny-sd"),
+            &LoadOptions::default(),
+            &Default::default(),
+        )
+        .unwrap();
+        let run = |pipe: &StableDiffusionPipeline<Cpu>, req: &GenerationRequest| {
+            pipe.generate(req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+                .unwrap_err()
+                .to_string()
+        };
+        let err = run(&plain, &request("controlnet_pndm"));
+        assert!(err.contains("load one first"), "{err}");
+        let pipe = pipeline();
+        let mut req = request("controlnet_pndm");
+        req.control_guidance = (0.8, 0.2);
+        assert!(run(&pipe, &req).contains("control_guidance"));
+        let mut req = request("controlnet_pndm");
+        req.control_image = None;
+        assert!(run(&pipe, &req).contains("control_image"));
+        let mut req = request("controlnet_pndm");
+        req.controlnet_scale = f64::NAN;
+        assert!(run(&pipe, &req).contains("controlnet_scale"));
+    }
+}

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use engine::EngineError;
 use engine::loading::hub::{
-    Cache, ModelAvailability, ModelSource, cached_snapshot, model_availability_in, resolve_model_in,
+    Cache, ModelAvailability, ModelSource, RepoLayout, cached_snapshot, model_availability_in,
+    resolve_in, resolve_model_in,
 };
 
 fn fixture(rel: &str) -> PathBuf {
@@ -113,5 +114,36 @@ fn hub_ids_resolve_from_the_hf_cache_offline() {
         .unwrap(),
         fixture("tiny-sd")
     );
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+#[test]
+fn controlnet_hub_ids_resolve_to_a_single_model_snapshot() {
+    let home = std::env::temp_dir().join(format!("brushfire-hf-cn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let repo = home.join("hub/models--brushfire-test--tiny-controlnet");
+    let rev = "89abcdef0123456789abcdef0123456789abcdef";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    let snapshot = repo.join("snapshots").join(rev);
+    copy_dir(&fixture("tiny-controlnet"), &snapshot);
+    let cache = Cache::new(home.join("hub"));
+    let id = "brushfire-test/tiny-controlnet";
+    assert_eq!(
+        resolve_in(&cache, true, id, None, RepoLayout::Model, &mut ()).unwrap(),
+        snapshot
+    );
+    // Not a pipeline: resolving it as one finds no model_index.json.
+    assert!(resolve_in(&cache, true, id, None, RepoLayout::Pipeline, &mut ()).is_err());
+    let (model, _) = engine::models::controlnets::ControlNetModel::<crate::common::Cpu>::load(
+        &snapshot,
+        None,
+        &Default::default(),
+    )
+    .expect("the resolved snapshot loads");
+    assert_eq!(model.controlnet_down_blocks.len(), 12);
+    std::fs::remove_file(snapshot.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let err = resolve_in(&cache, true, id, None, RepoLayout::Model, &mut ()).unwrap_err();
+    assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
     std::fs::remove_dir_all(&home).unwrap();
 }

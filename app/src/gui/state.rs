@@ -664,8 +664,11 @@ impl AppState {
             width,
             height,
             model: model_label(&self.model_spec),
-            denoising_strength: (request.pipeline != PipelineKind::Txt2Img)
-                .then(|| request.strength()),
+            denoising_strength: matches!(
+                request.pipeline,
+                PipelineKind::Img2Img | PipelineKind::Inpaint
+            )
+            .then(|| request.strength()),
         };
         for (i, chunk) in images.values.chunks(per).take(batch).enumerate() {
             let rgb: Vec<u8> = chunk

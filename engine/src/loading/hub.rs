@@ -74,6 +74,40 @@ impl ModelSource {
     }
 }
 
+/// What a hub repository holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepoLayout {
+    /// A diffusers pipeline folder (`model_index.json` + component folders).
+    Pipeline,
+    /// One diffusers model at the root (`config.json` + `diffusion_pytorch_model.safetensors`),
+    /// e.g. `lllyasviel/sd-controlnet-canny`.
+    Model,
+}
+
+impl RepoLayout {
+    /// The files to fetch, `(default, variant)` per file; the first one marks the snapshot.
+    pub fn required_files(self, variant: Option<&str>) -> Vec<(String, Option<String>)> {
+        match self {
+            Self::Pipeline => required_files(variant),
+            Self::Model => vec![
+                ("config.json".into(), None),
+                (
+                    "diffusion_pytorch_model.safetensors".into(),
+                    variant.map(|v| format!("diffusion_pytorch_model.{v}.safetensors")),
+                ),
+            ],
+        }
+    }
+
+    /// What the repository should be, for messages.
+    fn described(self) -> &'static str {
+        match self {
+            Self::Pipeline => "a Stable Diffusion repository in diffusers format",
+            Self::Model => "a diffusers model repository (config.json + safetensors weights)",
+        }
+    }
+}
+
 /// The files of a diffusers SD folder the pipeline reads, for one weights variant.
 pub fn required_files(variant: Option<&str>) -> Vec<(String, Option<String>)> {
     let weights = |dir: &str, stem: &str| {
@@ -131,9 +165,21 @@ pub fn cached_snapshot(
     revision: Option<&str>,
     variant: Option<&str>,
 ) -> Option<PathBuf> {
+    cached_snapshot_of(cache, repo_id, revision, variant, RepoLayout::Pipeline)
+}
+
+/// [`cached_snapshot`] for a repository of `layout`.
+pub fn cached_snapshot_of(
+    cache: &Cache,
+    repo_id: &str,
+    revision: Option<&str>,
+    variant: Option<&str>,
+    layout: RepoLayout,
+) -> Option<PathBuf> {
     let cached = cache.repo(repo(repo_id, revision));
-    let index = cached.get("model_index.json")?;
-    for (default, preferred) in required_files(variant) {
+    let files = layout.required_files(variant);
+    let index = cached.get(&files.first()?.0)?;
+    for (default, preferred) in files {
         let found = preferred
             .as_deref()
             .and_then(|p| cached.get(p))
@@ -203,6 +249,38 @@ pub fn resolve_model_in(
     variant: Option<&str>,
     progress: &mut dyn DownloadProgress,
 ) -> Result<PathBuf> {
+    resolve_in(
+        cache,
+        offline,
+        spec,
+        variant,
+        RepoLayout::Pipeline,
+        progress,
+    )
+}
+
+/// Resolves a ControlNet `spec` (a folder, or a hub id whose repository holds one model) to a
+/// local folder, downloading from the hub when needed, like [`resolve_model`].
+pub fn resolve_controlnet(spec: &str, progress: &mut dyn DownloadProgress) -> Result<PathBuf> {
+    resolve_in(
+        &hf_cache(),
+        hub_offline(),
+        spec,
+        None,
+        RepoLayout::Model,
+        progress,
+    )
+}
+
+/// Resolves `spec` for a repository of `layout`.
+pub fn resolve_in(
+    cache: &Cache,
+    offline: bool,
+    spec: &str,
+    variant: Option<&str>,
+    layout: RepoLayout,
+    progress: &mut dyn DownloadProgress,
+) -> Result<PathBuf> {
     match ModelSource::parse(spec)? {
         ModelSource::Local(path) => {
             let safetensors = path
@@ -219,7 +297,9 @@ pub fn resolve_model_in(
             }
         }
         ModelSource::Hub { repo_id, revision } => {
-            if let Some(dir) = cached_snapshot(cache, &repo_id, revision.as_deref(), variant) {
+            if let Some(dir) =
+                cached_snapshot_of(cache, &repo_id, revision.as_deref(), variant, layout)
+            {
                 tracing::info!(repo_id, dir = %dir.display(), "using the cached model");
                 return Ok(dir);
             }
@@ -234,6 +314,7 @@ pub fn resolve_model_in(
                 &repo_id,
                 revision.as_deref(),
                 variant,
+                layout,
                 progress,
             )
         }
@@ -245,6 +326,7 @@ fn download(
     repo_id: &str,
     revision: Option<&str>,
     variant: Option<&str>,
+    layout: RepoLayout,
     progress: &mut dyn DownloadProgress,
 ) -> Result<PathBuf> {
     let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
@@ -264,29 +346,32 @@ fn download(
         .map_err(|e| hub_error(repo_id, &e.to_string()))?;
     let listed = |f: &str| info.siblings.iter().any(|s| s.rfilename == f);
     let mut index = None;
-    for (default, preferred) in required_files(variant) {
+    let files = layout.required_files(variant);
+    let anchor = files.first().map(|(f, _)| f.clone()).unwrap_or_default();
+    for (default, preferred) in files {
         let file = match preferred {
             Some(p) if listed(&p) => p,
             _ => default,
         };
         if !listed(&file) {
             return Err(EngineError::Hub(format!(
-                "`{repo_id}` has no `{file}`: is it a Stable Diffusion repository in diffusers format?"
+                "`{repo_id}` has no `{file}`: is it {}?",
+                layout.described()
             )));
         }
         let path = fetch(&api_repo, &file, progress, repo_id)?;
-        if file == "model_index.json" {
+        if file == anchor {
             index = Some(path);
         }
     }
-    for file in OPTIONAL_FILES.iter().filter(|f| listed(f)) {
-        fetch(&api_repo, file, progress, repo_id)?;
+    if layout == RepoLayout::Pipeline {
+        for file in OPTIONAL_FILES.iter().filter(|f| listed(f)) {
+            fetch(&api_repo, file, progress, repo_id)?;
+        }
     }
     index
         .and_then(|p| p.parent().map(Path::to_path_buf))
-        .ok_or_else(|| {
-            EngineError::Hub(format!("`{repo_id}`: model_index.json was not downloaded"))
-        })
+        .ok_or_else(|| EngineError::Hub(format!("`{repo_id}`: {anchor} was not downloaded")))
 }
 
 fn fetch(

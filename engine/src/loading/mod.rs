@@ -5,6 +5,6 @@ pub mod hub;
 pub mod single_file;
 
 pub use hub::{
-    DownloadProgress, ModelAvailability, ModelSource, model_availability, model_availability_in,
-    resolve_model, resolve_model_in,
+    DownloadProgress, ModelAvailability, ModelSource, RepoLayout, model_availability,
+    model_availability_in, resolve_controlnet, resolve_in, resolve_model, resolve_model_in,
 };

@@ -16,6 +16,8 @@ pub enum PipelineKind {
     Img2Img,
     /// `StableDiffusionInpaintPipeline` (9-channel inpainting UNet, or a plain 4-channel one).
     Inpaint,
+    /// `StableDiffusionControlNetPipeline` (txt2img guided by a ControlNet and a control image).
+    ControlNet,
 }
 
 impl PipelineKind {
@@ -25,6 +27,7 @@ impl PipelineKind {
             Self::Txt2Img => "txt2img",
             Self::Img2Img => "img2img",
             Self::Inpaint => "inpaint",
+            Self::ControlNet => "controlnet",
         }
     }
 
@@ -32,7 +35,7 @@ impl PipelineKind {
     pub fn default_strength(self) -> f64 {
         match self {
             Self::Img2Img => 0.8,
-            Self::Txt2Img | Self::Inpaint => 1.0,
+            Self::Txt2Img | Self::Inpaint | Self::ControlNet => 1.0,
         }
     }
 }
@@ -44,9 +47,10 @@ impl std::str::FromStr for PipelineKind {
             "txt2img" => Ok(Self::Txt2Img),
             "img2img" => Ok(Self::Img2Img),
             "inpaint" => Ok(Self::Inpaint),
-            "controlnet" | "if" | "if-stage2" | "upscale" => Err(EngineError::Unsupported(
-                format!("the `{s}` pipeline is not implemented yet"),
-            )),
+            "controlnet" => Ok(Self::ControlNet),
+            "if" | "if-stage2" | "upscale" => Err(EngineError::Unsupported(format!(
+                "the `{s}` pipeline is not implemented yet"
+            ))),
             other => Err(EngineError::invalid(
                 "pipeline",
                 format!(
@@ -103,6 +107,16 @@ pub struct GenerationRequest {
     /// `width × height`, and paste the result back through the mask (diffusers'
     /// `padding_mask_crop`). The output then has the size of `image`.
     pub padding_mask_crop: Option<usize>,
+    /// The ControlNet's control image, `[h, w, 3]` in [0, 1] (used as given, resized to
+    /// `width × height` if its size differs).
+    pub control_image: Option<HostTensor>,
+    /// `controlnet_conditioning_scale`.
+    pub controlnet_scale: f64,
+    /// `control_guidance_start` / `_end`: the fraction of the steps the ControlNet acts on.
+    pub control_guidance: (f64, f64),
+    /// Guess mode: the ControlNet sees only the conditional batch, its residuals scaled from
+    /// 0.1 (shallow) to 1 (deep).
+    pub guess_mode: bool,
 }
 
 impl Default for GenerationRequest {
@@ -126,6 +140,10 @@ impl Default for GenerationRequest {
             strength: None,
             mask_blur: 0.0,
             padding_mask_crop: None,
+            control_image: None,
+            controlnet_scale: 1.0,
+            control_guidance: (0.0, 1.0),
+            guess_mode: false,
         }
     }
 }
@@ -288,10 +306,18 @@ impl GenerationRequest {
                 limits.unet_in_channels, limits.latent_channels
             )));
         }
-        if self.pipeline == PipelineKind::Txt2Img {
+        if matches!(
+            self.pipeline,
+            PipelineKind::Txt2Img | PipelineKind::ControlNet
+        ) {
             unused("image", self.image.is_some())?;
             unused("strength", self.strength.is_some())?;
         }
+        if self.pipeline == PipelineKind::ControlNet {
+            unused("mask", self.mask.is_some())?;
+            return self.check_control_inputs();
+        }
+        unused("control_image", self.control_image.is_some())?;
         if self.pipeline != PipelineKind::Inpaint {
             unused("mask", self.mask.is_some())?;
             unused("mask_blur", self.mask_blur != 0.0)?;
@@ -348,6 +374,37 @@ impl GenerationRequest {
                     format!("{} must be between 0 and {MAX_MASK_BLUR}", self.mask_blur),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The ControlNet part of [`Self::check_inputs`].
+    fn check_control_inputs(&self) -> Result<()> {
+        let image = self.control_image.as_ref().ok_or_else(|| {
+            EngineError::invalid(
+                "control_image",
+                "the controlnet pipeline needs a control image",
+            )
+        })?;
+        let (w, h) = image_size(image, "control_image", 3)?;
+        if w > MAX_SIDE || h > MAX_SIDE {
+            return Err(EngineError::invalid(
+                "control_image",
+                format!("{w}×{h} is larger than {MAX_SIDE} on a side"),
+            ));
+        }
+        if !self.controlnet_scale.is_finite() || self.controlnet_scale < 0.0 {
+            return Err(EngineError::invalid(
+                "controlnet_scale",
+                format!("{} must be a finite number ≥ 0", self.controlnet_scale),
+            ));
+        }
+        let (start, end) = self.control_guidance;
+        if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
+            return Err(EngineError::invalid(
+                "control_guidance",
+                format!("start {start} and end {end} must satisfy 0 ≤ start < end ≤ 1"),
+            ));
         }
         Ok(())
     }

@@ -2,10 +2,11 @@
 //! and inpainting share one loaded [`StableDiffusionPipeline`]; the request picks the pipeline.
 
 pub mod pipeline_stable_diffusion;
+mod pipeline_stable_diffusion_controlnet;
 mod pipeline_stable_diffusion_img2img;
 mod pipeline_stable_diffusion_inpaint;
 
 pub use pipeline_stable_diffusion::{
-    DenoiseOptions, GenerationOutput, InpaintConditioning, LoadOptions, StableDiffusionPipeline,
-    denoise, sd15_config_dir,
+    ControlConditioning, DenoiseOptions, GenerationOutput, InpaintConditioning, LoadOptions,
+    StableDiffusionPipeline, denoise, sd15_config_dir,
 };

@@ -14,9 +14,12 @@ use crate::error::{EngineError, Result};
 use crate::loading::single_file::map_single_file_keys;
 use crate::models::autoencoders::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::config::read_config;
+use crate::models::controlnets::ControlNetModel;
 use crate::models::text_encoders::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::models::text_encoders::clip_tokenizer::CLIPTokenizer;
-use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::unets::{
+    ClassLabels, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel,
+};
 use crate::models::weights::{CastParams, load_safetensors, load_safetensors_renamed};
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
@@ -148,6 +151,8 @@ impl Components {
             scheduler_config: self.scheduler_config,
             device: device.clone(),
             source: source.to_path_buf(),
+            controlnet: None,
+            attn_processor: AttnProcessor::default(),
         }
     }
 }
@@ -166,6 +171,10 @@ pub struct StableDiffusionPipeline<B: Backend> {
     pub device: B::Device,
     /// Where the model came from (folder), for messages and metadata.
     pub source: PathBuf,
+    /// The ControlNet the controlnet pipeline uses, when one is loaded.
+    pub controlnet: Option<ControlNetModel<B>>,
+    /// The attention processor set last (a ControlNet loaded later gets it too).
+    attn_processor: AttnProcessor,
 }
 
 /// The weights file of a component, preferring the variant when asked for and present.
@@ -248,8 +257,40 @@ impl<B: Backend> StableDiffusionPipeline<B> {
 
     /// Sets the attention processor of the UNet and the VAE (diffusers' `set_attn_processor`).
     pub fn set_attn_processor(&mut self, processor: AttnProcessor) {
+        self.attn_processor = processor;
         self.unet.set_attn_processor(processor);
         self.vae.set_attn_processor(processor);
+        if let Some(controlnet) = self.controlnet.as_mut() {
+            controlnet.set_attn_processor(processor);
+        }
+    }
+
+    /// Loads a diffusers ControlNet folder for the controlnet pipeline (replacing any loaded
+    /// one); it takes the UNet's attention processor and precision.
+    pub fn load_controlnet(&mut self, dir: &Path) -> Result<()> {
+        let (mut controlnet, _) = ControlNetModel::<B>::load(dir, None, &self.device)?;
+        let boc = &self.unet_config.block_out_channels;
+        if controlnet.controlnet_down_blocks.len() != self.unet_skip_count()
+            || controlnet.conv_in.weight.dims()[0] != boc.first().copied().unwrap_or(0)
+        {
+            return Err(EngineError::Config {
+                path: dir.to_path_buf(),
+                message: "this ControlNet was not made for this UNet (its blocks differ)".into(),
+            });
+        }
+        controlnet.set_attn_processor(self.attn_processor);
+        self.controlnet = Some(controlnet.map(&mut CastParams(self.unet.conv_in.weight.dtype())));
+        Ok(())
+    }
+
+    /// How many skips the UNet's down path pushes (one ControlNet residual each).
+    fn unet_skip_count(&self) -> usize {
+        1 + self
+            .unet
+            .down_blocks
+            .iter()
+            .map(|b| b.resnets.len() + b.downsamplers.len())
+            .sum::<usize>()
     }
 
     /// Sets the UNet's memory format (diffusers' `pipe.unet.to(memory_format=torch.channels_last)`;
@@ -346,19 +387,25 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         };
         cancel.check()?;
         match request.pipeline {
-            PipelineKind::Txt2Img => self.txt2img(request, noise, cancel, observer),
+            PipelineKind::Txt2Img => self.txt2img(request, noise, cancel, observer, None),
             PipelineKind::Img2Img => self.img2img(request, noise, cancel, observer),
             PipelineKind::Inpaint => self.inpaint(request, noise, cancel, observer),
+            PipelineKind::ControlNet => {
+                let control = self.control_conditioning(request)?;
+                self.txt2img(request, noise, cancel, observer, Some(&control))
+            }
         }
     }
 
-    /// Diffusers' `StableDiffusionPipeline.__call__` after `check_inputs`.
+    /// Diffusers' `StableDiffusionPipeline.__call__` after `check_inputs`; with `control`, its
+    /// `StableDiffusionControlNetPipeline.__call__`.
     fn txt2img(
         &self,
         request: &GenerationRequest,
         noise: &mut dyn NoiseSource,
         cancel: &CancelToken,
         observer: &mut dyn StepObserver,
+        control: Option<&ControlConditioning<'_, B>>,
     ) -> Result<GenerationOutput> {
         let limits = self.limits();
         let mut scheduler = self.scheduler_for(request)?;
@@ -385,7 +432,10 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             &context,
             request,
             0,
-            None,
+            Conditioning {
+                inpaint: None,
+                control,
+            },
             noise,
             cancel,
             observer,
@@ -431,7 +481,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         context: &Tensor<B, 3>,
         request: &GenerationRequest,
         first_step: usize,
-        conditioning: Option<&InpaintConditioning<B>>,
+        conditioning: Conditioning<'_, B>,
         noise: &mut dyn NoiseSource,
         cancel: &CancelToken,
         observer: &mut dyn StepObserver,
@@ -456,7 +506,8 @@ impl<B: Backend> StableDiffusionPipeline<B> {
                     .then_some(request.guidance_scale),
                 timesteps: &timesteps,
                 first_step,
-                conditioning,
+                conditioning: conditioning.inpaint,
+                control: conditioning.control,
             },
             noise,
             cancel,
@@ -489,18 +540,26 @@ struct UpcastUnet<B: Backend> {
 
 impl<B: Backend> UpcastUnet<B> {
     /// One UNet evaluation, in f32 once a reduced-precision one has failed.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
         unet: &UNet2DConditionModel<B>,
         input: Tensor<B, 4>,
         t: f64,
         context: &Tensor<B, 3>,
+        residuals: Option<&ControlResiduals<B>>,
         step: usize,
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor<B, 4>> {
         let dtype = input.dtype();
         if self.unet.is_none() {
-            let out = unet.forward(input.clone(), &[t], context, &ClassLabels::None)?;
+            let out = unet.forward_with_residuals(
+                input.clone(),
+                &[t],
+                context,
+                &ClassLabels::None,
+                residuals,
+            )?;
             if dtype == DType::F32 || all_finite(&out) {
                 return Ok(out);
             }
@@ -517,11 +576,16 @@ impl<B: Backend> UpcastUnet<B> {
         let upcast = self
             .unet
             .get_or_insert_with(|| unet.clone().map(&mut CastParams(DType::F32)));
-        let out = upcast.forward(
+        let residuals = residuals.map(|r| ControlResiduals {
+            down: r.down.iter().map(|d| d.clone().cast(DType::F32)).collect(),
+            mid: r.mid.clone().cast(DType::F32),
+        });
+        let out = upcast.forward_with_residuals(
             input.cast(DType::F32),
             &[t],
             &context.clone().cast(DType::F32),
             &ClassLabels::None,
+            residuals.as_ref(),
         )?;
         if !all_finite(&out) {
             return Err(EngineError::NonFinite(format!(
@@ -572,6 +636,95 @@ pub struct DenoiseOptions<'a, B: Backend> {
     pub first_step: usize,
     /// Inpainting's conditioning on the known image, if any.
     pub conditioning: Option<&'a InpaintConditioning<B>>,
+    /// The ControlNet and its control image, if any.
+    pub control: Option<&'a ControlConditioning<'a, B>>,
+}
+
+/// What conditions a pipeline's denoising loop besides the prompt.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conditioning<'a, B: Backend> {
+    pub inpaint: Option<&'a InpaintConditioning<B>>,
+    pub control: Option<&'a ControlConditioning<'a, B>>,
+}
+
+impl<B: Backend> Conditioning<'_, B> {
+    /// No conditioning.
+    pub fn none() -> Self {
+        Self {
+            inpaint: None,
+            control: None,
+        }
+    }
+}
+
+/// A ControlNet and its control image, as the denoising loop uses them (diffusers'
+/// `StableDiffusionControlNetPipeline` loop).
+#[derive(Debug, Clone)]
+pub struct ControlConditioning<'a, B: Backend> {
+    pub model: &'a ControlNetModel<B>,
+    /// `[batch, 3, H, W]` in [0, 1]; with CFG the loop pairs it with itself unless in guess mode.
+    pub image: Tensor<B, 4>,
+    /// `controlnet_conditioning_scale`.
+    pub scale: f64,
+    /// `control_guidance_start` / `_end` as fractions of the loop.
+    pub start: f64,
+    pub end: f64,
+    pub guess_mode: bool,
+}
+
+impl<B: Backend> ControlConditioning<'_, B> {
+    /// Diffusers' `controlnet_keep[i]`: whether step `i` of `n` lies in the guidance window.
+    fn keep(&self, i: usize, n: usize) -> bool {
+        let (i, n) = (i as f64, n as f64);
+        !(i / n < self.start || (i + 1.0) / n > self.end)
+    }
+
+    /// The residuals for the UNet's CFG batch at one step (none outside the window, where
+    /// diffusers' are zeros).
+    #[allow(clippy::too_many_arguments)]
+    fn residuals(
+        &self,
+        i: usize,
+        n: usize,
+        scheduler: &dyn Scheduler<B>,
+        step: usize,
+        latents: &Tensor<B, 4>,
+        model_input: &Tensor<B, 4>,
+        t: f64,
+        context: &Tensor<B, 3>,
+        cfg: bool,
+    ) -> Result<Option<ControlResiduals<B>>> {
+        if !self.keep(i, n) {
+            return Ok(None);
+        }
+        let batch = latents.dims()[0];
+        let guess_cfg = self.guess_mode && cfg;
+        let (input, ctx, image) = if guess_cfg {
+            // Only the conditional half goes through the ControlNet.
+            (
+                scheduler.scale_model_input(latents.clone(), step),
+                context.clone().narrow(0, batch, batch),
+                self.image.clone(),
+            )
+        } else if cfg {
+            (
+                model_input.clone(),
+                context.clone(),
+                Tensor::cat(vec![self.image.clone(), self.image.clone()], 0),
+            )
+        } else {
+            (model_input.clone(), context.clone(), self.image.clone())
+        };
+        let mut r = self
+            .model
+            .forward(input, &[t], &ctx, image, self.scale, self.guess_mode)?;
+        if guess_cfg {
+            let zeros_first = |t: Tensor<B, 4>| Tensor::cat(vec![t.zeros_like(), t], 0);
+            r.down = r.down.into_iter().map(zeros_first).collect();
+            r.mid = zeros_first(r.mid);
+        }
+        Ok(Some(r))
+    }
 }
 
 /// The denoising loop every SD pipeline shares: per timestep, the CFG batch through the UNet,
@@ -614,7 +767,29 @@ pub fn denoise<B: Backend>(
             }
             _ => model_input,
         };
-        let noise_pred = upcast.forward(unet, model_input, t, context, i + 1, observer)?;
+        let residuals = match options.control {
+            Some(control) => control.residuals(
+                i,
+                options.timesteps.len(),
+                scheduler,
+                step,
+                &latents,
+                &model_input,
+                t,
+                context,
+                options.guidance_scale.is_some(),
+            )?,
+            None => None,
+        };
+        let noise_pred = upcast.forward(
+            unet,
+            model_input,
+            t,
+            context,
+            residuals.as_ref(),
+            i + 1,
+            observer,
+        )?;
         let noise_pred = match options.guidance_scale {
             Some(scale) => {
                 let uncond = noise_pred.clone().narrow(0, 0, batch);

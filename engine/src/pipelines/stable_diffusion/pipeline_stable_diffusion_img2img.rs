@@ -8,6 +8,7 @@ use burn::tensor::{DType, Tensor, backend::Backend};
 use crate::error::Result;
 use crate::noise::NoiseSource;
 use crate::pipelines::image_processor::{image_size, resize};
+use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::Conditioning;
 use crate::pipelines::stable_diffusion::{GenerationOutput, StableDiffusionPipeline};
 use crate::pipelines::{CancelToken, GenerationRequest, StepObserver};
 use crate::tensor_io::HostTensor;
@@ -52,7 +53,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             &context,
             request,
             first_step,
-            None,
+            Conditioning::none(),
             noise,
             cancel,
             observer,

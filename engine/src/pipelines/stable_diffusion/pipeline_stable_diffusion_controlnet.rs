@@ -1,0 +1,44 @@
+//! Text-to-image guided by a ControlNet (aka diffusers'
+//! `pipelines/controlnet/pipeline_controlnet.py`, `StableDiffusionControlNetPipeline`): the
+//! txt2img loop, with the ControlNet's residuals added to the UNet at every step of the
+//! guidance window.
+
+use burn::tensor::{DType, backend::Backend};
+
+use crate::error::{EngineError, Result};
+use crate::pipelines::GenerationRequest;
+use crate::pipelines::image_processor::resize;
+use crate::pipelines::stable_diffusion::{ControlConditioning, StableDiffusionPipeline};
+
+impl<B: Backend> StableDiffusionPipeline<B> {
+    /// The loaded ControlNet with the request's control image (diffusers' `prepare_image`:
+    /// resized to the output size, [0, 1], one per image), scale, window and guess mode.
+    pub(crate) fn control_conditioning(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<ControlConditioning<'_, B>> {
+        let model = self.controlnet.as_ref().ok_or_else(|| {
+            EngineError::invalid(
+                "controlnet",
+                "the controlnet pipeline needs a ControlNet: load one first (--controlnet)",
+            )
+        })?;
+        let image = request.control_image.as_ref().ok_or_else(|| {
+            EngineError::invalid("control_image", "the controlnet pipeline needs one")
+        })?;
+        let image = resize(image, request.width, request.height)?
+            .to_tensor::<B, 3>("control_image", &self.device)?
+            .cast(DType::F32)
+            .permute([2, 0, 1])
+            .unsqueeze_dim::<4>(0)
+            .repeat_dim(0, request.batch);
+        Ok(ControlConditioning {
+            model,
+            image,
+            scale: request.controlnet_scale,
+            start: request.control_guidance.0,
+            end: request.control_guidance.1,
+            guess_mode: request.guess_mode || model.global_pool_conditions,
+        })
+    }
+}
