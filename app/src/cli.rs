@@ -430,11 +430,7 @@ impl BackendTask for GenerateTask {
                 width,
                 height,
                 model: model_name,
-                denoising_strength: matches!(
-                    request.pipeline,
-                    PipelineKind::Img2Img | PipelineKind::Inpaint
-                )
-                .then(|| request.strength()),
+                denoising_strength: request.denoising_strength(),
             };
             for (i, rgb) in to_rgb8(&out.images).iter().enumerate() {
                 let file = numbered(&path, i, request.batch);

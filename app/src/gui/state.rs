@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bench::BenchState;
 use super::image_input::{ImageInputs, SizeFit};
+use crate::image_files::to_u8;
 use crate::png_meta::{GenerationParameters, ParsedParameters, read_parameters_text, write_png};
 
 /// How many recently used models the picker remembers.
@@ -561,11 +562,7 @@ impl AppState {
             EngineEvent::Preview { job, step, image } => {
                 if let Some(j) = self.job_mut(job) {
                     let (h, w) = (image.shape[0], image.shape[1]);
-                    let rgb: Vec<u8> = image
-                        .values
-                        .iter()
-                        .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
-                        .collect();
+                    let rgb = to_u8(&image.values);
                     let image = egui::ColorImage::from_rgb([w, h], &rgb);
                     match &mut j.preview {
                         Some(p) => {
@@ -664,17 +661,10 @@ impl AppState {
             width,
             height,
             model: model_label(&self.model_spec),
-            denoising_strength: matches!(
-                request.pipeline,
-                PipelineKind::Img2Img | PipelineKind::Inpaint
-            )
-            .then(|| request.strength()),
+            denoising_strength: request.denoising_strength(),
         };
         for (i, chunk) in images.values.chunks(per).take(batch).enumerate() {
-            let rgb: Vec<u8> = chunk
-                .iter()
-                .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
-                .collect();
+            let rgb = to_u8(chunk);
             let path = self.save(&params, i, &rgb);
             self.gallery.push(GalleryImage {
                 width,

@@ -270,6 +270,12 @@ impl GenerationRequest {
             .unwrap_or_else(|| self.pipeline.default_strength())
     }
 
+    /// The strength when the pipeline starts from an image (A1111's "Denoising strength").
+    pub fn denoising_strength(&self) -> Option<f64> {
+        matches!(self.pipeline, PipelineKind::Img2Img | PipelineKind::Inpaint)
+            .then(|| self.strength())
+    }
+
     /// `(t_start, steps that run)` of diffusers' `get_timesteps`: strength keeps the last
     /// `min(int(steps · strength), steps)` of the schedule.
     pub fn strength_schedule(&self) -> (usize, usize) {

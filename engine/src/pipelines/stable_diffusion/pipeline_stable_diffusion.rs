@@ -662,7 +662,8 @@ impl<B: Backend> Conditioning<'_, B> {
 #[derive(Debug, Clone)]
 pub struct ControlConditioning<'a, B: Backend> {
     pub model: &'a ControlNetModel<B>,
-    /// `[batch, 3, H, W]` in [0, 1]; with CFG the loop pairs it with itself unless in guess mode.
+    /// `[batch, 3, H, W]` in [0, 1], or `[2·batch, …]` (paired for the CFG batch) when the
+    /// ControlNet sees the whole CFG batch (guidance on, not guess mode).
     pub image: Tensor<B, 4>,
     /// `controlnet_conditioning_scale`.
     pub scale: f64,
@@ -699,25 +700,23 @@ impl<B: Backend> ControlConditioning<'_, B> {
         }
         let batch = latents.dims()[0];
         let guess_cfg = self.guess_mode && cfg;
-        let (input, ctx, image) = if guess_cfg {
+        let (input, ctx) = if guess_cfg {
             // Only the conditional half goes through the ControlNet.
             (
                 scheduler.scale_model_input(latents.clone(), step),
                 context.clone().narrow(0, batch, batch),
-                self.image.clone(),
-            )
-        } else if cfg {
-            (
-                model_input.clone(),
-                context.clone(),
-                Tensor::cat(vec![self.image.clone(), self.image.clone()], 0),
             )
         } else {
-            (model_input.clone(), context.clone(), self.image.clone())
+            (model_input.clone(), context.clone())
         };
-        let mut r = self
-            .model
-            .forward(input, &[t], &ctx, image, self.scale, self.guess_mode)?;
+        let mut r = self.model.forward(
+            input,
+            &[t],
+            &ctx,
+            self.image.clone(),
+            self.scale,
+            self.guess_mode,
+        )?;
         if guess_cfg {
             let zeros_first = |t: Tensor<B, 4>| Tensor::cat(vec![t.zeros_like(), t], 0);
             r.down = r.down.into_iter().map(zeros_first).collect();

@@ -32,13 +32,21 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             .permute([2, 0, 1])
             .unsqueeze_dim::<4>(0)
             .repeat_dim(0, request.batch);
+        let guess_mode = request.guess_mode || model.global_pool_conditions;
+        // Paired once here, not every step: the ControlNet sees the whole CFG batch unless in
+        // guess mode (diffusers' `prepare_image`).
+        let image = if request.do_classifier_free_guidance() && !guess_mode {
+            image.repeat_dim(0, 2)
+        } else {
+            image
+        };
         Ok(ControlConditioning {
             model,
             image,
             scale: request.controlnet_scale,
             start: request.control_guidance.0,
             end: request.control_guidance.1,
-            guess_mode: request.guess_mode || model.global_pool_conditions,
+            guess_mode,
         })
     }
 }
