@@ -10,6 +10,7 @@ use engine::backend::{
 };
 use engine::models::{AttnProcessor, MemoryFormat};
 use engine::noise::{NoiseSource, NoiseTape};
+use engine::pipelines::control_preprocess::Canny;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
 use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepProgress};
 use engine::schedulers::SchedulerKind;
@@ -84,12 +85,23 @@ pub struct GenerateArgs {
     /// paste it back (diffusers' padding_mask_crop).
     #[arg(long)]
     pub padding_mask_crop: Option<usize>,
-    /// The ControlNet of `--pipeline controlnet`: a diffusers folder or a hub id.
+    /// The ControlNet of `--pipeline controlnet`: a diffusers folder, a hub id, or a
+    /// single-file `.safetensors` checkpoint (original `control_model.` layout).
     #[arg(long)]
     pub controlnet: Option<String>,
-    /// The control image (PNG/JPEG), used as given (e.g. a canny edge map).
+    /// The control image (PNG/JPEG): used as given (e.g. a canny edge map), or preprocessed
+    /// with `--control-preprocess`.
     #[arg(long)]
     pub control_image: Option<PathBuf>,
+    /// Turn the control image into a control map first: `canny` (edges, 3 channels) or `none`.
+    #[arg(long, value_parser = ["none", "canny"])]
+    pub control_preprocess: Option<String>,
+    /// Canny's low hysteresis threshold (default 100; OpenCV's scale).
+    #[arg(long)]
+    pub canny_low: Option<f32>,
+    /// Canny's high hysteresis threshold (default 200).
+    #[arg(long)]
+    pub canny_high: Option<f32>,
     /// controlnet_conditioning_scale (default 1.0).
     #[arg(long)]
     pub controlnet_scale: Option<f64>,
@@ -154,7 +166,8 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
     let image_flags = matches!(pipeline, PipelineKind::Img2Img | PipelineKind::Inpaint);
     let inpaint = pipeline == PipelineKind::Inpaint;
     let control = pipeline == PipelineKind::ControlNet;
-    let unused: [(&str, bool); 13] = [
+    let canny = args.control_preprocess.as_deref() == Some("canny");
+    let unused: [(&str, bool); 16] = [
         ("--image", !image_flags && args.image.is_some()),
         ("--strength", !image_flags && args.strength.is_some()),
         ("--mask", !inpaint && args.mask.is_some()),
@@ -169,6 +182,12 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
         ),
         ("--controlnet", !control && args.controlnet.is_some()),
         ("--control-image", !control && args.control_image.is_some()),
+        (
+            "--control-preprocess",
+            !control && args.control_preprocess.is_some(),
+        ),
+        ("--canny-low", !canny && args.canny_low.is_some()),
+        ("--canny-high", !canny && args.canny_high.is_some()),
         (
             "--controlnet-scale",
             !control && args.controlnet_scale.is_some(),
@@ -185,6 +204,9 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
         ("--image-array", args.image_array.is_some()),
     ];
     if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
+        if flag.starts_with("--canny") && control {
+            bail!("{flag} needs --control-preprocess canny");
+        }
         bail!("{flag} is not used by the {} pipeline", args.pipeline);
     }
     if image_flags && args.image.is_none() {
@@ -202,12 +224,32 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
     Ok(())
 }
 
+/// The control image as the ControlNet gets it: as given, or its Canny edges.
+fn control_map(args: &GenerateArgs, path: &Path) -> Result<HostTensor> {
+    let image = read_rgb(path)?;
+    if args.control_preprocess.as_deref() != Some("canny") {
+        return Ok(image);
+    }
+    let defaults = Canny::default();
+    let canny = Canny {
+        low: args.canny_low.unwrap_or(defaults.low),
+        high: args.canny_high.unwrap_or(defaults.high),
+    };
+    canny
+        .control_map(&image)
+        .with_context(|| format!("Canny edges of {}", path.display()))
+}
+
 fn prepare(args: &GenerateArgs) -> Result<Job> {
     let pipeline: PipelineKind = args.pipeline.parse()?;
     reject_unused(args, pipeline)?;
     let image = args.image.as_deref().map(read_rgb).transpose()?;
     let mask = args.mask.as_deref().map(read_mask).transpose()?;
-    let control_image = args.control_image.as_deref().map(read_rgb).transpose()?;
+    let control_image = args
+        .control_image
+        .as_deref()
+        .map(|path| control_map(args, path))
+        .transpose()?;
     let attention = AttnProcessor::from_name(&args.attention)?;
     let scheduler = args
         .scheduler

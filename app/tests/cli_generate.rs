@@ -547,3 +547,137 @@ fn controlnet_equals_diffusers() {
         "{stderr}"
     );
 }
+
+/// `--control-preprocess canny` gives the run the Canny map of the image: the same image as a
+/// run given that map (computed by the engine and saved as a PNG) as its control image. The
+/// ControlNet here is the single-file checkpoint (`control_model.` layout).
+#[test]
+fn controlnet_canny_preprocess_and_single_file() {
+    use engine::pipelines::control_preprocess::Canny;
+    use engine::tensor_io::HostTensor;
+
+    let photo = fixture("refs/canny/chelsea.png");
+    let img = image::open(&photo).unwrap().to_rgb8();
+    let host = HostTensor {
+        shape: vec![img.height() as usize, img.width() as usize, 3],
+        values: img.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect(),
+    };
+    let map = Canny {
+        low: 60.0,
+        high: 150.0,
+    }
+    .control_map(&host)
+    .unwrap();
+    assert!(map.values.contains(&1.0) && map.values.contains(&0.0));
+    let bytes: Vec<u8> = map.values.iter().map(|&v| (v * 255.0) as u8).collect();
+    let map_png = temp("chelsea_canny.png");
+    image::RgbImage::from_raw(img.width(), img.height(), bytes)
+        .unwrap()
+        .save(&map_png)
+        .unwrap();
+
+    let (model, controlnet) = (
+        fixture("tiny-sd"),
+        fixture("tiny-controlnet-single-file.safetensors"),
+    );
+    let run = |control: &PathBuf, extra: &[&str], out: &PathBuf| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--pipeline",
+            "controlnet",
+            "--controlnet",
+            controlnet.to_str().unwrap(),
+            "--control-image",
+            control.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--seed",
+            "7",
+            "--save-array",
+            out.to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let output = brushfire(&args);
+        assert!(
+            output.status.success(),
+            "brushfire failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        read_safetensors(out).unwrap()["image"].clone()
+    };
+    let (a, b, c) = (
+        temp("canny_pre.safetensors"),
+        temp("canny_map.safetensors"),
+        temp("canny_raw.safetensors"),
+    );
+    let preprocessed = run(
+        &photo,
+        &[
+            "--control-preprocess",
+            "canny",
+            "--canny-low",
+            "60",
+            "--canny-high",
+            "150",
+        ],
+        &a,
+    );
+    let from_map = run(&map_png, &[], &b);
+    let raw = run(&photo, &[], &c);
+    assert_eq!(preprocessed.values, from_map.values);
+    assert_ne!(
+        preprocessed.values, raw.values,
+        "the photo itself is another control"
+    );
+
+    // Thresholds are checked before anything loads, and only with canny.
+    let bad = |extra: &[&str], needle: &str| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--pipeline",
+            "controlnet",
+            "--controlnet",
+            controlnet.to_str().unwrap(),
+            "--control-image",
+            photo.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--backend",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let output = brushfire(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(needle),
+            "{stderr}"
+        );
+    };
+    bad(
+        &[
+            "--control-preprocess",
+            "canny",
+            "--canny-low",
+            "300",
+            "--canny-high",
+            "100",
+        ],
+        "canny_low",
+    );
+    bad(
+        &["--canny-low", "50"],
+        "--canny-low needs --control-preprocess canny",
+    );
+}

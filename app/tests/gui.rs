@@ -499,12 +499,18 @@ fn canvas<'h>(h: &'h Harness<'static, BrushfireApp>) -> &'h app::gui::canvas::Pa
     &h.state().state.inputs.source.as_ref().unwrap().canvas
 }
 
-/// Drags through `points` (image pixels) on the canvas, one frame per point.
+/// Drags through `points` (image pixels) on the inpainting canvas, one frame per point.
 fn drag_through(h: &mut Harness<'static, BrushfireApp>, points: &[egui::Pos2]) {
-    let screen: Vec<egui::Pos2> = points
-        .iter()
-        .map(|&p| canvas(h).image_to_screen(p))
-        .collect();
+    drag_through_on(h, canvas, points);
+}
+
+/// Drags through `points` (image pixels) on the canvas `on` picks, one frame per point.
+fn drag_through_on(
+    h: &mut Harness<'static, BrushfireApp>,
+    on: for<'h> fn(&'h Harness<'static, BrushfireApp>) -> &'h app::gui::canvas::PaintCanvas,
+    points: &[egui::Pos2],
+) {
+    let screen: Vec<egui::Pos2> = points.iter().map(|&p| on(h).image_to_screen(p)).collect();
     h.hover_at(screen[0]);
     h.step();
     h.drag_at(screen[0]);
@@ -847,4 +853,164 @@ fn an_image_given_at_start_opens_as_the_img2img_source() {
         "init.png",
         "kept"
     );
+}
+
+fn control_canvas<'h>(h: &'h Harness<'static, BrushfireApp>) -> &'h app::gui::canvas::PaintCanvas {
+    &h.state().state.control.source.as_ref().unwrap().canvas
+}
+
+/// Sets a slider through accesskit, as a screen reader would.
+fn set_slider(h: &Harness<'static, BrushfireApp>, label: &str, value: f64) {
+    use egui::accesskit::{Action, ActionData, ActionRequest};
+    use egui_kittest::kittest::NodeT;
+    let node = h.get_by_role_and_label(Role::Slider, label);
+    let (target_node, target_tree) = node.accesskit_node().locate();
+    h.event(egui::Event::AccessKitActionRequest(ActionRequest {
+        action: Action::SetValue,
+        target_node,
+        target_tree,
+        data: Some(ActionData::NumericValue(value)),
+    }));
+}
+
+fn white(map: &[u8]) -> usize {
+    map.chunks(3).filter(|p| p[0] == 255).count()
+}
+
+#[test]
+fn controlnet_page_live_canny_drawing_and_the_request() {
+    let mut app = app();
+    app.state.view = View::ControlNet;
+    app.state.control.controlnet_spec = fixture("tiny-controlnet-single-file.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    app.state
+        .control
+        .open(&fixture("refs/canny/chelsea.png"))
+        .unwrap();
+    let mut h = harness(app);
+    wait(&mut h, "the model", |a| a.state.model_ready());
+
+    // No ControlNet yet: Generate says so and sends nothing.
+    h.get_by_label("Generate").click();
+    h.run_steps(2);
+    let error = h.state_mut().state.error.take().unwrap_or_default();
+    assert!(error.contains("load a ControlNet"), "{error}");
+    assert!(h.state().state.jobs.is_empty());
+    h.get_by_label("Load ControlNet").click();
+    wait(&mut h, "the ControlNet", |a| {
+        a.state.control.loaded.is_some()
+    });
+    assert!(
+        h.state().state.error.is_none(),
+        "{:?}",
+        h.state().state.error
+    );
+
+    // The preview follows the thresholds: a higher pair keeps fewer edges, and the canvas
+    // shows the new map.
+    let control = &mut h.state_mut().state.control;
+    let default_edges = white(control.base_map().unwrap());
+    assert!(default_edges > 500, "{default_edges}");
+    set_slider(&h, "High", 600.0);
+    h.run_steps(2);
+    let control = &mut h.state_mut().state.control;
+    assert_eq!(control.canny.high, 600.0);
+    assert!(control.map_texture_is_current());
+    let fewer = white(control.base_map().unwrap());
+    assert!(fewer < default_edges, "{fewer} < {default_edges}");
+    set_slider(&h, "Low", 700.0);
+    h.run_steps(2);
+    let canny = h.state().state.control.canny;
+    assert_eq!(
+        (canny.low, canny.high),
+        (700.0, 700.0),
+        "low pushes high up"
+    );
+    set_slider(&h, "High", 200.0);
+    set_slider(&h, "Low", 100.0);
+    h.run_steps(2);
+    let control = &mut h.state_mut().state.control;
+    assert!(control.map_texture_is_current());
+    assert_eq!(white(control.base_map().unwrap()), default_edges);
+
+    // Drawing changes the map: the pen adds white, the eraser blacks out, Ctrl+Z undoes.
+    let canvas = &mut h.state_mut().state.control.source.as_mut().unwrap().canvas;
+    canvas.fit_pending = false;
+    canvas.zoom = 1.0;
+    canvas.pan = egui::Vec2::ZERO;
+    canvas.brush_radius = 2.0;
+    h.run_steps(2);
+    let before = h.state_mut().state.control.control_map().unwrap();
+    drag_through_on(
+        &mut h,
+        control_canvas,
+        &[egui::pos2(10.0, 200.0), egui::pos2(300.0, 200.0)],
+    );
+    let drawn = h.state_mut().state.control.control_map().unwrap();
+    assert!(white(&drawn) > white(&before) + 250, "a 290 px line");
+    let at = |map: &[u8], x: usize, y: usize| map[(y * 320 + x) * 3];
+    assert_eq!(at(&drawn, 150, 200), 255);
+    h.state_mut()
+        .state
+        .control
+        .source
+        .as_mut()
+        .unwrap()
+        .canvas
+        .tool = app::gui::canvas::Tool::Eraser;
+    h.state_mut()
+        .state
+        .control
+        .source
+        .as_mut()
+        .unwrap()
+        .canvas
+        .brush_radius = 30.0;
+    drag_through_on(&mut h, control_canvas, &[egui::pos2(160.0, 100.0)]);
+    let erased = h.state_mut().state.control.control_map().unwrap();
+    assert!(
+        (140..180).all(|x| (80..120).all(|y| at(&erased, x, y) == 0)),
+        "the eraser blacks out edges under it"
+    );
+    assert!(white(&erased) < white(&drawn));
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    h.run_steps(2);
+    assert_eq!(h.state_mut().state.control.control_map().unwrap(), drawn);
+
+    // Scale and window go into the request with the map; the run finishes.
+    set_slider(&h, "Scale", 0.6);
+    set_slider(&h, "Start", 0.1);
+    set_slider(&h, "End", 0.9);
+    h.run_steps(2);
+    h.get_by_label("Generate").click();
+    h.run_steps(2);
+    let job = &h.state().state.jobs[0].request;
+    assert_eq!(job.pipeline, engine::pipelines::PipelineKind::ControlNet);
+    assert!((job.controlnet_scale - 0.6).abs() < 1e-9);
+    assert!((job.control_guidance.0 - 0.1).abs() < 1e-9);
+    assert!((job.control_guidance.1 - 0.9).abs() < 1e-9);
+    assert_eq!(
+        (job.width, job.height),
+        (320, 208),
+        "the map's size, to multiples of 8"
+    );
+    let sent = job.control_image.as_ref().unwrap();
+    assert_eq!(sent.shape, vec![213, 320, 3]);
+    let sent_u8: Vec<u8> = sent
+        .values
+        .iter()
+        .map(|&v| (v * 255.0).round() as u8)
+        .collect();
+    assert_eq!(sent_u8, drawn);
+    wait(&mut h, "the ControlNet image", |a| {
+        !a.state.gallery.is_empty()
+    });
+    assert!(
+        h.state().state.error.is_none(),
+        "{:?}",
+        h.state().state.error
+    );
+    let img = &h.state().state.gallery[0];
+    assert_eq!((img.width, img.height), (320, 208));
 }

@@ -21,10 +21,13 @@ use crate::backend::{
 };
 use crate::error::{EngineError, Result};
 use crate::models::config::parse_config;
+use crate::models::controlnets::ControlNetConfig;
 use crate::models::unets::UNet2DConditionConfig;
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
-use crate::pipelines::stable_diffusion::{DenoiseOptions, InpaintConditioning, denoise};
+use crate::pipelines::stable_diffusion::{
+    ControlConditioning, DenoiseOptions, InpaintConditioning, denoise,
+};
 use crate::pipelines::{CancelToken, StepProgress, strength_schedule};
 use crate::schedulers;
 use crate::tensor_io::HostTensor;
@@ -572,6 +575,40 @@ impl BackendTask for UnetLoopTask<'_> {
         } else {
             None
         };
+        // The ControlNet row: `sd-controlnet-canny`'s architecture (the UNet's down half from
+        // the same config, SD's conditioning embedding), random weights, and a random control
+        // image for the whole CFG batch; it runs with the UNet at every step.
+        let controlnet = if spec.pipeline == BenchPipeline::SdControlnet {
+            let mut model = ControlNetConfig {
+                unet: config.clone(),
+                ..ControlNetConfig::default()
+            }
+            .init::<B>(&device)?;
+            model.set_attn_processor(spec.column.attention());
+            let shape = [2 * spec.batch, 3, spec.height, spec.width];
+            let image = HostTensor {
+                shape: shape.to_vec(),
+                values: generator
+                    .randn(&shape)
+                    .iter()
+                    .map(|v| v.abs().min(1.0))
+                    .collect(),
+            }
+            .to_tensor::<B, 4>("control_image", &device)?;
+            Some((model, image))
+        } else {
+            None
+        };
+        let control = controlnet
+            .as_ref()
+            .map(|(model, image)| ControlConditioning {
+                model,
+                image: image.clone(),
+                scale: 1.0,
+                start: 0.0,
+                end: 1.0,
+                guess_mode: false,
+            });
 
         let mut run_secs = Vec::with_capacity(self.runs);
         let mut peak: Option<u64> = None;
@@ -614,7 +651,7 @@ impl BackendTask for UnetLoopTask<'_> {
                     timesteps: &timesteps,
                     first_step,
                     conditioning: conditioning.as_ref(),
-                    control: None,
+                    control: control.as_ref(),
                 },
                 &mut generator as &mut dyn NoiseSource,
                 self.cancel,
@@ -801,7 +838,7 @@ fn csv_field(text: &str) -> String {
 impl BenchPipeline {
     /// Whether this build can run the pipeline's benchmark row.
     pub fn implemented(self) -> bool {
-        matches!(self, Self::SdTxt2Img | Self::SdImg2Img | Self::SdInpaint)
+        !matches!(self, Self::If)
     }
 
     /// The seed's strength for the row: img2img 0.8, everything else the whole schedule.

@@ -80,6 +80,14 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
 /// The tensor names of a safetensors file, read from its header only (a 4 GB checkpoint is not
 /// read to list its keys).
 pub fn read_safetensors_keys(path: &Path) -> Result<Vec<String>> {
+    Ok(read_safetensors_shapes(path)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect())
+}
+
+/// The tensor names and shapes of a safetensors file, from its header only.
+pub fn read_safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     use std::io::Read;
     let bad = |message: String| EngineError::Safetensors {
         file: path.to_path_buf(),
@@ -100,11 +108,22 @@ pub fn read_safetensors_keys(path: &Path) -> Result<Vec<String>> {
         .map_err(|e| bad(format!("truncated header: {e}")))?;
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    Ok(header
+    header
         .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| k != "__metadata__")
-        .collect())
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let shape = v
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .and_then(|dims| {
+                    dims.iter()
+                        .map(|d| d.as_u64().map(|d| d as usize))
+                        .collect()
+                })
+                .ok_or_else(|| bad(format!("`{k}` has no shape in the header")))?;
+            Ok((k, shape))
+        })
+        .collect()
 }
 
 /// One named tensor of a safetensors file.

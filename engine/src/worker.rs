@@ -21,7 +21,7 @@ use crate::bench::{
     BenchCell, BenchModels, BenchObserver, BenchPlan, BenchReport, CellSpec, run_bench,
 };
 use crate::error::{EngineError, Result};
-use crate::loading::{DownloadProgress, resolve_model};
+use crate::loading::{DownloadProgress, resolve_controlnet, resolve_model};
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
 use crate::pipelines::{CancelToken, GenerationRequest, StepObserver, StepProgress};
@@ -61,6 +61,9 @@ impl Default for EngineSettings {
 pub enum EngineCommand {
     /// Load a diffusers folder or hub id (downloading it if needed).
     LoadModel { spec: String },
+    /// Load a ControlNet (folder, hub id or single-file checkpoint) onto the loaded model for
+    /// the controlnet pipeline; it stays attached across model reloads and setting changes.
+    LoadControlNet { spec: String },
     /// Run a generation (queued behind earlier jobs).
     Generate {
         job: JobId,
@@ -94,6 +97,19 @@ pub enum EngineEvent {
         spec: String,
         dir: PathBuf,
         elapsed_secs: f64,
+    },
+    /// A ControlNet is attached to the loaded model.
+    ControlNetLoaded {
+        spec: String,
+        path: PathBuf,
+        elapsed_secs: f64,
+    },
+    /// A ControlNet could not be loaded (or no longer fits a newly loaded model). `attached`
+    /// is the one still attached (the previous one, if any).
+    ControlNetFailed {
+        spec: String,
+        error: String,
+        attached: Option<String>,
     },
     /// New settings are in effect.
     SettingsApplied(EngineSettings),
@@ -166,6 +182,7 @@ impl EngineHandle {
             backend: None,
             model: None,
             reload_spec: None,
+            controlnet: None,
         };
         let thread = std::thread::Builder::new()
             .name("brushfire-engine".into())
@@ -191,6 +208,11 @@ impl EngineHandle {
     }
 
     /// Queues a generation and returns its id.
+    /// Loads a ControlNet onto the model (after any model load queued before it).
+    pub fn load_controlnet(&self, spec: impl Into<String>) {
+        self.send(EngineCommand::LoadControlNet { spec: spec.into() });
+    }
+
     pub fn generate(&mut self, request: GenerationRequest) -> JobId {
         let job = self.next_job;
         self.next_job += 1;
@@ -277,6 +299,7 @@ trait PipelineRunner: Send {
     ) -> Result<GenerationOutput>;
     fn set_attn_processor(&mut self, processor: AttnProcessor);
     fn set_memory_format(&mut self, format: MemoryFormat);
+    fn load_controlnet(&mut self, path: &Path) -> Result<()>;
 }
 
 impl<B: Backend> PipelineRunner for StableDiffusionPipeline<B> {
@@ -295,6 +318,10 @@ impl<B: Backend> PipelineRunner for StableDiffusionPipeline<B> {
 
     fn set_memory_format(&mut self, format: MemoryFormat) {
         StableDiffusionPipeline::set_memory_format(self, format);
+    }
+
+    fn load_controlnet(&mut self, path: &Path) -> Result<()> {
+        StableDiffusionPipeline::load_controlnet(self, path)
     }
 }
 
@@ -331,6 +358,8 @@ struct Worker {
     model: Option<LoadedModel>,
     /// The model to load back if a settings change fails after unloading it.
     reload_spec: Option<String>,
+    /// The ControlNet the user picked, attached again whenever the model is (re)loaded.
+    controlnet: Option<String>,
 }
 
 /// Forwards download progress as events.
@@ -420,6 +449,16 @@ impl Worker {
     fn handle(&mut self, command: EngineCommand) -> Result<()> {
         match command {
             EngineCommand::LoadModel { spec } => self.load(spec),
+            EngineCommand::LoadControlNet { spec } => {
+                if let Err(e) = self.load_controlnet(spec.clone()) {
+                    self.emit(EngineEvent::ControlNetFailed {
+                        spec,
+                        error: e.to_string(),
+                        attached: self.controlnet.clone(),
+                    });
+                }
+                Ok(())
+            }
             EngineCommand::Generate { job, request } => self.generate(job, &request),
             EngineCommand::ApplySettings(settings) => self.apply(settings),
             EngineCommand::Bench { job, plan, models } => self.bench(job, &plan, &models),
@@ -464,6 +503,38 @@ impl Worker {
         self.emit(EngineEvent::ModelLoaded {
             spec,
             dir,
+            elapsed_secs: start.elapsed().as_secs_f64(),
+        });
+        if let Some(controlnet) = self.controlnet.take()
+            && let Err(e) = self.load_controlnet(controlnet.clone())
+        {
+            // The model stands; a ControlNet that does not fit it is dropped, saying why.
+            self.emit(EngineEvent::ControlNetFailed {
+                spec: controlnet,
+                error: format!("unloaded with the new model: {e}"),
+                attached: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn load_controlnet(&mut self, spec: String) -> Result<()> {
+        let start = Instant::now();
+        let mut progress = DownloadEvents {
+            worker: self,
+            file: String::new(),
+            done: 0,
+            total: 0,
+        };
+        let path = resolve_controlnet(&spec, &mut progress)?;
+        let model = self.model.as_mut().ok_or_else(|| {
+            EngineError::invalid("controlnet", "load a model before its ControlNet")
+        })?;
+        model.runner.load_controlnet(&path)?;
+        self.controlnet = Some(spec.clone());
+        self.emit(EngineEvent::ControlNetLoaded {
+            spec,
+            path,
             elapsed_secs: start.elapsed().as_secs_f64(),
         });
         Ok(())

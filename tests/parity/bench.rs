@@ -14,6 +14,7 @@ fn tiny_plan() -> BenchPlan {
             BenchPipeline::SdTxt2Img,
             BenchPipeline::SdImg2Img,
             BenchPipeline::SdInpaint,
+            BenchPipeline::SdControlnet,
             BenchPipeline::If,
         ],
         batches: vec![1, 2],
@@ -35,7 +36,7 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
     let models = BenchModels::from_dir(&fixture("tiny-sd")).unwrap();
     let plan = tiny_plan();
     let report = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).unwrap();
-    assert_eq!(report.cells.len(), 4 * 2 * 3);
+    assert_eq!(report.cells.len(), 5 * 2 * 3);
 
     // PNDM with skip_prk_steps: the UNet count is the scheduler's timestep count.
     let json: serde_json::Value = serde_json::from_str(&models.scheduler_config.0).unwrap();
@@ -92,7 +93,7 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
         "{markdown}"
     );
     assert!(markdown.contains("| if | not run: "));
-    for row in ["| sd-img2img |", "| sd-inpaint |"] {
+    for row in ["| sd-img2img |", "| sd-inpaint |", "| sd-controlnet |"] {
         let rows: Vec<&str> = markdown.lines().filter(|l| l.starts_with(row)).collect();
         assert_eq!(rows.len(), 2, "{markdown}");
         assert!(
@@ -103,7 +104,7 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
 
     let csv = report.to_csv();
     assert_eq!(csv.lines().count(), 1 + report.cells.len());
-    assert_eq!(csv.lines().filter(|l| l.contains(",measured,")).count(), 18);
+    assert_eq!(csv.lines().filter(|l| l.contains(",measured,")).count(), 24);
     let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
     assert_eq!(json["cells"].as_array().unwrap().len(), report.cells.len());
     assert_eq!(json["cells"][0]["status"], "measured");

@@ -64,6 +64,61 @@ fn controlnet_residuals_match_diffusers() {
     }
 }
 
+/// The tiny ControlNet in the original `control_model.` layout (written by
+/// `gen_single_file.py`, read back equal by diffusers' `ControlNetModel.from_single_file`),
+/// configured from tiny-sd's UNet config, gives diffusers' residuals.
+#[test]
+fn single_file_controlnet_gives_diffusers_residuals() {
+    let (_, unet_config) =
+        UNet2DConditionModel::<Cpu>::load(&fixture("tiny-sd/unet"), None, &Default::default())
+            .expect("load unet");
+    let file = fixture("tiny-controlnet-single-file.safetensors");
+    let (controlnet, config) =
+        ControlNetModel::<Cpu>::load_single_file(&file, &unet_config, &Default::default())
+            .expect("load single-file controlnet");
+    assert_eq!(
+        config.conditioning_embedding_out_channels,
+        vec![8, 8, 16, 16]
+    );
+    assert_eq!(config.conditioning_channels, 3);
+    let r = refs("controlnet");
+    let out = controlnet
+        .forward(
+            tensor(&r, "sample"),
+            &timesteps(&r),
+            &tensor(&r, "encoder_hidden_states"),
+            tensor(&r, "controlnet_cond"),
+            0.8,
+            false,
+        )
+        .expect("controlnet forward");
+    let expected = residuals(&r, "");
+    assert_eq!(out.down.len(), expected.down.len());
+    for (i, (a, e)) in out.down.into_iter().zip(expected.down).enumerate() {
+        assert_close(&host(a), &host(e), 1e-4, 1e-4, &format!("down.{i}"));
+    }
+    assert_close(&host(out.mid), &host(expected.mid), 1e-4, 1e-4, "mid");
+
+    // A Stable Diffusion checkpoint is not a ControlNet, and a ControlNet does not fit a UNet
+    // of other widths: both are errors that say so.
+    let sd_file = fixture("tiny-sd-single-file.safetensors");
+    let err = ControlNetModel::<Cpu>::load_single_file(&sd_file, &unet_config, &Default::default())
+        .expect_err("an SD checkpoint");
+    assert!(
+        err.to_string().contains("not a ControlNet checkpoint"),
+        "{err}"
+    );
+    let (_, sd2) = UNet2DConditionModel::<Cpu>::load(
+        &fixture("tiny-sd2-unet/unet"),
+        None,
+        &Default::default(),
+    )
+    .expect("load sd2 unet");
+    let err = ControlNetModel::<Cpu>::load_single_file(&file, &sd2, &Default::default())
+        .expect_err("other UNet");
+    assert!(!err.to_string().is_empty());
+}
+
 #[test]
 fn unet_adds_controlnet_residuals_like_diffusers() {
     let r = refs("controlnet");

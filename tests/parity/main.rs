@@ -6,6 +6,7 @@ mod common;
 
 mod backend;
 mod bench;
+mod canny;
 mod clip;
 mod controlnet;
 mod hub;

@@ -279,3 +279,86 @@ fn switching_fusion_rebuilds_the_model() {
         "{events:?}"
     );
 }
+
+/// A ControlNet attaches to the loaded model (a single-file checkpoint here), stays attached
+/// when the model reloads, and one that does not fit is refused with the old one kept.
+#[test]
+fn a_controlnet_attaches_and_survives_a_model_reload() {
+    let mut engine = EngineHandle::spawn(settings(), || {}).unwrap();
+    // Before any model: refused, nothing attached.
+    engine.load_controlnet(fixture("tiny-controlnet").to_str().unwrap());
+    let events = until(&engine, |e| {
+        matches!(e, EngineEvent::ControlNetFailed { .. })
+    });
+    match events.last() {
+        Some(EngineEvent::ControlNetFailed {
+            error, attached, ..
+        }) => {
+            assert!(error.contains("load a model"), "{error}");
+            assert!(attached.is_none());
+        }
+        other => panic!("{other:?}"),
+    }
+    loaded(&engine);
+    let single = fixture("tiny-controlnet-single-file.safetensors");
+    let single = single.to_str().unwrap();
+    engine.load_controlnet(single);
+    let events = until(&engine, |e| {
+        matches!(
+            e,
+            EngineEvent::ControlNetLoaded { .. } | EngineEvent::ControlNetFailed { .. }
+        )
+    });
+    assert!(
+        matches!(events.last(), Some(EngineEvent::ControlNetLoaded { spec, .. }) if spec == single),
+        "{events:?}"
+    );
+    let control = GenerationRequest {
+        pipeline: engine::pipelines::PipelineKind::ControlNet,
+        control_image: Some(engine::tensor_io::HostTensor {
+            shape: vec![64, 64, 3],
+            values: (0..64 * 64 * 3).map(|i| (i % 7) as f32 / 6.0).collect(),
+        }),
+        ..request()
+    };
+    let job = engine.generate(control.clone());
+    let events = until(&engine, is_end_of(job));
+    assert!(
+        matches!(events.last(), Some(EngineEvent::Finished { .. })),
+        "{events:?}"
+    );
+
+    // The model loads again: the ControlNet comes back with it, and still runs.
+    loaded(&engine);
+    let events = until(&engine, |e| {
+        matches!(
+            e,
+            EngineEvent::ControlNetLoaded { .. } | EngineEvent::ControlNetFailed { .. }
+        )
+    });
+    assert!(
+        matches!(events.last(), Some(EngineEvent::ControlNetLoaded { .. })),
+        "{events:?}"
+    );
+    let job = engine.generate(control);
+    let events = until(&engine, is_end_of(job));
+    assert!(
+        matches!(events.last(), Some(EngineEvent::Finished { .. })),
+        "{events:?}"
+    );
+
+    // Not a ControlNet: refused, and the one attached stays.
+    engine.load_controlnet(fixture("tiny-sd-single-file.safetensors").to_str().unwrap());
+    let events = until(&engine, |e| {
+        matches!(e, EngineEvent::ControlNetFailed { .. })
+    });
+    match events.last() {
+        Some(EngineEvent::ControlNetFailed {
+            error, attached, ..
+        }) => {
+            assert!(error.contains("not a ControlNet"), "{error}");
+            assert_eq!(attached.as_deref(), Some(single));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,5 +1,5 @@
-//! The painting canvas: an image with a one-channel layer painted over it (the inpainting mask;
-//! the ControlNet map will reuse it). Brush and eraser with a round hard tip, strokes undoable
+//! The painting canvas: an image with a one-channel layer painted over it (the inpainting mask,
+//! and the strokes drawn over a ControlNet map). Brush and eraser with a round hard tip, strokes undoable
 //! one by one, zoom about the cursor (wheel), pan (space + drag or the middle button), and the
 //! brush outline drawn wherever the pointer is, also past the image's edges.
 //!
@@ -18,6 +18,8 @@ pub const BRUSH_RADIUS_RANGE: std::ops::RangeInclusive<f32> = 0.5..=512.0;
 pub const ZOOM_RANGE: std::ops::RangeInclusive<f32> = 0.05..=32.0;
 /// The value painted pixels get.
 pub const PAINTED: u8 = 255;
+/// The value an eraser that covers (rather than unpaints) writes; see [`PaintCanvas::eraser_value`].
+pub const ERASED: u8 = 1;
 
 /// What the pointer does on the canvas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,6 +76,11 @@ pub struct PaintCanvas {
     overlay: Option<(u64, egui::TextureHandle)>,
     /// Colour of painted pixels over the image.
     pub overlay_color: Color32,
+    /// What the eraser writes: 0 (unpainted) for a mask; a ControlNet map marks erased pixels
+    /// with [`ERASED`] so they hide the map under them.
+    pub eraser_value: u8,
+    /// Colour of pixels holding any value other than 0 and [`PAINTED`] (erased ones).
+    pub erased_color: Color32,
 }
 
 impl std::fmt::Debug for PaintCanvas {
@@ -108,6 +115,8 @@ impl PaintCanvas {
             revision: 0,
             overlay: None,
             overlay_color: Color32::from_rgba_unmultiplied(255, 48, 48, 150),
+            eraser_value: 0,
+            erased_color: Color32::TRANSPARENT,
         }
     }
 
@@ -288,7 +297,7 @@ impl PaintCanvas {
         let r = self.brush_radius;
         let value = match self.tool {
             Tool::Brush => PAINTED,
-            Tool::Eraser => 0,
+            Tool::Eraser => self.eraser_value,
         };
         let lo = |v: f32| (v - r - 1.0).floor().max(0.0) as usize;
         let hi = |v: f32, n: usize| ((v + r + 1.0).ceil().max(0.0) as usize).min(n);
@@ -487,11 +496,15 @@ impl PaintCanvas {
         {
             return tex.clone();
         }
-        let [r, g, b, a] = self.overlay_color.to_srgba_unmultiplied();
+        let painted = self.overlay_color.to_srgba_unmultiplied();
+        let erased = self.erased_color.to_srgba_unmultiplied();
         let mut rgba = Vec::with_capacity(self.layer.len() * 4);
         for &v in &self.layer {
-            let alpha = (u16::from(a) * u16::from(v) / 255) as u8;
-            rgba.extend_from_slice(&[r, g, b, alpha]);
+            rgba.extend_from_slice(match v {
+                0 => &[0; 4],
+                PAINTED => &painted,
+                _ => &erased,
+            });
         }
         let image = egui::ColorImage::from_rgba_unmultiplied([self.width, self.height], &rgba);
         let tex = match self.overlay.take() {

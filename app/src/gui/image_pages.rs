@@ -8,7 +8,7 @@ use super::image_input::SizeFit;
 use super::{BrushfireApp, View};
 
 /// File types the open dialogs offer.
-const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+pub(super) const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
 
 impl BrushfireApp {
     pub(super) fn img2img_ui(&mut self, ui: &mut egui::Ui) {

@@ -6,6 +6,8 @@
 mod bench;
 mod bench_panel;
 pub mod canvas;
+pub mod control_input;
+mod control_page;
 pub mod image_input;
 mod image_pages;
 mod state;
@@ -78,6 +80,7 @@ impl BrushfireApp {
                 ui.selectable_value(&mut self.state.view, View::Generate, "🖼 Generate");
                 ui.selectable_value(&mut self.state.view, View::Img2Img, "🎨 Image to image");
                 ui.selectable_value(&mut self.state.view, View::Inpaint, "✏ Inpaint");
+                ui.selectable_value(&mut self.state.view, View::ControlNet, "⚡ ControlNet");
                 let bench = if self.state.bench.running.is_some() {
                     "⏱ Benchmark (running)"
                 } else {
@@ -90,6 +93,7 @@ impl BrushfireApp {
                 View::Generate => self.image_ui(ui),
                 View::Img2Img => self.img2img_ui(ui),
                 View::Inpaint => self.inpaint_ui(ui),
+                View::ControlNet => self.controlnet_ui(ui),
                 View::Benchmark => self.bench_ui(ui),
             }
         });
@@ -451,6 +455,13 @@ impl BrushfireApp {
             if ui.button("Send to inpaint").clicked() {
                 action = Some(GalleryAction::SendTo(View::Inpaint));
             }
+            if ui
+                .button("Send to ControlNet")
+                .on_hover_text("Its Canny edges become the control map.")
+                .clicked()
+            {
+                action = Some(GalleryAction::SendTo(View::ControlNet));
+            }
         });
         ui.small(format!(
             "seed {} · {} steps · {} · CFG {}",
@@ -545,7 +556,10 @@ impl BrushfireApp {
                 .show(ui.ctx(), |ui| {
                     egui::Frame::popup(ui.style()).show(ui, |ui| {
                         ui.heading(
-                            if matches!(self.state.view, View::Img2Img | View::Inpaint) {
+                            if matches!(
+                                self.state.view,
+                                View::Img2Img | View::Inpaint | View::ControlNet
+                            ) {
                                 "Drop an image to start from it"
                             } else {
                                 "Drop a PNG to restore its parameters"

@@ -16,6 +16,7 @@ use engine::worker::{EngineEvent, EngineHandle, EngineSettings, JobId};
 use serde::{Deserialize, Serialize};
 
 use super::bench::BenchState;
+use super::control_input::{ControlInputs, MapSource};
 use super::image_input::{ImageInputs, SizeFit};
 use crate::image_files::to_u8;
 use crate::png_meta::{GenerationParameters, ParsedParameters, read_parameters_text, write_png};
@@ -301,6 +302,8 @@ pub struct AppState {
     pub bench: BenchState,
     /// The img2img / inpainting source image, its mask and their settings.
     pub inputs: ImageInputs,
+    /// The ControlNet page: the control image, its map and strokes, the ControlNet.
+    pub control: ControlInputs,
 }
 
 /// The centre's pages.
@@ -313,6 +316,8 @@ pub enum View {
     Img2Img,
     /// Inpainting, with the mask canvas.
     Inpaint,
+    /// ControlNet, with the control-map canvas.
+    ControlNet,
     Benchmark,
 }
 
@@ -322,6 +327,7 @@ impl View {
         match self {
             Self::Img2Img => PipelineKind::Img2Img,
             Self::Inpaint => PipelineKind::Inpaint,
+            Self::ControlNet => PipelineKind::ControlNet,
             Self::Generate | Self::Benchmark => PipelineKind::Txt2Img,
         }
     }
@@ -356,6 +362,17 @@ pub struct Persisted {
     pub mask_blur: f64,
     pub only_masked: bool,
     pub mask_padding: usize,
+    /// The ControlNet field.
+    pub controlnet_spec: String,
+    /// The ControlNet attached when the app closed (attached again after the model loads).
+    pub controlnet_loaded: Option<String>,
+    pub controlnet_scale: f64,
+    pub control_guidance_start: f64,
+    pub control_guidance_end: f64,
+    pub guess_mode: bool,
+    pub canny_low: f32,
+    pub canny_high: f32,
+    pub control_map_source: MapSource,
 }
 
 impl Default for Persisted {
@@ -404,6 +421,7 @@ impl AppState {
             view: View::default(),
             bench: BenchState::default(),
             inputs: ImageInputs::default(),
+            control: ControlInputs::default(),
         }
     }
 
@@ -436,6 +454,15 @@ impl AppState {
             mask_blur: self.inputs.mask_blur,
             only_masked: self.inputs.only_masked,
             mask_padding: self.inputs.padding,
+            controlnet_spec: self.control.controlnet_spec.clone(),
+            controlnet_loaded: self.control.loaded.clone(),
+            controlnet_scale: self.control.scale,
+            control_guidance_start: self.control.guidance_start,
+            control_guidance_end: self.control.guidance_end,
+            guess_mode: self.control.guess_mode,
+            canny_low: self.control.canny.low,
+            canny_high: self.control.canny.high,
+            control_map_source: self.control.map_source,
         }
     }
 
@@ -476,6 +503,27 @@ impl AppState {
         i.mask_blur = p.mask_blur.clamp(0.0, 64.0);
         i.only_masked = p.only_masked;
         i.padding = p.mask_padding.min(1024);
+        let c = &mut s.control;
+        if !p.controlnet_spec.trim().is_empty() {
+            c.controlnet_spec.clone_from(&p.controlnet_spec);
+        }
+        c.pending_load.clone_from(&p.controlnet_loaded);
+        if (0.0..=2.0).contains(&p.controlnet_scale) {
+            c.scale = p.controlnet_scale;
+        }
+        let (start, end) = (p.control_guidance_start, p.control_guidance_end);
+        if (0.0..=1.0).contains(&start) && (0.0..=1.0).contains(&end) && start <= end {
+            (c.guidance_start, c.guidance_end) = (start, end);
+        }
+        c.guess_mode = p.guess_mode;
+        let canny = engine::pipelines::control_preprocess::Canny {
+            low: p.canny_low,
+            high: p.canny_high,
+        };
+        if canny.check().is_ok() {
+            c.canny = canny;
+        }
+        c.map_source = p.control_map_source;
         s
     }
 
@@ -519,6 +567,40 @@ impl AppState {
                 file,
                 done_bytes,
                 total_bytes,
+            } if self.control.loading => {
+                let started = match &self.control.download {
+                    Some(d) if d.file == file => d.started,
+                    _ => Instant::now(),
+                };
+                self.control.download = Some(DownloadState {
+                    file,
+                    done_bytes,
+                    total_bytes,
+                    started,
+                });
+            }
+            EngineEvent::ControlNetLoaded {
+                spec, elapsed_secs, ..
+            } => {
+                self.status = format!("loaded the ControlNet {spec} in {elapsed_secs:.1}s");
+                self.control.loaded = Some(spec);
+                self.control.loading = false;
+                self.control.download = None;
+            }
+            EngineEvent::ControlNetFailed {
+                spec,
+                error,
+                attached,
+            } => {
+                self.error = Some(format!("ControlNet {spec}: {error}"));
+                self.control.loaded = attached;
+                self.control.loading = false;
+                self.control.download = None;
+            }
+            EngineEvent::Download {
+                file,
+                done_bytes,
+                total_bytes,
             } => {
                 let started = match &self.model_status {
                     ModelStatus::Loading { download: Some(d) } if d.file == file => d.started,
@@ -541,6 +623,10 @@ impl AppState {
                 self.recent_models.insert(0, spec.clone());
                 self.recent_models.truncate(RECENT_MODELS);
                 self.model_status = ModelStatus::Loaded(spec);
+                if let Some(controlnet) = self.control.pending_load.take() {
+                    self.control.controlnet_spec = controlnet;
+                    self.load_controlnet();
+                }
             }
             EngineEvent::SettingsApplied(s) => {
                 // The engine may have reverted a change it could not make.
@@ -731,16 +817,44 @@ impl AppState {
         }
     }
 
-    /// Makes gallery image `index` the img2img/inpainting source and shows `view`.
+    /// Makes gallery image `index` the source of `view` (img2img/inpainting, or the
+    /// ControlNet's control image) and shows it.
     pub fn send_to(&mut self, index: usize, view: View) {
         if let Some(img) = self.gallery.get(index) {
             let label = img.path.as_ref().and_then(|p| p.file_name()).map_or_else(
                 || format!("gallery image {}", index + 1),
                 |n| n.to_string_lossy().into_owned(),
             );
-            self.inputs
-                .set_source(label, img.width, img.height, img.rgb.clone());
+            let (w, h, rgb) = (img.width, img.height, img.rgb.clone());
+            if view == View::ControlNet {
+                self.control.set_source(label, w, h, rgb);
+                self.control.map_source = MapSource::Canny;
+            } else {
+                self.inputs.set_source(label, w, h, rgb);
+            }
             self.view = view;
+        }
+    }
+
+    /// Attaches the ControlNet of the page's field to the loaded model.
+    pub fn load_controlnet(&mut self) {
+        let spec = self.control.controlnet_spec.trim().to_string();
+        if spec.is_empty() {
+            self.error = Some("type a ControlNet folder, hub id or .safetensors file".into());
+            return;
+        }
+        if let Some(engine) = &self.engine {
+            engine.load_controlnet(spec);
+            self.control.loading = true;
+            self.control.download = None;
+        }
+    }
+
+    /// Opens an image file as the ControlNet's control image.
+    pub fn open_control(&mut self, path: &Path) {
+        match self.control.open(path) {
+            Ok(()) => self.status = format!("opened {}", path.display()),
+            Err(e) => self.error = Some(format!("{e:#}")),
         }
     }
 
@@ -771,7 +885,9 @@ impl AppState {
     /// A file dropped on the window: on the img2img and inpaint pages an image becomes the
     /// source; elsewhere a PNG's `parameters` go into the form.
     pub fn drop_file(&mut self, path: &Path) {
-        if matches!(self.view, View::Img2Img | View::Inpaint) {
+        if self.view == View::ControlNet {
+            self.open_control(path);
+        } else if matches!(self.view, View::Img2Img | View::Inpaint) {
             self.open_source(path);
         } else {
             self.open_dropped(path);
@@ -850,8 +966,18 @@ impl AppState {
     /// mask for img2img/inpainting). A request that cannot be made says why in the status bar.
     pub fn queue_generation(&mut self) {
         let pipeline = self.view.pipeline();
+        let control = match pipeline {
+            PipelineKind::ControlNet => match self.control.request() {
+                Ok(control) => Some(control),
+                Err(e) => {
+                    self.error = Some(format!("{e:#}"));
+                    return;
+                }
+            },
+            _ => None,
+        };
         let images = match pipeline {
-            PipelineKind::Txt2Img => None,
+            PipelineKind::Txt2Img | PipelineKind::ControlNet => None,
             _ => match self
                 .inputs
                 .request_images(pipeline, (self.form.width, self.form.height))
@@ -888,6 +1014,14 @@ impl AppState {
             request.strength = Some(images.strength);
             request.mask_blur = images.mask_blur;
             request.padding_mask_crop = images.padding_mask_crop;
+        }
+        if let Some(control) = control {
+            request.width = control.width;
+            request.height = control.height;
+            request.control_image = Some(control.control_image);
+            request.controlnet_scale = control.scale;
+            request.control_guidance = control.guidance;
+            request.guess_mode = control.guess_mode;
         }
         if let Some(engine) = self.engine.as_mut() {
             let id = engine.generate(request.clone());

@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use crate::error::{EngineError, Result};
+use crate::models::unets::UNet2DConditionConfig;
 
 /// LDM prefix of the UNet's tensors.
 pub const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
@@ -14,6 +15,9 @@ pub const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
 pub const LDM_VAE_PREFIX: &str = "first_stage_model.";
 /// LDM prefix of SD 1.x's CLIP text encoder (a transformers `CLIPTextModel`).
 pub const LDM_CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+/// Prefix of a ControlNet's tensors in the original ControlNet releases (`cldm`); some files
+/// store the same names without it.
+pub const LDM_CONTROLNET_PREFIX: &str = "control_model.";
 
 /// `(key in the file, diffusers key)` for each component of a single-file checkpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -91,6 +95,134 @@ pub fn map_single_file_keys(
         }
     }
     Ok(out)
+}
+
+/// The UNet's layers per block, which LDM's block numbering needs; one number for all blocks.
+pub fn single_file_layers_per_block(config: &UNet2DConditionConfig) -> Result<usize> {
+    let layers = config
+        .layers_per_block
+        .expand(config.block_out_channels.len(), "layers_per_block")?;
+    let per_block = layers.first().copied().unwrap_or(2);
+    if layers.iter().any(|&l| l != per_block) {
+        return Err(EngineError::Unsupported(
+            "single-file checkpoints of UNets with different layers per block".into(),
+        ));
+    }
+    Ok(per_block)
+}
+
+/// A ControlNet single-file checkpoint: its renames and what its shapes say about the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlNetFile {
+    /// `(key in the file, diffusers key)`.
+    pub renames: Vec<(String, String)>,
+    /// Channels of the latents it takes (`input_blocks.0.0.weight`'s second dimension).
+    pub in_channels: usize,
+    /// Channels of the control image (`input_hint_block.0.weight`'s second dimension).
+    pub conditioning_channels: usize,
+    /// Widths of the conditioning embedding's stages (`conditioning_embedding_out_channels`).
+    pub conditioning_embedding_out_channels: Vec<usize>,
+}
+
+/// Renames the keys of a ControlNet in the original layout (diffusers'
+/// `convert_controlnet_checkpoint`): the UNet's contracting half under LDM names,
+/// `input_hint_block.{0,2,…,last}` (the conditioning embedding: convs between SiLUs),
+/// `zero_convs.{i}.0` and `middle_block_out.0`, all under `control_model.` or bare.
+pub fn map_controlnet_keys(
+    tensors: &[(String, Vec<usize>)],
+    layers_per_block: usize,
+    file: &Path,
+) -> Result<ControlNetFile> {
+    let config_error = |message: String| EngineError::Config {
+        path: file.to_path_buf(),
+        message,
+    };
+    let prefix = if tensors
+        .iter()
+        .any(|(k, _)| k.starts_with(LDM_CONTROLNET_PREFIX))
+    {
+        LDM_CONTROLNET_PREFIX
+    } else if tensors
+        .iter()
+        .any(|(k, _)| k.starts_with("input_hint_block."))
+    {
+        ""
+    } else {
+        return Err(config_error(format!(
+            "not a ControlNet checkpoint: no `{LDM_CONTROLNET_PREFIX}*` or `input_hint_block.*` \
+             tensors"
+        )));
+    };
+    let ours: Vec<(&str, &str, &[usize])> = tensors
+        .iter()
+        .filter_map(|(k, shape)| Some((k.as_str(), k.strip_prefix(prefix)?, shape.as_slice())))
+        .collect();
+    let shape_of = |name: &str| {
+        ours.iter()
+            .find(|(_, rest, _)| *rest == name)
+            .map(|(_, _, shape)| *shape)
+            .filter(|shape| shape.len() == 4)
+            .ok_or_else(|| config_error(format!("the checkpoint has no 4-d `{prefix}{name}`")))
+    };
+    // The conditioning embedding's convs, in order: conv_in, the blocks, conv_out.
+    let mut hint: Vec<usize> = ours
+        .iter()
+        .filter_map(|(_, rest, _)| {
+            let index = rest
+                .strip_prefix("input_hint_block.")?
+                .strip_suffix(".weight")?;
+            index.parse().ok()
+        })
+        .collect();
+    hint.sort_unstable();
+    if hint.len() < 2 || !hint.len().is_multiple_of(2) {
+        return Err(config_error(format!(
+            "{} `input_hint_block` convs; a ControlNet has conv_in, pairs of convs and conv_out",
+            hint.len()
+        )));
+    }
+    let mut out_channels = vec![shape_of(&format!("input_hint_block.{}.weight", hint[0]))?[0]];
+    for pair in hint[1..hint.len() - 1].chunks(2) {
+        out_channels.push(shape_of(&format!("input_hint_block.{}.weight", pair[1]))?[0]);
+    }
+    let hint_name = |index: usize| -> Option<String> {
+        let position = hint.iter().position(|&i| i == index)?;
+        Some(if position == 0 {
+            "conv_in".to_string()
+        } else if position == hint.len() - 1 {
+            "conv_out".to_string()
+        } else {
+            format!("blocks.{}", position - 1)
+        })
+    };
+    let mut renames = Vec::new();
+    for (key, rest, _) in &ours {
+        let new = if let Some(tail) = rest.strip_prefix("input_hint_block.") {
+            let (index, param) = tail.split_once('.').unwrap_or((tail, ""));
+            index
+                .parse()
+                .ok()
+                .and_then(hint_name)
+                .map(|name| format!("controlnet_cond_embedding.{name}.{param}"))
+        } else if let Some(tail) = rest.strip_prefix("zero_convs.") {
+            let (index, tail) = tail.split_once('.').unwrap_or((tail, ""));
+            tail.strip_prefix("0.")
+                .map(|param| format!("controlnet_down_blocks.{index}.{param}"))
+        } else if let Some(param) = rest.strip_prefix("middle_block_out.0.") {
+            Some(format!("controlnet_mid_block.{param}"))
+        } else {
+            unet_key(rest, layers_per_block)
+        };
+        if let Some(new) = new {
+            renames.push(((*key).to_string(), new));
+        }
+    }
+    Ok(ControlNetFile {
+        renames,
+        in_channels: shape_of("input_blocks.0.0.weight")?[1],
+        conditioning_channels: shape_of(&format!("input_hint_block.{}.weight", hint[0]))?[1],
+        conditioning_embedding_out_channels: out_channels,
+    })
 }
 
 /// Splits `a.b.rest` into `("a", "b", "rest")`.

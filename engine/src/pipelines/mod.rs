@@ -1,6 +1,7 @@
 //! Pipelines (aka diffusers' `pipelines/`), and what every pipeline shares: the request type,
 //! the cancel token and the per-step progress report.
 
+pub mod control_preprocess;
 pub mod image_processor;
 pub mod preview;
 pub mod request;

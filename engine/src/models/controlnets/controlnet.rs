@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{EngineError, Result};
+use crate::loading::single_file::{map_controlnet_keys, single_file_layers_per_block};
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::config::{ModelConfig, read_config};
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
@@ -26,7 +27,8 @@ use crate::models::unets::unet_2d_condition::{
     ClassEmbedding, DownHalf, DownPath, per_item_timesteps,
 };
 use crate::models::unets::{ClassLabels, ControlResiduals, UNet2DConditionConfig};
-use crate::models::weights::load_safetensors;
+use crate::models::weights::{load_safetensors, load_safetensors_renamed};
+use crate::tensor_io::read_safetensors_shapes;
 
 /// A ControlNet's `config.json`: the UNet keys its down half is built from, plus its own.
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +210,31 @@ impl<B: Backend> ControlNetModel<B> {
         let mut model = config.init(device)?;
         let default_file = dir.join("diffusion_pytorch_model.safetensors");
         load_safetensors(&mut model, weights.unwrap_or(&default_file))?;
+        Ok((model, config))
+    }
+
+    /// Reads a ControlNet single-file checkpoint (the original releases' `control_model.`
+    /// layout, see [`map_controlnet_keys`]). Such files carry no config: the down half is
+    /// `unet`'s (the UNet it was trained beside, as `ControlNetModel.from_unet`), the latent and
+    /// control channels and the conditioning embedding's widths are read from the tensors.
+    pub fn load_single_file(
+        file: &Path,
+        unet: &UNet2DConditionConfig,
+        device: &B::Device,
+    ) -> Result<(Self, ControlNetConfig)> {
+        let tensors = read_safetensors_shapes(file)?;
+        let mapped = map_controlnet_keys(&tensors, single_file_layers_per_block(unet)?, file)?;
+        let config = ControlNetConfig {
+            conditioning_channels: mapped.conditioning_channels,
+            conditioning_embedding_out_channels: mapped.conditioning_embedding_out_channels,
+            unet: UNet2DConditionConfig {
+                in_channels: mapped.in_channels,
+                ..unet.clone()
+            },
+            ..ControlNetConfig::default()
+        };
+        let mut model = config.init(device)?;
+        load_safetensors_renamed(&mut model, file, &mapped.renames)?;
         Ok((model, config))
     }
 

@@ -11,7 +11,7 @@ use burn::module::Module;
 use burn::tensor::{DType, Tensor, backend::Backend};
 
 use crate::error::{EngineError, Result};
-use crate::loading::single_file::map_single_file_keys;
+use crate::loading::single_file::{map_single_file_keys, single_file_layers_per_block};
 use crate::models::autoencoders::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::config::read_config;
 use crate::models::controlnets::ControlNetModel;
@@ -225,16 +225,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     pub fn load_single_file(file: &Path, config_dir: &Path, device: &B::Device) -> Result<Self> {
         let parts = Components::read(config_dir)?;
         let keys = read_safetensors_keys(file)?;
-        let layers_per_block = parts.unet_config.layers_per_block.expand(
-            parts.unet_config.block_out_channels.len(),
-            "layers_per_block",
-        )?;
-        let per_block = layers_per_block.first().copied().unwrap_or(2);
-        if layers_per_block.iter().any(|&l| l != per_block) {
-            return Err(EngineError::Unsupported(
-                "single-file checkpoints of UNets with different layers per block".into(),
-            ));
-        }
+        let per_block = single_file_layers_per_block(&parts.unet_config)?;
         let renames = map_single_file_keys(&keys, per_block, file)?;
         let mut text_encoder = parts.text_encoder_config.init::<B>(device);
         load_safetensors_renamed(&mut text_encoder, file, &renames.text_encoder)?;
@@ -265,10 +256,16 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         }
     }
 
-    /// Loads a diffusers ControlNet folder for the controlnet pipeline (replacing any loaded
-    /// one); it takes the UNet's attention processor and precision.
+    /// Loads a ControlNet for the controlnet pipeline (replacing any loaded one): a diffusers
+    /// folder, or a single-file checkpoint (original `control_model.` layout) whose config is
+    /// this UNet's, as diffusers' `ControlNetModel.from_unet`. It takes the UNet's attention
+    /// processor and precision.
     pub fn load_controlnet(&mut self, dir: &Path) -> Result<()> {
-        let (mut controlnet, _) = ControlNetModel::<B>::load(dir, None, &self.device)?;
+        let (mut controlnet, _) = if dir.is_file() {
+            ControlNetModel::<B>::load_single_file(dir, &self.unet_config, &self.device)?
+        } else {
+            ControlNetModel::<B>::load(dir, None, &self.device)?
+        };
         let boc = &self.unet_config.block_out_channels;
         if controlnet.controlnet_down_blocks.len() != self.unet_skip_count()
             || controlnet.conv_in.weight.dims()[0] != boc.first().copied().unwrap_or(0)
