@@ -17,7 +17,7 @@ use engine::schedulers::SchedulerKind;
 use engine::tensor_io::{HostTensor, read_safetensors, read_tensor, write_safetensors};
 
 use crate::image_files::{read_mask, read_rgb, to_u8};
-use crate::png_meta::{GenerationParameters, write_png};
+use crate::png_meta::{ControlNetParameters, GenerationParameters, write_png};
 
 /// On/off switches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -153,6 +153,8 @@ struct Job {
     model_dir: PathBuf,
     /// The ControlNet's folder (`--controlnet`), resolved.
     controlnet_dir: Option<PathBuf>,
+    /// The ControlNet unit for the PNG's parameters.
+    controlnet_params: Option<ControlNetParameters>,
     model_name: String,
     request: GenerationRequest,
     attention: AttnProcessor,
@@ -222,6 +224,29 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
         bail!("--guess-mode is not used by the {} pipeline", args.pipeline);
     }
     Ok(())
+}
+
+/// The ControlNet unit for the PNG's parameters (controlnet runs only).
+fn controlnet_parameters(
+    args: &GenerateArgs,
+    request: &GenerationRequest,
+) -> Option<ControlNetParameters> {
+    let model = args.controlnet.clone()?;
+    let canny = (args.control_preprocess.as_deref() == Some("canny")).then(|| {
+        let defaults = Canny::default();
+        (
+            args.canny_low.unwrap_or(defaults.low),
+            args.canny_high.unwrap_or(defaults.high),
+        )
+    });
+    Some(ControlNetParameters {
+        model,
+        canny,
+        weight: request.controlnet_scale,
+        guidance_start: request.control_guidance.0,
+        guidance_end: request.control_guidance.1,
+        guess_mode: request.guess_mode,
+    })
 }
 
 /// The control image as the ControlNet gets it: as given, or its Canny edges.
@@ -299,37 +324,39 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         .as_deref()
         .map(|spec| engine::loading::resolve_controlnet(spec, &mut progress))
         .transpose()?;
+    let request = GenerationRequest {
+        pipeline,
+        prompt,
+        negative_prompt: args.negative_prompt.clone(),
+        prompt_embeds,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        // Filled from the model when absent (see `run`).
+        width: args.width.unwrap_or(0),
+        height: args.height.unwrap_or(0),
+        batch: args.batch,
+        seed,
+        scheduler,
+        scheduler_config,
+        latents,
+        image,
+        mask,
+        strength: args.strength,
+        mask_blur: args.mask_blur,
+        padding_mask_crop: args.padding_mask_crop,
+        control_image,
+        controlnet_scale: args.controlnet_scale.unwrap_or(1.0),
+        control_guidance: (
+            args.control_guidance_start.unwrap_or(0.0),
+            args.control_guidance_end.unwrap_or(1.0),
+        ),
+        guess_mode: args.guess_mode,
+    };
     Ok(Job {
         model_name: model_name(&args.model),
         model_dir,
-        request: GenerationRequest {
-            pipeline,
-            prompt,
-            negative_prompt: args.negative_prompt.clone(),
-            prompt_embeds,
-            steps: args.steps,
-            guidance_scale: args.guidance,
-            // Filled from the model when absent (see `run`).
-            width: args.width.unwrap_or(0),
-            height: args.height.unwrap_or(0),
-            batch: args.batch,
-            seed,
-            scheduler,
-            scheduler_config,
-            latents,
-            image,
-            mask,
-            strength: args.strength,
-            mask_blur: args.mask_blur,
-            padding_mask_crop: args.padding_mask_crop,
-            control_image,
-            controlnet_scale: args.controlnet_scale.unwrap_or(1.0),
-            control_guidance: (
-                args.control_guidance_start.unwrap_or(0.0),
-                args.control_guidance_end.unwrap_or(1.0),
-            ),
-            guess_mode: args.guess_mode,
-        },
+        controlnet_params: controlnet_parameters(args, &request),
+        request,
         controlnet_dir,
         attention,
         memory_format: MemoryFormat::from_channels_last(args.channels_last == Switch::On),
@@ -389,6 +416,7 @@ impl BackendTask for GenerateTask {
         let Job {
             model_dir,
             controlnet_dir,
+            controlnet_params,
             model_name,
             mut request,
             attention,
@@ -473,6 +501,7 @@ impl BackendTask for GenerateTask {
                 height,
                 model: model_name,
                 denoising_strength: request.denoising_strength(),
+                controlnet: controlnet_params,
             };
             for (i, rgb) in to_rgb8(&out.images).iter().enumerate() {
                 let file = numbered(&path, i, request.batch);

@@ -20,6 +20,47 @@ pub struct GenerationParameters {
     pub model: String,
     /// img2img/inpaint strength (A1111's "Denoising strength").
     pub denoising_strength: Option<f64>,
+    /// The ControlNet unit, for controlnet runs.
+    pub controlnet: Option<ControlNetParameters>,
+}
+
+/// A ControlNet run's settings, written as the A1111 ControlNet extension writes a unit
+/// (`ControlNet 0: "Module: canny, Model: …, Weight: 1, …"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlNetParameters {
+    /// The ControlNet (its folder, file or hub id as given).
+    pub model: String,
+    /// `canny` with its thresholds, or `none` (the image used as it is).
+    pub canny: Option<(f32, f32)>,
+    /// `controlnet_conditioning_scale`.
+    pub weight: f64,
+    pub guidance_start: f64,
+    pub guidance_end: f64,
+    pub guess_mode: bool,
+}
+
+impl ControlNetParameters {
+    /// The unit's text (without the surrounding quotes).
+    pub fn to_a1111(&self) -> String {
+        let module = match self.canny {
+            Some((low, high)) => format!("canny, Threshold A: {low}, Threshold B: {high}"),
+            None => "none".into(),
+        };
+        // Quotes and commas would end the unit early in A1111's reader.
+        let model = self.model.replace('"', "_");
+        format!(
+            "Module: {module}, Model: {model}, Weight: {}, Guidance Start: {}, Guidance End: {}, \
+             Control Mode: {}",
+            self.weight,
+            self.guidance_start,
+            self.guidance_end,
+            if self.guess_mode {
+                "ControlNet is more important"
+            } else {
+                "Balanced"
+            }
+        )
+    }
 }
 
 impl GenerationParameters {
@@ -42,6 +83,9 @@ impl GenerationParameters {
         ));
         if let Some(strength) = self.denoising_strength {
             s.push_str(&format!(", Denoising strength: {strength}"));
+        }
+        if let Some(unit) = &self.controlnet {
+            s.push_str(&format!(", ControlNet 0: \"{}\"", unit.to_a1111()));
         }
         s
     }
@@ -237,6 +281,14 @@ mod tests {
             height: 2,
             model: "tiny-sd".into(),
             denoising_strength: Some(0.75),
+            controlnet: Some(ControlNetParameters {
+                model: "lllyasviel/sd-controlnet-canny".into(),
+                canny: Some((100.0, 200.0)),
+                weight: 0.8,
+                guidance_start: 0.0,
+                guidance_end: 0.9,
+                guess_mode: false,
+            }),
         };
         let rgb: Vec<u8> = (0..24).collect();
         write_png(&path, 4, 2, &rgb, &params).unwrap();
@@ -254,6 +306,20 @@ mod tests {
         assert_eq!(parsed.seed, Some(params.seed));
         assert_eq!(parsed.size, Some((4, 2)));
         assert_eq!(parsed.model.as_deref(), Some("tiny-sd"));
+        // The ControlNet unit is one quoted value, as A1111's extension writes it.
+        assert_eq!(
+            parsed
+                .extra
+                .iter()
+                .find(|(k, _)| k == "ControlNet 0")
+                .map(|(_, v)| v.as_str()),
+            Some(
+                "Module: canny, Threshold A: 100, Threshold B: 200, Model: \
+                 lllyasviel/sd-controlnet-canny, Weight: 0.8, Guidance Start: 0, Guidance End: \
+                 0.9, Control Mode: Balanced"
+            ),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

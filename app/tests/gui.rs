@@ -853,6 +853,15 @@ fn an_image_given_at_start_opens_as_the_img2img_source() {
         "init.png",
         "kept"
     );
+    // The app reopens on the page it was closed on; a file given then goes to that page.
+    let mut persisted = a.state.to_persisted();
+    persisted.view = "controlnet".into();
+    let mut b = BrushfireApp::restored(&persisted, None);
+    assert_eq!(b.state.view, View::ControlNet);
+    b.state.open_files(&[fixture("refs/canny/coffee.png")]);
+    assert_eq!(b.state.view, View::ControlNet);
+    assert_eq!(b.state.control.source.as_ref().unwrap().label, "coffee.png");
+    assert!(b.state.inputs.source.is_none());
 }
 
 fn control_canvas<'h>(h: &'h Harness<'static, BrushfireApp>) -> &'h app::gui::canvas::PaintCanvas {
@@ -1013,4 +1022,17 @@ fn controlnet_page_live_canny_drawing_and_the_request() {
     );
     let img = &h.state().state.gallery[0];
     assert_eq!((img.width, img.height), (320, 208));
+    // Its parameters record the ControlNet unit as A1111's extension does.
+    let unit = img.params.controlnet.as_ref().expect("a ControlNet unit");
+    assert_eq!(unit.canny, Some((100.0, 200.0)));
+    assert!((unit.weight - 0.6).abs() < 1e-9);
+    assert!(
+        unit.model
+            .ends_with("tiny-controlnet-single-file.safetensors")
+    );
+    assert!(
+        img.params
+            .to_a1111()
+            .contains("ControlNet 0: \"Module: canny")
+    );
 }

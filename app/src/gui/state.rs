@@ -19,7 +19,9 @@ use super::bench::BenchState;
 use super::control_input::{ControlInputs, MapSource};
 use super::image_input::{ImageInputs, SizeFit};
 use crate::image_files::to_u8;
-use crate::png_meta::{GenerationParameters, ParsedParameters, read_parameters_text, write_png};
+use crate::png_meta::{
+    ControlNetParameters, GenerationParameters, ParsedParameters, read_parameters_text, write_png,
+};
 
 /// How many recently used models the picker remembers.
 const RECENT_MODELS: usize = 8;
@@ -148,6 +150,8 @@ impl Preview {
 pub struct Job {
     pub id: JobId,
     pub request: GenerationRequest,
+    /// The ControlNet unit its images' parameters record (controlnet jobs).
+    pub controlnet: Option<ControlNetParameters>,
     pub state: JobState,
     /// Exponentially smoothed UNet evaluations per second.
     pub smoothed_it_per_sec: f64,
@@ -322,6 +326,25 @@ pub enum View {
 }
 
 impl View {
+    pub const ALL: [Self; 5] = [
+        Self::Generate,
+        Self::Img2Img,
+        Self::Inpaint,
+        Self::ControlNet,
+        Self::Benchmark,
+    ];
+
+    /// The name storage uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Generate => "generate",
+            Self::Img2Img => "img2img",
+            Self::Inpaint => "inpaint",
+            Self::ControlNet => "controlnet",
+            Self::Benchmark => "benchmark",
+        }
+    }
+
     /// The pipeline Generate runs on this page.
     pub fn pipeline(self) -> PipelineKind {
         match self {
@@ -372,7 +395,10 @@ pub struct Persisted {
     pub guess_mode: bool,
     pub canny_low: f32,
     pub canny_high: f32,
-    pub control_map_source: MapSource,
+    /// `canny` or `as-is`.
+    pub control_map_source: String,
+    /// The page shown when the app closed (`View::name`).
+    pub view: String,
 }
 
 impl Default for Persisted {
@@ -462,7 +488,12 @@ impl AppState {
             guess_mode: self.control.guess_mode,
             canny_low: self.control.canny.low,
             canny_high: self.control.canny.high,
-            control_map_source: self.control.map_source,
+            control_map_source: match self.control.map_source {
+                MapSource::Canny => "canny",
+                MapSource::AsIs => "as-is",
+            }
+            .into(),
+            view: self.view.name().into(),
         }
     }
 
@@ -523,7 +554,13 @@ impl AppState {
         if canny.check().is_ok() {
             c.canny = canny;
         }
-        c.map_source = p.control_map_source;
+        if p.control_map_source == "as-is" {
+            c.map_source = MapSource::AsIs;
+        }
+        s.view = View::ALL
+            .into_iter()
+            .find(|v| v.name() == p.view)
+            .unwrap_or_default();
         s
     }
 
@@ -693,7 +730,7 @@ impl AppState {
             } => {
                 if let Some(index) = self.jobs.iter().position(|j| j.id == job) {
                     let job = self.jobs.remove(index);
-                    self.add_images(&job.request, &images, scheduler);
+                    self.add_images(&job.request, job.controlnet, &images, scheduler);
                     self.status = format!("#{} done in {elapsed_secs:.1}s", job.id);
                     for note in notes {
                         self.status.push_str(" — ");
@@ -732,6 +769,7 @@ impl AppState {
     fn add_images(
         &mut self,
         request: &GenerationRequest,
+        controlnet: Option<ControlNetParameters>,
         images: &HostTensor,
         scheduler: &'static str,
     ) {
@@ -748,6 +786,7 @@ impl AppState {
             height,
             model: model_label(&self.model_spec),
             denoising_strength: request.denoising_strength(),
+            controlnet,
         };
         for (i, chunk) in images.values.chunks(per).take(batch).enumerate() {
             let rgb = to_u8(chunk);
@@ -867,8 +906,8 @@ impl AppState {
     }
 
     /// Files given on the command line ("Open with Brushfire"): the last image becomes the
-    /// img2img/inpainting source (the Image to image page opens), and a PNG with generation
-    /// parameters also puts them in the form.
+    /// source of the page the app opened on if that page takes one (Inpaint, ControlNet), else
+    /// the Image to image page's; a PNG with generation parameters also puts them in the form.
     pub fn open_files(&mut self, files: &[PathBuf]) {
         let Some(path) = files.last() else {
             return;
@@ -876,9 +915,13 @@ impl AppState {
         if matches!(read_parameters_text(path), Ok(Some(_))) {
             self.open_dropped(path);
         }
-        match self.inputs.open(path) {
-            Ok(()) => self.view = View::Img2Img,
-            Err(e) => self.error = Some(format!("{e:#}")),
+        let opened = match self.view {
+            View::ControlNet => self.control.open(path),
+            View::Inpaint => self.inputs.open(path),
+            _ => self.inputs.open(path).map(|()| self.view = View::Img2Img),
+        };
+        if let Err(e) = opened {
+            self.error = Some(format!("{e:#}"));
         }
     }
 
@@ -1015,6 +1058,15 @@ impl AppState {
             request.mask_blur = images.mask_blur;
             request.padding_mask_crop = images.padding_mask_crop;
         }
+        let controlnet = control.as_ref().map(|c| ControlNetParameters {
+            model: self.control.loaded.clone().unwrap_or_default(),
+            canny: (self.control.map_source == MapSource::Canny)
+                .then_some((self.control.canny.low, self.control.canny.high)),
+            weight: c.scale,
+            guidance_start: c.guidance.0,
+            guidance_end: c.guidance.1,
+            guess_mode: c.guess_mode,
+        });
         if let Some(control) = control {
             request.width = control.width;
             request.height = control.height;
@@ -1028,6 +1080,7 @@ impl AppState {
             self.jobs.push(Job {
                 id,
                 request,
+                controlnet,
                 state: JobState::Queued,
                 smoothed_it_per_sec: 0.0,
                 preview: None,
