@@ -8,6 +8,7 @@ use super::BrushfireApp;
 use super::canvas::{BRUSH_RADIUS_RANGE, Tool};
 use super::control_input::MapSource;
 use super::image_pages::IMAGE_EXTENSIONS;
+use super::state::model_label;
 
 /// The Canny sliders' range (OpenCV's scale; above ~1000 almost nothing passes).
 const CANNY_SLIDER_MAX: f32 = 1000.0;
@@ -81,7 +82,8 @@ impl BrushfireApp {
                     None => ui.label("loading…"),
                 };
             } else if let Some(loaded) = &control.loaded {
-                ui.label(format!("loaded: {loaded}"));
+                ui.label(format!("loaded: {}", model_label(loaded)))
+                    .on_hover_text(loaded.as_str());
             } else {
                 ui.label("no ControlNet loaded");
             }

@@ -430,7 +430,8 @@ impl BrushfireApp {
         };
         let texture = image.texture(ui.ctx());
         let mut action = None;
-        ui.horizontal(|ui| {
+        // Wrapped: in a half-width column (the image pages) the buttons take two rows.
+        ui.horizontal_wrapped(|ui| {
             if ui.button("Save as…").clicked() {
                 action = Some(GalleryAction::SaveAs);
             }
