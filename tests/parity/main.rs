@@ -13,6 +13,7 @@ mod hub;
 mod img2img_inpaint;
 mod noise;
 mod schedulers;
+mod t5;
 mod txt2img;
 mod unet_vae;
 mod wgpu;

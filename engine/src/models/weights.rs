@@ -39,6 +39,46 @@ pub fn load_safetensors_renamed<B: Backend, M: ModuleSnapshot<B>>(
     file: &Path,
     renames: &[(String, String)],
 ) -> Result<()> {
+    match load_part(module, file, renames)?.into_iter().next() {
+        Some(key) => Err(EngineError::MissingTensor {
+            key,
+            file: file.to_path_buf(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// [`load_safetensors_renamed`] from the shards of one checkpoint (`(file, renames)` each, as a
+/// `*.safetensors.index.json` lists them): every parameter must be in one of them; a missing
+/// one is named with `index`, the file that promised it.
+pub fn load_safetensors_shards<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    shards: &[(std::path::PathBuf, Vec<(String, String)>)],
+    index: &Path,
+) -> Result<()> {
+    let mut missing: Option<Vec<String>> = None;
+    for (file, renames) in shards {
+        let part = load_part(module, file, renames)?;
+        missing = Some(match missing {
+            None => part,
+            Some(before) => before.into_iter().filter(|k| part.contains(k)).collect(),
+        });
+    }
+    match missing.unwrap_or_default().into_iter().next() {
+        Some(key) => Err(EngineError::MissingTensor {
+            key,
+            file: index.to_path_buf(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Loads what `file` holds into `module`; returns the parameters it lacks (file key names).
+fn load_part<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    file: &Path,
+    renames: &[(String, String)],
+) -> Result<Vec<String>> {
     if !file.is_file() {
         return Err(EngineError::io(
             file,
@@ -107,12 +147,6 @@ pub fn load_safetensors_renamed<B: Backend, M: ModuleSnapshot<B>>(
         .load_from(&mut store)
         .map_err(|e| safetensors_error(e.to_string()))?;
 
-    if let Some((path, _)) = result.missing.first() {
-        return Err(EngineError::MissingTensor {
-            key: file_key(path),
-            file: file.to_path_buf(),
-        });
-    }
     if let Some(error) = result.errors.first() {
         return Err(match error {
             ApplyError::ShapeMismatch { path, .. } => {
@@ -153,7 +187,11 @@ pub fn load_safetensors_renamed<B: Backend, M: ModuleSnapshot<B>>(
         unused = result.unused.len(),
         "loaded weights"
     );
-    Ok(())
+    Ok(result
+        .missing
+        .iter()
+        .map(|(path, _)| file_key(path))
+        .collect())
 }
 
 /// Escapes a literal for use in a regex pattern.

@@ -1,4 +1,6 @@
-//! Text encoders (transformers' `CLIPTextModel`) and their tokenizers.
+//! Text encoders (transformers' `CLIPTextModel`, `T5EncoderModel`) and their tokenizers.
 
 pub mod clip;
 pub mod clip_tokenizer;
+pub mod t5;
+pub mod t5_tokenizer;

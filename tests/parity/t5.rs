@@ -1,0 +1,128 @@
+//! T5 (DeepFloyd IF's prompt encoder) against transformers: the tokenizer on IF's prompt
+//! handling, the encoder's last hidden state, sharded weights, and bad input.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use engine::models::text_encoders::t5::{T5EncoderModel, relative_position_buckets};
+use engine::models::text_encoders::t5_tokenizer::T5Tokenizer;
+use engine::tensor_io::HostTensor;
+
+use crate::common::{Cpu, assert_close, fixture, host, refs};
+
+fn ids(t: &HostTensor) -> Vec<Vec<u32>> {
+    let len = t.shape[1];
+    t.values
+        .chunks(len)
+        .map(|row| row.iter().map(|&v| v as u32).collect())
+        .collect()
+}
+
+fn int_tensor(t: &HostTensor) -> Tensor<Cpu, 2, Int> {
+    let values: Vec<i64> = t.values.iter().map(|&v| v as i64).collect();
+    Tensor::from_data(
+        TensorData::new(values, [t.shape[0], t.shape[1]]),
+        &Default::default(),
+    )
+}
+
+#[test]
+fn t5_tokenizer_matches_transformers_on_if_prompts() {
+    let r = refs("t5");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("refs/t5.json")).unwrap()).unwrap();
+    let prompts: Vec<&str> = meta["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let tokenizer = T5Tokenizer::load(&fixture("tiny-if/tokenizer")).expect("tokenizer");
+    let tokens = tokenizer.encode(&prompts).expect("encode");
+    assert_eq!(tokens.input_ids, ids(&r["input_ids"]));
+    assert_eq!(tokens.attention_mask, ids(&r["attention_mask"]));
+    // Prompt 3 is longer than 77 tokens: cut, ending in </s> (id 1).
+    assert_eq!(tokens.truncated, vec![false, false, false, true, false]);
+    assert_eq!(tokens.input_ids[3][76], 1);
+    for (given, expected) in prompts.iter().zip(meta["preprocessed"].as_array().unwrap()) {
+        assert_eq!(T5Tokenizer::preprocess(given), expected.as_str().unwrap());
+    }
+}
+
+#[test]
+fn t5_encoder_matches_transformers() {
+    let r = refs("t5");
+    let (model, config) =
+        T5EncoderModel::<Cpu>::load(&fixture("tiny-if/text_encoder"), &Default::default())
+            .expect("load t5");
+    assert!(config.feed_forward().unwrap().1, "v1.1 is gated");
+    let out = model
+        .forward(
+            int_tensor(&r["input_ids"]),
+            int_tensor(&r["attention_mask"]),
+        )
+        .expect("forward");
+    assert_close(
+        &host(out),
+        &r["last_hidden_state"],
+        1e-4,
+        1e-4,
+        "t5 last_hidden_state",
+    );
+    // transformers' buckets are what the bias is looked up with (checked against the
+    // fixture through the output above; here their range).
+    let b = relative_position_buckets(77, 32, 128);
+    assert!(b.iter().all(|&v| (0..32).contains(&v)));
+}
+
+/// T5-XXL ships in shards: the same weights split across two files with an index load to the
+/// same model.
+#[test]
+fn sharded_t5_weights_load_like_one_file() {
+    let src = fixture("tiny-if/text_encoder");
+    let dir = std::env::temp_dir().join(format!("brushfire-t5-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names: Vec<String> = tensors.names().into_iter().map(String::from).collect();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), tensors.tensor(n).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+    let r = refs("t5");
+    let (model, _) = T5EncoderModel::<Cpu>::load(&dir, &Default::default()).expect("shards");
+    let out = model
+        .forward(
+            int_tensor(&r["input_ids"]),
+            int_tensor(&r["attention_mask"]),
+        )
+        .unwrap();
+    assert_close(&host(out), &r["last_hidden_state"], 1e-4, 1e-4, "sharded");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_t5_input_is_an_error() {
+    let (model, _) =
+        T5EncoderModel::<Cpu>::load(&fixture("tiny-if/text_encoder"), &Default::default()).unwrap();
+    let device = Default::default();
+    let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![5i64, 40000], [1, 2]), &device);
+    let mask = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![1i64, 1], [1, 2]), &device);
+    let err = model.forward(ids.clone(), mask).unwrap_err();
+    assert!(err.to_string().contains("vocabulary"), "{err}");
+    let short = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![1i64], [1, 1]), &device);
+    let err = model.forward(ids, short).unwrap_err();
+    assert!(err.to_string().contains("attention_mask"), "{err}");
+}
