@@ -2,5 +2,6 @@
 
 pub mod clip;
 pub mod clip_tokenizer;
+pub mod sentencepiece;
 pub mod t5;
 pub mod t5_tokenizer;

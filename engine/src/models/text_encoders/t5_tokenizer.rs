@@ -52,26 +52,27 @@ pub struct T5Tokenizer {
 }
 
 impl T5Tokenizer {
-    /// Loads a `tokenizer/` folder. It needs `tokenizer.json`; IF's repos ship only
-    /// SentencePiece's `spiece.model`, which is not read yet, and say so.
+    /// Loads a `tokenizer/` folder: `tokenizer.json` when present, else SentencePiece's
+    /// `spiece.model` (what IF's repos ship), converted as transformers' `T5Converter` does.
     pub fn load(dir: &Path) -> Result<Self> {
         let json = dir.join("tokenizer.json");
-        if !json.is_file() {
-            let spiece = dir.join("spiece.model");
-            return Err(if spiece.is_file() {
-                EngineError::Unsupported(format!(
-                    "{}: only a SentencePiece model; a tokenizer.json is needed",
-                    dir.display()
-                ))
-            } else {
-                EngineError::io(
-                    &json,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "no T5 tokenizer here"),
-                )
-            });
-        }
-        let tokenizer = Tokenizer::from_file(&json)
-            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", json.display())))?;
+        let spiece = dir.join("spiece.model");
+        let tokenizer = if json.is_file() {
+            Tokenizer::from_file(&json)
+                .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", json.display())))?
+        } else if spiece.is_file() {
+            let bytes = std::fs::read(&spiece).map_err(|e| EngineError::io(&spiece, e))?;
+            super::sentencepiece::t5_tokenizer(&bytes)
+                .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", spiece.display())))?
+        } else {
+            return Err(EngineError::io(
+                &json,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no T5 tokenizer here (tokenizer.json or spiece.model)",
+                ),
+            ));
+        };
         Self::new(tokenizer, IF_MAX_LENGTH)
     }
 
