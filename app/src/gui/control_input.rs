@@ -14,7 +14,7 @@ use engine::tensor_io::HostTensor;
 use serde::{Deserialize, Serialize};
 
 use super::canvas::{ERASED, PAINTED, PaintCanvas};
-use super::image_input::SIDE_MULTIPLE;
+use super::image_input::{SIDE_MULTIPLE, read_source};
 use super::state::DownloadState;
 use crate::image_files::rgb8_to_host;
 
@@ -150,18 +150,8 @@ impl ControlInputs {
 
     /// Loads a PNG/JPEG file as the source.
     pub fn open(&mut self, path: &Path) -> Result<()> {
-        let img = image::open(path)
-            .with_context(|| format!("reading the image {}", path.display()))?
-            .to_rgb8();
-        let label = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        if w < SIDE_MULTIPLE || h < SIDE_MULTIPLE {
-            bail!("{label} is {w}×{h}: both sides must be at least {SIDE_MULTIPLE} pixels");
-        }
-        self.set_source(label, w, h, img.into_raw());
+        let (label, w, h, rgb) = read_source(path)?;
+        self.set_source(label, w, h, rgb);
         Ok(())
     }
 

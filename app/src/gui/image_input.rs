@@ -64,6 +64,23 @@ impl SourceImage {
     }
 }
 
+/// Reads a PNG/JPEG as a page's source: `(label, width, height, rgb8)`; both sides must be at
+/// least 8 pixels.
+pub fn read_source(path: &Path) -> Result<(String, usize, usize, Vec<u8>)> {
+    let img = image::open(path)
+        .with_context(|| format!("reading the image {}", path.display()))?
+        .to_rgb8();
+    let label = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w < SIDE_MULTIPLE || h < SIDE_MULTIPLE {
+        bail!("{label} is {w}×{h}: both sides must be at least {SIDE_MULTIPLE} pixels");
+    }
+    Ok((label, w, h, img.into_raw()))
+}
+
 /// What img2img and inpainting run from (AppState's `inputs`).
 #[derive(Debug)]
 pub struct ImageInputs {
@@ -133,18 +150,8 @@ impl ImageInputs {
 
     /// Loads a PNG/JPEG file as the source image.
     pub fn open(&mut self, path: &Path) -> Result<()> {
-        let img = image::open(path)
-            .with_context(|| format!("reading the image {}", path.display()))?
-            .to_rgb8();
-        let label = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        if w < SIDE_MULTIPLE || h < SIDE_MULTIPLE {
-            bail!("{label} is {w}×{h}: both sides must be at least {SIDE_MULTIPLE} pixels");
-        }
-        self.set_source(label, w, h, img.into_raw());
+        let (label, w, h, rgb) = read_source(path)?;
+        self.set_source(label, w, h, rgb);
         Ok(())
     }
 
