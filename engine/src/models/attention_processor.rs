@@ -6,13 +6,16 @@
 //! [`AttnProcessor`] only decides how softmax(QKᵀ·scale)V is computed.
 
 use burn::module::Module;
-use burn::nn::{GroupNorm, Linear};
+use burn::nn::{GroupNorm, LayerNorm, Linear};
 use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Tensor, backend::Backend};
 
-use super::normalization::{group_norm, group_norm_forward, linear};
+use super::layout::MemoryFormat;
+use super::normalization::{
+    group_norm, group_norm_forward, group_norm_forward_in, layer_norm, linear,
+};
 
 /// How the attention product is computed. All variants give the same result within tolerance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -223,10 +226,7 @@ impl<B: Backend> Attention<B> {
         let q = self.split_heads(self.to_q.forward(hidden));
         let k = self.split_heads(self.to_k.forward(context.clone()));
         let v = self.split_heads(self.to_v.forward(context));
-        let out = self.processor.compute(q, k, v, self.scale, self.upcast); // [b, h, t, d]
-        let [b, h, t, d] = out.dims();
-        let out = out.swap_dims(1, 2).reshape([b, t, h * d]);
-        let mut out = out;
+        let mut out = merge_heads(self.processor.compute(q, k, v, self.scale, self.upcast));
         for layer in &self.to_out {
             out = layer.forward(out);
         }
@@ -251,12 +251,190 @@ impl<B: Backend> Attention<B> {
 
     /// `[b, t, heads*d]` → `[b, heads, t, d]`.
     fn split_heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
-        let [b, t, inner] = x.dims();
-        x.reshape([b, t, self.heads, inner / self.heads])
-            .swap_dims(1, 2)
+        split_heads(x, self.heads)
     }
 
     /// Sets this layer's processor (diffusers' `set_processor`).
+    pub fn set_processor(&mut self, processor: AttnProcessor) {
+        self.processor = processor;
+    }
+}
+
+/// `[b, t, heads·d]` → `[b, heads, t, d]`.
+fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, t, inner] = x.dims();
+    x.reshape([b, t, heads, inner / heads]).swap_dims(1, 2)
+}
+
+/// `[b, heads, t, d]` → `[b, t, heads·d]`.
+fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, t, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, t, h * d])
+}
+
+/// How the text is normalised before `add_k_proj`/`add_v_proj` (`cross_attention_norm`).
+#[derive(Module, Debug)]
+pub enum CrossAttentionNorm<B: Backend> {
+    /// `"group_norm"`: over the text's channels (32 groups, eps 1e-5).
+    Group(GroupNorm<B>),
+    /// `"layer_norm"`.
+    Layer(LayerNorm<B>),
+}
+
+/// Diffusers' `Attention` with `added_kv_proj_dim`, run by `AttnAddedKVProcessor`: IF's
+/// attention over a feature map. The image tokens are group-normed; the text gets its own key
+/// and value projections (`add_k_proj`/`add_v_proj`) and its keys/values come before the image's
+/// (which are left out with `only_cross_attention`); the input is added back.
+#[derive(Module, Debug)]
+pub struct AddedKvAttention<B: Backend> {
+    pub group_norm: GroupNorm<B>,
+    pub norm_cross: Option<CrossAttentionNorm<B>>,
+    pub to_q: Linear<B>,
+    pub to_k: Option<Linear<B>>,
+    pub to_v: Option<Linear<B>>,
+    pub add_k_proj: Linear<B>,
+    pub add_v_proj: Linear<B>,
+    /// `to_out.0` (`to_out.1` is a dropout).
+    pub to_out: Vec<Linear<B>>,
+    pub heads: usize,
+    pub scale: f64,
+    #[module(skip)]
+    pub processor: AttnProcessor,
+}
+
+/// The arguments IF's blocks give `Attention` (query and key widths are the block's channels,
+/// `bias=True`, `upcast_softmax=True`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddedKvAttentionConfig {
+    /// Per head; the block's channels / this is the number of heads.
+    pub attention_head_dim: usize,
+    /// The text's width (`added_kv_proj_dim`, the UNet's `cross_attention_dim`).
+    pub added_kv_proj_dim: usize,
+    /// Group norm groups over the image tokens (the block's `resnet_groups`).
+    pub norm_num_groups: usize,
+    pub only_cross_attention: bool,
+    /// `cross_attention_norm`: `None`, `"group_norm"` or `"layer_norm"`.
+    pub cross_attention_norm: Option<String>,
+}
+
+impl AddedKvAttentionConfig {
+    /// Checks what [`Self::init`] relies on, for a block of `channels`.
+    pub fn check(&self, channels: usize) -> crate::Result<()> {
+        let d = self.attention_head_dim;
+        let groups_ok = |c: usize| self.norm_num_groups > 0 && c.is_multiple_of(self.norm_num_groups);
+        if d == 0 || !channels.is_multiple_of(d) || !groups_ok(channels) {
+            return Err(crate::EngineError::Unsupported(format!(
+                "added-KV attention over {channels} channels with head dim {d} and {} groups",
+                self.norm_num_groups
+            )));
+        }
+        match self.cross_attention_norm.as_deref() {
+            None => Ok(()),
+            // diffusers sizes this norm by the block's width, so only a text as wide fits.
+            Some("layer_norm") if self.added_kv_proj_dim == channels => Ok(()),
+            Some("group_norm") if self.added_kv_proj_dim.is_multiple_of(32) => Ok(()),
+            Some(other) => Err(crate::EngineError::Unsupported(format!(
+                "cross_attention_norm `{other}` over a text of width {}",
+                self.added_kv_proj_dim
+            ))),
+        }
+    }
+
+    /// Builds the layer for a block of `channels` with fresh weights (call [`Self::check`]
+    /// first).
+    pub fn init<B: Backend>(&self, channels: usize, device: &B::Device) -> AddedKvAttention<B> {
+        let d = self.attention_head_dim.max(1);
+        let heads = channels / d;
+        let inner = heads * d;
+        let text = self.added_kv_proj_dim;
+        let self_kv = !self.only_cross_attention;
+        AddedKvAttention {
+            group_norm: group_norm(self.norm_num_groups, channels, 1e-5, device),
+            norm_cross: match self.cross_attention_norm.as_deref() {
+                Some("group_norm") => Some(CrossAttentionNorm::Group(group_norm(
+                    32, text, 1e-5, device,
+                ))),
+                Some("layer_norm") => Some(CrossAttentionNorm::Layer(layer_norm(
+                    channels, 1e-5, device,
+                ))),
+                _ => None,
+            },
+            to_q: linear(channels, inner, true, device),
+            to_k: self_kv.then(|| linear(channels, inner, true, device)),
+            to_v: self_kv.then(|| linear(channels, inner, true, device)),
+            add_k_proj: linear(text, inner, true, device),
+            add_v_proj: linear(text, inner, true, device),
+            to_out: vec![linear(inner, channels, true, device)],
+            heads,
+            scale: 1.0 / (d as f64).sqrt(),
+            processor: AttnProcessor::default(),
+        }
+    }
+}
+
+impl<B: Backend> AddedKvAttention<B> {
+    /// Attention of a feature map (in `format`) over itself and `context`; without a context
+    /// the feature map's own (un-normalised) tokens stand in for the text, as in diffusers.
+    ///
+    /// # Shapes
+    /// - x: `[b, c, h, w]` (or channels-last) → same
+    /// - context: `[b, text_tokens, added_kv_proj_dim]`
+    pub fn forward_in(
+        &self,
+        x: Tensor<B, 4>,
+        context: Option<&Tensor<B, 3>>,
+        format: MemoryFormat,
+    ) -> Tensor<B, 4> {
+        let dims = x.dims();
+        let (b, c) = (dims[0], format.channels(dims));
+        let [h, w] = format.spatial(dims);
+        let to_tokens = |m: Tensor<B, 4>| match format {
+            MemoryFormat::Contiguous => m.reshape([b, c, h * w]).swap_dims(1, 2),
+            MemoryFormat::ChannelsLast => m.reshape([b, h * w, c]),
+        };
+        let residual = x.clone();
+        let text = match context {
+            None => to_tokens(x.clone()),
+            Some(t) => match &self.norm_cross {
+                None => t.clone(),
+                Some(CrossAttentionNorm::Layer(n)) => n.forward(t.clone()),
+                Some(CrossAttentionNorm::Group(n)) => {
+                    group_norm_forward(n, t.clone().swap_dims(1, 2)).swap_dims(1, 2)
+                }
+            },
+        };
+        let tokens = to_tokens(group_norm_forward_in(&self.group_norm, x, format));
+        let q = split_heads(self.to_q.forward(tokens.clone()), self.heads);
+        let text_k = split_heads(self.add_k_proj.forward(text.clone()), self.heads);
+        let text_v = split_heads(self.add_v_proj.forward(text), self.heads);
+        let (k, v) = match (&self.to_k, &self.to_v) {
+            (Some(to_k), Some(to_v)) => (
+                Tensor::cat(
+                    vec![
+                        text_k,
+                        split_heads(to_k.forward(tokens.clone()), self.heads),
+                    ],
+                    2,
+                ),
+                Tensor::cat(
+                    vec![text_v, split_heads(to_v.forward(tokens), self.heads)],
+                    2,
+                ),
+            ),
+            _ => (text_k, text_v),
+        };
+        let mut out = merge_heads(self.processor.compute(q, k, v, self.scale, true));
+        for layer in &self.to_out {
+            out = layer.forward(out);
+        }
+        let out = match format {
+            MemoryFormat::Contiguous => out.swap_dims(1, 2).reshape([b, c, h, w]),
+            MemoryFormat::ChannelsLast => out.reshape([b, h, w, c]),
+        };
+        out.add(residual)
+    }
+
+    /// Sets this layer's processor.
     pub fn set_processor(&mut self, processor: AttnProcessor) {
         self.processor = processor;
     }

@@ -32,7 +32,19 @@ impl TimeEmbeddingNorm {
     }
 }
 
-/// The arguments of diffusers' `ResnetBlock2D.__init__` that SD uses.
+/// A resnet that also resamples (`ResnetBlock2D(up=True)` / `(down=True)`: the samplers of IF's
+/// `ResnetDownsampleBlock2D` / `ResnetUpsampleBlock2D`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resample {
+    #[default]
+    None,
+    /// Nearest ×2 of the input and of the normalised features before `conv1`.
+    Up,
+    /// 2×2 average pooling of both (diffusers' `Downsample2D(use_conv=False)`).
+    Down,
+}
+
+/// The arguments of diffusers' `ResnetBlock2D.__init__` that SD and IF use.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2DConfig {
     pub in_channels: usize,
@@ -45,6 +57,7 @@ pub struct ResnetBlock2DConfig {
     pub time_embedding_norm: TimeEmbeddingNorm,
     pub output_scale_factor: f64,
     pub skip_time_act: bool,
+    pub resample: Resample,
 }
 
 impl ResnetBlock2DConfig {
@@ -68,6 +81,7 @@ impl ResnetBlock2DConfig {
             time_embedding_norm: self.time_embedding_norm,
             output_scale_factor: self.output_scale_factor,
             skip_time_act: self.skip_time_act,
+            resample: self.resample,
         }
     }
 }
@@ -87,6 +101,8 @@ pub struct ResnetBlock2D<B: Backend> {
     pub time_embedding_norm: TimeEmbeddingNorm,
     pub output_scale_factor: f64,
     pub skip_time_act: bool,
+    #[module(skip)]
+    pub resample: Resample,
 }
 
 impl<B: Backend> ResnetBlock2D<B> {
@@ -108,6 +124,14 @@ impl<B: Backend> ResnetBlock2D<B> {
         let norm = |n: &GroupNorm<B>, h: Tensor<B, 4>| group_norm_forward_in(n, h, format);
         let conv = |c: &Conv2d<B>, h: Tensor<B, 4>| conv2d_forward_in(c, h, format);
         let h = self.act.forward(norm(&self.norm1, x.clone()));
+        let (x, h) = match self.resample {
+            Resample::None => (x, h),
+            Resample::Up => (
+                upsample_nearest_in(x, None, format),
+                upsample_nearest_in(h, None, format),
+            ),
+            Resample::Down => (avg_pool_2x2_in(x, format), avg_pool_2x2_in(h, format)),
+        };
         let h = conv(&self.conv1, h);
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
@@ -240,6 +264,40 @@ pub fn upsample_nearest_in<B: Backend>(
             x.select(row_dim, rows).select(col_dim, cols)
         }
     }
+}
+
+/// 2×2 average pooling with stride 2 (torch's `F.avg_pool2d(x, 2, 2)`: an odd last row or
+/// column is dropped), in `format`.
+///
+/// # Shapes
+/// - x: `[b, c, h, w]` → `[b, c, h/2, w/2]` (or the channels-last equivalents)
+pub fn avg_pool_2x2_in<B: Backend>(x: Tensor<B, 4>, format: MemoryFormat) -> Tensor<B, 4> {
+    let dims = x.dims();
+    let [h, w] = format.spatial(dims);
+    let (b, c) = (dims[0], format.channels(dims));
+    let (oh, ow) = (h / 2, w / 2);
+    let (row_dim, col_dim) = match format {
+        MemoryFormat::Contiguous => (2, 3),
+        MemoryFormat::ChannelsLast => (1, 2),
+    };
+    let x = if h % 2 == 1 || w % 2 == 1 {
+        x.narrow(row_dim, 0, 2 * oh).narrow(col_dim, 0, 2 * ow)
+    } else {
+        x
+    };
+    match format {
+        MemoryFormat::Contiguous => x
+            .reshape([b, c, oh, 2, ow, 2])
+            .sum_dim(5)
+            .sum_dim(3)
+            .reshape([b, c, oh, ow]),
+        MemoryFormat::ChannelsLast => x
+            .reshape([b, oh, 2, ow, 2, c])
+            .sum_dim(4)
+            .sum_dim(2)
+            .reshape([b, oh, ow, c]),
+    }
+    .div_scalar(4.0)
 }
 
 fn nearest_indices<B: Backend>(

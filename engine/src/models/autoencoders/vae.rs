@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, backend::Backend};
 
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward};
-use crate::models::resnet::{ResnetBlock2DConfig, TimeEmbeddingNorm};
+use crate::models::resnet::{Resample, ResnetBlock2DConfig, TimeEmbeddingNorm};
 use crate::models::unets::unet_2d_blocks::{BlockConfig, DownBlock2D, UNetMidBlock2D, UpBlock2D};
 
 /// What the encoder and decoder share.
@@ -34,6 +34,7 @@ impl CoderConfig {
             time_embedding_norm: TimeEmbeddingNorm::Default,
             output_scale_factor: 1.0,
             skip_time_act: false,
+            resample: Resample::None,
         }
     }
 }
@@ -62,7 +63,8 @@ impl<B: Backend> Encoder<B> {
         let n = boc.len();
         let block = BlockConfig {
             resnet: config.resnet(),
-            transformer: None,
+            attention: None,
+            resnet_resampler: false,
             num_layers: config.layers_per_block,
         };
         let mut prev = boc[0];
@@ -129,7 +131,8 @@ impl<B: Backend> Decoder<B> {
         let n = boc.len();
         let block = BlockConfig {
             resnet: config.resnet(),
-            transformer: None,
+            attention: None,
+            resnet_resampler: false,
             num_layers: config.layers_per_block + 1,
         };
         let mut prev = boc[n - 1];

@@ -160,10 +160,22 @@ impl ControlNetConfig {
             time_proj,
             time_embedding,
             class_embedding,
+            encoder_hid_proj,
+            add_embedding,
             down_blocks,
             mid_block,
             act: _,
         } = unet.init_down_half(device)?;
+        if encoder_hid_proj.is_some()
+            || add_embedding.is_some()
+            || unet.time_embedding_act_fn.is_some()
+        {
+            return Err(EngineError::Unsupported(
+                "a ControlNet with IF's text projection, text addition embedding or time \
+                 embedding activation"
+                    .into(),
+            ));
+        }
         let boc = &unet.block_out_channels;
         // One zero conv per skip the down path pushes: conv_in's, each resnet's, each
         // downsampler's.

@@ -1,51 +1,156 @@
 //! The UNet's down, mid and up blocks (aka diffusers' `models/unets/unet_2d_blocks.py`:
 //! `DownBlock2D`, `CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`, `UpBlock2D`,
-//! `CrossAttnUpBlock2D`; and the VAE's `DownEncoderBlock2D`, `UpDecoderBlock2D`, `UNetMidBlock2D`).
+//! `CrossAttnUpBlock2D`; IF's `ResnetDownsampleBlock2D`, `SimpleCrossAttnDownBlock2D`,
+//! `UNetMidBlock2DSimpleCrossAttn`, `ResnetUpsampleBlock2D`, `SimpleCrossAttnUpBlock2D`; and the
+//! VAE's `DownEncoderBlock2D`, `UpDecoderBlock2D`, `UNetMidBlock2D`).
+//!
+//! One struct per direction covers every kind: the attention is a transformer (SD) or an
+//! added-KV attention (IF, "simple cross-attention"), and the resampler a conv or a resnet that
+//! resamples (IF's `Resnet*sampleBlock2D`).
 
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
 
 use crate::models::attention::{Transformer2DModel, Transformer2DModelConfig};
-use crate::models::attention_processor::{Attention, AttentionConfig, AttnProcessor};
+use crate::models::attention_processor::{
+    AddedKvAttention, AddedKvAttentionConfig, Attention, AttentionConfig, AttnProcessor,
+};
 use crate::models::layout::MemoryFormat;
-use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
+use crate::models::resnet::{
+    Downsample2D, Resample, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D,
+};
+
+/// The attention layer of a block: which one is given by the block type.
+#[derive(Debug, Clone)]
+pub enum AttentionTemplate {
+    /// `CrossAttn*Block2D` / `UNetMidBlock2DCrossAttn`: a `Transformer2DModel` (in channels set
+    /// per block).
+    Transformer(Transformer2DModelConfig),
+    /// `SimpleCrossAttn*Block2D` / `UNetMidBlock2DSimpleCrossAttn`: an added-KV attention.
+    AddedKv(AddedKvAttentionConfig),
+}
+
+impl AttentionTemplate {
+    fn init<B: Backend>(&self, channels: usize, device: &B::Device) -> BlockAttention<B> {
+        match self {
+            Self::Transformer(t) => {
+                let mut t = t.clone();
+                t.in_channels = channels;
+                BlockAttention::Transformer(t.init(device))
+            }
+            Self::AddedKv(a) => BlockAttention::AddedKv(a.init(channels, device)),
+        }
+    }
+}
+
+/// A block's attention layer (`attentions.i`).
+// A handful per UNet, built once: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum BlockAttention<B: Backend> {
+    Transformer(Transformer2DModel<B>),
+    AddedKv(AddedKvAttention<B>),
+}
+
+impl<B: Backend> BlockAttention<B> {
+    /// A transformer needs the text: without one it is skipped (the VAE's blocks have none).
+    fn forward_in(
+        &self,
+        x: Tensor<B, 4>,
+        context: Option<&Tensor<B, 3>>,
+        format: MemoryFormat,
+    ) -> Tensor<B, 4> {
+        match (self, context) {
+            (Self::Transformer(t), Some(ctx)) => t.forward_in(x, ctx, format),
+            (Self::Transformer(_), None) => x,
+            (Self::AddedKv(a), ctx) => a.forward_in(x, ctx, format),
+        }
+    }
+
+    fn set_attn_processor(&mut self, processor: AttnProcessor) {
+        match self {
+            Self::Transformer(t) => t.set_attn_processor(processor),
+            Self::AddedKv(a) => a.set_processor(processor),
+        }
+    }
+}
 
 /// What every block of one UNet shares (the `get_down_block`/`get_up_block` arguments).
 #[derive(Debug, Clone)]
 pub struct BlockConfig {
     /// Template for the block's resnets; in/out channels are set per resnet.
     pub resnet: ResnetBlock2DConfig,
-    /// Template for the block's transformers (`None` for blocks without attention).
-    pub transformer: Option<Transformer2DModelConfig>,
+    /// Template for the block's attention layers (`None` for blocks without attention).
+    pub attention: Option<AttentionTemplate>,
     pub num_layers: usize,
+    /// The resampler is a resnet that resamples (IF's blocks) rather than a conv.
+    pub resnet_resampler: bool,
 }
 
 impl BlockConfig {
-    /// One transformer per layer at `channels` (none for blocks without attention).
-    fn transformers<B: Backend>(
+    /// One attention layer per layer at `channels` (none for blocks without attention).
+    fn attentions<B: Backend>(
         &self,
         channels: usize,
         device: &B::Device,
-    ) -> Vec<Transformer2DModel<B>> {
-        let Some(template) = &self.transformer else {
+    ) -> Vec<BlockAttention<B>> {
+        let Some(template) = &self.attention else {
             return Vec::new();
         };
-        let mut t = template.clone();
-        t.in_channels = channels;
-        (0..self.num_layers).map(|_| t.init(device)).collect()
+        (0..self.num_layers)
+            .map(|_| template.init(channels, device))
+            .collect()
+    }
+
+    /// The resampling resnet of IF's blocks (`channels → channels`).
+    fn resampling_resnet<B: Backend>(
+        &self,
+        channels: usize,
+        resample: Resample,
+        device: &B::Device,
+    ) -> ResnetBlock2D<B> {
+        let mut r = self.resnet.clone();
+        r.in_channels = channels;
+        r.out_channels = channels;
+        r.resample = resample;
+        r.init(device)
     }
 }
 
-/// `DownBlock2D` / `CrossAttnDownBlock2D` (the latter when `attentions` is non-empty).
+/// A down block's `downsamplers.0`.
+// A handful per UNet, built once: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Downsampler<B: Backend> {
+    /// A stride-2 conv (`Downsample2D`).
+    Conv(Downsample2D<B>),
+    /// A resnet that average-pools (`ResnetBlock2D(down=True)`), conditioned on the time.
+    Resnet(ResnetBlock2D<B>),
+}
+
+/// An up block's `upsamplers.0`.
+// A handful per UNet, built once: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Upsampler<B: Backend> {
+    /// Nearest ×2 then a conv (`Upsample2D`).
+    Conv(Upsample2D<B>),
+    /// A resnet that upsamples (`ResnetBlock2D(up=True)`), conditioned on the time.
+    Resnet(ResnetBlock2D<B>),
+}
+
+/// `DownBlock2D` / `CrossAttnDownBlock2D` / `ResnetDownsampleBlock2D` /
+/// `SimpleCrossAttnDownBlock2D` (by their attention and downsampler).
 #[derive(Module, Debug)]
 pub struct DownBlock2D<B: Backend> {
     pub resnets: Vec<ResnetBlock2D<B>>,
-    pub attentions: Vec<Transformer2DModel<B>>,
-    pub downsamplers: Vec<Downsample2D<B>>,
+    pub attentions: Vec<BlockAttention<B>>,
+    pub downsamplers: Vec<Downsampler<B>>,
 }
 
 impl<B: Backend> DownBlock2D<B> {
-    /// `add_downsample`: `Some(padding)` adds `downsamplers.0` with that padding.
+    /// `add_downsample`: `Some(padding)` adds `downsamplers.0` (a conv with that padding, or the
+    /// resampling resnet).
     pub fn new(
         config: &BlockConfig,
         in_channels: usize,
@@ -61,12 +166,27 @@ impl<B: Backend> DownBlock2D<B> {
                 r.init(device)
             })
             .collect();
-        let attentions = config.transformers(out_channels, device);
+        let attentions = config.attentions(out_channels, device);
         Self {
             resnets,
             attentions,
             downsamplers: add_downsample
-                .map(|padding| Downsample2D::new(out_channels, out_channels, padding, device))
+                .map(|padding| {
+                    if config.resnet_resampler {
+                        Downsampler::Resnet(config.resampling_resnet(
+                            out_channels,
+                            Resample::Down,
+                            device,
+                        ))
+                    } else {
+                        Downsampler::Conv(Downsample2D::new(
+                            out_channels,
+                            out_channels,
+                            padding,
+                            device,
+                        ))
+                    }
+                })
                 .into_iter()
                 .collect(),
         }
@@ -87,13 +207,16 @@ impl<B: Backend> DownBlock2D<B> {
     ) -> Tensor<B, 4> {
         for (i, resnet) in self.resnets.iter().enumerate() {
             x = resnet.forward_in(x, temb, format);
-            if let (Some(attn), Some(ctx)) = (self.attentions.get(i), context) {
-                x = attn.forward_in(x, ctx, format);
+            if let Some(attn) = self.attentions.get(i) {
+                x = attn.forward_in(x, context, format);
             }
             skips.push(x.clone());
         }
         for down in &self.downsamplers {
-            x = down.forward_in(x, format);
+            x = match down {
+                Downsampler::Conv(d) => d.forward_in(x, format),
+                Downsampler::Resnet(r) => r.forward_in(x, temb, format),
+            };
             skips.push(x.clone());
         }
         x
@@ -112,12 +235,13 @@ impl<B: Backend> DownBlock2D<B> {
     }
 }
 
-/// `UpBlock2D` / `CrossAttnUpBlock2D` (the latter when `attentions` is non-empty).
+/// `UpBlock2D` / `CrossAttnUpBlock2D` / `ResnetUpsampleBlock2D` / `SimpleCrossAttnUpBlock2D`
+/// (by their attention and upsampler).
 #[derive(Module, Debug)]
 pub struct UpBlock2D<B: Backend> {
     pub resnets: Vec<ResnetBlock2D<B>>,
-    pub attentions: Vec<Transformer2DModel<B>>,
-    pub upsamplers: Vec<Upsample2D<B>>,
+    pub attentions: Vec<BlockAttention<B>>,
+    pub upsamplers: Vec<Upsampler<B>>,
 }
 
 impl<B: Backend> UpBlock2D<B> {
@@ -144,12 +268,22 @@ impl<B: Backend> UpBlock2D<B> {
                 r.init(device)
             })
             .collect();
-        let attentions = config.transformers(out_channels, device);
+        let attentions = config.attentions(out_channels, device);
         Self {
             resnets,
             attentions,
             upsamplers: add_upsample
-                .then(|| Upsample2D::new(out_channels, out_channels, device))
+                .then(|| {
+                    if config.resnet_resampler {
+                        Upsampler::Resnet(config.resampling_resnet(
+                            out_channels,
+                            Resample::Up,
+                            device,
+                        ))
+                    } else {
+                        Upsampler::Conv(Upsample2D::new(out_channels, out_channels, device))
+                    }
+                })
                 .into_iter()
                 .collect(),
         }
@@ -192,12 +326,16 @@ impl<B: Backend> UpBlock2D<B> {
                 x = format.cat_channels(vec![x, skip]);
             }
             x = resnet.forward_in(x, temb, format);
-            if let (Some(attn), Some(ctx)) = (self.attentions.get(i), context) {
-                x = attn.forward_in(x, ctx, format);
+            if let Some(attn) = self.attentions.get(i) {
+                x = attn.forward_in(x, context, format);
             }
         }
         for up in &self.upsamplers {
-            x = up.forward_in(x, upsample_size, format);
+            x = match up {
+                Upsampler::Conv(u) => u.forward_in(x, upsample_size, format),
+                // diffusers passes no output size to these (IF's sizes are multiples of 2^n).
+                Upsampler::Resnet(r) => r.forward_in(x, temb, format),
+            };
         }
         x
     }
@@ -215,11 +353,12 @@ impl<B: Backend> UpBlock2D<B> {
     }
 }
 
-/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs.
+/// `UNetMidBlock2DCrossAttn` / `UNetMidBlock2DSimpleCrossAttn`: resnet, then (attention,
+/// resnet) pairs.
 #[derive(Module, Debug)]
 pub struct UNetMidBlock2DCrossAttn<B: Backend> {
     pub resnets: Vec<ResnetBlock2D<B>>,
-    pub attentions: Vec<Transformer2DModel<B>>,
+    pub attentions: Vec<BlockAttention<B>>,
 }
 
 impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
@@ -228,15 +367,9 @@ impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
         let mut r = config.resnet.clone();
         r.in_channels = channels;
         r.out_channels = channels;
-        let mut t = config.transformer.clone();
-        if let Some(t) = t.as_mut() {
-            t.in_channels = channels;
-        }
         Self {
             resnets: (0..=config.num_layers).map(|_| r.init(device)).collect(),
-            attentions: t
-                .map(|t| (0..config.num_layers).map(|_| t.init(device)).collect())
-                .unwrap_or_default(),
+            attentions: config.attentions(channels, device),
         }
     }
 
@@ -251,7 +384,7 @@ impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
     ) -> Tensor<B, 4> {
         let mut x = self.resnets[0].forward_in(x, Some(temb), format);
         for (attn, resnet) in self.attentions.iter().zip(self.resnets.iter().skip(1)) {
-            x = attn.forward_in(x, context, format);
+            x = attn.forward_in(x, Some(context), format);
             x = resnet.forward_in(x, Some(temb), format);
         }
         x

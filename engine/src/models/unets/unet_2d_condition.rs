@@ -1,6 +1,9 @@
 //! Diffusers' `UNet2DConditionModel` (aka `models/unets/unet_2d_condition.py`), configured from
 //! its `config.json`: SD 1.x and 2.x (conv or linear projections, per-block heads,
-//! `only_cross_attention`, `upcast_attention`, class embeddings).
+//! `only_cross_attention`, `upcast_attention`, class embeddings), the x4 upscaler, and
+//! DeepFloyd IF's stages (simple cross-attention blocks with added-KV attention, resnet
+//! resamplers, `scale_shift` time conditioning, the text projection `encoder_hid_proj` and the
+//! text-pooled addition embedding).
 
 use crate::models::conv::conv2d_forward_in;
 use crate::models::layout::{ConvWeightLayout, MemoryFormat, map_in_place};
@@ -9,21 +12,22 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
+use burn::nn::{Embedding, EmbeddingConfig, GroupNorm, Linear};
 use burn::tensor::{Int, Tensor, backend::Backend};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::unet_2d_blocks::{
-    BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D, set_blocks_processor,
+    AttentionTemplate, BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D,
+    set_blocks_processor,
 };
 use crate::error::{EngineError, Result};
 use crate::models::attention::Transformer2DModelConfig;
-use crate::models::attention_processor::AttnProcessor;
+use crate::models::attention_processor::{AddedKvAttentionConfig, AttnProcessor};
 use crate::models::config::{ModelConfig, PerBlock, read_config};
-use crate::models::embeddings::{TimestepEmbedding, Timesteps};
-use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward_in};
-use crate::models::resnet::{ResnetBlock2DConfig, TimeEmbeddingNorm};
+use crate::models::embeddings::{TextTimeEmbedding, TimestepEmbedding, Timesteps};
+use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward_in, linear};
+use crate::models::resnet::{Resample, ResnetBlock2DConfig, TimeEmbeddingNorm};
 use crate::models::weights::load_safetensors;
 
 /// `unet/config.json`, with diffusers' `__init__` defaults.
@@ -74,6 +78,14 @@ pub struct UNet2DConditionConfig {
     pub attention_type: String,
     /// Only used by IF's simple cross-attention mid block.
     pub mid_block_only_cross_attention: Option<bool>,
+    /// IF: how the text is normalised in the added-KV attention (`"group_norm"`).
+    pub cross_attention_norm: Option<String>,
+    /// Heads of the text pooling of `addition_embed_type="text"`.
+    pub addition_embed_type_num_heads: usize,
+    /// SDXL's `text_time` embedding width (not supported; named in the error).
+    pub addition_time_embed_dim: Option<usize>,
+    /// Training only.
+    pub dropout: f64,
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
 }
@@ -135,6 +147,10 @@ impl Default for UNet2DConditionConfig {
             encoder_hid_dim_type: None,
             attention_type: s("default"),
             mid_block_only_cross_attention: None,
+            cross_attention_norm: None,
+            addition_embed_type_num_heads: 64,
+            addition_time_embed_dim: None,
+            dropout: 0.0,
             extra: BTreeMap::new(),
         }
     }
@@ -178,6 +194,10 @@ pub struct UNet2DConditionModel<B: Backend> {
     pub time_proj: Timesteps,
     pub time_embedding: TimestepEmbedding<B>,
     pub class_embedding: Option<ClassEmbedding<B>>,
+    /// IF: the text's projection to `cross_attention_dim` (`encoder_hid_dim_type="text_proj"`).
+    pub encoder_hid_proj: Option<Linear<B>>,
+    /// IF: the pooled text added to the time embedding (`addition_embed_type="text"`).
+    pub add_embedding: Option<TextTimeEmbedding<B>>,
     pub down_blocks: Vec<DownBlock2D<B>>,
     pub mid_block: Option<UNetMidBlock2DCrossAttn<B>>,
     pub up_blocks: Vec<UpBlock2D<B>>,
@@ -185,6 +205,9 @@ pub struct UNet2DConditionModel<B: Backend> {
     pub conv_out: Conv2d<B>,
     #[module(skip)]
     pub act: Activation,
+    /// Applied to the summed embedding (`time_embedding_act_fn`, IF stage II).
+    #[module(skip)]
+    pub time_embed_act: Option<Activation>,
     pub center_input_sample: bool,
     pub class_embeddings_concat: bool,
     /// `2^(number of upsamplers)`: latent sides must be multiples of it or sizes are passed down.
@@ -202,7 +225,10 @@ struct BlockBuilders<'a> {
     layers: Vec<usize>,
     cross_dim: Vec<usize>,
     tlayers: Vec<usize>,
+    /// Transformer heads (`num_attention_heads`, or SD's `attention_head_dim`).
     heads: Vec<usize>,
+    /// Added-KV attention head widths (`attention_head_dim` as written).
+    head_dims: Vec<usize>,
     time_embed_dim: usize,
     temb_channels: usize,
     time_embedding_norm: TimeEmbeddingNorm,
@@ -221,41 +247,109 @@ impl BlockBuilders<'_> {
             time_embedding_norm: self.time_embedding_norm,
             output_scale_factor: scale,
             skip_time_act: self.config.resnet_skip_time_act,
+            resample: Resample::None,
         }
     }
 
-    /// Block `i`'s transformer template, when the block has attention.
-    fn transformer(
+    /// The block template of block `i` (`r` indexes the per-block lists that diffusers reverses
+    /// for up blocks; `i` the `attention_head_dim` list, which it does not reverse).
+    fn block(
         &self,
+        kind: BlockKind,
         i: usize,
-        cross: bool,
         only_cross: bool,
-    ) -> Option<Transformer2DModelConfig> {
+        num_layers: usize,
+        scale: f64,
+    ) -> Result<BlockConfig> {
+        Ok(BlockConfig {
+            resnet: self.resnet(scale),
+            attention: self.attention(kind.attention, i, i, only_cross)?,
+            num_layers,
+            resnet_resampler: kind.resnet_resampler,
+        })
+    }
+
+    /// The attention template of a block with channels/lists at `r` and head width at `hd`.
+    fn attention(
+        &self,
+        kind: AttentionKind,
+        r: usize,
+        hd: usize,
+        only_cross: bool,
+    ) -> Result<Option<AttentionTemplate>> {
         let c = &self.config;
-        let boc = &c.block_out_channels;
-        cross.then(|| Transformer2DModelConfig {
-            num_attention_heads: self.heads[i],
-            attention_head_dim: boc[i] / self.heads[i],
-            in_channels: boc[i],
-            num_layers: self.tlayers[i],
-            cross_attention_dim: self.cross_dim[i],
-            norm_num_groups: self.groups,
-            use_linear_projection: c.use_linear_projection,
-            only_cross_attention: only_cross,
-            upcast_attention: c.upcast_attention,
+        let channels = c.block_out_channels[r];
+        Ok(match kind {
+            AttentionKind::None => None,
+            AttentionKind::Transformer => {
+                let heads = self.heads[r];
+                if heads == 0 || !channels.is_multiple_of(heads) {
+                    return Err(EngineError::Unsupported(format!(
+                        "UNet block {r}: {channels} channels with {heads} heads"
+                    )));
+                }
+                Some(AttentionTemplate::Transformer(Transformer2DModelConfig {
+                    num_attention_heads: heads,
+                    attention_head_dim: channels / heads,
+                    in_channels: channels,
+                    num_layers: self.tlayers[r],
+                    cross_attention_dim: self.cross_dim[r],
+                    norm_num_groups: self.groups,
+                    use_linear_projection: c.use_linear_projection,
+                    only_cross_attention: only_cross,
+                    upcast_attention: c.upcast_attention,
+                }))
+            }
+            AttentionKind::AddedKv => {
+                let a = AddedKvAttentionConfig {
+                    attention_head_dim: self.head_dims[hd],
+                    added_kv_proj_dim: self.cross_dim[r],
+                    norm_num_groups: self.groups,
+                    only_cross_attention: only_cross,
+                    cross_attention_norm: c.cross_attention_norm.clone(),
+                };
+                a.check(channels)?;
+                Some(AttentionTemplate::AddedKv(a))
+            }
         })
     }
 }
 
-/// Whether a block type of direction `dir` (`Down`/`Up`) has cross-attention.
-fn is_cross(kind: &str, dir: &str) -> Result<bool> {
-    match kind {
-        k if k == format!("CrossAttn{dir}Block2D") => Ok(true),
-        k if k == format!("{dir}Block2D") => Ok(false),
-        other => Err(EngineError::Unsupported(format!(
-            "UNet block type `{other}`"
-        ))),
-    }
+/// The attention layer a block type has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttentionKind {
+    None,
+    /// `CrossAttn*`: transformers.
+    Transformer,
+    /// `SimpleCrossAttn*` (IF): added-KV attention.
+    AddedKv,
+}
+
+/// What a block type name says about the block.
+#[derive(Debug, Clone, Copy)]
+struct BlockKind {
+    attention: AttentionKind,
+    /// IF's blocks resample with a resnet rather than a conv.
+    resnet_resampler: bool,
+}
+
+/// Parses a block type of direction `dir` (`Down`/`Up`).
+fn block_kind(kind: &str, dir: &str) -> Result<BlockKind> {
+    let (attention, resnet_resampler) = match kind {
+        k if k == format!("{dir}Block2D") => (AttentionKind::None, false),
+        k if k == format!("CrossAttn{dir}Block2D") => (AttentionKind::Transformer, false),
+        k if k == format!("Resnet{dir}sampleBlock2D") => (AttentionKind::None, true),
+        k if k == format!("SimpleCrossAttn{dir}Block2D") => (AttentionKind::AddedKv, true),
+        other => {
+            return Err(EngineError::Unsupported(format!(
+                "UNet block type `{other}`"
+            )));
+        }
+    };
+    Ok(BlockKind {
+        attention,
+        resnet_resampler,
+    })
 }
 
 /// The UNet's contracting half, owned: what a ControlNet copies (aka diffusers'
@@ -265,6 +359,8 @@ pub(crate) struct DownHalf<B: Backend> {
     pub time_proj: Timesteps,
     pub time_embedding: TimestepEmbedding<B>,
     pub class_embedding: Option<ClassEmbedding<B>>,
+    pub encoder_hid_proj: Option<Linear<B>>,
+    pub add_embedding: Option<TextTimeEmbedding<B>>,
     pub down_blocks: Vec<DownBlock2D<B>>,
     pub mid_block: Option<UNetMidBlock2DCrossAttn<B>>,
     pub act: Activation,
@@ -281,10 +377,10 @@ impl UNet2DConditionConfig {
             .as_ref()
             .unwrap_or(&self.attention_head_dim)
             .expand(n, "num_attention_heads")?;
-        for (i, (&c, &h)) in boc.iter().zip(&heads).enumerate() {
-            if h == 0 || c % h != 0 || c % groups != 0 {
+        for (i, &c) in boc.iter().enumerate() {
+            if groups == 0 || !c.is_multiple_of(groups) {
                 return Err(EngineError::Unsupported(format!(
-                    "UNet block {i}: {c} channels with {h} heads and {groups} groups"
+                    "UNet block {i}: {c} channels in {groups} groups"
                 )));
             }
         }
@@ -302,6 +398,7 @@ impl UNet2DConditionConfig {
                 .transformer_layers_per_block
                 .expand(n, "transformer_layers_per_block")?,
             heads,
+            head_dims: self.attention_head_dim.expand(n, "attention_head_dim")?,
             time_embed_dim,
             temb_channels: if self.class_embeddings_concat {
                 time_embed_dim * 2
@@ -318,11 +415,21 @@ impl UNet2DConditionConfig {
         if self.dual_cross_attention {
             return unsupported("UNet `dual_cross_attention`".into());
         }
-        if let Some(t) = &self.addition_embed_type {
+        if let Some(t) = &self.addition_embed_type
+            && t != "text"
+        {
             return unsupported(format!("UNet addition_embed_type `{t}`"));
         }
-        if let Some(t) = &self.encoder_hid_dim_type {
-            return unsupported(format!("UNet encoder_hid_dim_type `{t}`"));
+        match (self.encoder_hid_dim_type.as_deref(), self.encoder_hid_dim) {
+            (None | Some("text_proj"), Some(_)) | (None, None) => {}
+            (Some(t), None) => {
+                return unsupported(format!(
+                    "UNet encoder_hid_dim_type `{t}` without encoder_hid_dim"
+                ));
+            }
+            (Some(t), Some(_)) => {
+                return unsupported(format!("UNet encoder_hid_dim_type `{t}`"));
+            }
         }
         if self.time_embedding_type != "positional" {
             return unsupported(format!(
@@ -336,8 +443,11 @@ impl UNet2DConditionConfig {
         if self.attention_type != "default" {
             return unsupported(format!("UNet attention_type `{}`", self.attention_type));
         }
-        if self.time_embedding_act_fn.is_some() || self.timestep_post_act.is_some() {
-            return unsupported("UNet time_embedding_act_fn / timestep_post_act".into());
+        if self.timestep_post_act.is_some() {
+            return unsupported("UNet timestep_post_act".into());
+        }
+        if let Some(name) = &self.time_embedding_act_fn {
+            Activation::from_name(name)?;
         }
         if self.down_block_types.len() != self.block_out_channels.len()
             || self.up_block_types.len() != self.block_out_channels.len()
@@ -349,12 +459,30 @@ impl UNet2DConditionConfig {
                 self.block_out_channels.len()
             ));
         }
-        if let Some(m) = &self.mid_block_type
-            && m != "UNetMidBlock2DCrossAttn"
-        {
-            return unsupported(format!("UNet mid_block_type `{m}`"));
-        }
+        self.mid_block_kind()?;
         Ok(())
+    }
+
+    /// The mid block's attention (`None` for no mid block).
+    fn mid_block_kind(&self) -> Result<Option<AttentionKind>> {
+        match self.mid_block_type.as_deref() {
+            None => Ok(None),
+            Some("UNetMidBlock2DCrossAttn") => Ok(Some(AttentionKind::Transformer)),
+            Some("UNetMidBlock2DSimpleCrossAttn") => Ok(Some(AttentionKind::AddedKv)),
+            Some(m) => Err(EngineError::Unsupported(format!(
+                "UNet mid_block_type `{m}`"
+            ))),
+        }
+    }
+
+    /// The single `cross_attention_dim` (the text projection and pooling need one width).
+    fn single_cross_attention_dim(&self, what: &str) -> Result<usize> {
+        match &self.cross_attention_dim {
+            PerBlock::All(d) => Ok(*d),
+            PerBlock::Each(_) => Err(EngineError::Unsupported(format!(
+                "UNet {what} with a per-block cross_attention_dim"
+            ))),
+        }
     }
 
     /// Builds the contracting half (time embedding, `conv_in`, down blocks, mid block) with
@@ -374,8 +502,32 @@ impl UNet2DConditionConfig {
             flip_sin_to_cos: self.flip_sin_to_cos,
             downscale_freq_shift: self.freq_shift,
         };
-        let time_embedding =
-            TimestepEmbedding::new(boc[0], time_embed_dim, None, Activation::Silu, device);
+        let time_embedding = TimestepEmbedding::new(boc[0], time_embed_dim, None, act, device);
+        let encoder_hid_proj = match self.encoder_hid_dim {
+            Some(dim) => Some(linear(
+                dim,
+                self.single_cross_attention_dim("encoder_hid_proj")?,
+                true,
+                device,
+            )),
+            None => None,
+        };
+        let add_embedding = match self.addition_embed_type.as_deref() {
+            Some(_) => {
+                let dim = match self.encoder_hid_dim {
+                    Some(d) => d,
+                    None => self.single_cross_attention_dim("addition_embed_type `text`")?,
+                };
+                let heads = self.addition_embed_type_num_heads;
+                if heads == 0 || !dim.is_multiple_of(heads) {
+                    return Err(EngineError::Unsupported(format!(
+                        "text pooling of {dim} channels in {heads} heads"
+                    )));
+                }
+                Some(TextTimeEmbedding::new(dim, time_embed_dim, heads, device))
+            }
+            None => None,
+        };
         let class_embedding = match (self.class_embed_type.as_deref(), self.num_class_embeds) {
             (None, None) => None,
             (None, Some(num)) => Some(ClassEmbedding::Embedding(
@@ -411,11 +563,13 @@ impl UNet2DConditionConfig {
         let mut down_blocks = Vec::with_capacity(n);
         let mut in_ch = boc[0];
         for (i, kind) in self.down_block_types.iter().enumerate() {
-            let config = BlockConfig {
-                resnet: blocks.resnet(self.resnet_out_scale_factor),
-                transformer: blocks.transformer(i, is_cross(kind, "Down")?, blocks.only_cross[i]),
-                num_layers: blocks.layers[i],
-            };
+            let config = blocks.block(
+                block_kind(kind, "Down")?,
+                i,
+                blocks.only_cross[i],
+                blocks.layers[i],
+                self.resnet_out_scale_factor,
+            )?;
             let is_final = i == n - 1;
             down_blocks.push(DownBlock2D::new(
                 &config,
@@ -427,15 +581,28 @@ impl UNet2DConditionConfig {
             in_ch = boc[i];
         }
 
-        let mid_block = self.mid_block_type.as_ref().map(|_| {
-            let config = BlockConfig {
-                resnet: blocks.resnet(self.mid_block_scale_factor),
-                // UNetMidBlock2DCrossAttn takes no only_cross_attention in diffusers.
-                transformer: blocks.transformer(n - 1, true, false),
-                num_layers: 1,
-            };
-            UNetMidBlock2DCrossAttn::new(&config, boc[n - 1], device)
-        });
+        let mid_block = match self.mid_block_kind()? {
+            None => None,
+            Some(kind) => {
+                // UNetMidBlock2DCrossAttn takes no only_cross_attention; the simple one takes
+                // `mid_block_only_cross_attention`, which defaults to a single
+                // `only_cross_attention` flag.
+                let only_cross = match (kind, self.mid_block_only_cross_attention) {
+                    (AttentionKind::AddedKv, Some(v)) => v,
+                    (AttentionKind::AddedKv, None) => {
+                        matches!(self.only_cross_attention, PerBlock::All(true))
+                    }
+                    _ => false,
+                };
+                let config = BlockConfig {
+                    resnet: blocks.resnet(self.mid_block_scale_factor),
+                    attention: blocks.attention(kind, n - 1, n - 1, only_cross)?,
+                    num_layers: 1,
+                    resnet_resampler: false,
+                };
+                Some(UNetMidBlock2DCrossAttn::new(&config, boc[n - 1], device))
+            }
+        };
         let pad_in = (self.conv_in_kernel - 1) / 2;
         Ok(DownHalf {
             conv_in: conv2d(
@@ -449,6 +616,8 @@ impl UNet2DConditionConfig {
             time_proj,
             time_embedding,
             class_embedding,
+            encoder_hid_proj,
+            add_embedding,
             down_blocks,
             mid_block,
             act,
@@ -462,6 +631,8 @@ impl UNet2DConditionConfig {
             time_proj,
             time_embedding,
             class_embedding,
+            encoder_hid_proj,
+            add_embedding,
             down_blocks,
             mid_block,
             act,
@@ -491,8 +662,16 @@ impl UNet2DConditionConfig {
             let num_layers = blocks.layers[r] + 1;
             let config = BlockConfig {
                 resnet: blocks.resnet(self.resnet_out_scale_factor),
-                transformer: blocks.transformer(r, is_cross(kind, "Up")?, blocks.only_cross[r]),
+                // diffusers reverses every per-block list for the up blocks except
+                // `attention_head_dim`.
+                attention: blocks.attention(
+                    block_kind(kind, "Up")?.attention,
+                    r,
+                    i,
+                    blocks.only_cross[r],
+                )?,
                 num_layers,
+                resnet_resampler: block_kind(kind, "Up")?.resnet_resampler,
             };
             let mut skips = Vec::with_capacity(num_layers);
             for _ in 0..num_layers {
@@ -517,6 +696,8 @@ impl UNet2DConditionConfig {
             time_proj,
             time_embedding,
             class_embedding,
+            encoder_hid_proj,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -530,6 +711,11 @@ impl UNet2DConditionConfig {
                 device,
             ),
             act,
+            time_embed_act: self
+                .time_embedding_act_fn
+                .as_deref()
+                .map(Activation::from_name)
+                .transpose()?,
             center_input_sample: self.center_input_sample,
             class_embeddings_concat: self.class_embeddings_concat,
             overall_up_factor: 1 << num_upsamplers,
@@ -582,6 +768,16 @@ impl<B: Backend> UNet2DConditionModel<B> {
     ) -> Result<Tensor<B, 4>> {
         let [batch, _, h, w] = sample.dims();
         let timesteps = per_item_timesteps(timesteps, batch)?;
+        if let Some(proj) = &self.encoder_hid_proj {
+            let expected = proj.weight.dims()[0];
+            let [_, _, width] = context.dims();
+            if width != expected {
+                return Err(EngineError::invalid(
+                    "encoder_hidden_states",
+                    format!("text of width {width}, this UNet takes {expected}"),
+                ));
+            }
+        }
         let factor = self.overall_up_factor;
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
@@ -591,7 +787,21 @@ impl<B: Backend> UNet2DConditionModel<B> {
             sample
         };
         let down = self.down_path();
-        let emb = down.embedding(&timesteps, class_labels, sample.dtype(), &sample.device())?;
+        let mut emb = down.embedding(&timesteps, class_labels, sample.dtype(), &sample.device())?;
+        if let Some(add) = &self.add_embedding {
+            emb = emb.add(add.forward(context.clone()));
+        }
+        if let Some(act) = self.time_embed_act {
+            emb = act.forward(emb);
+        }
+        let projected;
+        let context = match &self.encoder_hid_proj {
+            Some(proj) => {
+                projected = proj.forward(context.clone());
+                &projected
+            }
+            None => context,
+        };
         let format = self.memory_format;
         let (mut x, mut skips) = down.run(format.from_nchw(sample), &emb, context, None, format);
         if let Some(r) = residuals {
