@@ -11,8 +11,11 @@ use engine::backend::{
 use engine::models::{AttnProcessor, MemoryFormat};
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::control_preprocess::Canny;
-use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
-use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepProgress};
+use engine::pipelines::deepfloyd_if::{IFPipeline, is_if_folder};
+use engine::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
+use engine::pipelines::{
+    CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepObserver, StepProgress,
+};
 use engine::schedulers::SchedulerKind;
 use engine::tensor_io::{HostTensor, read_safetensors, read_tensor, write_safetensors};
 
@@ -114,9 +117,11 @@ pub struct GenerateArgs {
     /// Guess mode: the ControlNet sees only the conditional batch.
     #[arg(long)]
     pub guess_mode: bool,
+    /// The noise added to the input of `if-stage2` (default 250) and `upscale` (default 20).
     #[arg(long)]
     pub noise_level: Option<usize>,
-    /// Tensor `image` [B,3,H,W] in [-1,1].
+    /// The input of `if-stage2` / `upscale` as a tensor `image` [B,3,H,W] in [-1,1] (a file
+    /// written by --save-array, whose `image_pt` tensor is that, works too).
     #[arg(long)]
     pub image_array: Option<PathBuf>,
     /// Tensors `prompt_embeds` (and optionally `negative_prompt_embeds`).
@@ -131,7 +136,8 @@ pub struct GenerateArgs {
     /// PNG to write (`name-<i>.png` per image when the batch is larger than one).
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// Tensor `image` [B,H,W,3] f32 in [0,1] (diffusers' output_type="np").
+    /// Tensor `image` [B,H,W,3] f32 in [0,1] (diffusers' output_type="np"); IF stages also
+    /// write `image_pt` [B,3,H,W] in [-1,1] (output_type="pt", the next stage's input).
     #[arg(long)]
     pub save_array: Option<PathBuf>,
     /// auto | cuda | wgpu | cpu
@@ -166,11 +172,12 @@ struct Job {
 
 fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
     let image_flags = matches!(pipeline, PipelineKind::Img2Img | PipelineKind::Inpaint);
+    let upscaler = pipeline.is_upscaler();
     let inpaint = pipeline == PipelineKind::Inpaint;
     let control = pipeline == PipelineKind::ControlNet;
     let canny = args.control_preprocess.as_deref() == Some("canny");
     let unused: [(&str, bool); 16] = [
-        ("--image", !image_flags && args.image.is_some()),
+        ("--image", !image_flags && !upscaler && args.image.is_some()),
         ("--strength", !image_flags && args.strength.is_some()),
         ("--mask", !inpaint && args.mask.is_some()),
         ("--mask-blur", !inpaint && args.mask_blur != 0.0),
@@ -202,8 +209,8 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
             "--control-guidance-end",
             !control && args.control_guidance_end.is_some(),
         ),
-        ("--noise-level", args.noise_level.is_some()),
-        ("--image-array", args.image_array.is_some()),
+        ("--noise-level", !upscaler && args.noise_level.is_some()),
+        ("--image-array", !upscaler && args.image_array.is_some()),
     ];
     if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
         if flag.starts_with("--canny") && control {
@@ -213,6 +220,12 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
     }
     if image_flags && args.image.is_none() {
         bail!("the {} pipeline needs --image", args.pipeline);
+    }
+    if upscaler && args.image.is_some() == args.image_array.is_some() {
+        bail!(
+            "the {} pipeline needs its input as --image or as --image-array (one of them)",
+            args.pipeline
+        );
     }
     if inpaint && args.mask.is_none() {
         bail!("the inpaint pipeline needs --mask");
@@ -315,6 +328,16 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         .as_ref()
         .map(|p| read_tensor(p, "latents"))
         .transpose()?;
+    let image_array = args
+        .image_array
+        .as_deref()
+        .map(read_image_array)
+        .transpose()?;
+    // An array of several images is one output each.
+    let batch = match &image_array {
+        Some(a) if args.batch == 1 && a.shape.len() == 4 => a.shape[0].max(1),
+        _ => args.batch,
+    };
     let tape = args.noise_tape.as_ref().map(NoiseTape::load).transpose()?;
     let seed = args.seed.unwrap_or_else(random_seed);
     let mut progress = crate::progress::TerminalDownload::default();
@@ -334,7 +357,7 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         // Filled from the model when absent (see `run`).
         width: args.width.unwrap_or(0),
         height: args.height.unwrap_or(0),
-        batch: args.batch,
+        batch,
         seed,
         scheduler,
         scheduler_config,
@@ -351,6 +374,8 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
             args.control_guidance_end.unwrap_or(1.0),
         ),
         guess_mode: args.guess_mode,
+        image_array,
+        noise_level: args.noise_level,
     };
     Ok(Job {
         model_name: model_name(&args.model),
@@ -364,6 +389,18 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         output: args.output.clone(),
         save_array: args.save_array.clone(),
     })
+}
+
+/// `--image-array`: tensor `image` [B,3,H,W], or the `image_pt` a --save-array file of an IF
+/// stage holds.
+fn read_image_array(path: &Path) -> Result<HostTensor> {
+    let mut tensors = read_safetensors(path)?;
+    match (tensors.remove("image"), tensors.remove("image_pt")) {
+        (Some(image), _) if image.shape.len() == 4 && image.shape[1] == 3 => Ok(image),
+        (_, Some(pt)) => Ok(pt),
+        (Some(image), None) => Ok(image),
+        (None, None) => bail!("{} has no tensor `image`", path.display()),
+    }
 }
 
 fn model_name(spec: &str) -> String {
@@ -426,31 +463,14 @@ impl BackendTask for GenerateTask {
             save_array,
         } = self.job;
         let load_start = std::time::Instant::now();
-        let mut pipe =
-            StableDiffusionPipeline::<B>::load_path(&model_dir, &LoadOptions::default(), &device)
-                .with_context(|| format!("loading {}", model_dir.display()))?;
-        if let Some(dir) = &controlnet_dir {
-            pipe.load_controlnet(dir)
-                .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
-        }
-        pipe.set_attn_processor(attention);
-        pipe.set_memory_format(memory_format);
+        let pipe = LoadedPipeline::<B>::load(&model_dir, controlnet_dir.as_deref(), &device)?;
+        let pipe = pipe.with_speed(attention, memory_format);
         eprintln!(
             "loaded {} in {:.1}s",
             model_dir.display(),
             load_start.elapsed().as_secs_f64()
         );
-        let factor = pipe.vae_config.scale_factor();
-        let default_side = pipe.unet_config.sample_size.unwrap_or(64) * factor;
-        // img2img works at the image's size rounded down to the VAE factor (diffusers'
-        // preprocess); txt2img and inpaint at the model's default size.
-        let default_size = match (&request.image, request.pipeline) {
-            (Some(image), PipelineKind::Img2Img) if image.shape.len() == 3 => (
-                (image.shape[1] / factor * factor).max(factor),
-                (image.shape[0] / factor * factor).max(factor),
-            ),
-            _ => (default_side, default_side),
-        };
+        let default_size = pipe.default_size(&request);
         if request.width == 0 {
             request.width = default_size.0;
         }
@@ -479,7 +499,10 @@ impl BackendTask for GenerateTask {
             );
         }
         if let Some(path) = &save_array {
-            write_safetensors(path, &[("image", &out.images)])?;
+            match &out.raw {
+                Some(raw) => write_safetensors(path, &[("image", &out.images), ("image_pt", raw)])?,
+                None => write_safetensors(path, &[("image", &out.images)])?,
+            }
             eprintln!("wrote {}", path.display());
         }
         let output = output.or_else(|| {
@@ -510,6 +533,92 @@ impl BackendTask for GenerateTask {
             }
         }
         Ok(())
+    }
+}
+
+/// The model a `generate` run loads: a Stable Diffusion folder (txt2img, img2img, inpaint,
+/// controlnet, the x4 upscaler) or a DeepFloyd IF stage.
+enum LoadedPipeline<B: Backend> {
+    Sd(Box<StableDiffusionPipeline<B>>),
+    If(Box<IFPipeline<B>>),
+}
+
+impl<B: Backend> LoadedPipeline<B> {
+    fn load(model_dir: &Path, controlnet_dir: Option<&Path>, device: &B::Device) -> Result<Self> {
+        let loading = || format!("loading {}", model_dir.display());
+        if is_if_folder(model_dir) {
+            if controlnet_dir.is_some() {
+                bail!("a ControlNet does not fit a DeepFloyd IF model");
+            }
+            let pipe = IFPipeline::<B>::load(model_dir, &LoadOptions::default(), device)
+                .with_context(loading)?;
+            return Ok(Self::If(Box::new(pipe)));
+        }
+        let mut pipe =
+            StableDiffusionPipeline::<B>::load_path(model_dir, &LoadOptions::default(), device)
+                .with_context(loading)?;
+        if let Some(dir) = controlnet_dir {
+            pipe.load_controlnet(dir)
+                .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
+        }
+        Ok(Self::Sd(Box::new(pipe)))
+    }
+
+    fn with_speed(mut self, attention: AttnProcessor, format: MemoryFormat) -> Self {
+        match &mut self {
+            Self::Sd(p) => {
+                p.set_attn_processor(attention);
+                p.set_memory_format(format);
+            }
+            Self::If(p) => {
+                p.set_attn_processor(attention);
+                p.set_memory_format(format);
+            }
+        }
+        self
+    }
+
+    /// The size a request without --width/--height runs at: img2img at the image's size
+    /// rounded down to the VAE factor (diffusers' preprocess), the x4 upscaler at four times
+    /// its input's, IF at its UNet's native size, txt2img and inpaint at the model's default.
+    fn default_size(&self, request: &GenerationRequest) -> (usize, usize) {
+        match self {
+            Self::If(p) => (p.native_size(), p.native_size()),
+            Self::Sd(p) => {
+                let factor = p.vae_config.scale_factor();
+                let input = match (&request.image, &request.image_array) {
+                    (Some(image), _) if image.shape.len() == 3 => {
+                        Some((image.shape[1], image.shape[0]))
+                    }
+                    (None, Some(array)) if array.shape.len() == 4 => {
+                        Some((array.shape[3], array.shape[2]))
+                    }
+                    _ => None,
+                };
+                let round = |v: usize| (v / factor * factor).max(factor);
+                match (input, request.pipeline) {
+                    (Some((w, h)), PipelineKind::Img2Img) => (round(w), round(h)),
+                    (Some((w, h)), PipelineKind::Upscale) => (round(w) * factor, round(h) * factor),
+                    _ => {
+                        let side = p.unet_config.sample_size.unwrap_or(64) * factor;
+                        (side, side)
+                    }
+                }
+            }
+        }
+    }
+
+    fn generate(
+        &self,
+        request: &GenerationRequest,
+        noise: Option<&mut dyn NoiseSource>,
+        cancel: &CancelToken,
+        observer: &mut dyn StepObserver,
+    ) -> engine::Result<GenerationOutput> {
+        match self {
+            Self::Sd(p) => p.generate(request, noise, cancel, observer),
+            Self::If(p) => p.generate(request, noise, cancel, observer),
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use crate::models::unets::UNet2DConditionConfig;
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::stable_diffusion::{
-    ControlConditioning, DenoiseOptions, InpaintConditioning, denoise,
+    ControlConditioning, DenoiseOptions, InpaintConditioning, PreviewKind, denoise,
 };
 use crate::pipelines::{CancelToken, StepProgress, strength_schedule};
 use crate::schedulers;
@@ -652,6 +652,8 @@ impl BackendTask for UnetLoopTask<'_> {
                     first_step,
                     conditioning: conditioning.as_ref(),
                     control: control.as_ref(),
+                    class_labels: None,
+                    preview: PreviewKind::Sd15Latents,
                 },
                 &mut generator as &mut dyn NoiseSource,
                 self.cancel,

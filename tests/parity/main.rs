@@ -10,6 +10,7 @@ mod canny;
 mod clip;
 mod controlnet;
 mod hub;
+mod if_pipeline;
 mod if_unets;
 mod img2img_inpaint;
 mod noise;

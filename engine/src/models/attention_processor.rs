@@ -321,7 +321,8 @@ impl AddedKvAttentionConfig {
     /// Checks what [`Self::init`] relies on, for a block of `channels`.
     pub fn check(&self, channels: usize) -> crate::Result<()> {
         let d = self.attention_head_dim;
-        let groups_ok = |c: usize| self.norm_num_groups > 0 && c.is_multiple_of(self.norm_num_groups);
+        let groups_ok =
+            |c: usize| self.norm_num_groups > 0 && c.is_multiple_of(self.norm_num_groups);
         if d == 0 || !channels.is_multiple_of(d) || !groups_ok(channels) {
             return Err(crate::EngineError::Unsupported(format!(
                 "added-KV attention over {channels} channels with head dim {d} and {} groups",

@@ -2,6 +2,7 @@
 //! the cancel token and the per-step progress report.
 
 pub mod control_preprocess;
+pub mod deepfloyd_if;
 pub mod image_processor;
 pub mod preview;
 pub mod request;

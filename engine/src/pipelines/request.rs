@@ -18,6 +18,12 @@ pub enum PipelineKind {
     Inpaint,
     /// `StableDiffusionControlNetPipeline` (txt2img guided by a ControlNet and a control image).
     ControlNet,
+    /// DeepFloyd IF stage I (`IFPipeline`): pixels from T5 embeddings.
+    If,
+    /// DeepFloyd IF stage II (`IFSuperResolutionPipeline`): an image upscaled under the prompt.
+    IfStage2,
+    /// `StableDiffusionUpscalePipeline` (the x4 upscaler).
+    Upscale,
 }
 
 impl PipelineKind {
@@ -28,6 +34,23 @@ impl PipelineKind {
             Self::Img2Img => "img2img",
             Self::Inpaint => "inpaint",
             Self::ControlNet => "controlnet",
+            Self::If => "if",
+            Self::IfStage2 => "if-stage2",
+            Self::Upscale => "upscale",
+        }
+    }
+
+    /// The pipelines that start from an image whose noise level is given (`noise_level`).
+    pub fn is_upscaler(self) -> bool {
+        matches!(self, Self::IfStage2 | Self::Upscale)
+    }
+
+    /// Diffusers' default `noise_level` (IF stage II 250, the x4 upscaler 20).
+    pub fn default_noise_level(self) -> Option<usize> {
+        match self {
+            Self::IfStage2 => Some(250),
+            Self::Upscale => Some(20),
+            _ => None,
         }
     }
 
@@ -35,7 +58,7 @@ impl PipelineKind {
     pub fn default_strength(self) -> f64 {
         match self {
             Self::Img2Img => 0.8,
-            Self::Txt2Img | Self::Inpaint | Self::ControlNet => 1.0,
+            _ => 1.0,
         }
     }
 }
@@ -48,9 +71,9 @@ impl std::str::FromStr for PipelineKind {
             "img2img" => Ok(Self::Img2Img),
             "inpaint" => Ok(Self::Inpaint),
             "controlnet" => Ok(Self::ControlNet),
-            "if" | "if-stage2" | "upscale" => Err(EngineError::Unsupported(format!(
-                "the `{s}` pipeline is not implemented yet"
-            ))),
+            "if" => Ok(Self::If),
+            "if-stage2" => Ok(Self::IfStage2),
+            "upscale" => Ok(Self::Upscale),
             other => Err(EngineError::invalid(
                 "pipeline",
                 format!(
@@ -117,6 +140,12 @@ pub struct GenerationRequest {
     /// Guess mode: the ControlNet sees only the conditional batch, its residuals scaled from
     /// 0.1 (shallow) to 1 (deep).
     pub guess_mode: bool,
+    /// The upscalers' input as a tensor, `[1 or batch, 3, h, w]` in [-1, 1] (`--image-array`,
+    /// like diffusers' `output_type="pt"` of the previous stage); `image` is the alternative.
+    pub image_array: Option<HostTensor>,
+    /// The noise added to the upscalers' input (IF stage II, x4 upscaler); `None` = the
+    /// pipeline's default.
+    pub noise_level: Option<usize>,
 }
 
 impl Default for GenerationRequest {
@@ -144,6 +173,8 @@ impl Default for GenerationRequest {
             controlnet_scale: 1.0,
             control_guidance: (0.0, 1.0),
             guess_mode: false,
+            image_array: None,
+            noise_level: None,
         }
     }
 }
@@ -166,6 +197,12 @@ pub struct ModelLimits {
     pub unet_in_channels: usize,
     /// Width of the text embeddings the UNet attends to.
     pub cross_attention_dim: usize,
+    /// The largest `noise_level` an upscaler takes (`max_noise_level`, or the image-noising
+    /// scheduler's last timestep); 0 for models that are not upscalers.
+    pub max_noise_level: usize,
+    /// What the model's folder is for: the pipeline a request must ask for when it is not an
+    /// SD model (IF stage I/II, the x4 upscaler), else `None`.
+    pub family: Option<PipelineKind>,
 }
 
 /// The largest side we accept: beyond this a request is almost surely a typo, and Burn would
@@ -282,19 +319,58 @@ impl GenerationRequest {
         strength_schedule(self.steps, self.strength())
     }
 
+    /// The noise level this request runs with (its own, else the pipeline's default).
+    pub fn noise_level(&self) -> usize {
+        self.noise_level
+            .or(self.pipeline.default_noise_level())
+            .unwrap_or(0)
+    }
+
+    /// `Err` naming `field` when it is given to a pipeline that does not use it.
+    fn unused(&self, field: &'static str, given: bool) -> Result<()> {
+        if given {
+            Err(EngineError::invalid(
+                field,
+                format!("is not used by the {} pipeline", self.pipeline.cli_name()),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
     /// The image-conditioning part of [`Self::check_inputs`].
     fn check_image_inputs(&self, limits: &ModelLimits) -> Result<()> {
         let name = self.pipeline.cli_name();
-        let unused = |field: &'static str, given: bool| -> Result<()> {
-            if given {
-                Err(EngineError::invalid(
-                    field,
-                    format!("is not used by the {name} pipeline"),
-                ))
-            } else {
-                Ok(())
+        let cascade = matches!(
+            self.pipeline,
+            PipelineKind::If | PipelineKind::IfStage2 | PipelineKind::Upscale
+        );
+        match limits.family {
+            Some(family) if family != self.pipeline => {
+                return Err(EngineError::invalid(
+                    "pipeline",
+                    format!(
+                        "this model runs the {} pipeline, not {name}",
+                        family.cli_name()
+                    ),
+                ));
             }
-        };
+            None if cascade => {
+                return Err(EngineError::invalid(
+                    "pipeline",
+                    format!("this is a Stable Diffusion model: it cannot run {name}"),
+                ));
+            }
+            _ => {}
+        }
+        let unused = |field: &'static str, given: bool| self.unused(field, given);
+        if self.pipeline != PipelineKind::Upscale && self.pipeline != PipelineKind::IfStage2 {
+            unused("image_array", self.image_array.is_some())?;
+            unused("noise_level", self.noise_level.is_some())?;
+        }
+        if cascade {
+            return self.check_cascade_inputs(limits);
+        }
         let inpainting_unet = limits.unet_in_channels == 2 * limits.latent_channels + 1;
         if inpainting_unet && self.pipeline != PipelineKind::Inpaint {
             return Err(EngineError::invalid(
@@ -379,6 +455,91 @@ impl GenerationRequest {
                     "mask_blur",
                     format!("{} must be between 0 and {MAX_MASK_BLUR}", self.mask_blur),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The IF / x4-upscaler part of [`Self::check_inputs`].
+    fn check_cascade_inputs(&self, limits: &ModelLimits) -> Result<()> {
+        let unused = |field: &'static str, given: bool| self.unused(field, given);
+        unused("mask", self.mask.is_some())?;
+        unused("mask_blur", self.mask_blur != 0.0)?;
+        unused("padding_mask_crop", self.padding_mask_crop.is_some())?;
+        unused("control_image", self.control_image.is_some())?;
+        unused("strength", self.strength.is_some())?;
+        if self.pipeline == PipelineKind::If {
+            return unused("image", self.image.is_some());
+        }
+        let name = self.pipeline.cli_name();
+        let (w, h) = match (&self.image, &self.image_array) {
+            (Some(_), Some(_)) => {
+                return Err(EngineError::invalid(
+                    "image_array",
+                    "give the input as an image or as an array, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(EngineError::invalid(
+                    "image",
+                    format!("the {name} pipeline needs an input image"),
+                ));
+            }
+            (Some(image), None) => image_size(image, "image", 3)?,
+            (None, Some(array)) => {
+                let ok = array.shape.len() == 4
+                    && (array.shape[0] == 1 || array.shape[0] == self.batch)
+                    && array.shape[1] == 3
+                    && array.shape[2] > 0
+                    && array.shape[3] > 0;
+                if !ok {
+                    return Err(EngineError::invalid(
+                        "image_array",
+                        format!(
+                            "shape {:?}, expected [1 or {}, 3, height, width]",
+                            array.shape, self.batch
+                        ),
+                    ));
+                }
+                if array.values.iter().any(|v| !v.is_finite()) {
+                    return Err(EngineError::invalid(
+                        "image_array",
+                        "holds NaN or infinite values",
+                    ));
+                }
+                (array.shape[3], array.shape[2])
+            }
+        };
+        if w > MAX_SIDE || h > MAX_SIDE {
+            return Err(EngineError::invalid(
+                "image",
+                format!("{w}×{h} is larger than {MAX_SIDE} on a side"),
+            ));
+        }
+        let level = self.noise_level();
+        if level > limits.max_noise_level {
+            return Err(EngineError::invalid(
+                "noise_level",
+                format!(
+                    "{level} is above this model's maximum, {}",
+                    limits.max_noise_level
+                ),
+            ));
+        }
+        if self.pipeline == PipelineKind::Upscale {
+            // The x4 upscaler's output is 4× its input, whose sides its VAE needs in multiples
+            // of 4: the request names the output size.
+            let f = 4 * limits.vae_scale_factor;
+            for (field, v) in [("width", self.width), ("height", self.height)] {
+                if v % f != 0 {
+                    return Err(EngineError::invalid(
+                        field,
+                        format!(
+                            "{v} must be a multiple of {f} (4 × the input's multiple of {})",
+                            limits.vae_scale_factor
+                        ),
+                    ));
+                }
             }
         }
         Ok(())

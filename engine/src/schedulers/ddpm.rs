@@ -122,6 +122,30 @@ impl DDPMScheduler {
         &self.config
     }
 
+    /// Diffusers' `add_noise(original, noise, timesteps)` at a training timestep (not a step
+    /// index): what the upscalers' image-noising schedulers do to their input at
+    /// `noise_level`. √ᾱ_t·x + √(1−ᾱ_t)·ε.
+    pub fn add_noise_at_timestep<B: Backend>(
+        &self,
+        original: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+        timestep: usize,
+    ) -> Result<Tensor<B, 4>> {
+        if timestep >= self.config.num_train_timesteps {
+            return Err(EngineError::invalid(
+                "noise_level",
+                format!(
+                    "{timestep} is outside the {} training timesteps",
+                    self.config.num_train_timesteps
+                ),
+            ));
+        }
+        let alpha_prod = self.schedule.alpha_cumprod_at(timestep as i64, 1.0);
+        Ok(original
+            .mul_scalar(alpha_prod.sqrt())
+            .add(noise.mul_scalar((1.0 - alpha_prod).sqrt())))
+    }
+
     /// Whether the model predicts a variance in a second half of its output channels.
     fn learned(&self) -> bool {
         matches!(
@@ -259,5 +283,9 @@ impl<B: Backend> Scheduler<B> for DDPMScheduler {
 
     fn name(&self) -> &'static str {
         "DDPM"
+    }
+
+    fn learned_variance(&self) -> bool {
+        self.learned()
     }
 }

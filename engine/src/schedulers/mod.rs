@@ -85,6 +85,12 @@ pub trait Scheduler<B: Backend>: Send {
 
     /// A short name for logs and PNG metadata (A1111 sampler names where one exists).
     fn name(&self) -> &'static str;
+
+    /// Whether `step` takes a model output with twice the sample's channels (noise and a
+    /// learned variance, IF's UNets); other schedulers are given the noise half only.
+    fn learned_variance(&self) -> bool {
+        false
+    }
 }
 
 /// The schedulers Brushfire ports, by their CLI names (`--scheduler`).
@@ -214,6 +220,13 @@ pub fn from_config_json<B: Backend>(
         )?),
         SchedulerKind::Ddpm => Box::new(DDPMScheduler::new(common::parse_config(json, class)?)?),
     })
+}
+
+/// The upscalers' image-noising scheduler (IF stage II's `image_noising_scheduler`, the x4
+/// upscaler's `low_res_scheduler`): a `DDPMScheduler` config whatever its `_class_name`, used
+/// only for its `add_noise` at the noise level.
+pub fn noising_scheduler(json: &Value) -> Result<DDPMScheduler> {
+    DDPMScheduler::new(common::parse_config(json, "DDPMScheduler")?)
 }
 
 /// Reads a `scheduler_config.json` (Python's `-Infinity`/`Infinity`/`NaN`, which diffusers

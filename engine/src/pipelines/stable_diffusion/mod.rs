@@ -5,8 +5,9 @@ pub mod pipeline_stable_diffusion;
 mod pipeline_stable_diffusion_controlnet;
 mod pipeline_stable_diffusion_img2img;
 mod pipeline_stable_diffusion_inpaint;
+mod pipeline_stable_diffusion_upscale;
 
 pub use pipeline_stable_diffusion::{
     ControlConditioning, DenoiseOptions, GenerationOutput, InpaintConditioning, LoadOptions,
-    StableDiffusionPipeline, denoise, sd15_config_dir,
+    PreviewKind, StableDiffusionPipeline, denoise, sd15_config_dir,
 };

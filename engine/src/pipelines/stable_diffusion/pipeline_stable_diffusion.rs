@@ -48,6 +48,9 @@ pub struct GenerationOutput {
     pub scheduler: &'static str,
     /// What the user should know about the run (e.g. steps redone in f32).
     pub notes: Vec<String>,
+    /// IF's images as the next stage takes them: `[batch, 3, h, w]` in [-1, 1], not clamped
+    /// (diffusers' `output_type="pt"`); `None` for latent-space pipelines.
+    pub raw: Option<HostTensor>,
 }
 
 /// The SD 1.5 configs, tokenizer and scheduler config single-file checkpoints are read with:
@@ -75,6 +78,18 @@ pub fn sd15_config_dir() -> Result<PathBuf> {
     }
 }
 
+/// The x4 upscaler's `max_noise_level` when its model_index.json does not say.
+pub const DEFAULT_MAX_NOISE_LEVEL: usize = 350;
+
+/// Reads a JSON file (a scheduler config, model_index.json).
+pub(crate) fn read_json_file(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 /// Everything of a diffusers folder but the weights: configs, tokenizer, scheduler config.
 struct Components {
     tokenizer: CLIPTokenizer,
@@ -85,6 +100,10 @@ struct Components {
     vae_dir: PathBuf,
     vae_config: AutoencoderKLConfig,
     scheduler_config: serde_json::Value,
+    /// The x4 upscaler's `low_res_scheduler/` (which makes the folder an upscaler).
+    low_res_scheduler_config: Option<serde_json::Value>,
+    /// The x4 upscaler's `max_noise_level` (model_index.json).
+    max_noise_level: usize,
 }
 
 impl Components {
@@ -110,14 +129,23 @@ impl Components {
         let unet_config = read_config(&unet_dir.join("config.json"))?;
         let vae_dir = component("vae")?;
         let vae_config = read_config(&vae_dir.join("config.json"))?;
-        let sched_path = component("scheduler")?.join("scheduler_config.json");
-        let sched_json =
-            std::fs::read_to_string(&sched_path).map_err(|e| EngineError::io(&sched_path, e))?;
         let scheduler_config =
-            serde_json::from_str(&sched_json).map_err(|e| EngineError::Config {
-                path: sched_path.clone(),
-                message: e.to_string(),
-            })?;
+            read_json_file(&component("scheduler")?.join("scheduler_config.json"))?;
+        let low_res = dir.join("low_res_scheduler").join("scheduler_config.json");
+        let low_res_scheduler_config = if low_res.is_file() {
+            Some(read_json_file(&low_res)?)
+        } else {
+            None
+        };
+        let index = dir.join("model_index.json");
+        let max_noise_level = match (&low_res_scheduler_config, index.is_file()) {
+            (Some(_), true) => read_json_file(&index)?
+                .get("max_noise_level")
+                .and_then(serde_json::Value::as_u64)
+                .map_or(DEFAULT_MAX_NOISE_LEVEL, |v| v as usize),
+            (Some(_), false) => DEFAULT_MAX_NOISE_LEVEL,
+            (None, _) => 0,
+        };
         Ok(Self {
             tokenizer,
             text_encoder_dir,
@@ -127,6 +155,8 @@ impl Components {
             vae_dir,
             vae_config,
             scheduler_config,
+            low_res_scheduler_config,
+            max_noise_level,
         })
     }
 
@@ -149,6 +179,8 @@ impl Components {
             vae,
             vae_config: self.vae_config,
             scheduler_config: self.scheduler_config,
+            low_res_scheduler_config: self.low_res_scheduler_config,
+            max_noise_level: self.max_noise_level,
             device: device.clone(),
             source: source.to_path_buf(),
             controlnet: None,
@@ -168,6 +200,10 @@ pub struct StableDiffusionPipeline<B: Backend> {
     pub vae_config: AutoencoderKLConfig,
     /// `scheduler/scheduler_config.json` as read.
     pub scheduler_config: serde_json::Value,
+    /// The x4 upscaler's image-noising scheduler (`low_res_scheduler/`); `None` for SD.
+    pub low_res_scheduler_config: Option<serde_json::Value>,
+    /// The x4 upscaler's highest noise level (model_index.json's `max_noise_level`).
+    pub max_noise_level: usize,
     pub device: B::Device,
     /// Where the model came from (folder), for messages and metadata.
     pub source: PathBuf,
@@ -178,7 +214,7 @@ pub struct StableDiffusionPipeline<B: Backend> {
 }
 
 /// The weights file of a component, preferring the variant when asked for and present.
-fn weights_file(dir: &Path, stem: &str, options: &LoadOptions) -> PathBuf {
+pub(crate) fn weights_file(dir: &Path, stem: &str, options: &LoadOptions) -> PathBuf {
     if let Some(variant) = &options.variant {
         let candidate = dir.join(format!("{stem}.{variant}.safetensors"));
         if candidate.is_file() {
@@ -243,6 +279,11 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             latent_channels: self.vae_config.latent_channels,
             unet_in_channels: self.unet_config.in_channels,
             cross_attention_dim: self.text_encoder.hidden_size(),
+            max_noise_level: self.max_noise_level,
+            family: self
+                .low_res_scheduler_config
+                .is_some()
+                .then_some(PipelineKind::Upscale),
         }
     }
 
@@ -391,6 +432,12 @@ impl<B: Backend> StableDiffusionPipeline<B> {
                 let control = self.control_conditioning(request)?;
                 self.txt2img(request, noise, cancel, observer, Some(&control))
             }
+            PipelineKind::Upscale => self.upscale(request, noise, cancel, observer),
+            // `check_inputs` sends these to the IF pipeline's models.
+            PipelineKind::If | PipelineKind::IfStage2 => Err(EngineError::invalid(
+                "pipeline",
+                "IF runs on DeepFloyd IF models",
+            )),
         }
     }
 
@@ -441,6 +488,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             images: self.decode_latents(latents)?,
             scheduler: scheduler.name(),
             notes,
+            raw: None,
         })
     }
 
@@ -505,6 +553,8 @@ impl<B: Backend> StableDiffusionPipeline<B> {
                 first_step,
                 conditioning: conditioning.inpaint,
                 control: conditioning.control,
+                class_labels: None,
+                preview: PreviewKind::Sd15Latents,
             },
             noise,
             cancel,
@@ -544,19 +594,15 @@ impl<B: Backend> UpcastUnet<B> {
         input: Tensor<B, 4>,
         t: f64,
         context: &Tensor<B, 3>,
+        class_labels: &ClassLabels<B>,
         residuals: Option<&ControlResiduals<B>>,
         step: usize,
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor<B, 4>> {
         let dtype = input.dtype();
         if self.unet.is_none() {
-            let out = unet.forward_with_residuals(
-                input.clone(),
-                &[t],
-                context,
-                &ClassLabels::None,
-                residuals,
-            )?;
+            let out =
+                unet.forward_with_residuals(input.clone(), &[t], context, class_labels, residuals)?;
             if dtype == DType::F32 || all_finite(&out) {
                 return Ok(out);
             }
@@ -577,11 +623,15 @@ impl<B: Backend> UpcastUnet<B> {
             down: r.down.iter().map(|d| d.clone().cast(DType::F32)).collect(),
             mid: r.mid.clone().cast(DType::F32),
         });
+        let class_labels = match class_labels {
+            ClassLabels::Vectors(v) => ClassLabels::Vectors(v.clone().cast(DType::F32)),
+            other => other.clone(),
+        };
         let out = upcast.forward_with_residuals(
             input.cast(DType::F32),
             &[t],
             &context.clone().cast(DType::F32),
-            &ClassLabels::None,
+            &class_labels,
             residuals.as_ref(),
         )?;
         if !all_finite(&out) {
@@ -592,6 +642,44 @@ impl<B: Backend> UpcastUnet<B> {
         }
         Ok(out.cast(dtype))
     }
+}
+
+/// Classifier-free guidance on the UNet's CFG batch `[uncond; text]`. With more output channels
+/// than the sample has (IF: noise and a learned variance), only the first `channels` are
+/// guided and the text half's variance is kept, as IF's pipelines do.
+fn guide<B: Backend>(
+    noise_pred: Tensor<B, 4>,
+    channels: usize,
+    scale: Option<f64>,
+) -> Tensor<B, 4> {
+    let Some(scale) = scale else {
+        return noise_pred;
+    };
+    let [double, out_channels, _, _] = noise_pred.dims();
+    let batch = double / 2;
+    let uncond = noise_pred.clone().narrow(0, 0, batch);
+    let text = noise_pred.narrow(0, batch, batch);
+    if out_channels <= channels {
+        return uncond.clone().add(text.sub(uncond).mul_scalar(scale));
+    }
+    let uncond = uncond.narrow(1, 0, channels);
+    let variance = text.clone().narrow(1, channels, out_channels - channels);
+    let text = text.narrow(1, 0, channels);
+    let guided = uncond.clone().add(text.sub(uncond).mul_scalar(scale));
+    Tensor::cat(vec![guided, variance], 1)
+}
+
+/// The first image of `[b, 3, h, w]` pixels in [-1, 1] as `[h, w, 3]` in [0, 1].
+pub(crate) fn pixels_to_host<B: Backend>(images: Tensor<B, 4>) -> Result<HostTensor> {
+    let [_, c, h, w] = images.dims();
+    let first = images.narrow(0, 0, 1).reshape([c, h, w]).cast(DType::F32);
+    HostTensor::from_tensor(
+        first
+            .div_scalar(2.0)
+            .add_scalar(0.5)
+            .clamp(0.0, 1.0)
+            .permute([1, 2, 0]),
+    )
 }
 
 /// Whether a tensor holds only finite values (reads one flag back from the device).
@@ -610,6 +698,9 @@ pub enum InpaintConditioning<B: Backend> {
     /// A 9-channel inpainting UNet: `[mask, masked_image_latents]`, `[CFG batch, 1 + c, h, w]`,
     /// concatenated to the scaled model input on the channel axis every step.
     ExtraChannels(Tensor<B, 4>),
+    /// Image channels concatenated to the CFG-doubled input *before* `scale_model_input`
+    /// (IF stage II's upscaled image), `[CFG batch, c, h, w]`.
+    ImageChannels(Tensor<B, 4>),
     /// A plain UNet: after every step the known region is re-noised to the next step's level
     /// and blended back through the mask (diffusers' 4-channel path).
     Blend {
@@ -635,6 +726,23 @@ pub struct DenoiseOptions<'a, B: Backend> {
     pub conditioning: Option<&'a InpaintConditioning<B>>,
     /// The ControlNet and its control image, if any.
     pub control: Option<&'a ControlConditioning<'a, B>>,
+    /// The UNet's class labels for the whole UNet batch (CFG-doubled where guidance is on):
+    /// the upscalers' noise levels.
+    pub class_labels: Option<&'a ClassLabels<B>>,
+    /// What the live preview shows.
+    pub preview: PreviewKind,
+}
+
+/// What the denoising loop's live preview is made from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreviewKind {
+    /// SD 1.x latents through the fixed latent → RGB map.
+    #[default]
+    Sd15Latents,
+    /// Pixels in [-1, 1] (IF's stages denoise images).
+    Pixels,
+    /// No preview (latents of another VAE).
+    None,
 }
 
 /// What conditions a pipeline's denoising loop besides the prompt.
@@ -746,7 +854,7 @@ pub fn denoise<B: Backend>(
     cancel: &CancelToken,
     observer: &mut dyn StepObserver,
 ) -> Result<Tensor<B, 4>> {
-    let batch = latents.dims()[0];
+    let channels = latents.dims()[1];
     let clock = StepClock::start(options.timesteps.len());
     let mut upcast = UpcastUnet::default();
     for (i, &t) in options.timesteps.iter().enumerate() {
@@ -755,6 +863,12 @@ pub fn denoise<B: Backend>(
         let model_input = match options.guidance_scale {
             Some(_) => Tensor::cat(vec![latents.clone(), latents.clone()], 0),
             None => latents.clone(),
+        };
+        let model_input = match options.conditioning {
+            Some(InpaintConditioning::ImageChannels(image)) => {
+                Tensor::cat(vec![model_input, image.clone()], 1)
+            }
+            _ => model_input,
         };
         let model_input = scheduler.scale_model_input(model_input, step);
         let model_input = match options.conditioning {
@@ -782,17 +896,17 @@ pub fn denoise<B: Backend>(
             model_input,
             t,
             context,
+            options.class_labels.unwrap_or(&ClassLabels::None),
             residuals.as_ref(),
             i + 1,
             observer,
         )?;
-        let noise_pred = match options.guidance_scale {
-            Some(scale) => {
-                let uncond = noise_pred.clone().narrow(0, 0, batch);
-                let text = noise_pred.narrow(0, batch, batch);
-                uncond.clone().add(text.sub(uncond).mul_scalar(scale))
-            }
-            None => noise_pred,
+        let noise_pred = guide(noise_pred, channels, options.guidance_scale);
+        // A learned variance goes to the schedulers that use it; the others get the noise.
+        let noise_pred = if noise_pred.dims()[1] > channels && !scheduler.learned_variance() {
+            noise_pred.narrow(1, 0, channels)
+        } else {
+            noise_pred
         };
         latents = scheduler.step(noise_pred, step, latents, noise)?;
         if let Some(InpaintConditioning::Blend {
@@ -812,8 +926,15 @@ pub fn denoise<B: Backend>(
         observer.on_step(&clock.progress(i + 1, t));
         if i + 1 < options.timesteps.len() && observer.wants_preview(i + 1) {
             // Unit-variance latents for the preview (what the UNet sees at this step).
-            let scaled = scheduler.scale_model_input(latents.clone().narrow(0, 0, 1), step + 1);
-            if let Some(preview) = latents_to_rgb_preview(scaled)? {
+            let first = latents.clone().narrow(0, 0, 1);
+            let preview = match options.preview {
+                PreviewKind::Sd15Latents => {
+                    latents_to_rgb_preview(scheduler.scale_model_input(first, step + 1))?
+                }
+                PreviewKind::Pixels => Some(pixels_to_host(first)?),
+                PreviewKind::None => None,
+            };
+            if let Some(preview) = preview {
                 observer.on_preview(i + 1, preview);
             }
         }

@@ -62,6 +62,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             images: self.decode_latents(latents)?,
             scheduler: scheduler.name(),
             notes,
+            raw: None,
         })
     }
 

@@ -161,6 +161,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             images,
             scheduler: scheduler.name(),
             notes,
+            raw: None,
         })
     }
 }

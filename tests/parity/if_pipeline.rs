@@ -1,0 +1,193 @@
+//! DeepFloyd IF pipelines against diffusers (`tests/fixtures/gen_if.py`): stage I
+//! (`IFPipeline`) from a prompt, then stage II (`IFSuperResolutionPipeline`) on stage I's
+//! output, each replaying diffusers' noise tape (initial images, stage II's image noise, DDPM's
+//! variance noise at every step but the last).
+
+use crate::common::{Cpu, assert_close, fixture, refs};
+use engine::noise::{NoiseSource, NoiseTape};
+use engine::pipelines::deepfloyd_if::{IFPipeline, T5Residency, is_if_folder};
+use engine::pipelines::stable_diffusion::LoadOptions;
+use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepProgress};
+
+fn meta() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("refs/if.json")).unwrap()).unwrap()
+}
+
+fn load(folder: &str) -> IFPipeline<Cpu> {
+    IFPipeline::load(
+        &fixture(folder),
+        &LoadOptions::default(),
+        &Default::default(),
+    )
+    .expect("load IF")
+}
+
+fn stage1_request() -> GenerationRequest {
+    let m = meta();
+    let s = &m["stage1"];
+    GenerationRequest {
+        pipeline: PipelineKind::If,
+        prompt: m["prompt"].as_str().unwrap().into(),
+        negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
+        steps: s["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: s["guidance_scale"].as_f64().unwrap(),
+        width: 16,
+        height: 16,
+        batch: 2,
+        seed: s["seed"].as_u64().unwrap(),
+        ..Default::default()
+    }
+}
+
+fn stage2_request() -> GenerationRequest {
+    let m = meta();
+    let s = &m["stage2"];
+    GenerationRequest {
+        pipeline: PipelineKind::IfStage2,
+        prompt: m["prompt"].as_str().unwrap().into(),
+        negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
+        steps: s["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: s["guidance_scale"].as_f64().unwrap(),
+        width: 32,
+        height: 32,
+        batch: 2,
+        seed: s["seed"].as_u64().unwrap(),
+        noise_level: Some(s["noise_level"].as_u64().unwrap() as usize),
+        image_array: Some(refs("if_stage1")["image_pt"].clone()),
+        ..Default::default()
+    }
+}
+
+fn run(
+    pipe: &IFPipeline<Cpu>,
+    request: &GenerationRequest,
+    tape: &str,
+) -> engine::pipelines::stable_diffusion::GenerationOutput {
+    let mut tape = NoiseTape::load(fixture(&format!("refs/{tape}_tape.safetensors"))).unwrap();
+    let out = pipe
+        .generate(
+            request,
+            Some(&mut tape as &mut dyn NoiseSource),
+            &CancelToken::new(),
+            &mut |_: &StepProgress| {},
+        )
+        .expect("generate");
+    assert_eq!(
+        tape.remaining(),
+        0,
+        "{tape:?}: every draw of the tape is used"
+    );
+    out
+}
+
+#[test]
+fn if_stage_i_matches_diffusers() {
+    let pipe = load("tiny-if");
+    assert!(is_if_folder(&fixture("tiny-if")) && !is_if_folder(&fixture("tiny-sd")));
+    assert_eq!(pipe.stage(), PipelineKind::If);
+    let r = refs("if_stage1");
+    let out = run(&pipe, &stage1_request(), "if_stage1");
+    assert_close(&out.images, &r["image"], 1e-4, 1e-4, "stage I image");
+    assert_close(
+        out.raw.as_ref().unwrap(),
+        &r["image_pt"],
+        1e-4,
+        1e-4,
+        "stage I output_type=pt",
+    );
+    // T5 is freed after encoding by default.
+    assert!(!pipe.t5_loaded());
+}
+
+#[test]
+fn if_stage_ii_matches_diffusers() {
+    let pipe = load("tiny-if-ii");
+    assert_eq!(pipe.stage(), PipelineKind::IfStage2);
+    let r = refs("if_stage2");
+    let out = run(&pipe, &stage2_request(), "if_stage2");
+    assert_close(&out.images, &r["image"], 1e-4, 1e-4, "stage II image");
+    assert_close(
+        out.raw.as_ref().unwrap(),
+        &r["image_pt"],
+        1e-4,
+        1e-4,
+        "stage II output_type=pt",
+    );
+}
+
+/// Prompt embeddings given as tensors (the seed benchmark's way) give the same images as the
+/// prompt encoded by T5, and then T5 is never loaded.
+#[test]
+fn if_prompt_embeds_stand_in_for_t5() {
+    let mut pipe = load("tiny-if");
+    pipe.set_t5_residency(T5Residency::KeepLoaded);
+    let request = stage1_request();
+    let both = pipe
+        .encode_texts(&[&request.negative_prompt, &request.prompt])
+        .unwrap();
+    assert!(pipe.t5_loaded(), "kept loaded");
+    let host =
+        |t: burn::tensor::Tensor<Cpu, 3>| engine::tensor_io::HostTensor::from_tensor(t).unwrap();
+    let embeds = PromptEmbeds {
+        prompt_embeds: host(both.clone().narrow(0, 1, 1)),
+        negative_prompt_embeds: Some(host(both.narrow(0, 0, 1))),
+    };
+    let fresh = load("tiny-if");
+    let mut request = stage1_request();
+    request.prompt = String::new();
+    request.prompt_embeds = Some(embeds);
+    let out = run(&fresh, &request, "if_stage1");
+    assert!(!fresh.t5_loaded(), "T5 not needed");
+    assert_close(
+        &out.images,
+        &refs("if_stage1")["image"],
+        1e-4,
+        1e-4,
+        "from embeds",
+    );
+}
+
+#[test]
+fn if_requests_are_checked_before_any_tensor_work() {
+    let one = load("tiny-if");
+    let two = load("tiny-if-ii");
+    let err = |pipe: &IFPipeline<Cpu>, req: &GenerationRequest| match pipe.generate(
+        req,
+        None,
+        &CancelToken::new(),
+        &mut |_: &StepProgress| {},
+    ) {
+        Ok(_) => panic!("{:?} was accepted", req.pipeline),
+        Err(e) => e.to_string(),
+    };
+    let mut req = stage1_request();
+    req.pipeline = PipelineKind::Txt2Img;
+    assert!(
+        err(&one, &req).contains("runs the if pipeline"),
+        "{}",
+        err(&one, &req)
+    );
+    let mut req = stage2_request();
+    req.image_array = None;
+    assert!(err(&two, &req).contains("needs an input image"));
+    let mut req = stage2_request();
+    req.noise_level = Some(1000);
+    assert!(err(&two, &req).contains("noise_level"));
+    let mut req = stage2_request();
+    if let Some(a) = req.image_array.as_mut() {
+        a.shape = vec![2, 4, 16, 12]; // as many values, but 4 channels
+    }
+    assert!(err(&two, &req).contains("image_array"));
+    let mut req = stage1_request();
+    req.noise_level = Some(10);
+    assert!(err(&one, &req).contains("noise_level"));
+    let mut req = stage1_request();
+    req.prompt_embeds = Some(PromptEmbeds {
+        prompt_embeds: engine::tensor_io::HostTensor {
+            shape: vec![1, 4, 5],
+            values: vec![0.0; 20],
+        },
+        negative_prompt_embeds: None,
+    });
+    assert!(err(&one, &req).contains("prompt_embeds"));
+}
