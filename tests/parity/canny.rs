@@ -10,13 +10,7 @@ use crate::common::fixture;
 const PHOTOS: [&str; 4] = ["astronaut", "chelsea", "coffee", "rocket"];
 
 fn photo(name: &str) -> HostTensor {
-    let img = image::open(fixture(&format!("refs/canny/{name}.png")))
-        .unwrap()
-        .to_rgb8();
-    HostTensor {
-        shape: vec![img.height() as usize, img.width() as usize, 3],
-        values: img.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect(),
-    }
+    crate::common::rgb_png(&format!("refs/canny/{name}.png"))
 }
 
 fn opencv_edges(name: &str) -> (usize, usize, Vec<bool>) {

@@ -54,3 +54,12 @@ pub fn assert_close(actual: &HostTensor, expected: &HostTensor, atol: f32, rtol:
 pub fn host<const D: usize>(t: Tensor<Cpu, D>) -> HostTensor {
     HostTensor::from_tensor(t).expect("download")
 }
+
+/// A fixture PNG as `[h, w, 3]` in [0, 1] (how the CLI and the app read images).
+pub fn rgb_png(rel: &str) -> HostTensor {
+    let img = image::open(fixture(rel)).unwrap().to_rgb8();
+    HostTensor {
+        shape: vec![img.height() as usize, img.width() as usize, 3],
+        values: img.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect(),
+    }
+}

@@ -190,11 +190,7 @@ mod pipeline {
     use engine::tensor_io::HostTensor;
 
     fn control_image() -> HostTensor {
-        let img = image::open(fixture("refs/control.png")).unwrap().to_rgb8();
-        HostTensor {
-            shape: vec![img.height() as usize, img.width() as usize, 3],
-            values: img.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect(),
-        }
+        crate::common::rgb_png("refs/control.png")
     }
 
     fn pipeline() -> StableDiffusionPipeline<Cpu> {

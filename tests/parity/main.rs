@@ -18,5 +18,6 @@ mod schedulers;
 mod t5;
 mod txt2img;
 mod unet_vae;
+mod upscale;
 mod wgpu;
 mod worker;

@@ -121,7 +121,8 @@ impl<B: Backend> IFPipeline<B> {
             None => unet_config.in_channels,
         };
         if image_channels == 0
-            || (image_noising_scheduler_config.is_some() && unet_config.in_channels % 2 != 0)
+            || (image_noising_scheduler_config.is_some()
+                && !unet_config.in_channels.is_multiple_of(2))
             || (out != image_channels && out != 2 * image_channels)
         {
             return Err(EngineError::Config {
