@@ -681,3 +681,200 @@ fn controlnet_canny_preprocess_and_single_file() {
         "--canny-low needs --control-preprocess canny",
     );
 }
+
+/// Runs `brushfire generate` and returns the `--save-array` file's tensors.
+fn generate_arrays(
+    name: &str,
+    args: &[&str],
+) -> std::collections::HashMap<String, engine::tensor_io::HostTensor> {
+    let out = temp(&format!("{name}.safetensors"));
+    let png = temp(&format!("{name}.png"));
+    let mut all = vec!["generate"];
+    all.extend_from_slice(args);
+    all.extend([
+        "--save-array",
+        out.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    let output = brushfire(&all);
+    assert!(
+        output.status.success(),
+        "brushfire {name} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    read_safetensors(&out).unwrap()
+}
+
+fn assert_same(ours: &engine::tensor_io::HostTensor, reference: &str, key: &str) {
+    let theirs =
+        &read_safetensors(&fixture(&format!("refs/{reference}.safetensors"))).unwrap()[key];
+    assert_eq!(ours.shape, theirs.shape, "{reference}");
+    // The parity tests' bound: |diff| ≤ 1e-4 + 1e-4·|expected|.
+    for (i, (a, e)) in ours.values.iter().zip(&theirs.values).enumerate() {
+        let err = (a - e).abs();
+        assert!(
+            err <= 1e-4 + 1e-4 * e.abs(),
+            "{reference} {key}: element {i}: {a} vs {e}"
+        );
+    }
+}
+
+/// The IF cascade from the command line, seeded as diffusers was (no tapes: the generator is
+/// torch's): stage I at its UNet's native size, then stage II on stage I's `--save-array`
+/// file (its `image_pt`, one output per image), then the x4 upscaler on a PNG, sized from it.
+#[test]
+fn if_cascade_and_x4_upscaler_equal_diffusers() {
+    let (one, two, x4) = (
+        fixture("tiny-if"),
+        fixture("tiny-if-ii"),
+        fixture("tiny-sd-x4"),
+    );
+    let prompt = "A Corgi in a Red Hat, oil painting";
+    let stage1 = generate_arrays(
+        "if-stage1",
+        &[
+            "--model",
+            one.to_str().unwrap(),
+            "--pipeline",
+            "if",
+            "--prompt",
+            prompt,
+            "--negative-prompt",
+            "blurry, low quality",
+            "--steps",
+            "4",
+            "--guidance",
+            "7",
+            "--batch",
+            "2",
+            "--seed",
+            "2024",
+        ],
+    );
+    assert_same(&stage1["image"], "if_stage1", "image");
+    assert_same(&stage1["image_pt"], "if_stage1", "image_pt");
+    // Stage II on diffusers' stage I output, as the contract's tensor `image` [B,3,H,W].
+    let s1 = temp("if-stage1-reference.safetensors");
+    let reference = read_safetensors(&fixture("refs/if_stage1.safetensors")).unwrap();
+    engine::tensor_io::write_safetensors(&s1, &[("image", &reference["image_pt"])]).unwrap();
+    let stage2 = generate_arrays(
+        "if-stage2",
+        &[
+            "--model",
+            two.to_str().unwrap(),
+            "--pipeline",
+            "if-stage2",
+            "--prompt",
+            prompt,
+            "--negative-prompt",
+            "blurry, low quality",
+            "--steps",
+            "3",
+            "--guidance",
+            "4",
+            "--noise-level",
+            "250",
+            "--image-array",
+            s1.to_str().unwrap(),
+            "--seed",
+            "2025",
+        ],
+    );
+    assert_same(&stage2["image"], "if_stage2", "image");
+    // Our own stage I file chains too (its `image_pt`), one output per image.
+    let ours = temp("if-stage1.safetensors");
+    let chained = generate_arrays(
+        "if-stage2-chained",
+        &[
+            "--model",
+            two.to_str().unwrap(),
+            "--pipeline",
+            "if-stage2",
+            "--prompt",
+            prompt,
+            "--steps",
+            "1",
+            "--image-array",
+            ours.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(chained["image"].shape, vec![2, 32, 32, 3]);
+    let low = fixture("refs/lowres.png");
+    let up = generate_arrays(
+        "x4",
+        &[
+            "--model",
+            x4.to_str().unwrap(),
+            "--pipeline",
+            "upscale",
+            "--prompt",
+            "a white cat, detailed fur",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            "4",
+            "--guidance",
+            "9",
+            "--noise-level",
+            "30",
+            "--batch",
+            "2",
+            "--seed",
+            "2026",
+            "--image",
+            low.to_str().unwrap(),
+        ],
+    );
+    assert_same(&up["image"], "upscale", "image");
+    let img = image::open(temp("x4-1.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 64), "4× the input");
+}
+
+#[test]
+fn cascade_flags_are_checked() {
+    let (one, two) = (fixture("tiny-if"), fixture("tiny-if-ii"));
+    let low = fixture("refs/lowres.png");
+    let fails = |args: &[&str], needle: &str| {
+        let mut all = vec!["generate", "--backend", "cpu", "--prompt", "x"];
+        all.extend_from_slice(args);
+        let output = brushfire(&all);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    };
+    fails(
+        &[
+            "--model",
+            one.to_str().unwrap(),
+            "--pipeline",
+            "if",
+            "--noise-level",
+            "3",
+        ],
+        "--noise-level is not used by the if pipeline",
+    );
+    fails(
+        &["--model", two.to_str().unwrap(), "--pipeline", "if-stage2"],
+        "needs its input as --image or as --image-array",
+    );
+    fails(
+        &["--model", one.to_str().unwrap(), "--pipeline", "txt2img"],
+        "this model runs the if pipeline, not txt2img",
+    );
+    fails(
+        &[
+            "--model",
+            two.to_str().unwrap(),
+            "--pipeline",
+            "if-stage2",
+            "--image",
+            low.to_str().unwrap(),
+            "--noise-level",
+            "5000",
+        ],
+        "noise_level",
+    );
+}
