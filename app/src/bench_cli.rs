@@ -158,17 +158,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let selected = select_backend(backend_request)?;
     let plan = plan_from_args(args, default_precision(selected.kind))?;
     eprintln!("backend: {selected}, {}", plan.precision);
-    if plan.pipelines.iter().any(|p| !p.implemented()) {
-        let runnable: Vec<&str> = BenchPipeline::ALL
-            .into_iter()
-            .filter(|p| p.implemented())
-            .map(BenchPipeline::name)
-            .collect();
-        eprintln!(
-            "note: this build runs {}; other rows say why not",
-            runnable.join(", ")
-        );
-    }
     let mut observer = TerminalBench { total: 0 };
     let report = run_bench(
         &selected,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use serde::Serialize;
 
 use crate::backend::{
@@ -22,7 +22,7 @@ use crate::backend::{
 use crate::error::{EngineError, Result};
 use crate::models::config::parse_config;
 use crate::models::controlnets::ControlNetConfig;
-use crate::models::unets::UNet2DConditionConfig;
+use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::stable_diffusion::{
@@ -41,6 +41,19 @@ const SD15_SCHEDULER_CONFIG: &str =
     include_str!("../../assets/models/stable-diffusion-v1-5/scheduler/scheduler_config.json");
 const SD15_SCHEDULER_CONFIG_PATH: &str =
     "assets/models/stable-diffusion-v1-5/scheduler/scheduler_config.json";
+
+/// The IF cascade the seed benchmarked: IF-I-M, IF-II-M, the x4 upscaler (configs in `assets/`).
+const IF_I_M_UNET: &str = include_str!("../../assets/models/IF-I-M-v1.0/unet/config.json");
+const IF_I_M_SCHEDULER: &str =
+    include_str!("../../assets/models/IF-I-M-v1.0/scheduler/scheduler_config.json");
+const IF_II_M_UNET: &str = include_str!("../../assets/models/IF-II-M-v1.0/unet/config.json");
+const IF_II_M_SCHEDULER: &str =
+    include_str!("../../assets/models/IF-II-M-v1.0/scheduler/scheduler_config.json");
+const X4_UNET: &str =
+    include_str!("../../assets/models/stable-diffusion-x4-upscaler/unet/config.json");
+const X4_SCHEDULER: &str = include_str!(
+    "../../assets/models/stable-diffusion-x4-upscaler/scheduler/scheduler_config.json"
+);
 
 /// The seed's prompt; the benchmark uses random embeddings in its place (same shape, same cost).
 pub const SEED_PROMPT: &str = "ghibli style, a fantasy landscape with castles";
@@ -314,9 +327,26 @@ pub enum CellOutcome {
         /// The most the device's memory pool held during the runs (GPU backends), or the
         /// process's peak resident memory during the cell (CPU backend, Linux).
         peak_reserved_bytes: Option<u64>,
+        /// A cascade's stages (the IF row: stage I, stage II, x4), each with its own rate;
+        /// the fields above are stage I's. Empty for single-UNet rows.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        stages: Vec<StageRate>,
     },
     /// Did not run; the reason is shown in the table's cell.
     Failed { reason: String },
+}
+
+/// One stage of a cascade row, measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageRate {
+    /// `stage I`, `stage II`, `x4`.
+    pub stage: &'static str,
+    pub it_per_sec: f64,
+    pub unet_evals: usize,
+    /// The size the stage's UNet ran at, and its batch.
+    pub width: usize,
+    pub height: usize,
+    pub batch: usize,
 }
 
 /// A measured cell.
@@ -356,6 +386,70 @@ pub struct BenchModels {
     pub unet_config: (String, PathBuf),
     /// A `scheduler_config.json` and where it came from.
     pub scheduler_config: (String, PathBuf),
+    /// The IF row's three models; `None` leaves that row unrun (with the reason).
+    pub cascade: Option<CascadeModels>,
+}
+
+/// A UNet config and its scheduler's, each with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageModels {
+    pub unet_config: (String, PathBuf),
+    pub scheduler_config: (String, PathBuf),
+}
+
+impl StageModels {
+    fn from_dir(dir: &Path) -> Result<Self> {
+        Ok(Self {
+            unet_config: read_text(&dir.join("unet/config.json"))?,
+            scheduler_config: read_text(&dir.join("scheduler/scheduler_config.json"))?,
+        })
+    }
+
+    fn shipped(unet: &str, scheduler: &str, dir: &str) -> Self {
+        Self {
+            unet_config: (
+                unet.into(),
+                format!("assets/models/{dir}/unet/config.json").into(),
+            ),
+            scheduler_config: (
+                scheduler.into(),
+                format!("assets/models/{dir}/scheduler/scheduler_config.json").into(),
+            ),
+        }
+    }
+}
+
+/// The IF row's models: stage I, stage II and the x4 upscaler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CascadeModels {
+    pub stage1: StageModels,
+    pub stage2: StageModels,
+    pub upscaler: StageModels,
+}
+
+impl CascadeModels {
+    /// The seed's: IF-I-M, IF-II-M and `stabilityai/stable-diffusion-x4-upscaler`.
+    pub fn seed() -> Self {
+        Self {
+            stage1: StageModels::shipped(IF_I_M_UNET, IF_I_M_SCHEDULER, "IF-I-M-v1.0"),
+            stage2: StageModels::shipped(IF_II_M_UNET, IF_II_M_SCHEDULER, "IF-II-M-v1.0"),
+            upscaler: StageModels::shipped(X4_UNET, X4_SCHEDULER, "stable-diffusion-x4-upscaler"),
+        }
+    }
+
+    /// Three diffusers folders' configs (stage I, stage II, x4 upscaler).
+    pub fn from_dirs(stage1: &Path, stage2: &Path, upscaler: &Path) -> Result<Self> {
+        Ok(Self {
+            stage1: StageModels::from_dir(stage1)?,
+            stage2: StageModels::from_dir(stage2)?,
+            upscaler: StageModels::from_dir(upscaler)?,
+        })
+    }
+}
+
+fn read_text(path: &Path) -> Result<(String, PathBuf)> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
+    Ok((text, path.to_path_buf()))
 }
 
 impl BenchModels {
@@ -368,23 +462,22 @@ impl BenchModels {
                 SD15_SCHEDULER_CONFIG.into(),
                 SD15_SCHEDULER_CONFIG_PATH.into(),
             ),
+            cascade: Some(CascadeModels::seed()),
         }
     }
 
-    /// The configs of a diffusers folder (`unet/config.json`, `scheduler/scheduler_config.json`).
+    /// The configs of a diffusers folder (`unet/config.json`, `scheduler/scheduler_config.json`)
+    /// for the SD rows; the IF row keeps the seed's cascade.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let read = |rel: &str| -> Result<(String, PathBuf)> {
-            let path = dir.join(rel);
-            let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
-            Ok((text, path))
-        };
+        let sd = StageModels::from_dir(dir)?;
         Ok(Self {
             name: dir.file_name().map_or_else(
                 || dir.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
             ),
-            unet_config: read("unet/config.json")?,
-            scheduler_config: read("scheduler/scheduler_config.json")?,
+            unet_config: sd.unet_config,
+            scheduler_config: sd.scheduler_config,
+            cascade: Some(CascadeModels::seed()),
         })
     }
 }
@@ -450,12 +543,6 @@ fn run_cell(
     cancel: &CancelToken,
     observer: &mut dyn BenchObserver,
 ) -> Result<CellOutcome> {
-    if !spec.pipeline.implemented() {
-        return Err(EngineError::Unsupported(format!(
-            "the {} pipeline is not implemented yet",
-            spec.pipeline
-        )));
-    }
     let options = ExecutionOptions {
         fusion: spec.column.fusion(),
         precision: plan.precision,
@@ -464,16 +551,33 @@ fn run_cell(
     if spec.column.fusion() && !ExecutionOptions::fusion_applies(selected.kind) {
         tracing::info!("the CPU backend has no fusion: the fusion column equals the fused one");
     }
-    let task = UnetLoopTask {
-        spec,
-        models,
-        steps: plan.steps,
-        runs: plan.runs,
-        selected,
-        cancel,
-        observer,
+    let outcome = if spec.pipeline == BenchPipeline::If {
+        let cascade = models.cascade.as_ref().ok_or_else(|| {
+            EngineError::Unsupported("no IF configs were given for the if row".into())
+        })?;
+        let task = CascadeTask {
+            spec,
+            cascade,
+            steps: plan.steps,
+            runs: plan.runs,
+            selected,
+            cancel,
+            observer,
+        };
+        catch_unwind(AssertUnwindSafe(|| dispatch_with(selected, options, task)))
+    } else {
+        let task = UnetLoopTask {
+            spec,
+            models,
+            steps: plan.steps,
+            runs: plan.runs,
+            selected,
+            cancel,
+            observer,
+        };
+        catch_unwind(AssertUnwindSafe(|| dispatch_with(selected, options, task)))
     };
-    match catch_unwind(AssertUnwindSafe(|| dispatch_with(selected, options, task))) {
+    match outcome {
         Ok(outcome) => outcome,
         Err(panic) => Err(EngineError::Backend(panic_text(&panic))),
     }
@@ -548,9 +652,9 @@ impl BackendTask for UnetLoopTask<'_> {
         let dim = config
             .cross_attention_dim
             .expand(config.block_out_channels.len(), "cross_attention_dim")?[0];
+        let mut generator = TorchGenerator::new(0);
         // SD's VAE downsamples by 8 (2^(4 blocks - 1)).
         let latent_shape = [spec.batch, latent_channels, spec.height / 8, spec.width / 8];
-        let mut generator = TorchGenerator::new(0);
         let context_shape = [2 * spec.batch, TOKENS, dim];
         let context = HostTensor {
             shape: context_shape.to_vec(),
@@ -610,75 +714,329 @@ impl BackendTask for UnetLoopTask<'_> {
                 guess_mode: false,
             });
 
-        let mut run_secs = Vec::with_capacity(self.runs);
-        let mut peak: Option<u64> = None;
-        let mut unet_evals = 0;
-        let observer = self.observer;
-        for run in 0..self.runs {
-            let mut scheduler = schedulers::from_config_json::<B>(&scheduler_json, None)?;
-            scheduler.set_timesteps(self.steps)?;
-            // img2img's strength keeps the tail of the schedule (40 of 50 steps at 0.8).
-            let first_step = spec.pipeline.t_start(self.steps) * scheduler.order();
-            let timesteps =
-                scheduler.timesteps()[first_step.min(scheduler.timesteps().len())..].to_vec();
-            unet_evals = timesteps.len();
-            let noise = HostTensor {
+        let measured = measure_loop(
+            &LoopSpec {
+                unet: &unet,
+                scheduler_json: &scheduler_json,
+                steps: self.steps,
+                strength: spec.pipeline.strength(),
+                latent_shape,
+                context: &context,
+                guidance: 7.5,
+                conditioning: conditioning.as_ref(),
+                control: control.as_ref(),
+                class_labels: None,
+            },
+            self.runs,
+            &mut generator,
+            self.selected,
+            self.cancel,
+            self.observer,
+            &device,
+        )?;
+        let peak = if cpu_peak {
+            peak_process_memory()
+        } else {
+            measured.peak
+        };
+        Ok(CellOutcome::Measured {
+            it_per_sec: measured.it_per_sec(),
+            unet_evals: measured.unet_evals,
+            run_secs: measured.run_secs,
+            peak_reserved_bytes: peak,
+            stages: Vec::new(),
+        })
+    }
+}
+
+/// One timed denoising loop: a UNet, its scheduler, what conditions it.
+struct LoopSpec<'a, B: Backend> {
+    unet: &'a UNet2DConditionModel<B>,
+    scheduler_json: &'a serde_json::Value,
+    steps: usize,
+    /// img2img's strength (the loop runs the schedule's tail); 1 elsewhere.
+    strength: f64,
+    latent_shape: [usize; 4],
+    /// The CFG batch's text, `[2·batch, tokens, dim]`.
+    context: &'a Tensor<B, 3>,
+    guidance: f64,
+    conditioning: Option<&'a InpaintConditioning<B>>,
+    control: Option<&'a ControlConditioning<'a, B>>,
+    class_labels: Option<&'a ClassLabels<B>>,
+}
+
+/// What [`measure_loop`] measured.
+struct LoopResult {
+    run_secs: Vec<f64>,
+    unet_evals: usize,
+    /// The device pool's high-water mark (GPU backends).
+    peak: Option<u64>,
+}
+
+impl LoopResult {
+    /// UNet evaluations per second in the last (warm) run.
+    fn it_per_sec(&self) -> f64 {
+        let last = self.run_secs.last().copied().unwrap_or(f64::NAN);
+        self.unet_evals as f64 / last
+    }
+}
+
+/// Runs the loop `runs` times from fresh noise and times each run, synchronising the device
+/// at both ends of the timed region (STYLE.md #12).
+#[allow(clippy::too_many_arguments)]
+fn measure_loop<B: Backend>(
+    spec: &LoopSpec<'_, B>,
+    runs: usize,
+    generator: &mut TorchGenerator,
+    selected: &SelectedBackend,
+    cancel: &CancelToken,
+    observer: &mut dyn BenchObserver,
+    device: &B::Device,
+) -> Result<LoopResult> {
+    let mut run_secs = Vec::with_capacity(runs);
+    let mut peak: Option<u64> = None;
+    let mut unet_evals = 0;
+    let latent_shape = spec.latent_shape;
+    for run in 0..runs {
+        let mut scheduler = schedulers::from_config_json::<B>(spec.scheduler_json, None)?;
+        scheduler.set_timesteps(spec.steps)?;
+        // img2img's strength keeps the tail of the schedule (40 of 50 steps at 0.8).
+        let first_step = strength_schedule(spec.steps, spec.strength).0 * scheduler.order();
+        let timesteps =
+            scheduler.timesteps()[first_step.min(scheduler.timesteps().len())..].to_vec();
+        unet_evals = timesteps.len();
+        let noise = HostTensor {
+            shape: latent_shape.to_vec(),
+            values: generator.randn(&latent_shape),
+        }
+        .to_tensor::<B, 4>("latents", device)?;
+        let latents = if first_step > 0 {
+            // Random "image latents" noised to the first timestep, as img2img's are.
+            let image_latents = HostTensor {
                 shape: latent_shape.to_vec(),
                 values: generator.randn(&latent_shape),
             }
-            .to_tensor::<B, 4>("latents", &device)?;
-            let latents = if first_step > 0 {
-                // Random "image latents" noised to the first timestep, as img2img's are.
-                let image_latents = HostTensor {
-                    shape: latent_shape.to_vec(),
-                    values: generator.randn(&latent_shape),
-                }
-                .to_tensor::<B, 4>("image_latents", &device)?;
-                scheduler.add_noise(image_latents, noise, first_step)
-            } else {
-                noise.mul_scalar(scheduler.init_noise_sigma())
-            };
-            sync::<B>(&device)?;
-            let start = Instant::now();
-            let mut on_step = |progress: &StepProgress| observer.step(run, progress);
-            let latents = denoise(
-                &unet,
-                scheduler.as_mut(),
-                latents,
-                &context,
-                &DenoiseOptions {
-                    guidance_scale: Some(7.5),
-                    timesteps: &timesteps,
-                    first_step,
-                    conditioning: conditioning.as_ref(),
-                    control: control.as_ref(),
-                    class_labels: None,
-                    preview: PreviewKind::Sd15Latents,
-                },
-                &mut generator as &mut dyn NoiseSource,
-                self.cancel,
-                &mut on_step,
-            )?;
-            // The timed region ends when the device has finished (STYLE.md #12).
-            sync::<B>(&device)?;
-            run_secs.push(start.elapsed().as_secs_f64());
-            drop::<Tensor<B, 4>>(latents);
-            // Outside the timed region: the pool keeps what it reserved until a cleanup, so its
-            // reserved bytes after the run are the run's high-water mark (a query per step
-            // would be a blocking round trip to the device thread inside the loop).
-            if let Some(m) = device_memory(self.selected) {
-                peak = Some(peak.unwrap_or(0).max(m.bytes_reserved));
+            .to_tensor::<B, 4>("image_latents", device)?;
+            scheduler.add_noise(image_latents, noise, first_step)
+        } else {
+            noise.mul_scalar(scheduler.init_noise_sigma())
+        };
+        sync::<B>(device)?;
+        let start = Instant::now();
+        let mut on_step = |progress: &StepProgress| observer.step(run, progress);
+        let latents = denoise(
+            spec.unet,
+            scheduler.as_mut(),
+            latents,
+            spec.context,
+            &DenoiseOptions {
+                guidance_scale: Some(spec.guidance),
+                timesteps: &timesteps,
+                first_step,
+                conditioning: spec.conditioning,
+                control: spec.control,
+                class_labels: spec.class_labels,
+                preview: PreviewKind::None,
+            },
+            generator as &mut dyn NoiseSource,
+            cancel,
+            &mut on_step,
+        )?;
+        sync::<B>(device)?;
+        run_secs.push(start.elapsed().as_secs_f64());
+        drop::<Tensor<B, 4>>(latents);
+        // Outside the timed region: the pool keeps what it reserved until a cleanup, so its
+        // reserved bytes after the run are the run's high-water mark (a query per step would
+        // be a blocking round trip to the device thread inside the loop).
+        if let Some(m) = device_memory(selected) {
+            peak = Some(peak.unwrap_or(0).max(m.bytes_reserved));
+        }
+    }
+    Ok(LoopResult {
+        run_secs,
+        unet_evals,
+        peak,
+    })
+}
+
+/// The IF row (DESIGN.md §1): stage I at its native 64² with the plan's batch, then stage II
+/// (256², noise level 250) and the x4 upscaler (a 256² input, noise level 100) at batch 1, as
+/// the seed ran them; steps ×2 / ×1 / ×1.5 of the plan's (100 / 50 / 75 for its 50); CFG
+/// 7 / 4 / 9; random (·, 2, 4096) prompt embeddings in place of T5 (77 CLIP-wide tokens for the
+/// upscaler). The models are built one after another, each dropped before the next.
+struct CascadeTask<'a> {
+    spec: &'a CellSpec,
+    cascade: &'a CascadeModels,
+    steps: usize,
+    runs: usize,
+    selected: &'a SelectedBackend,
+    cancel: &'a CancelToken,
+    observer: &'a mut dyn BenchObserver,
+}
+
+/// One stage of the IF row.
+struct StagePlan {
+    stage: &'static str,
+    /// Steps as a multiple of the plan's.
+    steps_factor: f64,
+    guidance: f64,
+    noise_level: Option<usize>,
+    text_tokens: usize,
+}
+
+const CASCADE: [StagePlan; 3] = [
+    StagePlan {
+        stage: "stage I",
+        steps_factor: 2.0,
+        guidance: 7.0,
+        noise_level: None,
+        text_tokens: 2,
+    },
+    StagePlan {
+        stage: "stage II",
+        steps_factor: 1.0,
+        guidance: 4.0,
+        noise_level: Some(250),
+        text_tokens: 2,
+    },
+    StagePlan {
+        stage: "x4",
+        steps_factor: 1.5,
+        guidance: 9.0,
+        noise_level: Some(100),
+        text_tokens: TOKENS,
+    },
+];
+
+impl BackendTask for CascadeTask<'_> {
+    type Output = Result<CellOutcome>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<CellOutcome> {
+        let cpu_peak = self.selected.kind == BackendKind::Cpu && reset_peak_process_memory();
+        let models = [
+            &self.cascade.stage1,
+            &self.cascade.stage2,
+            &self.cascade.upscaler,
+        ];
+        let mut generator = TorchGenerator::new(0);
+        let mut stages = Vec::with_capacity(3);
+        let mut first: Option<LoopResult> = None;
+        let mut peak: Option<u64> = None;
+        // Each stage's input side: stage I its UNet's; then the previous stage's output.
+        let mut side = 0;
+        for (i, (plan, models)) in CASCADE.iter().zip(models).enumerate() {
+            self.cancel.check()?;
+            let (unet_json, unet_path) = &models.unet_config;
+            let config: UNet2DConditionConfig = parse_config(unet_json, unet_path)?;
+            let (scheduler_text, scheduler_path) = &models.scheduler_config;
+            let scheduler_json: serde_json::Value =
+                serde_json::from_str(scheduler_text).map_err(|e| EngineError::Config {
+                    path: scheduler_path.clone(),
+                    message: e.to_string(),
+                })?;
+            let mut unet = config.init::<B>(&device)?;
+            unet.set_attn_processor(self.spec.column.attention());
+            unet.set_memory_format(MemoryFormat::from_channels_last(
+                self.spec.column.channels_last(),
+            ));
+            let batch = if i == 0 { self.spec.batch } else { 1 };
+            // Stage I and II denoise images at their native size; the x4 upscaler's latents
+            // are its input's size (stage II's output).
+            let native = config.sample_size.unwrap_or(64);
+            if i < 2 {
+                side = native;
             }
+            let text_width = config.encoder_hid_dim.unwrap_or(
+                config
+                    .cross_attention_dim
+                    .expand(config.block_out_channels.len(), "cross_attention_dim")?[0],
+            );
+            let context_shape = [2 * batch, plan.text_tokens, text_width];
+            let context = HostTensor {
+                shape: context_shape.to_vec(),
+                values: generator.randn(&context_shape),
+            }
+            .to_tensor::<B, 3>("prompt_embeds", &device)?;
+            // The upscalers' noised input image, beside the denoised channels.
+            let image_channels = config.in_channels.saturating_sub(match i {
+                0 => config.in_channels,
+                1 => config.in_channels / 2,
+                _ => config.out_channels,
+            });
+            let latent_channels = config.in_channels - image_channels;
+            let conditioning = if image_channels > 0 {
+                let shape = [2 * batch, image_channels, side, side];
+                let image = HostTensor {
+                    shape: shape.to_vec(),
+                    values: generator.randn(&shape),
+                }
+                .to_tensor::<B, 4>("image", &device)?;
+                Some(if i == 1 {
+                    InpaintConditioning::ImageChannels(image)
+                } else {
+                    InpaintConditioning::ExtraChannels(image)
+                })
+            } else {
+                None
+            };
+            let class_labels = plan.noise_level.map(|level| match config.num_class_embeds {
+                Some(_) => ClassLabels::Ids(Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(vec![level as i64; 2 * batch], [2 * batch]),
+                    &device,
+                )),
+                None => ClassLabels::Levels(vec![level as f64; 2 * batch]),
+            });
+            let steps = ((self.steps as f64 * plan.steps_factor).round() as usize).max(1);
+            let measured = measure_loop(
+                &LoopSpec {
+                    unet: &unet,
+                    scheduler_json: &scheduler_json,
+                    steps,
+                    strength: 1.0,
+                    latent_shape: [batch, latent_channels, side, side],
+                    context: &context,
+                    guidance: plan.guidance,
+                    conditioning: conditioning.as_ref(),
+                    control: None,
+                    class_labels: class_labels.as_ref(),
+                },
+                self.runs,
+                &mut generator,
+                self.selected,
+                self.cancel,
+                self.observer,
+                &device,
+            )?;
+            let scale = if i == 2 { 4 } else { 1 };
+            stages.push(StageRate {
+                stage: plan.stage,
+                it_per_sec: measured.it_per_sec(),
+                unet_evals: measured.unet_evals,
+                width: side * scale,
+                height: side * scale,
+                batch,
+            });
+            peak = match (peak, measured.peak) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            if first.is_none() {
+                first = Some(measured);
+            }
+            drop(unet);
+            release_device_memory(self.selected);
         }
-        if cpu_peak {
-            peak = peak_process_memory();
-        }
-        let last = run_secs.last().copied().unwrap_or(f64::NAN);
+        let first = first.ok_or_else(|| EngineError::Backend("the cascade ran no stage".into()))?;
         Ok(CellOutcome::Measured {
-            it_per_sec: unet_evals as f64 / last,
-            unet_evals,
-            run_secs,
-            peak_reserved_bytes: peak,
+            it_per_sec: first.it_per_sec(),
+            unet_evals: first.unet_evals,
+            run_secs: first.run_secs,
+            peak_reserved_bytes: if cpu_peak {
+                peak_process_memory()
+            } else {
+                peak
+            },
+            stages,
         })
     }
 }
@@ -743,16 +1101,25 @@ impl BenchReport {
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
             "pipeline,width,height,batch,column,attention,fusion,channels_last,dtype,backend,\
-             status,it_per_sec,unet_evals,warm_run_secs,peak_reserved_mib,reason\n",
+             status,it_per_sec,unet_evals,warm_run_secs,peak_reserved_mib,reason,stages\n",
         );
         for c in &self.cells {
             let s = &c.spec;
+            let stage_text = match &c.outcome {
+                CellOutcome::Measured { stages, .. } => stages
+                    .iter()
+                    .map(|s| format!("{} {:.4} it/s", s.stage, s.it_per_sec))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                CellOutcome::Failed { .. } => String::new(),
+            };
             let (status, its, evals, secs, mib, reason) = match &c.outcome {
                 CellOutcome::Measured {
                     it_per_sec,
                     unet_evals,
                     run_secs,
                     peak_reserved_bytes,
+                    ..
                 } => (
                     "measured",
                     format!("{it_per_sec:.4}"),
@@ -774,7 +1141,7 @@ impl BenchReport {
             };
             let _ = writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 s.pipeline,
                 s.width,
                 s.height,
@@ -795,6 +1162,7 @@ impl BenchReport {
                 secs,
                 mib,
                 csv_field(&reason),
+                csv_field(&stage_text),
             );
         }
         out
@@ -814,11 +1182,23 @@ impl CellOutcome {
             Self::Measured {
                 it_per_sec,
                 peak_reserved_bytes,
+                stages,
                 ..
-            } => match peak_reserved_bytes {
-                Some(b) => format!("{it_per_sec:.2} it/s ({:.2} GiB)", mib(*b) / 1024.0),
-                None => format!("{it_per_sec:.2} it/s"),
-            },
+            } => {
+                let rate = if stages.is_empty() {
+                    format!("{it_per_sec:.2}")
+                } else {
+                    stages
+                        .iter()
+                        .map(|s| format!("{:.2}", s.it_per_sec))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                };
+                match peak_reserved_bytes {
+                    Some(b) => format!("{rate} it/s ({:.2} GiB)", mib(*b) / 1024.0),
+                    None => format!("{rate} it/s"),
+                }
+            }
             Self::Failed { reason } => format!("not run: {}", reason.replace('|', "/")),
         }
     }
@@ -838,22 +1218,12 @@ fn csv_field(text: &str) -> String {
 }
 
 impl BenchPipeline {
-    /// Whether this build can run the pipeline's benchmark row.
-    pub fn implemented(self) -> bool {
-        !matches!(self, Self::If)
-    }
-
     /// The seed's strength for the row: img2img 0.8, everything else the whole schedule.
     pub fn strength(self) -> f64 {
         match self {
             Self::SdImg2Img => 0.8,
             _ => 1.0,
         }
-    }
-
-    /// The first of `steps` steps the row runs (diffusers' `get_timesteps`).
-    fn t_start(self, steps: usize) -> usize {
-        strength_schedule(steps, self.strength()).0
     }
 }
 

@@ -2,7 +2,9 @@
 //! instead of aborting, and prints the seed's table shape.
 
 use engine::backend::{BackendRequest, Precision, select_backend};
-use engine::bench::{BenchColumn, BenchModels, BenchPipeline, BenchPlan, CellOutcome, run_bench};
+use engine::bench::{
+    BenchColumn, BenchModels, BenchPipeline, BenchPlan, CascadeModels, CellOutcome, run_bench,
+};
 use engine::pipelines::CancelToken;
 use engine::schedulers;
 
@@ -33,7 +35,8 @@ fn tiny_plan() -> BenchPlan {
 #[test]
 fn bench_measures_every_runnable_cell_and_explains_the_rest() {
     let selected = select_backend(BackendRequest::Cpu).unwrap();
-    let models = BenchModels::from_dir(&fixture("tiny-sd")).unwrap();
+    let mut models = BenchModels::from_dir(&fixture("tiny-sd")).unwrap();
+    models.cascade = Some(tiny_cascade());
     let plan = tiny_plan();
     let report = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).unwrap();
     assert_eq!(report.cells.len(), 5 * 2 * 3);
@@ -47,22 +50,41 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
     let img2img_evals = evals - 1;
 
     for cell in &report.cells {
-        let runnable = cell.spec.pipeline != BenchPipeline::If;
-        let expected_evals = if cell.spec.pipeline == BenchPipeline::SdImg2Img {
-            img2img_evals
-        } else {
-            evals
+        let is_if = cell.spec.pipeline == BenchPipeline::If;
+        let expected_evals = match cell.spec.pipeline {
+            BenchPipeline::SdImg2Img => img2img_evals,
+            // IF stage I: DDPM, twice the plan's steps (the seed's 100 for 50).
+            BenchPipeline::If => 2 * plan.steps,
+            _ => evals,
         };
-        match (&cell.outcome, runnable) {
-            (
-                CellOutcome::Measured {
-                    it_per_sec,
-                    unet_evals,
-                    run_secs,
-                    peak_reserved_bytes,
-                },
-                true,
-            ) => {
+        match &cell.outcome {
+            CellOutcome::Measured {
+                it_per_sec,
+                unet_evals,
+                run_secs,
+                peak_reserved_bytes,
+                stages,
+            } => {
+                if is_if {
+                    // Stage I / II / x4 at 16² (the batch), 32² and 32² → 128² (batch 1).
+                    let summary: Vec<(&str, usize, usize, usize)> = stages
+                        .iter()
+                        .map(|s| (s.stage, s.unet_evals, s.width, s.batch))
+                        .collect();
+                    assert_eq!(
+                        summary,
+                        vec![
+                            ("stage I", 2 * plan.steps, 16, cell.spec.batch),
+                            ("stage II", plan.steps, 32, 1),
+                            ("x4", 5, 128, 1),
+                        ],
+                        "{}",
+                        cell.spec
+                    );
+                    assert!(stages.iter().all(|s| s.it_per_sec > 0.0));
+                } else {
+                    assert!(stages.is_empty());
+                }
                 assert_eq!(*unet_evals, expected_evals, "{}", cell.spec);
                 assert_eq!(run_secs.len(), plan.runs);
                 let expected = expected_evals as f64 / run_secs[plan.runs - 1];
@@ -72,10 +94,7 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
                 let peak = peak_reserved_bytes.expect("process peak memory on Linux");
                 assert!(peak > 1 << 20, "{}: peak {peak} bytes", cell.spec);
             }
-            (CellOutcome::Failed { reason }, false) => {
-                assert!(reason.contains("if pipeline"), "{}: {reason}", cell.spec);
-            }
-            (outcome, _) => panic!("{}: unexpected {outcome:?}", cell.spec),
+            outcome => panic!("{}: unexpected {outcome:?}", cell.spec),
         }
     }
 
@@ -92,7 +111,16 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
         txt2img_rows.iter().all(|r| r.matches(" it/s").count() == 3),
         "{markdown}"
     );
-    assert!(markdown.contains("| if | not run: "));
+    let if_rows: Vec<&str> = markdown
+        .lines()
+        .filter(|l| l.starts_with("| if |"))
+        .collect();
+    assert_eq!(if_rows.len(), 2, "{markdown}");
+    // Three rates per cell: "a / b / c it/s".
+    assert!(
+        if_rows.iter().all(|r| r.matches(" / ").count() == 2 * 3),
+        "{markdown}"
+    );
     for row in ["| sd-img2img |", "| sd-inpaint |", "| sd-controlnet |"] {
         let rows: Vec<&str> = markdown.lines().filter(|l| l.starts_with(row)).collect();
         assert_eq!(rows.len(), 2, "{markdown}");
@@ -104,7 +132,11 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
 
     let csv = report.to_csv();
     assert_eq!(csv.lines().count(), 1 + report.cells.len());
-    assert_eq!(csv.lines().filter(|l| l.contains(",measured,")).count(), 24);
+    assert_eq!(csv.lines().filter(|l| l.contains(",measured,")).count(), 30);
+    assert!(
+        csv.lines()
+            .any(|l| l.contains("stage I ") && l.contains("; x4 "))
+    );
     let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
     assert_eq!(json["cells"].as_array().unwrap().len(), report.cells.len());
     assert_eq!(json["cells"][0]["status"], "measured");
@@ -164,6 +196,38 @@ fn f16_on_the_cpu_backend_is_a_failed_cell_not_a_panic() {
     match &report.cells[0].outcome {
         CellOutcome::Failed { reason } => assert!(reason.contains("GPU"), "{reason}"),
         other => panic!("expected a failed cell, got {other:?}"),
+    }
+}
+
+/// The tiny IF stages and x4 upscaler as the IF row's models.
+fn tiny_cascade() -> CascadeModels {
+    CascadeModels::from_dirs(
+        &fixture("tiny-if"),
+        &fixture("tiny-if-ii"),
+        &fixture("tiny-sd-x4"),
+    )
+    .unwrap()
+}
+
+/// The IF row's shipped configs build UNets with exactly the real checkpoints' parameter
+/// counts (diffusers' `UNet2DConditionModel.from_config` on the same files).
+#[test]
+fn if_cascade_configs_shipped_in_assets_build_the_real_unets() {
+    use burn::module::Module;
+    use engine::models::config::parse_config;
+    use engine::models::unets::UNet2DConditionConfig;
+    let cascade = BenchModels::sd15().cascade.expect("shipped");
+    for (stage, params) in [
+        (&cascade.stage1, 371_605_830),
+        (&cascade.stage2, 461_064_198),
+        (&cascade.upscaler, 473_398_020),
+    ] {
+        let (json, path) = &stage.unet_config;
+        let config: UNet2DConditionConfig = parse_config(json, path).unwrap();
+        let unet = config.init::<Cpu>(&Default::default()).unwrap();
+        assert_eq!(unet.num_params(), params, "{}", path.display());
+        let json: serde_json::Value = serde_json::from_str(&stage.scheduler_config.0).unwrap();
+        schedulers::from_config_json::<Cpu>(&json, None).unwrap();
     }
 }
 

@@ -91,12 +91,13 @@ impl BrushfireApp {
                     for p in BenchPipeline::ALL {
                         let mut on = form.pipelines.contains(&p);
                         let response = ui.checkbox(&mut on, p.name());
-                        let response = if p.implemented() {
-                            response
-                        } else {
+                        let response = if p == BenchPipeline::If {
                             response.on_hover_text(
-                                "Not in this build yet: its row will say so instead of a number.",
+                                "The IF cascade: stage I (64², the batch), stage II (256²) and \
+                                 the x4 upscaler (to 1024²), three rates in one cell.",
                             )
+                        } else {
+                            response
                         };
                         if response.changed() {
                             BenchForm::toggle(&mut form.pipelines, p, on, &BenchPipeline::ALL);
