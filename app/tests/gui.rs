@@ -1036,3 +1036,63 @@ fn controlnet_page_live_canny_drawing_and_the_request() {
             .contains("ControlNet 0: \"Module: canny")
     );
 }
+
+#[test]
+fn if_page_runs_the_cascade_and_a_gallery_image_upscales_x4() {
+    let mut app = app();
+    app.state.view = View::Cascade;
+    app.state.form.batch = 2;
+    app.state.form.prompt = "a corgi in a red hat".into();
+    // The tiny stage I works at 16² (the real ones at 64²): 16² → 64² → 256².
+    app.state.cascade.stage1_side = 16;
+    for (i, dir) in ["tiny-if", "tiny-if-ii", "tiny-sd-x4"].iter().enumerate() {
+        app.state.cascade.stages[i].model = fixture(dir).to_string_lossy().into_owned();
+        app.state.cascade.stages[i].steps = 2;
+    }
+    let mut h = harness(app);
+    h.step();
+    wait(&mut h, "the model", |a| a.state.model_ready());
+    // Stage II has no input yet: its button does nothing.
+    h.get_by_label("Run Stage II").click();
+    h.run_steps(2);
+    assert!(h.state().state.jobs.is_empty());
+    h.get_by_label("▶ Run all stages").click();
+    h.run_steps(2);
+    assert_eq!(h.state().state.cascade.running.map(|(s, _)| s), Some(0));
+    wait(&mut h, "the three stages", |a| {
+        a.state.cascade.results[2].is_some() || a.state.error.is_some()
+    });
+    let app = h.state();
+    assert!(app.state.error.is_none(), "{:?}", app.state.error);
+    let results: Vec<((usize, usize), usize)> = app
+        .state
+        .cascade
+        .results
+        .iter()
+        .map(|r| {
+            let r = r.as_ref().unwrap();
+            assert!(r.it_per_sec > 0.0 && r.elapsed_secs > 0.0);
+            (r.size(), r.count())
+        })
+        .collect();
+    assert_eq!(results, vec![((16, 16), 2), ((64, 64), 2), ((256, 256), 2)]);
+    assert!(app.state.cascade.running.is_none() && !app.state.cascade.chain);
+    // Every stage's images are in the gallery, labelled with their model.
+    assert_eq!(app.state.gallery.len(), 6);
+    assert_eq!(app.state.gallery[2].params.model, "tiny-if-ii");
+    assert_eq!(app.state.gallery[5].width, 256);
+    // The main model is still the SD one.
+    assert!(matches!(&app.state.model_status, ModelStatus::Loaded(m) if m.ends_with("tiny-sd")));
+
+    // "Upscale ×4" on stage I's first image (16²) gives a 64² image from the x4 upscaler.
+    h.state_mut().state.view = View::Generate;
+    h.state_mut().state.selected = Some(0);
+    h.run_steps(2);
+    h.get_by_label("Upscale ×4").click();
+    h.run_steps(2);
+    wait(&mut h, "the upscaled image", |a| a.state.gallery.len() == 7);
+    let last = &h.state().state.gallery[6];
+    assert_eq!((last.width, last.height), (64, 64));
+    assert_eq!(last.params.model, "tiny-sd-x4");
+    assert_eq!(last.params.prompt, "a corgi in a red hat");
+}

@@ -23,6 +23,7 @@ use crate::bench::{
 use crate::error::{EngineError, Result};
 use crate::loading::{DownloadProgress, resolve_controlnet, resolve_model};
 use crate::models::{AttnProcessor, MemoryFormat};
+use crate::pipelines::deepfloyd_if::{IFPipeline, is_if_folder};
 use crate::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
 use crate::pipelines::{CancelToken, GenerationRequest, StepObserver, StepProgress};
 use crate::tensor_io::HostTensor;
@@ -64,10 +65,13 @@ pub enum EngineCommand {
     /// Load a ControlNet (folder, hub id or single-file checkpoint) onto the loaded model for
     /// the controlnet pipeline; it stays attached across model reloads and setting changes.
     LoadControlNet { spec: String },
-    /// Run a generation (queued behind earlier jobs).
+    /// Run a generation (queued behind earlier jobs) on the loaded model, or with `model` on
+    /// that one (an IF stage or the x4 upscaler, loaded beside the main model on first use and
+    /// kept).
     Generate {
         job: JobId,
         request: Box<GenerationRequest>,
+        model: Option<String>,
     },
     /// Change settings; a backend change reloads the model on the new backend.
     ApplySettings(EngineSettings),
@@ -127,6 +131,8 @@ pub enum EngineEvent {
     Finished {
         job: JobId,
         images: HostTensor,
+        /// IF's images as its next stage takes them, `[batch, 3, h, w]` in [-1, 1].
+        raw: Option<HostTensor>,
         scheduler: &'static str,
         elapsed_secs: f64,
         /// What the user should know about the run (e.g. steps redone in f32).
@@ -181,6 +187,7 @@ impl EngineHandle {
             settings,
             backend: None,
             model: None,
+            side_models: Vec::new(),
             reload_spec: None,
             controlnet: None,
         };
@@ -214,12 +221,19 @@ impl EngineHandle {
     }
 
     pub fn generate(&mut self, request: GenerationRequest) -> JobId {
+        self.generate_on(request, None)
+    }
+
+    /// Queues a generation on `model` (a folder or hub id: an IF stage, the x4 upscaler),
+    /// loaded beside the main model on first use; `None` is the main model.
+    pub fn generate_on(&mut self, request: GenerationRequest, model: Option<String>) -> JobId {
         let job = self.next_job;
         self.next_job += 1;
         self.lock_cancels().insert(job, CancelToken::new());
         self.send(EngineCommand::Generate {
             job,
             request: Box::new(request),
+            model,
         });
         job
     }
@@ -302,6 +316,31 @@ trait PipelineRunner: Send {
     fn load_controlnet(&mut self, path: &Path) -> Result<()>;
 }
 
+impl<B: Backend> PipelineRunner for IFPipeline<B> {
+    fn generate(
+        &self,
+        request: &GenerationRequest,
+        cancel: &CancelToken,
+        observer: &mut dyn StepObserver,
+    ) -> Result<GenerationOutput> {
+        IFPipeline::generate(self, request, None, cancel, observer)
+    }
+
+    fn set_attn_processor(&mut self, processor: AttnProcessor) {
+        IFPipeline::set_attn_processor(self, processor);
+    }
+
+    fn set_memory_format(&mut self, format: MemoryFormat) {
+        IFPipeline::set_memory_format(self, format);
+    }
+
+    fn load_controlnet(&mut self, _path: &Path) -> Result<()> {
+        Err(EngineError::Unsupported(
+            "a ControlNet on a DeepFloyd IF model".into(),
+        ))
+    }
+}
+
 impl<B: Backend> PipelineRunner for StableDiffusionPipeline<B> {
     fn generate(
         &self,
@@ -335,6 +374,12 @@ impl BackendTask for LoadTask<'_> {
     type Output = Result<Box<dyn PipelineRunner>>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        if is_if_folder(self.dir) {
+            let mut pipe = IFPipeline::<B>::load(self.dir, &LoadOptions::default(), &device)?;
+            pipe.set_attn_processor(self.attention);
+            pipe.set_memory_format(self.memory_format);
+            return Ok(Box::new(pipe));
+        }
         let mut pipe =
             StableDiffusionPipeline::<B>::load_path(self.dir, &LoadOptions::default(), &device)?;
         pipe.set_attn_processor(self.attention);
@@ -356,6 +401,8 @@ struct Worker {
     settings: EngineSettings,
     backend: Option<SelectedBackend>,
     model: Option<LoadedModel>,
+    /// Models jobs name beside the main one (IF stages, the x4 upscaler), by spec.
+    side_models: Vec<LoadedModel>,
     /// The model to load back if a settings change fails after unloading it.
     reload_spec: Option<String>,
     /// The ControlNet the user picked, attached again whenever the model is (re)loaded.
@@ -459,7 +506,11 @@ impl Worker {
                 }
                 Ok(())
             }
-            EngineCommand::Generate { job, request } => self.generate(job, &request),
+            EngineCommand::Generate {
+                job,
+                request,
+                model,
+            } => self.generate(job, &request, model),
             EngineCommand::ApplySettings(settings) => self.apply(settings),
             EngineCommand::Bench { job, plan, models } => self.bench(job, &plan, &models),
             EngineCommand::Shutdown => Ok(()),
@@ -476,15 +527,15 @@ impl Worker {
         Ok(selected)
     }
 
-    fn load(&mut self, spec: String) -> Result<()> {
-        let start = Instant::now();
+    /// Resolves (downloading if needed) and loads a model on the current backend.
+    fn load_runner(&mut self, spec: &str) -> Result<(PathBuf, Box<dyn PipelineRunner>)> {
         let mut progress = DownloadEvents {
             worker: self,
             file: String::new(),
             done: 0,
             total: 0,
         };
-        let dir = resolve_model(&spec, None, &mut progress)?;
+        let dir = resolve_model(spec, None, &mut progress)?;
         let backend = self.selected_backend()?;
         self.settings.execution.check(&backend)?;
         let runner = dispatch_with(
@@ -496,6 +547,12 @@ impl Worker {
                 memory_format: self.settings.memory_format,
             },
         )?;
+        Ok((dir, runner))
+    }
+
+    fn load(&mut self, spec: String) -> Result<()> {
+        let start = Instant::now();
+        let (dir, runner) = self.load_runner(&spec)?;
         self.model = Some(LoadedModel {
             spec: spec.clone(),
             runner,
@@ -540,13 +597,43 @@ impl Worker {
         Ok(())
     }
 
-    fn generate(&mut self, job: JobId, request: &GenerationRequest) -> Result<()> {
+    /// The side model `spec`, loaded on first use (with a `ModelLoaded` event).
+    fn side_model(&mut self, spec: &str) -> Result<&LoadedModel> {
+        if let Some(i) = self.side_models.iter().position(|m| m.spec == spec) {
+            return Ok(&self.side_models[i]);
+        }
+        let start = Instant::now();
+        let (dir, runner) = self.load_runner(spec)?;
+        self.side_models.push(LoadedModel {
+            spec: spec.to_string(),
+            runner,
+        });
+        self.emit(EngineEvent::ModelLoaded {
+            spec: spec.to_string(),
+            dir,
+            elapsed_secs: start.elapsed().as_secs_f64(),
+        });
+        self.side_models
+            .last()
+            .ok_or_else(|| EngineError::invalid("model", "the model did not stay loaded"))
+    }
+
+    fn generate(
+        &mut self,
+        job: JobId,
+        request: &GenerationRequest,
+        model: Option<String>,
+    ) -> Result<()> {
         let cancel = self.cancel_token(job);
         cancel.check()?;
-        let model = self
-            .model
-            .as_ref()
-            .ok_or_else(|| EngineError::invalid("model", "no model is loaded"))?;
+        if let Some(spec) = &model {
+            self.side_model(spec)?;
+        }
+        let model = match &model {
+            Some(spec) => self.side_models.iter().find(|m| &m.spec == spec),
+            None => self.model.as_ref(),
+        }
+        .ok_or_else(|| EngineError::invalid("model", "no model is loaded"))?;
         self.emit(EngineEvent::JobStarted { job });
         let start = Instant::now();
         let mut observer = JobObserver {
@@ -559,6 +646,7 @@ impl Worker {
         self.emit(EngineEvent::Finished {
             job,
             images: out.images,
+            raw: out.raw,
             scheduler: out.scheduler,
             elapsed_secs: start.elapsed().as_secs_f64(),
             notes: out.notes,
@@ -614,9 +702,11 @@ impl Worker {
                 self.emit(EngineEvent::SettingsApplied(previous));
                 return Err(e);
             }
-        } else if let Some(model) = self.model.as_mut() {
-            model.runner.set_attn_processor(settings.attention);
-            model.runner.set_memory_format(settings.memory_format);
+        } else {
+            for model in self.model.iter_mut().chain(self.side_models.iter_mut()) {
+                model.runner.set_attn_processor(settings.attention);
+                model.runner.set_memory_format(settings.memory_format);
+            }
         }
         self.emit(EngineEvent::SettingsApplied(settings));
         Ok(())
@@ -627,6 +717,8 @@ impl Worker {
     fn rebuild(&mut self) -> Result<()> {
         let backend = self.selected_backend()?;
         self.settings.execution.check(&backend)?;
+        // Side models load again on their next job, on the new backend.
+        self.side_models.clear();
         if let Some(model) = self.model.take() {
             self.reload_spec = Some(model.spec.clone());
             drop(model);

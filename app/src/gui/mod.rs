@@ -6,6 +6,8 @@
 mod bench;
 mod bench_panel;
 pub mod canvas;
+pub mod cascade;
+mod cascade_page;
 pub mod control_input;
 mod control_page;
 pub mod image_input;
@@ -81,6 +83,7 @@ impl BrushfireApp {
                 ui.selectable_value(&mut self.state.view, View::Img2Img, "🎨 Image to image");
                 ui.selectable_value(&mut self.state.view, View::Inpaint, "✏ Inpaint");
                 ui.selectable_value(&mut self.state.view, View::ControlNet, "⚡ ControlNet");
+                ui.selectable_value(&mut self.state.view, View::Cascade, "🪜 IF cascade");
                 let bench = if self.state.bench.running.is_some() {
                     "⏱ Benchmark (running)"
                 } else {
@@ -94,6 +97,7 @@ impl BrushfireApp {
                 View::Img2Img => self.img2img_ui(ui),
                 View::Inpaint => self.inpaint_ui(ui),
                 View::ControlNet => self.controlnet_ui(ui),
+                View::Cascade => self.cascade_ui(ui),
                 View::Benchmark => self.bench_ui(ui),
             }
         });
@@ -463,6 +467,16 @@ impl BrushfireApp {
             {
                 action = Some(GalleryAction::SendTo(View::ControlNet));
             }
+            if ui
+                .button("Upscale ×4")
+                .on_hover_text(
+                    "The x4 upscaler (model and settings on the IF page), with this image's \
+                     prompt and seed.",
+                )
+                .clicked()
+            {
+                action = Some(GalleryAction::Upscale);
+            }
         });
         ui.small(format!(
             "seed {} · {} steps · {} · CFG {}",
@@ -516,6 +530,7 @@ impl BrushfireApp {
             GalleryAction::ReuseSeed => self.state.reuse_seed(index),
             GalleryAction::ReuseParameters => self.state.reuse_parameters(index),
             GalleryAction::SendTo(view) => self.state.send_to(index, view),
+            GalleryAction::Upscale => self.state.upscale_image(index),
         }
     }
 
@@ -608,6 +623,8 @@ enum GalleryAction {
     ReuseParameters,
     /// Make it the img2img/inpainting source and show that page.
     SendTo(View),
+    /// Queue it on the x4 upscaler.
+    Upscale,
 }
 
 /// Opens `dir` in the system's file manager.

@@ -16,6 +16,7 @@ use engine::worker::{EngineEvent, EngineHandle, EngineSettings, JobId};
 use serde::{Deserialize, Serialize};
 
 use super::bench::BenchState;
+use super::cascade::{CascadeState, STAGES, StageSettings};
 use super::control_input::{ControlInputs, MapSource};
 use super::image_input::{ImageInputs, SizeFit};
 use crate::image_files::to_u8;
@@ -157,6 +158,10 @@ pub struct Job {
     pub smoothed_it_per_sec: f64,
     /// The latest live preview while running.
     pub preview: Option<Preview>,
+    /// The model it runs on when not the main one (an IF stage, the x4 upscaler).
+    pub model: Option<String>,
+    /// The IF page's stage it runs, if any.
+    pub cascade_stage: Option<usize>,
 }
 
 impl Job {
@@ -308,6 +313,8 @@ pub struct AppState {
     pub inputs: ImageInputs,
     /// The ControlNet page: the control image, its map and strokes, the ControlNet.
     pub control: ControlInputs,
+    /// The IF page: its three stages, their settings and last results.
+    pub cascade: CascadeState,
 }
 
 /// The centre's pages.
@@ -322,15 +329,18 @@ pub enum View {
     Inpaint,
     /// ControlNet, with the control-map canvas.
     ControlNet,
+    /// DeepFloyd IF's cascade and the x4 upscaler.
+    Cascade,
     Benchmark,
 }
 
 impl View {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Generate,
         Self::Img2Img,
         Self::Inpaint,
         Self::ControlNet,
+        Self::Cascade,
         Self::Benchmark,
     ];
 
@@ -341,6 +351,7 @@ impl View {
             Self::Img2Img => "img2img",
             Self::Inpaint => "inpaint",
             Self::ControlNet => "controlnet",
+            Self::Cascade => "if",
             Self::Benchmark => "benchmark",
         }
     }
@@ -351,6 +362,7 @@ impl View {
             Self::Img2Img => PipelineKind::Img2Img,
             Self::Inpaint => PipelineKind::Inpaint,
             Self::ControlNet => PipelineKind::ControlNet,
+            Self::Cascade => PipelineKind::If,
             Self::Generate | Self::Benchmark => PipelineKind::Txt2Img,
         }
     }
@@ -399,6 +411,8 @@ pub struct Persisted {
     pub control_map_source: String,
     /// The page shown when the app closed (`View::name`).
     pub view: String,
+    /// The IF page's stages (model, steps, guidance, noise level).
+    pub if_stages: Vec<StageSettings>,
 }
 
 impl Default for Persisted {
@@ -448,6 +462,7 @@ impl AppState {
             bench: BenchState::default(),
             inputs: ImageInputs::default(),
             control: ControlInputs::default(),
+            cascade: CascadeState::new(),
         }
     }
 
@@ -494,6 +509,7 @@ impl AppState {
             }
             .into(),
             view: self.view.name().into(),
+            if_stages: self.cascade.stages.to_vec(),
         }
     }
 
@@ -561,6 +577,7 @@ impl AppState {
             .into_iter()
             .find(|v| v.name() == p.view)
             .unwrap_or_default();
+        s.cascade.stages = [0, 1, 2].map(|i| StageSettings::restored(i, p.if_stages.get(i)));
         s
     }
 
@@ -638,6 +655,14 @@ impl AppState {
                 file,
                 done_bytes,
                 total_bytes,
+            } if self.side_model_pending() => {
+                let percent = 100.0 * done_bytes as f64 / total_bytes.max(1) as f64;
+                self.status = format!("downloading {file}: {percent:.0}%");
+            }
+            EngineEvent::Download {
+                file,
+                done_bytes,
+                total_bytes,
             } => {
                 let started = match &self.model_status {
                     ModelStatus::Loading { download: Some(d) } if d.file == file => d.started,
@@ -651,6 +676,16 @@ impl AppState {
                         started,
                     }),
                 };
+            }
+            EngineEvent::ModelLoaded {
+                spec, elapsed_secs, ..
+            } if self
+                .jobs
+                .iter()
+                .any(|j| j.model.as_deref() == Some(spec.as_str())) =>
+            {
+                // A job's own model (an IF stage, the x4 upscaler), beside the main one.
+                self.status = format!("loaded {spec} in {elapsed_secs:.1}s");
             }
             EngineEvent::ModelLoaded {
                 spec, elapsed_secs, ..
@@ -724,13 +759,24 @@ impl AppState {
             EngineEvent::Finished {
                 job,
                 images,
+                raw,
                 scheduler,
                 elapsed_secs,
                 notes,
             } => {
                 if let Some(index) = self.jobs.iter().position(|j| j.id == job) {
                     let job = self.jobs.remove(index);
-                    self.add_images(&job.request, job.controlnet, &images, scheduler);
+                    self.add_images(&job, &images, scheduler);
+                    if let Some(stage) = job.cascade_stage {
+                        let rate = job.request.steps as f64 / elapsed_secs.max(1e-9);
+                        self.cascade
+                            .finished(stage, images, raw, rate, elapsed_secs);
+                        if self.cascade.chain && stage + 1 < STAGES {
+                            self.queue_stage(stage + 1);
+                        } else {
+                            self.cascade.chain = false;
+                        }
+                    }
                     self.status = format!("#{} done in {elapsed_secs:.1}s", job.id);
                     for note in notes {
                         self.status.push_str(" — ");
@@ -740,6 +786,7 @@ impl AppState {
             }
             EngineEvent::Cancelled { job } => {
                 self.jobs.retain(|j| j.id != job);
+                self.cascade.stopped(job);
                 self.status = format!("#{job} cancelled");
             }
             EngineEvent::BenchCellStarted { .. }
@@ -750,7 +797,10 @@ impl AppState {
             }
             EngineEvent::Failed { job, error } => {
                 match job {
-                    Some(job) => self.jobs.retain(|j| j.id != job),
+                    Some(job) => {
+                        self.jobs.retain(|j| j.id != job);
+                        self.cascade.stopped(job);
+                    }
                     None => {
                         if matches!(self.model_status, ModelStatus::Loading { .. }) {
                             self.model_status = ModelStatus::Failed(error.clone());
@@ -762,17 +812,21 @@ impl AppState {
         }
     }
 
+    /// Whether the next job waits for its own model (downloads are that model's).
+    fn side_model_pending(&self) -> bool {
+        self.model_ready()
+            && self
+                .jobs
+                .first()
+                .is_some_and(|j| j.model.is_some() && j.state == JobState::Queued)
+    }
+
     fn job_mut(&mut self, id: JobId) -> Option<&mut Job> {
         self.jobs.iter_mut().find(|j| j.id == id)
     }
 
-    fn add_images(
-        &mut self,
-        request: &GenerationRequest,
-        controlnet: Option<ControlNetParameters>,
-        images: &HostTensor,
-        scheduler: &'static str,
-    ) {
+    fn add_images(&mut self, job: &Job, images: &HostTensor, scheduler: &'static str) {
+        let request = &job.request;
         let [batch, height, width] = [images.shape[0], images.shape[1], images.shape[2]];
         let per = height * width * 3;
         let params = GenerationParameters {
@@ -784,9 +838,9 @@ impl AppState {
             seed: request.seed,
             width,
             height,
-            model: model_label(&self.model_spec),
+            model: model_label(job.model.as_deref().unwrap_or(&self.model_spec)),
             denoising_strength: request.denoising_strength(),
-            controlnet,
+            controlnet: job.controlnet.clone(),
         };
         for (i, chunk) in images.values.chunks(per).take(batch).enumerate() {
             let rgb = to_u8(chunk);
@@ -1008,6 +1062,10 @@ impl AppState {
     /// Queues a generation from the form, with the page's pipeline (the source image and its
     /// mask for img2img/inpainting). A request that cannot be made says why in the status bar.
     pub fn queue_generation(&mut self) {
+        if self.view == View::Cascade {
+            self.run_all_stages();
+            return;
+        }
         let pipeline = self.view.pipeline();
         let control = match pipeline {
             PipelineKind::ControlNet => match self.control.request() {
@@ -1075,17 +1133,97 @@ impl AppState {
             request.control_guidance = control.guidance;
             request.guess_mode = control.guess_mode;
         }
-        if let Some(engine) = self.engine.as_mut() {
-            let id = engine.generate(request.clone());
-            self.jobs.push(Job {
-                id,
-                request,
-                controlnet,
-                state: JobState::Queued,
-                smoothed_it_per_sec: 0.0,
-                preview: None,
-            });
+        self.submit(request, controlnet, None, None);
+    }
+
+    /// Sends a request to the engine (on `model` when not the main one) and tracks it.
+    fn submit(
+        &mut self,
+        request: GenerationRequest,
+        controlnet: Option<ControlNetParameters>,
+        model: Option<String>,
+        cascade_stage: Option<usize>,
+    ) -> Option<JobId> {
+        let engine = self.engine.as_mut()?;
+        let id = engine.generate_on(request.clone(), model.clone());
+        self.jobs.push(Job {
+            id,
+            request,
+            controlnet,
+            state: JobState::Queued,
+            smoothed_it_per_sec: 0.0,
+            preview: None,
+            model,
+            cascade_stage,
+        });
+        Some(id)
+    }
+
+    /// Queues the IF page's stage `i` (its input is the previous stage's last result).
+    pub fn queue_stage(&mut self, i: usize) {
+        let f = &self.form;
+        let made = self
+            .cascade
+            .request(i, &f.prompt, &f.negative_prompt, f.seed, f.batch);
+        match made {
+            Ok((request, model)) => {
+                let id = self.submit(request, None, Some(model), Some(i));
+                self.cascade.running = id.map(|id| (i, id));
+                if id.is_none() {
+                    self.cascade.chain = false;
+                }
+            }
+            Err(e) => {
+                self.cascade.chain = false;
+                self.error = Some(format!("{e:#}"));
+            }
         }
+    }
+
+    /// Runs the IF cascade from stage I, each stage starting when the one before finishes.
+    pub fn run_all_stages(&mut self) {
+        if !self.cascade.can_run(0) {
+            return;
+        }
+        if !self.form.seed_locked && !self.gallery.is_empty() {
+            self.form.randomise_seed();
+        }
+        self.cascade.chain = true;
+        self.queue_stage(0);
+    }
+
+    /// "Upscale ×4" on a gallery image: the x4 upscaler (the IF page's model and settings),
+    /// the image's own prompt and seed; the input is cut to a multiple of 4 on each side.
+    pub fn upscale_image(&mut self, index: usize) {
+        let Some(image) = self.gallery.get(index) else {
+            return;
+        };
+        let (w, h) = (image.width / 4 * 4, image.height / 4 * 4);
+        if w == 0 || h == 0 {
+            self.error = Some("the image is too small to upscale".into());
+            return;
+        }
+        let s = &self.cascade.stages[2];
+        let request = GenerationRequest {
+            pipeline: PipelineKind::Upscale,
+            prompt: image.params.prompt.clone(),
+            negative_prompt: image.params.negative_prompt.clone(),
+            steps: s.steps,
+            guidance_scale: s.guidance,
+            width: 4 * w,
+            height: 4 * h,
+            batch: 1,
+            seed: image.params.seed,
+            noise_level: Some(s.noise_level),
+            image: Some(HostTensor {
+                shape: vec![image.height, image.width, 3],
+                values: image.rgb.iter().map(|&v| f32::from(v) / 255.0).collect(),
+            }),
+            ..Default::default()
+        };
+        let model = s.model.trim().to_string();
+        self.submit(request, None, Some(model), None);
+        self.status = format!("upscaling image {} ×4 to {}×{}", index + 1, 4 * w, 4 * h);
     }
 
     /// Queues the benchmark panel's plan on the engine (behind any generation).
