@@ -1056,6 +1056,25 @@ impl BenchReport {
              (run {} of {}), random weights from {}'s configs.\n",
             self.backend, self.precision, self.steps, self.runs, self.runs, self.model
         );
+        if let Some(stages) = self.cells.iter().find_map(|c| match &c.outcome {
+            CellOutcome::Measured { stages, .. } if !stages.is_empty() => Some(stages),
+            _ => None,
+        }) {
+            let parts: Vec<String> = stages
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {}×{} ({} UNet evaluations)",
+                        s.stage, s.width, s.height, s.unet_evals
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "The if row is the IF cascade at its own sizes, whatever the table's: {}; stages                  II and x4 at batch 1; random (·, 2, 4096) prompt embeddings in place of T5.\n",
+                parts.join(", ")
+            );
+        }
         let mut columns: Vec<BenchColumn> = Vec::new();
         let mut pipelines: Vec<BenchPipeline> = Vec::new();
         let mut groups: Vec<(usize, usize, usize)> = Vec::new();
@@ -1186,11 +1205,11 @@ impl CellOutcome {
                 ..
             } => {
                 let rate = if stages.is_empty() {
-                    format!("{it_per_sec:.2}")
+                    rate_text(*it_per_sec)
                 } else {
                     stages
                         .iter()
-                        .map(|s| format!("{:.2}", s.it_per_sec))
+                        .map(|s| rate_text(s.it_per_sec))
                         .collect::<Vec<_>>()
                         .join(" / ")
                 };
@@ -1201,6 +1220,16 @@ impl CellOutcome {
             }
             Self::Failed { reason } => format!("not run: {}", reason.replace('|', "/")),
         }
+    }
+}
+
+/// An it/s figure: two decimals, three significant digits below 1 (CPU rates).
+fn rate_text(it_per_sec: f64) -> String {
+    if it_per_sec.abs() >= 1.0 || it_per_sec == 0.0 {
+        format!("{it_per_sec:.2}")
+    } else {
+        let decimals = (2.0 - it_per_sec.abs().log10().floor()).clamp(2.0, 6.0) as usize;
+        format!("{it_per_sec:.decimals$}")
     }
 }
 
@@ -1232,5 +1261,19 @@ pub fn default_precision(kind: BackendKind) -> Precision {
     match kind {
         BackendKind::Cpu => Precision::F32,
         _ => Precision::F16,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rate_text;
+
+    #[test]
+    fn rates_keep_three_significant_digits_below_one() {
+        assert_eq!(rate_text(49.7412), "49.74");
+        assert_eq!(rate_text(0.0886), "0.0886");
+        assert_eq!(rate_text(0.0030012), "0.00300");
+        assert_eq!(rate_text(0.5), "0.500");
+        assert_eq!(rate_text(0.0), "0.00");
     }
 }

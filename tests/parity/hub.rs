@@ -147,3 +147,137 @@ fn controlnet_hub_ids_resolve_to_a_single_model_snapshot() {
     assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
     std::fs::remove_dir_all(&home).unwrap();
 }
+
+/// The files fetched for a pipeline come from its model_index.json and the repository's list:
+/// SD 1.5's (non-EMA and fp16 weights, .bin files, the safety checker skipped), IF stage I's
+/// (T5 in shards, a SentencePiece tokenizer), and the x4 upscaler's (its low-res scheduler).
+#[test]
+fn pipeline_files_follow_model_index_and_the_repository_listing() {
+    use engine::loading::hub::pipeline_files;
+    let list = |files: &[&str]| files.iter().map(|f| f.to_string()).collect::<Vec<_>>();
+    let sd_index: serde_json::Value = serde_json::from_str(
+        r#"{"_class_name": "StableDiffusionPipeline", "feature_extractor": ["transformers", "CLIPImageProcessor"],
+            "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"], "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}"#,
+    )
+    .unwrap();
+    let sd = list(&[
+        "model_index.json",
+        "feature_extractor/preprocessor_config.json",
+        "safety_checker/config.json",
+        "safety_checker/model.safetensors",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder/pytorch_model.bin",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "v1-5-pruned.safetensors",
+    ]);
+    let files = pipeline_files(&sd_index, &sd, None).unwrap();
+    assert_eq!(
+        files,
+        list(&[
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "tokenizer/merges.txt",
+            "tokenizer/special_tokens_map.json",
+            "tokenizer/tokenizer_config.json",
+            "tokenizer/vocab.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        ])
+    );
+    // fp16 where a component has it, the default weights where it does not (the VAE).
+    let fp16 = pipeline_files(&sd_index, &sd, Some("fp16")).unwrap();
+    assert!(fp16.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
+    assert!(!fp16.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
+    assert!(fp16.contains(&"vae/diffusion_pytorch_model.safetensors".to_string()));
+
+    let if_index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../assets/models/IF-I-M-v1.0/model_index.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let if_files = list(&[
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.json",
+        "text_encoder/model.fp16-00001-of-00002.safetensors",
+        "text_encoder/model.fp16-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.fp16.json",
+        "tokenizer/spiece.model",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "safety_checker/model.safetensors",
+        "watermarker/diffusion_pytorch_model.safetensors",
+    ]);
+    let files = pipeline_files(&if_index, &if_files, None).unwrap();
+    for f in [
+        "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.json",
+        "tokenizer/spiece.model",
+    ] {
+        assert!(files.contains(&f.to_string()), "{f}: {files:?}");
+    }
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.contains("fp16-0000") || f.starts_with("safety"))
+    );
+    // A component without weights is named.
+    let missing: Vec<String> = if_files
+        .iter()
+        .filter(|f| !f.starts_with("unet/diffusion"))
+        .cloned()
+        .collect();
+    let err = pipeline_files(&if_index, &missing, None).unwrap_err();
+    assert!(err.contains("`unet`"), "{err}");
+}
+
+/// An IF stage in the HF cache resolves offline like an SD model.
+#[test]
+fn if_hub_ids_resolve_from_the_hf_cache_offline() {
+    let home = std::env::temp_dir().join(format!("brushfire-hf-if-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let repo = home.join("hub/models--brushfire-test--tiny-if");
+    let rev = "89abcdef0123456789abcdef0123456789abcdef";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    let snapshot = repo.join("snapshots").join(rev);
+    copy_dir(&fixture("tiny-if"), &snapshot);
+    let cache = Cache::new(home.join("hub"));
+    assert_eq!(
+        resolve_model_in(&cache, true, "brushfire-test/tiny-if", None, &mut ()).unwrap(),
+        snapshot
+    );
+    std::fs::remove_file(snapshot.join("scheduler/scheduler_config.json")).unwrap();
+    assert_eq!(
+        cached_snapshot(&cache, "brushfire-test/tiny-if", None, None),
+        None
+    );
+    std::fs::remove_dir_all(&home).unwrap();
+}

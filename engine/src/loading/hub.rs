@@ -85,65 +85,143 @@ pub enum RepoLayout {
 }
 
 impl RepoLayout {
-    /// The files to fetch, `(default, variant)` per file; the first one marks the snapshot.
-    pub fn required_files(self, variant: Option<&str>) -> Vec<(String, Option<String>)> {
-        match self {
-            Self::Pipeline => required_files(variant),
-            Self::Model => vec![
-                ("config.json".into(), None),
-                (
-                    "diffusion_pytorch_model.safetensors".into(),
-                    variant.map(|v| format!("diffusion_pytorch_model.{v}.safetensors")),
-                ),
-            ],
-        }
+    /// A model repository's files, `(default, variant)` per file; the first one marks the
+    /// snapshot. (A pipeline's come from its model_index.json: [`pipeline_files`].)
+    fn model_files(variant: Option<&str>) -> Vec<(String, Option<String>)> {
+        vec![
+            ("config.json".into(), None),
+            (
+                "diffusion_pytorch_model.safetensors".into(),
+                variant.map(|v| format!("diffusion_pytorch_model.{v}.safetensors")),
+            ),
+        ]
     }
 
     /// What the repository should be, for messages.
     fn described(self) -> &'static str {
         match self {
-            Self::Pipeline => "a Stable Diffusion repository in diffusers format",
+            Self::Pipeline => "a diffusers pipeline repository (model_index.json + components)",
             Self::Model => "a diffusers model repository (config.json + safetensors weights)",
         }
     }
 }
 
-/// The files of a diffusers SD folder the pipeline reads, for one weights variant.
-pub fn required_files(variant: Option<&str>) -> Vec<(String, Option<String>)> {
-    let weights = |dir: &str, stem: &str| {
-        let default = format!("{dir}/{stem}.safetensors");
-        let preferred = variant.map(|v| format!("{dir}/{stem}.{v}.safetensors"));
-        (default, preferred)
-    };
-    let mut files: Vec<(String, Option<String>)> = [
-        "model_index.json",
-        "scheduler/scheduler_config.json",
-        "text_encoder/config.json",
-        "unet/config.json",
-        "vae/config.json",
-        "tokenizer/vocab.json",
-        "tokenizer/merges.txt",
-    ]
-    .iter()
-    .map(|f| (f.to_string(), None))
-    .collect();
-    for (dir, stem) in [
-        ("text_encoder", "model"),
-        ("unet", "diffusion_pytorch_model"),
-        ("vae", "diffusion_pytorch_model"),
-    ] {
-        let (default, preferred) = weights(dir, stem);
-        files.push((default, preferred));
-    }
-    files
+/// The components of a pipeline folder that Brushfire's pipelines read (model_index.json keys):
+/// SD's, IF stage II's image-noising scheduler and the x4 upscaler's low-res scheduler. Safety
+/// checkers, feature extractors and watermarkers are not fetched.
+const READ_COMPONENTS: &[&str] = &[
+    "unet",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "scheduler",
+    "image_noising_scheduler",
+    "low_res_scheduler",
+];
+
+/// The weights variant of a file name (`fp16` in `diffusion_pytorch_model.fp16.safetensors` or
+/// `model.fp16-00001-of-00002.safetensors`), `None` for the default weights.
+fn weights_variant(file: &str) -> Option<&str> {
+    let name = file.rsplit('/').next().unwrap_or(file);
+    let stem = name.strip_suffix(".safetensors")?;
+    let tail = stem.split_once('.')?.1;
+    Some(tail.split('-').next().unwrap_or(tail))
 }
 
-/// Optional tokenizer files fetched when the repository has them.
-const OPTIONAL_FILES: &[&str] = &[
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
-    "tokenizer/tokenizer.json",
-];
+/// The files of a pipeline repository its pipeline reads, from its model_index.json and its
+/// file list (`listing`, paths relative to the repository): model_index.json; each component's
+/// configs; the tokenizer's files; each model's safetensors weights, all shards of one
+/// variant (`variant` where the component has it, else the default weights; `non_ema` and
+/// other variants are skipped). An error names what a component lacks.
+pub fn pipeline_files(
+    index: &serde_json::Value,
+    listing: &[String],
+    variant: Option<&str>,
+) -> std::result::Result<Vec<String>, String> {
+    let obj = index
+        .as_object()
+        .ok_or("model_index.json is not a JSON object")?;
+    let mut files = vec!["model_index.json".to_string()];
+    for (name, value) in obj {
+        let present = value
+            .as_array()
+            .is_some_and(|a| a.get(1).is_some_and(|c| !c.is_null()));
+        if !present || !READ_COMPONENTS.contains(&name.as_str()) {
+            continue;
+        }
+        let prefix = format!("{name}/");
+        let own: Vec<&str> = listing
+            .iter()
+            .filter_map(|f| f.strip_prefix(&prefix))
+            .filter(|rest| !rest.contains('/'))
+            .collect();
+        let has = |f: &str| own.contains(&f);
+        let wanted = variant.filter(|v| {
+            own.iter()
+                .any(|f| f.ends_with(".safetensors") && weights_variant(f) == Some(*v))
+        });
+        let mut weights = 0;
+        for f in &own {
+            let keep = if f.ends_with(".safetensors") {
+                let keep = weights_variant(f) == wanted;
+                weights += usize::from(keep);
+                keep
+            } else {
+                f.ends_with(".json")
+                    || (name == "tokenizer"
+                        && (f.ends_with(".model") || f.ends_with(".txt") || f.ends_with(".json")))
+            };
+            if keep {
+                files.push(format!("{prefix}{f}"));
+            }
+        }
+        let complete = match name.as_str() {
+            "unet" | "vae" | "text_encoder" => has("config.json") && weights > 0,
+            "tokenizer" => {
+                has("tokenizer.json")
+                    || has("spiece.model")
+                    || (has("vocab.json") && has("merges.txt"))
+            }
+            _ => has("scheduler_config.json"),
+        };
+        if !complete {
+            return Err(format!(
+                "its `{name}` folder lacks {}",
+                match name.as_str() {
+                    "unet" | "vae" | "text_encoder" => "config.json or safetensors weights",
+                    "tokenizer" => "tokenizer files",
+                    _ => "scheduler_config.json",
+                }
+            ));
+        }
+    }
+    Ok(files)
+}
+
+/// Every file under `dir`, relative to it (two levels: a pipeline folder's components).
+fn listing_of(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if path.is_file() {
+            out.push(name);
+        } else if path.is_dir()
+            && let Ok(inner) = std::fs::read_dir(&path)
+        {
+            out.extend(
+                inner
+                    .flatten()
+                    .filter(|e| e.path().is_file())
+                    .map(|e| format!("{name}/{}", e.file_name().to_string_lossy())),
+            );
+        }
+    }
+    out
+}
 
 /// The HF cache `hf-hub` and `huggingface_hub` share (`$HF_HOME/hub`, default
 /// `~/.cache/huggingface/hub`).
@@ -177,7 +255,16 @@ pub fn cached_snapshot_of(
     layout: RepoLayout,
 ) -> Option<PathBuf> {
     let cached = cache.repo(repo(repo_id, revision));
-    let files = layout.required_files(variant);
+    if layout == RepoLayout::Pipeline {
+        let index = cached.get("model_index.json")?;
+        let dir = index.parent()?.to_path_buf();
+        let json = std::fs::read_to_string(&index).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&json).ok()?;
+        let listing = listing_of(&dir);
+        pipeline_files(&json, &listing, variant).ok()?;
+        return Some(dir);
+    }
+    let files = RepoLayout::model_files(variant);
     let index = cached.get(&files.first()?.0)?;
     for (default, preferred) in files {
         let found = preferred
@@ -345,8 +432,32 @@ fn download(
         .info()
         .map_err(|e| hub_error(repo_id, &e.to_string()))?;
     let listed = |f: &str| info.siblings.iter().any(|s| s.rfilename == f);
+    if layout == RepoLayout::Pipeline {
+        if !listed("model_index.json") {
+            return Err(EngineError::Hub(format!(
+                "`{repo_id}` has no `model_index.json`: is it {}?",
+                layout.described()
+            )));
+        }
+        let index_path = fetch(&api_repo, "model_index.json", progress, repo_id)?;
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            EngineError::Hub(format!("`{repo_id}`: model_index.json is not JSON ({e})"))
+        })?;
+        let listing: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+        let files = pipeline_files(&json, &listing, variant)
+            .map_err(|e| EngineError::Hub(format!("`{repo_id}`: {e}")))?;
+        for file in files.iter().skip(1) {
+            fetch(&api_repo, file, progress, repo_id)?;
+        }
+        return index_path
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| EngineError::Hub(format!("`{repo_id}`: no snapshot folder")));
+    }
     let mut index = None;
-    let files = layout.required_files(variant);
+    let files = RepoLayout::model_files(variant);
     let anchor = files.first().map(|(f, _)| f.clone()).unwrap_or_default();
     for (default, preferred) in files {
         let file = match preferred {
@@ -362,11 +473,6 @@ fn download(
         let path = fetch(&api_repo, &file, progress, repo_id)?;
         if file == anchor {
             index = Some(path);
-        }
-    }
-    if layout == RepoLayout::Pipeline {
-        for file in OPTIONAL_FILES.iter().filter(|f| listed(f)) {
-            fetch(&api_repo, file, progress, repo_id)?;
         }
     }
     index
