@@ -137,7 +137,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Tensor `image` [B,H,W,3] f32 in [0,1] (diffusers' output_type="np"); IF stages also
-    /// write `image_pt` [B,3,H,W] in [-1,1] (output_type="pt", the next stage's input).
+    /// write `image_pt` [B,3,H,W] in [-1,1] (output_type="pt", the next stage's input) and the
+    /// T5 embeddings `prompt_embeds`/`negative_prompt_embeds` (the next stage's --prompt-embeds).
     #[arg(long)]
     pub save_array: Option<PathBuf>,
     /// auto | cuda | wgpu | cpu
@@ -499,10 +500,17 @@ impl BackendTask for GenerateTask {
             );
         }
         if let Some(path) = &save_array {
-            match &out.raw {
-                Some(raw) => write_safetensors(path, &[("image", &out.images), ("image_pt", raw)])?,
-                None => write_safetensors(path, &[("image", &out.images)])?,
+            let mut tensors = vec![("image", &out.images)];
+            if let Some(raw) = &out.raw {
+                tensors.push(("image_pt", raw));
             }
+            if let Some(embeds) = &out.prompt_embeds {
+                tensors.push(("prompt_embeds", &embeds.prompt_embeds));
+                if let Some(neg) = &embeds.negative_prompt_embeds {
+                    tensors.push(("negative_prompt_embeds", neg));
+                }
+            }
+            write_safetensors(path, &tensors)?;
             eprintln!("wrote {}", path.display());
         }
         let output = output.or_else(|| {

@@ -799,6 +799,9 @@ fn if_cascade_and_x4_upscaler_equal_diffusers() {
             "1",
             "--image-array",
             ours.to_str().unwrap(),
+            // Stage I's T5 embeddings, also in its --save-array file.
+            "--prompt-embeds",
+            ours.to_str().unwrap(),
         ],
     );
     assert_eq!(chained["image"].shape, vec![2, 32, 32, 3]);

@@ -25,7 +25,7 @@ use crate::loading::{DownloadProgress, resolve_controlnet, resolve_model};
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::pipelines::deepfloyd_if::{IFPipeline, is_if_folder};
 use crate::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
-use crate::pipelines::{CancelToken, GenerationRequest, StepObserver, StepProgress};
+use crate::pipelines::{CancelToken, GenerationRequest, PromptEmbeds, StepObserver, StepProgress};
 use crate::tensor_io::HostTensor;
 
 /// Identifies a queued generation.
@@ -133,6 +133,8 @@ pub enum EngineEvent {
         images: HostTensor,
         /// IF's images as its next stage takes them, `[batch, 3, h, w]` in [-1, 1].
         raw: Option<HostTensor>,
+        /// IF's T5 embeddings of the prompt, for the next stage.
+        prompt_embeds: Option<PromptEmbeds>,
         scheduler: &'static str,
         elapsed_secs: f64,
         /// What the user should know about the run (e.g. steps redone in f32).
@@ -647,6 +649,7 @@ impl Worker {
             job,
             images: out.images,
             raw: out.raw,
+            prompt_embeds: out.prompt_embeds,
             scheduler: out.scheduler,
             elapsed_secs: start.elapsed().as_secs_f64(),
             notes: out.notes,

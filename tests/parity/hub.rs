@@ -248,6 +248,15 @@ fn pipeline_files_follow_model_index_and_the_repository_listing() {
             .iter()
             .any(|f| f.contains("fp16-0000") || f.starts_with("safety"))
     );
+    // IF stage II's folder: its copy of T5 is not fetched (stage I's embeddings are used).
+    let mut stage2_index = if_index.clone();
+    stage2_index["_class_name"] = "IFSuperResolutionPipeline".into();
+    let stage2 = pipeline_files(&stage2_index, &if_files, None).unwrap();
+    assert!(
+        !stage2.iter().any(|f| f.starts_with("text_encoder/")),
+        "{stage2:?}"
+    );
+    assert!(stage2.contains(&"tokenizer/spiece.model".to_string()));
     // A component without weights is named.
     let missing: Vec<String> = if_files
         .iter()

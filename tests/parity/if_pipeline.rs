@@ -115,6 +115,29 @@ fn if_stage_ii_matches_diffusers() {
     );
 }
 
+/// Stage II fed stage I's T5 embeddings (what the app and `--save-array` hand on) gives
+/// diffusers' stage II images without running T5 itself.
+#[test]
+fn if_stage_ii_takes_stage_is_embeddings() {
+    let one = load("tiny-if");
+    let first = run(&one, &stage1_request(), "if_stage1");
+    let embeds = first.prompt_embeds.expect("stage I returns its embeddings");
+    assert_eq!(embeds.prompt_embeds.shape, vec![1, 77, 16]);
+    let mut two = load("tiny-if-ii");
+    two.set_t5_residency(T5Residency::KeepLoaded);
+    let mut request = stage2_request();
+    request.prompt_embeds = Some(embeds);
+    let out = run(&two, &request, "if_stage2");
+    assert!(!two.t5_loaded(), "stage II did not load T5");
+    assert_close(
+        &out.images,
+        &refs("if_stage2")["image"],
+        1e-4,
+        1e-4,
+        "stage II from stage I's embeddings",
+    );
+}
+
 /// Prompt embeddings given as tensors (the seed benchmark's way) give the same images as the
 /// prompt encoded by T5, and then T5 is never loaded.
 #[test]

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Result, bail};
 use eframe::egui;
-use engine::pipelines::{GenerationRequest, PipelineKind};
+use engine::pipelines::{GenerationRequest, PipelineKind, PromptEmbeds};
 use engine::tensor_io::HostTensor;
 use engine::worker::JobId;
 use serde::{Deserialize, Serialize};
@@ -94,6 +94,8 @@ pub struct StageResult {
     pub images: HostTensor,
     /// What the next stage takes: `[batch, 3, h, w]` in [-1, 1] (IF's stages), else `None`.
     pub raw: Option<HostTensor>,
+    /// IF's T5 embeddings of the prompt: stage II takes them instead of running T5 again.
+    pub prompt_embeds: Option<PromptEmbeds>,
     pub it_per_sec: f64,
     pub elapsed_secs: f64,
     texture: OnceLock<egui::TextureHandle>,
@@ -223,6 +225,10 @@ impl CascadeState {
             request.batch = input.shape[0];
             request.noise_level = Some(s.noise_level);
             request.image_array = Some(input);
+            if i == 1 {
+                // Stage I's T5 embeddings (IF-II's folder need not hold T5).
+                request.prompt_embeds.clone_from(&previous.prompt_embeds);
+            }
         }
         Ok((request, s.model.trim().to_string()))
     }
@@ -233,7 +239,7 @@ impl CascadeState {
         &mut self,
         i: usize,
         images: HostTensor,
-        raw: Option<HostTensor>,
+        (raw, prompt_embeds): (Option<HostTensor>, Option<PromptEmbeds>),
         it_per_sec: f64,
         elapsed_secs: f64,
     ) {
@@ -243,6 +249,7 @@ impl CascadeState {
         self.results[i] = Some(StageResult {
             images,
             raw,
+            prompt_embeds,
             it_per_sec,
             elapsed_secs,
             texture: OnceLock::new(),
@@ -293,7 +300,20 @@ mod tests {
             shape: vec![2, 3, 64, 64],
             values: vec![0.25; 2 * 3 * 64 * 64],
         };
-        c.finished(0, images(2, 64), Some(raw.clone()), 3.0, 1.0);
+        let embeds = PromptEmbeds {
+            prompt_embeds: HostTensor {
+                shape: vec![1, 2, 4],
+                values: vec![0.5; 8],
+            },
+            negative_prompt_embeds: None,
+        };
+        c.finished(
+            0,
+            images(2, 64),
+            (Some(raw.clone()), Some(embeds.clone())),
+            3.0,
+            1.0,
+        );
         assert!(c.running.is_none() && c.can_run(1));
         let (r, _) = c.request(1, "a corgi", "blurry", 7, 2).unwrap();
         assert_eq!(
@@ -301,8 +321,10 @@ mod tests {
             (PipelineKind::IfStage2, 256, 256, 2, Some(250))
         );
         assert_eq!(r.image_array.as_ref(), Some(&raw), "stage I's raw output");
+        assert_eq!(r.prompt_embeds, Some(embeds), "stage I's T5 embeddings");
+        assert_eq!(r.prompt, "a corgi", "kept for the images' parameters");
         // A result without raw images (the x4 input from shown pixels) maps [0, 1] → [-1, 1].
-        c.finished(1, images(1, 4), None, 2.0, 1.0);
+        c.finished(1, images(1, 4), (None, None), 2.0, 1.0);
         let (r, _) = c.request(2, "p", "", 7, 2).unwrap();
         let input = r.image_array.unwrap();
         assert_eq!(input.shape, vec![1, 3, 4, 4]);
@@ -311,7 +333,7 @@ mod tests {
         assert_eq!(input.values[0], -1.0);
         assert_eq!((r.pipeline, r.width), (PipelineKind::Upscale, 16));
         // Re-running stage I drops what was made from its old output.
-        c.finished(0, images(2, 64), None, 3.0, 1.0);
+        c.finished(0, images(2, 64), (None, None), 3.0, 1.0);
         assert!(c.results[1].is_none() && c.results[2].is_none());
     }
 

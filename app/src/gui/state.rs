@@ -760,6 +760,7 @@ impl AppState {
                 job,
                 images,
                 raw,
+                prompt_embeds,
                 scheduler,
                 elapsed_secs,
                 notes,
@@ -769,8 +770,13 @@ impl AppState {
                     self.add_images(&job, &images, scheduler);
                     if let Some(stage) = job.cascade_stage {
                         let rate = job.request.steps as f64 / elapsed_secs.max(1e-9);
-                        self.cascade
-                            .finished(stage, images, raw, rate, elapsed_secs);
+                        self.cascade.finished(
+                            stage,
+                            images,
+                            (raw, prompt_embeds),
+                            rate,
+                            elapsed_secs,
+                        );
                         if self.cascade.chain && stage + 1 < STAGES {
                             self.queue_stage(stage + 1);
                         } else {

@@ -142,7 +142,16 @@ pub fn pipeline_files(
         .as_object()
         .ok_or("model_index.json is not a JSON object")?;
     let mut files = vec!["model_index.json".to_string()];
+    // IF stage II takes stage I's prompt embeddings (as DeepFloyd's and diffusers' docs load
+    // it, `text_encoder=None`): its copy of T5-XXL (~19 GB) is not fetched.
+    let stage2 = obj
+        .get("_class_name")
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|c| c.starts_with("IFSuperResolution"));
     for (name, value) in obj {
+        if stage2 && name == "text_encoder" {
+            continue;
+        }
         let present = value
             .as_array()
             .is_some_and(|a| a.get(1).is_some_and(|c| !c.is_null()));

@@ -296,8 +296,18 @@ impl<B: Backend> IFPipeline<B> {
     /// The CFG conditioning `[negative; positive]`, each repeated per image (or the positive
     /// alone without guidance): `[2·batch or batch, tokens, d]` (diffusers' `encode_prompt`).
     pub fn encode_prompt(&self, request: &GenerationRequest) -> Result<Tensor<B, 3>> {
+        let (positive, negative) = self.prompt_pair(request)?;
+        Ok(self.cfg_context(request, positive, negative))
+    }
+
+    /// `[negative; positive]` repeated per image, in the UNet's precision.
+    fn cfg_context(
+        &self,
+        request: &GenerationRequest,
+        positive: Tensor<B, 3>,
+        negative: Option<Tensor<B, 3>>,
+    ) -> Tensor<B, 3> {
         let batch = request.batch;
-        let cfg = request.do_classifier_free_guidance();
         let repeat = |t: Tensor<B, 3>| {
             if t.dims()[0] == batch {
                 t
@@ -305,7 +315,22 @@ impl<B: Backend> IFPipeline<B> {
                 t.repeat_dim(0, batch)
             }
         };
-        let (positive, negative) = match &request.prompt_embeds {
+        let dtype = self.unet.conv_in.weight.dtype();
+        let positive = repeat(positive.cast(dtype));
+        match negative {
+            Some(neg) => Tensor::cat(vec![repeat(neg.cast(dtype)), positive], 0),
+            None => positive,
+        }
+    }
+
+    /// The prompt's and (with guidance) the negative prompt's embeddings, `[1 or batch, tokens,
+    /// d]` each: given as tensors, else T5's.
+    fn prompt_pair(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<(Tensor<B, 3>, Option<Tensor<B, 3>>)> {
+        let cfg = request.do_classifier_free_guidance();
+        Ok(match &request.prompt_embeds {
             Some(embeds) => {
                 let pos = embeds
                     .prompt_embeds
@@ -324,12 +349,6 @@ impl<B: Backend> IFPipeline<B> {
                 (both.clone().narrow(0, 1, 1), Some(both.narrow(0, 0, 1)))
             }
             None => (self.encode_texts(&[&request.prompt])?, None),
-        };
-        let dtype = self.unet.conv_in.weight.dtype();
-        let positive = repeat(positive.cast(dtype));
-        Ok(match negative {
-            Some(neg) => Tensor::cat(vec![repeat(neg.cast(dtype)), positive], 0),
-            None => positive,
         })
     }
 
@@ -354,7 +373,15 @@ impl<B: Backend> IFPipeline<B> {
         let batch = request.batch;
 
         // 3. Encode the prompt.
-        let context = self.encode_prompt(request)?;
+        let (positive, negative) = self.prompt_pair(request)?;
+        let prompt_embeds = crate::pipelines::PromptEmbeds {
+            prompt_embeds: HostTensor::from_tensor(positive.clone().cast(DType::F32))?,
+            negative_prompt_embeds: negative
+                .as_ref()
+                .map(|n| HostTensor::from_tensor(n.clone().cast(DType::F32)))
+                .transpose()?,
+        };
+        let context = self.cfg_context(request, positive, negative);
         cancel.check()?;
 
         // 4. Timesteps.
@@ -418,6 +445,7 @@ impl<B: Backend> IFPipeline<B> {
             scheduler: scheduler.name(),
             notes: collector.notes,
             raw: Some(raw),
+            prompt_embeds: Some(prompt_embeds),
         })
     }
 

@@ -51,6 +51,9 @@ pub struct GenerationOutput {
     /// IF's images as the next stage takes them: `[batch, 3, h, w]` in [-1, 1], not clamped
     /// (diffusers' `output_type="pt"`); `None` for latent-space pipelines.
     pub raw: Option<HostTensor>,
+    /// IF's T5 embeddings of the prompt (`[1, tokens, d]` each), so the next stage need not run
+    /// T5 again (as diffusers' IF docs pass stage I's to stage II); `None` elsewhere.
+    pub prompt_embeds: Option<crate::pipelines::PromptEmbeds>,
 }
 
 /// The SD 1.5 configs, tokenizer and scheduler config single-file checkpoints are read with:
@@ -489,6 +492,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             scheduler: scheduler.name(),
             notes,
             raw: None,
+            prompt_embeds: None,
         })
     }
 

@@ -63,6 +63,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             scheduler: scheduler.name(),
             notes,
             raw: None,
+            prompt_embeds: None,
         })
     }
 

@@ -162,6 +162,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             scheduler: scheduler.name(),
             notes,
             raw: None,
+            prompt_embeds: None,
         })
     }
 }

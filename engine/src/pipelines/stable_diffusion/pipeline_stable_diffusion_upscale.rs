@@ -113,6 +113,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             scheduler: scheduler.name(),
             notes: collector.notes,
             raw: None,
+            prompt_embeds: None,
         })
     }
 }
