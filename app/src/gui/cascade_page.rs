@@ -67,20 +67,20 @@ fn stage_ui(ui: &mut egui::Ui, state: &mut AppState, i: usize) -> Option<StageAc
     let running = state.cascade.running.filter(|(stage, _)| *stage == i);
     let can_run = state.cascade.can_run(i);
     let s = &mut state.cascade.stages[i];
+    let label = ui.label("Model");
     ui.add(
         egui::TextEdit::singleline(&mut s.model)
             .hint_text("folder or hub id")
             .desired_width(f32::INFINITY),
     )
-    .labelled_by(ui.label(format!("{name} model")).id);
-    ui.add(egui::Slider::new(&mut s.steps, 1..=200).text(format!("{name} steps")));
-    ui.add(egui::Slider::new(&mut s.guidance, 0.0..=20.0).text(format!("{name} guidance")));
+    .labelled_by(label.id);
+    // Short slider texts: the columns are narrow and the heading names the stage.
+    ui.spacing_mut().slider_width = (ui.available_width() - 110.0).clamp(60.0, 200.0);
+    ui.add(egui::Slider::new(&mut s.steps, 1..=200).text("steps"));
+    ui.add(egui::Slider::new(&mut s.guidance, 0.0..=20.0).text("guidance"));
     if i > 0 {
-        ui.add(
-            egui::Slider::new(&mut s.noise_level, 0..=MAX_NOISE[i])
-                .text(format!("{name} noise level")),
-        )
-        .on_hover_text("Noise added to this stage's input before it is upscaled.");
+        ui.add(egui::Slider::new(&mut s.noise_level, 0..=MAX_NOISE[i]).text("noise"))
+            .on_hover_text("Noise added to this stage's input before it is upscaled.");
     }
     let hint = if i == 0 {
         "Draw 64² images from the prompt."
@@ -100,6 +100,17 @@ fn stage_ui(ui: &mut egui::Ui, state: &mut AppState, i: usize) -> Option<StageAc
         action = Some(StageAction::Run(i));
     }
     if let Some((_, job)) = running {
+        if let Some(preview) = state
+            .jobs
+            .iter_mut()
+            .find(|j| j.id == job)
+            .and_then(|j| j.preview.as_mut())
+        {
+            // IF denoises pixels: the preview is the image itself.
+            let texture = preview.texture(ui.ctx());
+            let room = ui.available_width();
+            ui.add(egui::Image::new(&texture).fit_to_exact_size(egui::vec2(room, room)));
+        }
         match state
             .jobs
             .iter()

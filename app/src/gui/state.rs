@@ -769,7 +769,11 @@ impl AppState {
                     let job = self.jobs.remove(index);
                     self.add_images(&job, &images, scheduler);
                     if let Some(stage) = job.cascade_stage {
-                        let rate = job.request.steps as f64 / elapsed_secs.max(1e-9);
+                        // The denoising loop's own rate (model loading and T5 excluded).
+                        let rate = match &job.state {
+                            JobState::Running(Some(p)) => p.it_per_sec,
+                            _ => job.request.steps as f64 / elapsed_secs.max(1e-9),
+                        };
                         self.cascade.finished(
                             stage,
                             images,
