@@ -142,3 +142,45 @@ impl StepClock {
         }
     }
 }
+
+/// The scheduler a request asks for: its own config, else the model's `model_config`; its class
+/// override, else the config's `_class_name`.
+pub(crate) fn request_scheduler<B: burn::tensor::backend::Backend>(
+    request: &GenerationRequest,
+    model_config: &serde_json::Value,
+) -> Result<Box<dyn crate::schedulers::Scheduler<B>>> {
+    let config = request.scheduler_config.as_ref().unwrap_or(model_config);
+    crate::schedulers::from_config_json::<B>(config, request.scheduler)
+}
+
+/// One Gaussian draw of `shape` from `noise`, on `device`.
+pub(crate) fn randn_tensor<B: burn::tensor::backend::Backend>(
+    noise: &mut dyn crate::noise::NoiseSource,
+    shape: &[usize],
+    device: &B::Device,
+) -> Result<burn::tensor::Tensor<B, 4>> {
+    HostTensor {
+        shape: shape.to_vec(),
+        values: noise.randn(shape)?,
+    }
+    .to_tensor::<B, 4>("noise", device)
+}
+
+/// An image `[h, w, 3]` in [0, 1], resized to `width × height` if needed, as a model input:
+/// `[1, 3, height, width]` f32 in [-1, 1] (diffusers' `preprocess` + normalise).
+pub(crate) fn image_to_nchw<B: burn::tensor::backend::Backend>(
+    image: &HostTensor,
+    width: usize,
+    height: usize,
+    device: &B::Device,
+) -> Result<burn::tensor::Tensor<B, 4>> {
+    image_processor::image_size(image, "image", 3)?;
+    let image = image_processor::resize(image, width, height)?;
+    Ok(image
+        .to_tensor::<B, 3>("image", device)?
+        .cast(burn::tensor::DType::F32)
+        .permute([2, 0, 1])
+        .unsqueeze_dim::<4>(0)
+        .mul_scalar(2.0)
+        .sub_scalar(1.0))
+}

@@ -28,15 +28,16 @@ use crate::models::text_encoders::t5_tokenizer::T5Tokenizer;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::weights::load_safetensors;
 use crate::noise::{NoiseSource, TorchGenerator};
-use crate::pipelines::image_processor::{image_size, resize};
+use crate::pipelines::image_processor::image_size;
 use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::{read_json_file, weights_file};
 use crate::pipelines::stable_diffusion::{
     DenoiseOptions, GenerationOutput, InpaintConditioning, LoadOptions, PreviewKind, denoise,
 };
 use crate::pipelines::{
     CancelToken, GenerationRequest, ModelLimits, NoteCollector, PipelineKind, StepObserver,
+    image_to_nchw, randn_tensor,
 };
-use crate::schedulers::{self, Scheduler, noising_scheduler};
+use crate::schedulers::{Scheduler, noising_scheduler};
 use crate::tensor_io::HostTensor;
 
 /// Whether T5 stays loaded between prompts.
@@ -238,11 +239,7 @@ impl<B: Backend> IFPipeline<B> {
     /// The scheduler the request asks for (its config, else the model's; its class override,
     /// else the config's `_class_name`).
     pub fn scheduler_for(&self, request: &GenerationRequest) -> Result<Box<dyn Scheduler<B>>> {
-        let config = request
-            .scheduler_config
-            .as_ref()
-            .unwrap_or(&self.scheduler_config);
-        schedulers::from_config_json::<B>(config, request.scheduler)
+        crate::pipelines::request_scheduler(request, &self.scheduler_config)
     }
 
     /// T5 embeddings `[texts, 77, d]` of `texts` (IF's preprocessing, attention mask), from the
@@ -391,7 +388,7 @@ impl<B: Backend> IFPipeline<B> {
         let shape = [batch, self.image_channels(), request.height, request.width];
         let images = match &request.latents {
             Some(l) => l.to_tensor::<B, 4>("latents", &self.device)?,
-            None => randn::<B>(noise, &shape, &self.device)?,
+            None => randn_tensor::<B>(noise, &shape, &self.device)?,
         };
         let dtype = context.dtype();
         let images = images.cast(dtype).mul_scalar(scheduler.init_noise_sigma());
@@ -476,7 +473,7 @@ impl<B: Backend> IFPipeline<B> {
             InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(true),
         );
         let level = request.noise_level();
-        let image_noise = randn::<B>(noise, &upscaled.dims(), &self.device)?;
+        let image_noise = randn_tensor::<B>(noise, &upscaled.dims(), &self.device)?;
         let upscaled = noising.add_noise_at_timestep(upscaled, image_noise, level)?;
         let dtype = self.unet.conv_in.weight.dtype();
         let upscaled = upscaled.cast(dtype);
@@ -495,19 +492,6 @@ impl<B: Backend> IFPipeline<B> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// One Gaussian draw of `shape` from `noise`, on `device`.
-fn randn<B: Backend>(
-    noise: &mut dyn NoiseSource,
-    shape: &[usize],
-    device: &B::Device,
-) -> Result<Tensor<B, 4>> {
-    HostTensor {
-        shape: shape.to_vec(),
-        values: noise.randn(shape)?,
-    }
-    .to_tensor::<B, 4>("noise", device)
 }
 
 /// The upscalers' input as `[n, 3, h, w]` f32 in [-1, 1]: the request's `image_array` as given,
@@ -536,16 +520,8 @@ pub(crate) fn cascade_input<B: Backend>(
                 .cast(DType::F32))
         }
         (None, Some(image)) => {
-            let (w, h) = image_size(image, "image", 3)?;
-            let (w, h) = size.unwrap_or((w, h));
-            let image = resize(image, w, h)?;
-            Ok(image
-                .to_tensor::<B, 3>("image", device)?
-                .cast(DType::F32)
-                .permute([2, 0, 1])
-                .unsqueeze_dim::<4>(0)
-                .mul_scalar(2.0)
-                .sub_scalar(1.0))
+            let (w, h) = size.map_or_else(|| image_size(image, "image", 3), Ok)?;
+            image_to_nchw(image, w, h, device)
         }
         (None, None) => Err(EngineError::invalid(
             "image",

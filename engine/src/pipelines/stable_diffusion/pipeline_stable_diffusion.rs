@@ -28,7 +28,7 @@ use crate::pipelines::{
     CancelToken, GenerationRequest, ModelLimits, NoteCollector, PipelineKind, StepClock,
     StepObserver,
 };
-use crate::schedulers::{self, Scheduler};
+use crate::schedulers::Scheduler;
 use crate::tensor_io::HostTensor;
 use crate::tensor_io::read_safetensors_keys;
 
@@ -343,11 +343,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// Builds the scheduler the request asks for (its config, else the model's; its class
     /// override, else the config's `_class_name`).
     pub fn scheduler_for(&self, request: &GenerationRequest) -> Result<Box<dyn Scheduler<B>>> {
-        let config = request
-            .scheduler_config
-            .as_ref()
-            .unwrap_or(&self.scheduler_config);
-        schedulers::from_config_json::<B>(config, request.scheduler)
+        crate::pipelines::request_scheduler(request, &self.scheduler_config)
     }
 
     /// Encodes prompts to embeddings `[n, 77, dim]` (diffusers' `encode_prompt`, no clip-skip).
@@ -513,11 +509,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         noise: &mut dyn NoiseSource,
         shape: &[usize],
     ) -> Result<Tensor<B, 4>> {
-        HostTensor {
-            shape: shape.to_vec(),
-            values: noise.randn(shape)?,
-        }
-        .to_tensor::<B, 4>("noise", &self.device)
+        crate::pipelines::randn_tensor(noise, shape, &self.device)
     }
 
     /// The denoising loop from scheduler step `first_step` to the end, with the request's

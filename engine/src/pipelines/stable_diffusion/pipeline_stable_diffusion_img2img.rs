@@ -7,7 +7,6 @@ use burn::tensor::{DType, Tensor, backend::Backend};
 
 use crate::error::Result;
 use crate::noise::NoiseSource;
-use crate::pipelines::image_processor::{image_size, resize};
 use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::Conditioning;
 use crate::pipelines::stable_diffusion::{GenerationOutput, StableDiffusionPipeline};
 use crate::pipelines::{CancelToken, GenerationRequest, StepObserver};
@@ -78,15 +77,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let image = image.ok_or_else(|| {
             crate::error::EngineError::invalid("image", "this pipeline needs an init image")
         })?;
-        image_size(image, "image", 3)?;
-        let image = resize(image, width, height)?;
-        Ok(image
-            .to_tensor::<B, 3>("image", &self.device)?
-            .cast(DType::F32)
-            .permute([2, 0, 1])
-            .unsqueeze_dim::<4>(0)
-            .mul_scalar(2.0)
-            .sub_scalar(1.0))
+        crate::pipelines::image_to_nchw(image, width, height, &self.device)
     }
 
     /// VAE-encodes `image` (`[n, 3, h, w]` in [-1, 1]) and draws one posterior sample
