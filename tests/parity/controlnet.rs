@@ -33,9 +33,14 @@ fn residuals(r: &Refs, prefix: &str) -> ControlResiduals<Cpu> {
 #[test]
 fn controlnet_residuals_match_diffusers() {
     let r = refs("controlnet");
-    for processor in [AttnProcessor::Vanilla, AttnProcessor::Fused] {
+    for (processor, format) in [
+        (AttnProcessor::Vanilla, MemoryFormat::Contiguous),
+        (AttnProcessor::Fused, MemoryFormat::Contiguous),
+        (AttnProcessor::Fused, MemoryFormat::ChannelsLast),
+    ] {
         let mut controlnet = load_controlnet();
         controlnet.set_attn_processor(processor);
+        controlnet.set_memory_format(format);
         for (prefix, guess) in [("", false), ("guess_", true)] {
             let out = controlnet
                 .forward(
@@ -256,6 +261,24 @@ mod pipeline {
         check(&pipe, "controlnet_pndm", false);
         // Guess mode, scale 0.7, the ControlNet only on steps 2-4 of 5, from the tape.
         check(&pipe, "controlnet_ddim_guess", true);
+    }
+
+    /// Channels-last reaches the ControlNet whether it is set before or after the ControlNet
+    /// loads, and changes nothing beyond the parity bound.
+    #[test]
+    fn controlnet_pipeline_in_channels_last_matches_diffusers() {
+        use engine::models::MemoryFormat;
+        let mut pipe = pipeline();
+        pipe.set_memory_format(MemoryFormat::ChannelsLast);
+        let format =
+            |p: &StableDiffusionPipeline<Cpu>| p.controlnet.as_ref().unwrap().memory_format();
+        assert_eq!(format(&pipe), MemoryFormat::ChannelsLast);
+        check(&pipe, "controlnet_pndm", false);
+        pipe.load_controlnet(&fixture("tiny-controlnet")).unwrap();
+        assert_eq!(format(&pipe), MemoryFormat::ChannelsLast);
+        check(&pipe, "controlnet_ddim_guess", true);
+        pipe.set_memory_format(MemoryFormat::Contiguous);
+        assert_eq!(format(&pipe), MemoryFormat::Contiguous);
     }
 
     #[test]

@@ -17,8 +17,9 @@ use crate::error::{EngineError, Result};
 use crate::loading::single_file::{map_controlnet_keys, single_file_layers_per_block};
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::config::{ModelConfig, read_config};
+use crate::models::conv::conv2d_forward_in;
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
-use crate::models::layout::MemoryFormat;
+use crate::models::layout::{ConvWeightLayout, MemoryFormat, map_in_place};
 use crate::models::normalization::conv2d;
 use crate::models::unets::unet_2d_blocks::{
     DownBlock2D, UNetMidBlock2DCrossAttn, set_blocks_processor,
@@ -107,13 +108,13 @@ impl<B: Backend> ControlNetConditioningEmbedding<B> {
         })
     }
 
-    /// `[b, channels, H, W]` → `[b, out, H / 2^stages, W / 2^stages]`.
-    pub fn forward(&self, image: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = silu(self.conv_in.forward(image));
+    /// `[b, channels, H, W]` → `[b, out, H / 2^stages, W / 2^stages]`, both in `format`.
+    pub fn forward(&self, image: Tensor<B, 4>, format: MemoryFormat) -> Tensor<B, 4> {
+        let mut x = silu(conv2d_forward_in(&self.conv_in, image, format));
         for block in &self.blocks {
-            x = silu(block.forward(x));
+            x = silu(conv2d_forward_in(block, x, format));
         }
-        self.conv_out.forward(x)
+        conv2d_forward_in(&self.conv_out, x, format)
     }
 
     /// How much smaller than the control image the latent grid is.
@@ -138,6 +139,8 @@ pub struct ControlNetModel<B: Backend> {
     pub bgr: bool,
     pub global_pool_conditions: bool,
     pub class_embeddings_concat: bool,
+    #[module(skip)]
+    memory_format: MemoryFormat,
 }
 
 impl ControlNetConfig {
@@ -206,6 +209,7 @@ impl ControlNetConfig {
             bgr,
             global_pool_conditions: self.global_pool_conditions,
             class_embeddings_concat: unet.class_embeddings_concat,
+            memory_format: MemoryFormat::Contiguous,
         })
     }
 }
@@ -265,6 +269,36 @@ impl<B: Backend> ControlNetModel<B> {
         );
     }
 
+    /// The memory format of the feature maps inside, as the UNet's
+    /// ([`crate::models::unets::UNet2DConditionModel::set_memory_format`]): conv weights stored in its order,
+    /// activations kept in it from the control image and `conv_in` to the zero convolutions.
+    /// Inputs and residuals stay NCHW (the residuals as views of the format's memory, which a
+    /// UNet in the same format adds without a copy).
+    pub fn set_memory_format(&mut self, format: MemoryFormat) {
+        if format == self.memory_format {
+            return;
+        }
+        let mut mapper = ConvWeightLayout(format);
+        map_in_place(&mut self.conv_in, &mut mapper);
+        map_in_place(&mut self.controlnet_cond_embedding, &mut mapper);
+        for block in &mut self.down_blocks {
+            map_in_place(block, &mut mapper);
+        }
+        if let Some(mid) = self.mid_block.as_mut() {
+            map_in_place(mid, &mut mapper);
+        }
+        for conv in &mut self.controlnet_down_blocks {
+            map_in_place(conv, &mut mapper);
+        }
+        map_in_place(&mut self.controlnet_mid_block, &mut mapper);
+        self.memory_format = format;
+    }
+
+    /// The memory format set by [`Self::set_memory_format`].
+    pub fn memory_format(&self) -> MemoryFormat {
+        self.memory_format
+    }
+
     /// One ControlNet evaluation: the residuals for the UNet, scaled by `conditioning_scale`
     /// (in guess mode by `logspace(-1, 0)` × scale, shallow to deep, as diffusers does).
     ///
@@ -313,10 +347,11 @@ impl<B: Backend> ControlNetModel<B> {
             sample.dtype(),
             &sample.device(),
         )?;
+        let format = self.memory_format;
         let cond = self
             .controlnet_cond_embedding
-            .forward(control.cast(sample.dtype()));
-        let (x, skips) = down.run(sample, &emb, context, Some(cond), MemoryFormat::Contiguous);
+            .forward(format.from_nchw(control.cast(sample.dtype())), format);
+        let (x, skips) = down.run(format.from_nchw(sample), &emb, context, Some(cond), format);
         let n = skips.len();
         let scales: Vec<f64> = if guess_mode && !self.global_pool_conditions {
             // torch.logspace(-1, 0, n + 1): n + 1 exponents evenly from -1 to 0.
@@ -337,9 +372,13 @@ impl<B: Backend> ControlNetModel<B> {
             .into_iter()
             .zip(&self.controlnet_down_blocks)
             .zip(&scales)
-            .map(|((skip, zero_conv), &scale)| pool(zero_conv.forward(skip).mul_scalar(scale)))
+            .map(|((skip, zero_conv), &scale)| {
+                let residual = conv2d_forward_in(zero_conv, skip, format).mul_scalar(scale);
+                pool(format.to_nchw(residual))
+            })
             .collect();
-        let mid = pool(self.controlnet_mid_block.forward(x).mul_scalar(scales[n]));
+        let mid = conv2d_forward_in(&self.controlnet_mid_block, x, format).mul_scalar(scales[n]);
+        let mid = pool(format.to_nchw(mid));
         Ok(ControlResiduals { down, mid })
     }
 }

@@ -303,7 +303,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// Loads a ControlNet for the controlnet pipeline (replacing any loaded one): a diffusers
     /// folder, or a single-file checkpoint (original `control_model.` layout) whose config is
     /// this UNet's, as diffusers' `ControlNetModel.from_unet`. It takes the UNet's attention
-    /// processor and precision.
+    /// processor, precision and memory format.
     pub fn load_controlnet(&mut self, dir: &Path) -> Result<()> {
         let (mut controlnet, _) = if dir.is_file() {
             ControlNetModel::<B>::load_single_file(dir, &self.unet_config, &self.device)?
@@ -320,7 +320,9 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             });
         }
         controlnet.set_attn_processor(self.attn_processor);
-        self.controlnet = Some(controlnet.map(&mut CastParams(self.unet.conv_in.weight.dtype())));
+        let mut controlnet = controlnet.map(&mut CastParams(self.unet.conv_in.weight.dtype()));
+        controlnet.set_memory_format(self.unet.memory_format());
+        self.controlnet = Some(controlnet);
         Ok(())
     }
 
@@ -334,10 +336,14 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             .sum::<usize>()
     }
 
-    /// Sets the UNet's memory format (diffusers' `pipe.unet.to(memory_format=torch.channels_last)`;
-    /// the VAE keeps NCHW, as in the seed's benchmark).
+    /// Sets the UNet's and the ControlNet's memory format (diffusers'
+    /// `pipe.unet.to(memory_format=torch.channels_last)`; the VAE keeps NCHW, as in the seed's
+    /// benchmark).
     pub fn set_memory_format(&mut self, format: MemoryFormat) {
         self.unet.set_memory_format(format);
+        if let Some(controlnet) = self.controlnet.as_mut() {
+            controlnet.set_memory_format(format);
+        }
     }
 
     /// Builds the scheduler the request asks for (its config, else the model's; its class
