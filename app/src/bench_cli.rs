@@ -7,8 +7,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use engine::backend::{BackendRequest, Precision, select_backend};
 use engine::bench::{
-    BenchCell, BenchColumn, BenchModels, BenchObserver, BenchPipeline, BenchPlan, CellOutcome,
-    CellSpec, default_precision, run_bench,
+    BenchCell, BenchColumn, BenchModels, BenchObserver, BenchPipeline, BenchPlan, CascadeModels,
+    CellOutcome, CellSpec, default_precision, run_bench,
 };
 use engine::pipelines::{CancelToken, StepProgress};
 use engine::tensor_io::write_atomic;
@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// SD 1.5's (shipped in assets/models/stable-diffusion-v1-5).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The IF row's stage I, stage II and x4 upscaler folders, comma-separated, whose
+    /// `unet/` and `scheduler/` configs replace the shipped IF-I-M, IF-II-M and x4 configs.
+    #[arg(long, value_delimiter = ',')]
+    pub if_models: Vec<PathBuf>,
     /// auto | cuda | wgpu | cpu
     #[arg(long, default_value = "auto")]
     pub backend: String,
@@ -109,6 +113,25 @@ pub fn plan_from_args(args: &BenchArgs, default_dtype: Precision) -> Result<Benc
     Ok(plan)
 }
 
+/// The configs the flags name (SD's and the IF cascade's), read before a backend starts.
+pub fn bench_models(args: &BenchArgs) -> Result<BenchModels> {
+    let mut models = match &args.model {
+        Some(dir) => BenchModels::from_dir(dir)?,
+        None => BenchModels::sd15(),
+    };
+    match args.if_models.as_slice() {
+        [] => {}
+        [stage1, stage2, upscaler] => {
+            models.cascade = Some(CascadeModels::from_dirs(stage1, stage2, upscaler)?);
+        }
+        other => bail!(
+            "--if-models takes three folders (stage I, stage II, x4 upscaler), not {}",
+            other.len()
+        ),
+    }
+    Ok(models)
+}
+
 /// Prints each cell as it finishes, with a per-step progress line.
 struct TerminalBench {
     total: usize,
@@ -151,10 +174,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let backend_request: BackendRequest = args.backend.parse()?;
     // Validate the flags before the backend starts (a CUDA probe can take seconds).
     plan_from_args(args, Precision::F32)?;
-    let models = match &args.model {
-        Some(dir) => BenchModels::from_dir(dir)?,
-        None => BenchModels::sd15(),
-    };
+    let models = bench_models(args)?;
     let selected = select_backend(backend_request)?;
     let plan = plan_from_args(args, default_precision(selected.kind))?;
     eprintln!("backend: {selected}, {}", plan.precision);

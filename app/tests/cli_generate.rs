@@ -881,3 +881,92 @@ fn cascade_flags_are_checked() {
         "noise_level",
     );
 }
+
+#[test]
+fn bench_writes_its_table_for_the_configs_it_is_given() {
+    let (markdown, csv, json) = (temp("bench.md"), temp("bench.csv"), temp("bench.json"));
+    let tiny_if = [
+        fixture("tiny-if"),
+        fixture("tiny-if-ii"),
+        fixture("tiny-sd-x4"),
+    ]
+    .map(|p| p.to_string_lossy().into_owned())
+    .join(",");
+    let out = brushfire(&[
+        "bench",
+        "--backend",
+        "cpu",
+        "--pipelines",
+        "sd-txt2img,if",
+        "--model",
+        fixture("tiny-sd").to_str().unwrap(),
+        "--if-models",
+        &tiny_if,
+        "--batch",
+        "1",
+        "--size",
+        "64",
+        "--columns",
+        "fused",
+        "--steps",
+        "2",
+        "--runs",
+        "1",
+        "--markdown",
+        markdown.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let cells = report["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2);
+    // The IF row ran the tiny cascade's configs, at their own sizes: 16², 32², 32² → 128².
+    let stages = cells[1]["stages"].as_array().unwrap();
+    let widths: Vec<u64> = stages
+        .iter()
+        .map(|s| s["width"].as_u64().unwrap())
+        .collect();
+    assert_eq!(widths, [16, 32, 128], "{report}");
+    let table = std::fs::read_to_string(&markdown).unwrap();
+    assert!(
+        table.contains("random weights from tiny-sd's configs"),
+        "{table}"
+    );
+    assert!(table.contains("stage I 16×16"), "{table}");
+    assert!(table.contains("; stages II and x4 at batch 1;"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("| sd-txt2img | ")));
+    assert_eq!(
+        std::fs::read_to_string(&csv)
+            .unwrap()
+            .matches(",measured,")
+            .count(),
+        2
+    );
+
+    // Two folders, or a folder without configs, fail before any backend starts.
+    let two = format!(
+        "{},{}",
+        fixture("tiny-if").display(),
+        fixture("tiny-if-ii").display()
+    );
+    let out = brushfire(&["bench", "--backend", "cpu", "--if-models", &two]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--if-models takes three folders"),
+        "{stderr}"
+    );
+    let missing = format!("{two},/nonexistent/x4");
+    let out = brushfire(&["bench", "--backend", "cpu", "--if-models", &missing]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/x4"), "{stderr}");
+}

@@ -60,11 +60,13 @@ pub const SEED_PROMPT: &str = "ghibli style, a fantasy landscape with castles";
 /// CLIP's sequence length.
 const TOKENS: usize = 77;
 
-/// A row of the seed's table.
+/// A row of the seed's table (serialised by its CLI name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BenchPipeline {
+    #[serde(rename = "sd-txt2img")]
     SdTxt2Img,
+    #[serde(rename = "sd-img2img")]
     SdImg2Img,
     SdInpaint,
     SdControlnet,
@@ -689,6 +691,7 @@ impl BackendTask for UnetLoopTask<'_> {
             }
             .init::<B>(&device)?;
             model.set_attn_processor(spec.column.attention());
+            model.set_memory_format(unet.memory_format());
             let shape = [2 * spec.batch, 3, spec.height, spec.width];
             let image = HostTensor {
                 shape: shape.to_vec(),
@@ -1071,7 +1074,8 @@ impl BenchReport {
                 .collect();
             let _ = writeln!(
                 out,
-                "The if row is the IF cascade at its own sizes, whatever the table's: {}; stages                  II and x4 at batch 1; random (·, 2, 4096) prompt embeddings in place of T5.\n",
+                "The if row is the IF cascade at its own sizes, whatever the table's: {}; stages II \
+                 and x4 at batch 1; random (·, 2, 4096) prompt embeddings in place of T5.\n",
                 parts.join(", ")
             );
         }

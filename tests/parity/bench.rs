@@ -140,6 +140,11 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
     let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
     assert_eq!(json["cells"].as_array().unwrap().len(), report.cells.len());
     assert_eq!(json["cells"][0]["status"], "measured");
+    // Rows and columns are written by their CLI names (`sd-txt2img`, `channels-last`).
+    for (cell, value) in report.cells.iter().zip(json["cells"].as_array().unwrap()) {
+        assert_eq!(value["pipeline"], cell.spec.pipeline.name());
+        assert_eq!(value["column"], cell.spec.column.name());
+    }
 }
 
 #[test]
