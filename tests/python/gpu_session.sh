@@ -195,9 +195,9 @@ diffusers() { # tag batch steps columns secs
     --markdown "$OUT/diffusers_$1.md" --json "$OUT/diffusers_$1.json"
 }
 measure b1 1 "$STEPS_B1" "${BF_B1_SECS:-120}"
-diffusers b1 1 "$STEPS_B1" baseline,fused,fusion "${D_B1_SECS:-130}"
+diffusers b1 1 "$STEPS_B1" "${D_COLUMNS:-baseline,fused,fusion}" "${D_B1_SECS:-130}"
 measure b16 "$B16" "$STEPS_B16" "${BF_B16_SECS:-75}"
-diffusers b16 "$B16" "$STEPS_B16" baseline,fused,fusion "${D_B16_SECS:-100}"
+diffusers b16 "$B16" "$STEPS_B16" "${D_COLUMNS:-baseline,fused,fusion}" "${D_B16_SECS:-100}"
 
 python3 tests/python/compare_bench.py --brushfire "$OUT"/brushfire_b*.json --diffusers "$OUT"/diffusers_b*.json \
   --markdown "$OUT/summary.md"
