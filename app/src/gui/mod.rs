@@ -16,7 +16,7 @@ mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eframe::egui;
 use engine::backend::{BackendRequest, Precision};
@@ -208,6 +208,16 @@ impl BrushfireApp {
                 ui.add(egui::ProgressBar::new(
                     p.step as f32 / p.total.max(1) as f32,
                 ));
+            }
+            if matches!(job.state, JobState::Running(_)) && self.state.on_gpu() {
+                if let Some(note) = job.quiet_note(true, Instant::now()) {
+                    ui.horizontal(|ui| {
+                        ui.spinner();
+                        ui.label(egui::RichText::new(note).weak());
+                    });
+                }
+                // The note appears without an engine event: look again in a second.
+                ui.ctx().request_repaint_after(Duration::from_secs(1));
             }
         }
         if let Some(id) = cancel {

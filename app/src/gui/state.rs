@@ -162,9 +162,30 @@ pub struct Job {
     pub model: Option<String>,
     /// The IF page's stage it runs, if any.
     pub cascade_stage: Option<usize>,
+    /// When it last started or reported a step (for the "compiling kernels" note).
+    pub last_event: Option<Instant>,
 }
 
+/// How long a running job may go without a step before the queue says why (GPU backends).
+pub const QUIET_STEP_NOTE_SECS: f64 = 5.0;
+
 impl Job {
+    /// What to say while a job on a GPU backend has made no step for a while: CubeCL compiles
+    /// (and autotunes) every kernel the first time a size and setting run, single-threaded, which
+    /// can take minutes; they are kept on disk, so later runs start at once.
+    pub fn quiet_note(&self, gpu: bool, now: Instant) -> Option<String> {
+        let since = now.duration_since(self.last_event?).as_secs_f64();
+        if !gpu || !matches!(self.state, JobState::Running(_)) || since < QUIET_STEP_NOTE_SECS {
+            return None;
+        }
+        let kept = engine::backend::kernel_cache_dir()
+            .map_or_else(String::new, |d| format!(" in {}", d.display()));
+        Some(format!(
+            "no step for {since:.0}s: compiling GPU kernels for this size and these settings \
+             (first run only; they are kept{kept})"
+        ))
+    }
+
     /// Seconds left at the smoothed rate.
     pub fn eta_secs(&self) -> Option<f64> {
         match &self.state {
@@ -597,6 +618,13 @@ impl AppState {
         self.engine.as_mut()
     }
 
+    /// Whether the engine runs on a GPU backend (CUDA or wgpu).
+    pub fn on_gpu(&self) -> bool {
+        self.backend
+            .as_ref()
+            .is_some_and(|b| b.kind != BackendKind::Cpu)
+    }
+
     /// Applies waiting engine events within `budget`.
     pub fn poll_engine(&mut self, ctx: &egui::Context, budget: Duration) {
         let events = match self.engine(ctx) {
@@ -742,6 +770,7 @@ impl AppState {
             EngineEvent::JobStarted { job } => {
                 if let Some(j) = self.job_mut(job) {
                     j.state = JobState::Running(None);
+                    j.last_event = Some(Instant::now());
                 }
             }
             EngineEvent::Progress { job, progress } => {
@@ -754,6 +783,7 @@ impl AppState {
                         0.7 * j.smoothed_it_per_sec + 0.3 * rate
                     };
                     j.state = JobState::Running(Some(progress));
+                    j.last_event = Some(Instant::now());
                 }
             }
             EngineEvent::Finished {
@@ -1165,6 +1195,7 @@ impl AppState {
             preview: None,
             model,
             cascade_stage,
+            last_event: None,
         });
         Some(id)
     }
@@ -1312,4 +1343,42 @@ fn dirs_output() -> Option<PathBuf> {
         Some(h) => h.join("Pictures").join("Brushfire"),
         None => PathBuf::from("brushfire-output"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(state: JobState, quiet_secs: u64) -> (Job, Instant) {
+        let started = Instant::now();
+        let job = Job {
+            id: 1,
+            request: GenerationRequest::default(),
+            controlnet: None,
+            state,
+            smoothed_it_per_sec: 0.0,
+            preview: None,
+            model: None,
+            cascade_stage: None,
+            last_event: Some(started),
+        };
+        (job, started + Duration::from_secs(quiet_secs))
+    }
+
+    #[test]
+    fn a_quiet_gpu_job_says_it_is_compiling_kernels() {
+        let (running, later) = job(JobState::Running(None), 12);
+        let note = running.quiet_note(true, later).expect("a note after 12 s");
+        assert!(
+            note.starts_with("no step for 12s: compiling GPU kernels"),
+            "{note}"
+        );
+        // Not on the CPU backend (nothing is compiled there), not before the threshold, not
+        // for a queued job.
+        assert_eq!(running.quiet_note(false, later), None);
+        let (soon, at) = job(JobState::Running(None), 2);
+        assert_eq!(soon.quiet_note(true, at), None);
+        let (queued, later) = job(JobState::Queued, 60);
+        assert_eq!(queued.quiet_note(true, later), None);
+    }
 }
