@@ -283,3 +283,88 @@ fn forced_flash_attention_matches_the_definition_in_f16() {
         );
     }
 }
+
+/// IF's UNets (added-KV attention over text and image keys, the noise level's class embedding,
+/// resnet resamplers) and the ControlNet on wgpu, against the same diffusers references as on
+/// the CPU: the blocks the SD UNet does not have, under fused attention, channels-last and
+/// fusion, before a CUDA session meets them.
+#[test]
+fn if_unets_and_controlnet_match_diffusers_on_wgpu() {
+    use engine::models::AttnProcessor;
+    use engine::models::controlnets::ControlNetModel;
+    use engine::models::unets::UNet2DConditionModel;
+
+    use crate::common::fixture;
+
+    let Some(device) = adapter() else { return };
+    let r = refs("if_unets");
+    for (folder, name, format) in [
+        ("tiny-if/unet", "if_i", MemoryFormat::Contiguous),
+        ("tiny-if-ii/unet", "if_ii", MemoryFormat::ChannelsLast),
+    ] {
+        let (mut unet, _) =
+            UNet2DConditionModel::<Wgpu>::load(&fixture(folder), None, &device).expect(folder);
+        unet.set_attn_processor(AttnProcessor::Fused);
+        unet.set_memory_format(format);
+        let key = |k: &str| format!("{name}.{k}");
+        let timesteps: Vec<f64> = r[&key("timestep")]
+            .values
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let class = match r.get(&key("class_labels")) {
+            Some(levels) => {
+                ClassLabels::Levels(levels.values.iter().map(|&v| f64::from(v)).collect())
+            }
+            None => ClassLabels::None,
+        };
+        let out = unet
+            .forward(
+                upload(&r[&key("sample")], &device),
+                &timesteps,
+                &upload(&r[&key("encoder_hidden_states")], &device),
+                &class,
+            )
+            .expect("forward");
+        assert_close(
+            &HostTensor::from_tensor(out).unwrap(),
+            &r[&key("out")],
+            1e-4,
+            1e-4,
+            &format!("wgpu {folder} {format:?}"),
+        );
+    }
+
+    let r = refs("controlnet");
+    let (mut controlnet, _) =
+        ControlNetModel::<Wgpu>::load(&fixture("tiny-controlnet"), None, &device).unwrap();
+    controlnet.set_attn_processor(AttnProcessor::Fused);
+    controlnet.set_memory_format(MemoryFormat::ChannelsLast);
+    let timesteps: Vec<f64> = r["timestep"].values.iter().map(|&v| f64::from(v)).collect();
+    let out = controlnet
+        .forward(
+            upload(&r["sample"], &device),
+            &timesteps,
+            &upload(&r["encoder_hidden_states"], &device),
+            upload(&r["controlnet_cond"], &device),
+            0.8,
+            false,
+        )
+        .expect("controlnet forward");
+    for (i, residual) in out.down.into_iter().enumerate() {
+        assert_close(
+            &HostTensor::from_tensor(residual).unwrap(),
+            &r[&format!("down.{i}")],
+            1e-4,
+            1e-4,
+            &format!("wgpu controlnet down.{i}"),
+        );
+    }
+    assert_close(
+        &HostTensor::from_tensor(out.mid).unwrap(),
+        &r["mid"],
+        1e-4,
+        1e-4,
+        "wgpu controlnet mid",
+    );
+}
