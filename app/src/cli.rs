@@ -231,6 +231,14 @@ fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
     if inpaint && args.mask.is_none() {
         bail!("the inpaint pipeline needs --mask");
     }
+    // 0 stands for "the default size" inside a request; on the command line it is a mistake.
+    for (flag, value) in [("width", args.width), ("height", args.height)] {
+        if value == Some(0) {
+            bail!(
+                "invalid {flag}: 0 must be a positive multiple of 8 (leave --{flag} out for the default)"
+            );
+        }
+    }
     if control && (args.controlnet.is_none() || args.control_image.is_none()) {
         bail!("the controlnet pipeline needs --controlnet and --control-image");
     }
