@@ -64,6 +64,31 @@ impl ControlNetParameters {
 }
 
 impl GenerationParameters {
+    /// What a PNG's `parameters` text says, for an image of `width`×`height` (its size when the
+    /// text has none). A ControlNet unit is not read back.
+    pub fn from_parsed(p: &ParsedParameters, width: usize, height: usize) -> Self {
+        let extra = |key: &str| {
+            p.extra
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        let (width, height) = p.size.unwrap_or((width, height));
+        Self {
+            prompt: p.prompt.clone(),
+            negative_prompt: p.negative_prompt.clone(),
+            steps: p.steps.unwrap_or(0),
+            sampler: p.sampler.clone().unwrap_or_default(),
+            cfg_scale: p.cfg_scale.unwrap_or(0.0),
+            seed: p.seed.unwrap_or(0),
+            width,
+            height,
+            model: p.model.clone().unwrap_or_default(),
+            denoising_strength: extra("Denoising strength").and_then(|v| v.parse().ok()),
+            controlnet: None,
+        }
+    }
+
     /// The `parameters` text: prompt, `Negative prompt: …`, then the settings line.
     pub fn to_a1111(&self) -> String {
         let mut s = self.prompt.clone();

@@ -1096,3 +1096,29 @@ fn if_page_runs_the_cascade_and_a_gallery_image_upscales_x4() {
     assert_eq!(last.params.model, "tiny-sd-x4");
     assert_eq!(last.params.prompt, "a corgi in a red hat");
 }
+
+/// A precision the GPU could not switch to in this process waits for the next start; the
+/// settings panel says so and offers to restart (the session is saved as the window closes).
+#[test]
+fn a_precision_waiting_for_a_restart_offers_restart_now() {
+    let mut h = harness(app());
+    h.step();
+    wait(&mut h, "the model", |a| a.state.model_ready());
+    let mut wanted = h.state().state.settings;
+    wanted.execution.precision = Precision::F16;
+    h.state_mut().state.restart_for = Some(wanted);
+    h.run_steps(2);
+    h.get_by_label("f16 from the next start");
+    assert!(!app::gui::restart_requested());
+    h.get_by_label("Restart now").click();
+    h.run_steps(2);
+    assert!(
+        app::gui::restart_requested(),
+        "the window closes and Brushfire starts again"
+    );
+    assert_eq!(
+        h.state().state.to_persisted().precision,
+        "f16",
+        "what the next start reads"
+    );
+}

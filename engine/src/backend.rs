@@ -321,11 +321,15 @@ fn claim_float_dtype<B: Backend>(device: &B::Device, dtype: FloatDType) -> Resul
             if current == dtype {
                 Ok(())
             } else {
-                Err(EngineError::Unsupported(format!(
-                    "this device already computes in {current:?} in this process, and Burn \
-                     fixes a device's float type at its first tensor: {dtype:?} needs a new \
-                     process (CLI: `--dtype`)"
-                )))
+                let name = |d: FloatDType| match d {
+                    FloatDType::F32 => "f32".to_string(),
+                    FloatDType::F16 => "f16".to_string(),
+                    other => format!("{other:?}"),
+                };
+                Err(EngineError::PrecisionLocked {
+                    current: name(current),
+                    wanted: name(dtype),
+                })
             }
         }
     }

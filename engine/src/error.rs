@@ -51,6 +51,14 @@ pub enum EngineError {
     /// No usable device for the requested backend.
     #[error("backend: {0}")]
     Backend(String),
+    /// The device already computes in another float type in this process: Burn fixes a
+    /// device's float type at its first tensor, so `wanted` needs a new process.
+    #[error(
+        "this device already computes in {current} in this process, and Burn fixes a device's \
+         float type at its first tensor: {wanted} needs a new process (the app: restart it; \
+         the CLI: `--dtype {wanted}`)"
+    )]
+    PrecisionLocked { current: String, wanted: String },
     /// The user cancelled the job.
     #[error("cancelled")]
     Cancelled,

@@ -165,6 +165,13 @@ pub enum EngineEvent {
     BenchFinished { job: JobId, report: BenchReport },
     /// Something failed; `job` is `None` for model loading and settings.
     Failed { job: Option<JobId>, error: String },
+    /// `wanted` could not be applied in this process (the device's float type is fixed at its
+    /// first tensor); it takes effect when the app starts again. The engine keeps running with
+    /// the settings of the `SettingsApplied` sent just before.
+    RestartNeeded {
+        wanted: EngineSettings,
+        reason: String,
+    },
 }
 
 /// The UI's side of the worker.
@@ -703,6 +710,13 @@ impl Worker {
                     self.load(spec)?;
                 }
                 self.emit(EngineEvent::SettingsApplied(previous));
+                if matches!(e, EngineError::PrecisionLocked { .. }) {
+                    self.emit(EngineEvent::RestartNeeded {
+                        wanted: settings,
+                        reason: e.to_string(),
+                    });
+                    return Ok(());
+                }
                 return Err(e);
             }
         } else {

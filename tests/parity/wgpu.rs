@@ -368,3 +368,37 @@ fn if_unets_and_controlnet_match_diffusers_on_wgpu() {
         "wgpu controlnet mid",
     );
 }
+
+/// Burn fixes a device's float type at its first tensor: once the adapter computes in f32, f16
+/// is refused with the error the app turns into "f16 from the next start".
+#[test]
+fn a_second_precision_on_one_device_waits_for_a_new_process() {
+    use engine::EngineError;
+    use engine::backend::{ExecutionOptions, Precision};
+    let Some(_device) = adapter() else { return };
+    let selected = select_backend(BackendRequest::Wgpu).unwrap();
+    let f32 = ExecutionOptions {
+        fusion: true,
+        precision: Precision::F32,
+    };
+    f32.check(&selected)
+        .expect("the default device computes in f32 here");
+    let f16 = ExecutionOptions {
+        precision: Precision::F16,
+        ..f32
+    };
+    match f16.check(&selected) {
+        Err(EngineError::PrecisionLocked { current, wanted }) => {
+            assert_eq!((current.as_str(), wanted.as_str()), ("f32", "f16"));
+        }
+        // An adapter without f16 says that first (not CI's lavapipe, which has f16).
+        Err(EngineError::Unsupported(reason)) => {
+            assert!(reason.contains("f16"), "{reason}");
+            assert!(
+                std::env::var_os("BRUSHFIRE_REQUIRE_WGPU_F16").is_none(),
+                "BRUSHFIRE_REQUIRE_WGPU_F16 is set but the adapter has no f16: {reason}"
+            );
+        }
+        other => panic!("expected PrecisionLocked, got {other:?}"),
+    }
+}

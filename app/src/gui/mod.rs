@@ -16,12 +16,15 @@ mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use eframe::egui;
 use engine::backend::{BackendRequest, Precision};
 use engine::models::{AttnProcessor, MemoryFormat};
 use engine::schedulers::SchedulerKind;
+use engine::worker::EngineSettings;
 
 pub use bench::{BenchForm, BenchState};
 pub use state::{AppState, JobState, ModelStatus, Persisted, Setting, View};
@@ -303,6 +306,9 @@ impl BrushfireApp {
                 });
             }
         });
+        if let Some(wanted) = self.state.restart_for {
+            self.restart_ui(ui, wanted);
+        }
         ui.checkbox(&mut settings.preview, "Live preview")
             .on_hover_text("Show the image forming at every step (a cheap decode of the latents)");
         if settings != self.state.settings {
@@ -310,6 +316,41 @@ impl BrushfireApp {
         }
         ui.separator();
         self.output_ui(ui);
+    }
+
+    /// A precision (or fusion) change the engine could not make in this process: it waits for
+    /// the next start, which "Restart now" brings about (the session is saved first).
+    fn restart_ui(&mut self, ui: &mut egui::Ui, wanted: EngineSettings) {
+        ui.horizontal_wrapped(|ui| {
+            ui.label(
+                egui::RichText::new(format!(
+                    "{} from the next start",
+                    wanted.execution.precision
+                ))
+                .weak(),
+            )
+            .on_hover_text(
+                "Burn fixes a GPU's float type at its first tensor, so another precision needs \
+                 a new process. Restarting keeps the prompt, the settings and the gallery.",
+            );
+            let blocker = self.state.restart_blocker();
+            let restart = ui
+                .add_enabled(blocker.is_none(), egui::Button::new("Restart now"))
+                .on_disabled_hover_text(blocker.unwrap_or_default());
+            if restart.clicked() {
+                match self.state.keep_unsaved_images() {
+                    Ok(()) => {
+                        RESTART.store(true, Ordering::SeqCst);
+                        ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
+                    }
+                    Err(e) => {
+                        self.state.error = Some(format!(
+                            "not restarting: unsaved images could not be kept: {e:#}"
+                        ))
+                    }
+                }
+            }
+        });
     }
 
     fn model_ui(&mut self, ui: &mut egui::Ui) {
@@ -684,6 +725,15 @@ fn backend_name(b: BackendRequest) -> &'static str {
     }
 }
 
+/// Set by "Restart now": [`run`] starts Brushfire again once the window has closed (and the
+/// session has been saved).
+static RESTART: AtomicBool = AtomicBool::new(false);
+
+/// Whether "Restart now" was clicked in this process.
+pub fn restart_requested() -> bool {
+    RESTART.load(Ordering::SeqCst)
+}
+
 /// Opens the window. `model` (from `--model`) overrides the model remembered from last time;
 /// with neither, SD 1.5 from the hub is offered. `files` are opened as by [`AppState::open_files`].
 pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
@@ -717,5 +767,14 @@ pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
             Ok(Box::new(app))
         }),
     )
-    .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
+    .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))?;
+    if restart_requested() {
+        // The same command line again; the saved session supplies the new settings.
+        let exe = std::env::current_exe().context("finding the brushfire executable")?;
+        std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .spawn()
+            .with_context(|| format!("restarting {}", exe.display()))?;
+    }
+    Ok(())
 }

@@ -26,6 +26,8 @@ use crate::png_meta::{
 
 /// How many recently used models the picker remembers.
 const RECENT_MODELS: usize = 8;
+/// How many of the gallery's newest saved images come back at the next start.
+const GALLERY_KEPT: usize = 200;
 
 /// The prompt panel's fields.
 #[derive(Debug, Clone, PartialEq)]
@@ -209,6 +211,28 @@ pub struct GalleryImage {
 }
 
 impl GalleryImage {
+    /// A saved image read back (its pixels and its `parameters`), for a gallery restored at
+    /// start.
+    pub fn from_png(path: &Path) -> anyhow::Result<Self> {
+        let img = image::open(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
+            .to_rgb8();
+        let (width, height) = (img.width() as usize, img.height() as usize);
+        let text = read_parameters_text(path)?.unwrap_or_default();
+        Ok(Self {
+            width,
+            height,
+            rgb: img.into_raw(),
+            params: GenerationParameters::from_parsed(
+                &ParsedParameters::parse(&text),
+                width,
+                height,
+            ),
+            path: Some(path.to_path_buf()),
+            texture: OnceLock::new(),
+        })
+    }
+
     /// The image as a texture (uploaded on first use).
     pub fn texture(&self, ctx: &egui::Context) -> egui::TextureHandle {
         self.texture
@@ -336,6 +360,9 @@ pub struct AppState {
     pub control: ControlInputs,
     /// The IF page: its three stages, their settings and last results.
     pub cascade: CascadeState,
+    /// Settings the engine could not apply in this process (a GPU's precision is fixed at its
+    /// first tensor): what the next start runs with.
+    pub restart_for: Option<EngineSettings>,
 }
 
 /// The centre's pages.
@@ -434,6 +461,8 @@ pub struct Persisted {
     pub view: String,
     /// The IF page's stages (model, steps, guidance, noise level).
     pub if_stages: Vec<StageSettings>,
+    /// The gallery's images on disk, oldest first (read back at the next start).
+    pub gallery: Vec<PathBuf>,
 }
 
 impl Default for Persisted {
@@ -484,7 +513,54 @@ impl AppState {
             inputs: ImageInputs::default(),
             control: ControlInputs::default(),
             cascade: CascadeState::new(),
+            restart_for: None,
         }
+    }
+
+    /// Fusion and precision as the next start will have them.
+    pub fn next_start_execution(&self) -> engine::backend::ExecutionOptions {
+        self.restart_for
+            .map_or(self.settings.execution, |s| s.execution)
+    }
+
+    /// Why the app cannot restart right now, if it cannot: a restart would lose queued and
+    /// running work.
+    pub fn restart_blocker(&self) -> Option<&'static str> {
+        if !self.jobs.is_empty() {
+            Some("Wait for the queued jobs to finish (or cancel them) first.")
+        } else if self.bench.running.is_some() {
+            Some("Wait for the benchmark to finish (or cancel it) first.")
+        } else {
+            None
+        }
+    }
+
+    /// Before a restart: writes the gallery's unsaved images (no save folder, or a failed save)
+    /// where the next start reads them back, so nothing made in this session is lost.
+    pub fn keep_unsaved_images(&mut self) -> anyhow::Result<()> {
+        if self.gallery.iter().all(|g| g.path.is_some()) {
+            return Ok(());
+        }
+        let Some(dir) =
+            engine::backend::kernel_cache_dir().and_then(|k| k.parent().map(|p| p.join("unsaved")))
+        else {
+            anyhow::bail!("no cache folder ($XDG_CACHE_HOME or $HOME) to keep unsaved images in");
+        };
+        self.keep_unsaved_images_in(&dir)
+    }
+
+    /// [`Self::keep_unsaved_images`] into `dir`.
+    pub fn keep_unsaved_images_in(&mut self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for (i, img) in self.gallery.iter_mut().enumerate() {
+            if img.path.is_some() {
+                continue;
+            }
+            let path = free_path(dir, i, img.params.seed, 0);
+            write_png(&path, img.width, img.height, &img.rgb, &img.params)?;
+            img.path = Some(path);
+        }
+        Ok(())
     }
 
     /// What to store for the next start.
@@ -503,9 +579,10 @@ impl AppState {
             scheduler: f.scheduler.map(|k| k.cli_name().to_string()),
             backend: backend_request_name(self.settings.backend).into(),
             attention: attention_name(self.settings.attention).into(),
-            fusion: self.settings.execution.fusion,
+            // A change that waits for a restart is what the next start runs.
+            fusion: self.next_start_execution().fusion,
             channels_last: self.settings.memory_format.is_channels_last(),
-            precision: self.settings.execution.precision.to_string(),
+            precision: self.next_start_execution().precision.to_string(),
             preview: self.settings.preview,
             model_spec: self.model_spec.clone(),
             recent_models: self.recent_models.clone(),
@@ -531,6 +608,11 @@ impl AppState {
             .into(),
             view: self.view.name().into(),
             if_stages: self.cascade.stages.to_vec(),
+            gallery: {
+                let saved: Vec<PathBuf> =
+                    self.gallery.iter().filter_map(|g| g.path.clone()).collect();
+                saved[saved.len().saturating_sub(GALLERY_KEPT)..].to_vec()
+            },
         }
     }
 
@@ -599,6 +681,19 @@ impl AppState {
             .find(|v| v.name() == p.view)
             .unwrap_or_default();
         s.cascade.stages = [0, 1, 2].map(|i| StageSettings::restored(i, p.if_stages.get(i)));
+        // Images deleted or moved since are left out.
+        s.gallery = p
+            .gallery
+            .iter()
+            .filter_map(|path| match GalleryImage::from_png(path) {
+                Ok(img) => Some(img),
+                Err(e) => {
+                    tracing::info!("gallery image not restored: {e:#}");
+                    None
+                }
+            })
+            .collect();
+        s.selected = s.gallery.len().checked_sub(1);
         s
     }
 
@@ -835,6 +930,16 @@ impl AppState {
             | EngineEvent::BenchFinished { .. } => {
                 // A benchmark this window no longer tracks.
             }
+            EngineEvent::RestartNeeded { wanted, reason } => {
+                tracing::info!("{reason}");
+                self.restart_for = Some(wanted);
+                self.status = format!(
+                    "{} (fusion {}) takes effect when Brushfire restarts: a GPU's float type \
+                     is fixed for the life of the process",
+                    wanted.execution.precision,
+                    if wanted.execution.fusion { "on" } else { "off" }
+                );
+            }
             EngineEvent::Failed { job, error } => {
                 match job {
                     Some(job) => {
@@ -900,7 +1005,7 @@ impl AppState {
     fn save(&mut self, params: &GenerationParameters, index: usize, rgb: &[u8]) -> Option<PathBuf> {
         let dir = self.output_dir.clone()?;
         let (width, height, seed) = (params.width, params.height, params.seed);
-        let path = dir.join(format!("{:05}-{seed}-{index}.png", self.gallery.len()));
+        let path = free_path(&dir, self.gallery.len(), seed, index);
         let written = std::fs::create_dir_all(&dir)
             .map_err(anyhow::Error::from)
             .and_then(|()| write_png(&path, width, height, rgb, params));
@@ -1301,6 +1406,13 @@ impl AppState {
 
     /// Sends new settings to the engine.
     pub fn apply_settings(&mut self, settings: EngineSettings) {
+        // Back to what runs now: nothing waits for a restart any more.
+        if self
+            .engine_settings
+            .is_some_and(|e| e.execution == settings.execution && e.backend == settings.backend)
+        {
+            self.restart_for = None;
+        }
         self.settings = settings;
         if let Some(engine) = &self.engine {
             engine.apply_settings(settings);
@@ -1319,6 +1431,15 @@ impl AppState {
             .find(|j| matches!(j.state, JobState::Running(_)))
             .and_then(|j| j.preview.as_mut())
     }
+}
+
+/// `dir/NNNNN-seed-index.png` from `number` up, the first name not taken: a new session's
+/// numbering starts again at the gallery's size and must not overwrite an earlier image.
+fn free_path(dir: &Path, number: usize, seed: u64, index: usize) -> PathBuf {
+    (number..)
+        .map(|n| dir.join(format!("{n:05}-{seed}-{index}.png")))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| dir.join(format!("{number:05}-{seed}-{index}.png")))
 }
 
 /// A setting the panel may grey out.
@@ -1363,6 +1484,143 @@ mod tests {
             last_event: Some(started),
         };
         (job, started + Duration::from_secs(quiet_secs))
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("brushfire-state-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn image(seed: u64, path: Option<PathBuf>) -> GalleryImage {
+        let (width, height) = (8, 4);
+        GalleryImage {
+            width,
+            height,
+            rgb: (0..width * height * 3)
+                .map(|i| (i * 7 + seed as usize) as u8)
+                .collect(),
+            params: GenerationParameters {
+                prompt: format!("a lighthouse {seed}"),
+                negative_prompt: "blurry".into(),
+                steps: 20,
+                sampler: "PNDM".into(),
+                cfg_scale: 7.5,
+                seed,
+                width,
+                height,
+                model: "tiny-sd".into(),
+                denoising_strength: Some(0.6),
+                controlnet: None,
+            },
+            path,
+            texture: OnceLock::new(),
+        }
+    }
+
+    #[test]
+    fn the_gallery_comes_back_at_the_next_start_without_overwriting_anything() {
+        let dir = temp_dir("gallery");
+        let mut state = AppState::new("tiny-sd".into());
+        state.output_dir = Some(dir.clone());
+        for seed in [42, 42] {
+            let img = image(seed, None);
+            let path = state.save(&img.params, 0, &img.rgb);
+            state.gallery.push(GalleryImage { path, ..img });
+        }
+        // Same seed and position as a file from an earlier session: a new name, not an overwrite.
+        let paths: Vec<PathBuf> = state
+            .gallery
+            .iter()
+            .map(|g| g.path.clone().unwrap())
+            .collect();
+        assert_ne!(paths[0], paths[1]);
+        let mut fresh = AppState::new("tiny-sd".into());
+        fresh.output_dir = Some(dir.clone());
+        let again = image(42, None);
+        let third = fresh.save(&again.params, 0, &again.rgb).unwrap();
+        assert!(
+            !paths.contains(&third),
+            "{third:?} overwrote an earlier image"
+        );
+
+        // One image never saved (no folder): kept in the cache before a restart.
+        state.gallery.push(image(7, None));
+        std::fs::remove_file(&paths[1]).unwrap(); // deleted by the user since
+        let cache = temp_dir("cache");
+        state.keep_unsaved_images_in(&cache).unwrap();
+        let kept = state.gallery[2]
+            .path
+            .clone()
+            .expect("written before the restart");
+        assert!(kept.starts_with(&cache), "{kept:?}");
+
+        let persisted = state.to_persisted();
+        assert_eq!(
+            persisted.gallery,
+            vec![paths[0].clone(), paths[1].clone(), kept.clone()]
+        );
+        let restored = AppState::restore(&persisted, None);
+        assert_eq!(restored.gallery.len(), 2, "the deleted image is left out");
+        for (got, want) in restored
+            .gallery
+            .iter()
+            .zip([&state.gallery[0], &state.gallery[2]])
+        {
+            assert_eq!((got.width, got.height), (want.width, want.height));
+            assert_eq!(got.rgb, want.rgb);
+            assert_eq!(got.params, want.params);
+        }
+        assert_eq!(restored.selected, Some(1));
+    }
+
+    #[test]
+    fn a_precision_the_gpu_cannot_switch_to_waits_for_the_next_start() {
+        let mut state = AppState::new("tiny-sd".into());
+        let running = EngineSettings::default();
+        state.engine_settings = Some(running);
+        let mut wanted = running;
+        wanted.execution.precision = match running.execution.precision {
+            Precision::F32 => Precision::F16,
+            Precision::F16 => Precision::F32,
+        };
+        state.apply_settings(wanted);
+        // The engine answers: the old settings stay, the new ones wait for a restart.
+        state.apply_event(EngineEvent::SettingsApplied(running));
+        state.apply_event(EngineEvent::RestartNeeded {
+            wanted,
+            reason: "fixed at its first tensor".into(),
+        });
+        assert_eq!(state.settings, running);
+        assert_eq!(state.restart_for, Some(wanted));
+        assert!(
+            state.status.contains("when Brushfire restarts"),
+            "{}",
+            state.status
+        );
+        let persisted = state.to_persisted();
+        assert_eq!(persisted.precision, wanted.execution.precision.to_string());
+        assert_eq!(
+            AppState::restore(&persisted, None).settings.execution,
+            wanted.execution,
+            "the next start runs with it"
+        );
+        assert_eq!(state.restart_blocker(), None);
+        state.jobs.push(job(JobState::Queued, 0).0);
+        assert!(
+            state.restart_blocker().is_some(),
+            "a queued job blocks a restart"
+        );
+        state.jobs.clear();
+        // Choosing what runs now again drops the pending change.
+        state.apply_settings(running);
+        assert_eq!(state.restart_for, None);
+        assert_eq!(
+            state.to_persisted().precision,
+            running.execution.precision.to_string()
+        );
     }
 
     #[test]
