@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 
@@ -47,12 +48,20 @@ def rate(cell):
     return [s["it_per_sec"] for s in stages] if stages else [cell["it_per_sec"]]
 
 
+def rate_text(rate: float) -> str:
+    """Two decimals; three significant digits below 1, as both tools' tables."""
+    if abs(rate) >= 1.0 or rate == 0.0:
+        return f"{rate:.2f}"
+    decimals = int(min(6, max(2, 2 - math.floor(math.log10(abs(rate))))))
+    return f"{rate:.{decimals}f}"
+
+
 def text(cell):
     if cell is None:
         return "—"
     if cell.get("status") != "measured":
         return "not run: " + str(cell.get("reason", "")).replace("|", "/")[:80]
-    rates = " / ".join(f"{r:.3g}" if r < 1 else f"{r:.2f}" for r in rate(cell))
+    rates = " / ".join(rate_text(r) for r in rate(cell))
     mem = cell.get("peak_reserved_bytes")
     return f"{rates} it/s" + (f" ({mem / 2**30:.2f} GiB)" if mem else "")
 

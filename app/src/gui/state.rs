@@ -26,8 +26,9 @@ use crate::png_meta::{
 
 /// How many recently used models the picker remembers.
 const RECENT_MODELS: usize = 8;
-/// How many of the gallery's newest saved images come back at the next start.
-const GALLERY_KEPT: usize = 200;
+/// How many of the gallery's newest saved images come back at the next start (held in memory
+/// as RGB, like every gallery image: 48 at 1024² is ~150 MB).
+const GALLERY_KEPT: usize = 48;
 
 /// The prompt panel's fields.
 #[derive(Debug, Clone, PartialEq)]
@@ -363,6 +364,9 @@ pub struct AppState {
     /// Settings the engine could not apply in this process (a GPU's precision is fixed at its
     /// first tensor): what the next start runs with.
     pub restart_for: Option<EngineSettings>,
+    /// Saved images being read back at start, on a thread (decoding PNGs takes a while), and
+    /// how many have arrived (they go before anything made since).
+    gallery_loader: Option<(std::sync::mpsc::Receiver<GalleryImage>, usize)>,
 }
 
 /// The centre's pages.
@@ -514,6 +518,7 @@ impl AppState {
             control: ControlInputs::default(),
             cascade: CascadeState::new(),
             restart_for: None,
+            gallery_loader: None,
         }
     }
 
@@ -681,20 +686,63 @@ impl AppState {
             .find(|v| v.name() == p.view)
             .unwrap_or_default();
         s.cascade.stages = [0, 1, 2].map(|i| StageSettings::restored(i, p.if_stages.get(i)));
-        // Images deleted or moved since are left out.
-        s.gallery = p
-            .gallery
-            .iter()
-            .filter_map(|path| match GalleryImage::from_png(path) {
-                Ok(img) => Some(img),
-                Err(e) => {
-                    tracing::info!("gallery image not restored: {e:#}");
-                    None
-                }
-            })
-            .collect();
-        s.selected = s.gallery.len().checked_sub(1);
+        // Read on a thread; images deleted or moved since are left out.
+        if !p.gallery.is_empty() {
+            let paths = p.gallery.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new()
+                .name("gallery-restore".into())
+                .spawn(move || {
+                    for path in paths {
+                        match GalleryImage::from_png(&path) {
+                            Ok(img) => {
+                                if tx.send(img).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => tracing::info!("gallery image not restored: {e:#}"),
+                        }
+                    }
+                });
+            match spawned {
+                Ok(_) => s.gallery_loader = Some((rx, 0)),
+                Err(e) => tracing::warn!("the gallery is not restored: {e}"),
+            }
+        }
         s
+    }
+
+    /// Puts restored gallery images in place as they arrive (`wait`: until all have). Returns
+    /// whether more are coming.
+    pub fn receive_gallery(&mut self, wait: bool) -> bool {
+        let Some((rx, arrived)) = self.gallery_loader.as_mut() else {
+            return false;
+        };
+        loop {
+            let next = if wait {
+                rx.recv().ok()
+            } else {
+                match rx.try_recv() {
+                    Ok(img) => Some(img),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some(img) = next else {
+                self.gallery_loader = None;
+                return false;
+            };
+            // Older than anything made since the start: before it, in saved order.
+            self.gallery.insert(*arrived, img);
+            // The newest restored image stays selected, unless something newer is.
+            self.selected = match self.selected {
+                None => Some(*arrived),
+                Some(i) if i + 1 == *arrived => Some(*arrived),
+                Some(i) if i >= *arrived => Some(i + 1),
+                Some(i) => Some(i),
+            };
+            *arrived += 1;
+        }
     }
 
     fn engine(&mut self, ctx: &egui::Context) -> Option<&mut EngineHandle> {
@@ -720,8 +768,11 @@ impl AppState {
             .is_some_and(|b| b.kind != BackendKind::Cpu)
     }
 
-    /// Applies waiting engine events within `budget`.
+    /// Applies waiting engine events within `budget` (and restored gallery images).
     pub fn poll_engine(&mut self, ctx: &egui::Context, budget: Duration) {
+        if self.receive_gallery(false) {
+            ctx.request_repaint_after(Duration::from_millis(100));
+        }
         let events = match self.engine(ctx) {
             Some(engine) => engine.drain(budget),
             None => return,
@@ -1562,7 +1613,8 @@ mod tests {
             persisted.gallery,
             vec![paths[0].clone(), paths[1].clone(), kept.clone()]
         );
-        let restored = AppState::restore(&persisted, None);
+        let mut restored = AppState::restore(&persisted, None);
+        assert!(!restored.receive_gallery(true), "all arrived");
         assert_eq!(restored.gallery.len(), 2, "the deleted image is left out");
         for (got, want) in restored
             .gallery
