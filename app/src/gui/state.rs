@@ -1487,10 +1487,14 @@ impl AppState {
 /// `dir/NNNNN-seed-index.png` from `number` up, the first name not taken: a new session's
 /// numbering starts again at the gallery's size and must not overwrite an earlier image.
 fn free_path(dir: &Path, number: usize, seed: u64, index: usize) -> PathBuf {
-    (number..)
-        .map(|n| dir.join(format!("{n:05}-{seed}-{index}.png")))
-        .find(|p| !p.exists())
-        .unwrap_or_else(|| dir.join(format!("{number:05}-{seed}-{index}.png")))
+    let mut n = number;
+    loop {
+        let path = dir.join(format!("{n:05}-{seed}-{index}.png"));
+        if !path.exists() {
+            return path;
+        }
+        n += 1;
+    }
 }
 
 /// A setting the panel may grey out.
