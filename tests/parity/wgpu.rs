@@ -9,7 +9,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, IntDType, Tensor, TensorData, f16, set_default_dtypes};
 use engine::backend::{BackendKind, BackendRequest, select_backend};
 use engine::models::MemoryFormat;
-use engine::models::cube_attention::{flash_calls, forced_flash_attention, materialised_fallbacks};
+use engine::models::cube_attention::{
+    flash_calls, forced_flash_attention, materialised_fallbacks, own_kernel_calls,
+};
 use engine::models::unets::ClassLabels;
 use engine::tensor_io::HostTensor;
 
@@ -96,7 +98,20 @@ fn engine_matches_diffusers_on_wgpu() {
     let Some(device) = adapter() else { return };
     let mut pipe = pipeline_on::<Wgpu>(&device);
 
+    // f32 attention under the fused processor runs our flash kernel, never materialised scores.
+    let counters = lock_flash_counters();
+    let (own, materialised) = (own_kernel_calls(), materialised_fallbacks());
     check_unet(&pipe, &device, 1e-4, "wgpu unet");
+    assert!(
+        own_kernel_calls() > own,
+        "the f32 UNet ran our flash kernel"
+    );
+    assert_eq!(
+        materialised_fallbacks(),
+        materialised,
+        "and never materialised"
+    );
+    drop(counters);
     pipe.set_memory_format(MemoryFormat::ChannelsLast);
     check_unet(&pipe, &device, 1e-4, "wgpu channels-last unet");
     pipe.set_memory_format(MemoryFormat::Contiguous);
@@ -124,7 +139,14 @@ fn engine_matches_diffusers_on_wgpu() {
 fn unfused_and_f16_match_diffusers_on_wgpu() {
     let Some(device) = adapter() else { return };
     let mut pipe = pipeline_on::<WgpuUnfused>(&device);
+    let counters = lock_flash_counters();
+    let own = own_kernel_calls();
     check_unet(&pipe, &device, 1e-4, "wgpu unfused unet");
+    assert!(
+        own_kernel_calls() > own,
+        "the unfused f32 UNet ran our flash kernel"
+    );
+    drop(counters);
     pipe.set_memory_format(MemoryFormat::ChannelsLast);
     check_unet(&pipe, &device, 1e-4, "wgpu unfused channels-last unet");
     drop(pipe);
@@ -267,13 +289,12 @@ fn forced_flash_attention_matches_the_definition_in_f16() {
         let k = Tensor::<W, 4>::random([n, h, lk, d], normal, &device);
         let v = Tensor::<W, 4>::random([n, h, lk, d], normal, &device);
         let flash = flash_calls();
-        let got = forced_flash_attention(&f16(&q), &f16(&k), &f16(&v))
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = forced_flash_attention(&f16(&q), &f16(&k), &f16(&v), scale)
             .expect("a CubeCL backend")
             .cast(DType::F32);
         assert_eq!(flash_calls(), flash + 1, "a flash kernel ran");
-        let scores = q
-            .mul_scalar(1.0 / (d as f64).sqrt())
-            .matmul(k.swap_dims(2, 3));
+        let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3));
         let want = softmax(scores, 3).matmul(v);
         let diff: f32 = (got - want).abs().max().into_scalar();
         assert!(
@@ -282,6 +303,152 @@ fn forced_flash_attention_matches_the_definition_in_f16() {
             (n, h, lq, lk, d, strided)
         );
     }
+}
+
+/// Our flash kernel (`shaders::flash_attention`) against its plain-tensor definition on wgpu:
+/// one query row to several 64-row blocks, key counts that are not multiples of its 32-key
+/// tile, head sizes 1–512 (SD's 40/80/160, the VAE's single 512-wide head), a value size that
+/// differs from the query's, heads-split (strided) views, scales other than 1/√d and scores
+/// large enough that the running maximum moves between tiles. f32 within 1e-4; f16 against the
+/// f32 maths of the same rounded inputs within 2e-3.
+#[test]
+fn brushfire_flash_attention_matches_its_reference() {
+    /// (n, heads, lq, lk, d, dv, scale, heads-split views, also in f16)
+    type Case = (usize, usize, usize, usize, usize, usize, f64, bool, bool);
+    use burn::tensor::{Distribution, TensorPrimitive};
+    use shaders::{flash_attention, flash_attention_reference};
+    let Some(device) = adapter() else { return };
+    type W = WgpuUnfused;
+    let normal = Distribution::Normal(0.0, 1.0);
+    let run = |q: &Tensor<W, 4>, k: &Tensor<W, 4>, v: &Tensor<W, 4>, scale: f64| {
+        let [q, k, v] = [q, k, v].map(|t| t.clone().into_primitive().tensor());
+        let out = flash_attention(q, k, v, scale as f32).expect("the kernel takes the problem");
+        Tensor::<W, 4>::from_primitive(TensorPrimitive::Float(out))
+    };
+    let cases: [Case; 7] = [
+        (1, 1, 1, 1, 1, 1, 1.0, false, false),
+        (2, 3, 70, 77, 40, 40, 1.0 / 40f64.sqrt(), true, true),
+        (1, 2, 130, 64, 80, 80, 1.0 / 80f64.sqrt(), false, false),
+        (1, 1, 33, 96, 160, 160, 0.5, false, true),
+        (1, 1, 20, 40, 512, 512, 1.0 / 512f64.sqrt(), false, false),
+        (1, 2, 16, 40, 8, 24, 0.7, true, false),
+        // Scores with a spread of ~±30: the row maximum moves between key tiles.
+        (1, 1, 64, 100, 40, 40, 5.0, false, false),
+    ];
+    for (n, h, lq, lk, d, dv, scale, strided, half) in cases {
+        let make = |len: usize, width: usize| {
+            if strided {
+                Tensor::<W, 4>::random([n, len, h, width], normal, &device).swap_dims(1, 2)
+            } else {
+                Tensor::<W, 4>::random([n, h, len, width], normal, &device)
+            }
+        };
+        let (q, k, v) = (make(lq, d), make(lk, d), make(lk, dv));
+        let case = (n, h, lq, lk, d, dv, scale, strided);
+        let want = flash_attention_reference(q.clone(), k.clone(), v.clone(), scale);
+        let got = run(&q, &k, &v, scale);
+        assert_eq!(got.dims(), [n, h, lq, dv], "{case:?}");
+        let diff: f32 = (got - want).abs().max().into_scalar();
+        eprintln!("f32 {case:?}: max diff {diff:.2e}");
+        assert!(diff < 1e-4, "f32 {case:?}: max diff {diff}");
+        if half {
+            // Against the f32 maths of the same f16-rounded inputs: what is left is the
+            // kernel's own error and the output's rounding to f16 (half an ulp: ≤ 1e-3 below 4).
+            let f16 = |t: &Tensor<W, 4>| t.clone().cast(DType::F16);
+            let (q, k, v) = (f16(&q), f16(&k), f16(&v));
+            let got = run(&q, &k, &v, scale);
+            assert_eq!(got.dtype(), DType::F16, "{case:?}");
+            let f32 = |t: Tensor<W, 4>| t.cast(DType::F32);
+            let want = flash_attention_reference(f32(q), f32(k), f32(v), scale);
+            let diff: f32 = (f32(got) - want).abs().max().into_scalar();
+            eprintln!("f16 {case:?}: max diff {diff:.2e}");
+            assert!(diff < 2e-3, "f16 {case:?}: max diff {diff}");
+        }
+    }
+
+    // Bad problems are refused before any launch, naming what is wrong.
+    let t = |dims: [usize; 4]| {
+        Tensor::<W, 4>::zeros(dims, &device)
+            .into_primitive()
+            .tensor()
+    };
+    let err = |r: Result<_, shaders::ShaderError>| r.err().map(|e| e.to_string());
+    let e = err(flash_attention(
+        t([1, 2, 8, 16]),
+        t([1, 2, 9, 8]),
+        t([1, 2, 9, 8]),
+        1.0,
+    ));
+    assert!(
+        e.as_deref()
+            .is_some_and(|e| e.contains("head dimension 16")),
+        "{e:?}"
+    );
+    let e = err(flash_attention(
+        t([1, 2, 8, 8]),
+        t([1, 2, 9, 8]),
+        t([1, 2, 7, 8]),
+        1.0,
+    ));
+    assert!(
+        e.as_deref()
+            .is_some_and(|e| e.contains("9 tokens but v has 7")),
+        "{e:?}"
+    );
+    let e = err(flash_attention(
+        t([1, 2, 8, 8]),
+        t([2, 2, 9, 8]),
+        t([2, 2, 9, 8]),
+        1.0,
+    ));
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("[n, heads]")),
+        "{e:?}"
+    );
+    let e = err(flash_attention(
+        t([1, 1, 8, 8]),
+        t([1, 1, 9, 8]),
+        t([1, 1, 9, 600]),
+        1.0,
+    ));
+    assert!(
+        e.as_deref()
+            .is_some_and(|e| e.contains("value head dimension 600")),
+        "{e:?}"
+    );
+    let e = err(flash_attention(
+        t([1, 1, 0, 8]),
+        t([1, 1, 9, 8]),
+        t([1, 1, 9, 8]),
+        1.0,
+    ));
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("empty dimension")),
+        "{e:?}"
+    );
+}
+
+/// The fused processor's entry point on the fusion backend in f32 (a custom operation in the
+/// fusion stream, with the scale it was given) runs our kernel and matches the definition.
+#[test]
+fn fused_f32_attention_runs_our_kernel_under_fusion() {
+    use burn::tensor::Distribution;
+    let Some(device) = adapter() else { return };
+    let normal = Distribution::Normal(0.0, 1.0);
+    let q = Tensor::<Wgpu, 4>::random([2, 2, 50, 40], normal, &device);
+    let k = Tensor::<Wgpu, 4>::random([2, 2, 77, 40], normal, &device);
+    let v = Tensor::<Wgpu, 4>::random([2, 2, 77, 40], normal, &device);
+    // Ops before and after it in the same fusion stream.
+    let q = q.mul_scalar(2.0).add_scalar(0.1);
+    let _counters = lock_flash_counters();
+    let own = own_kernel_calls();
+    let got = forced_flash_attention(&q, &k, &v, 0.3)
+        .expect("a CubeCL backend")
+        .add_scalar(1.0);
+    let want = shaders::flash_attention_reference(q, k, v, 0.3).add_scalar(1.0);
+    let diff: f32 = (got - want).abs().max().into_scalar();
+    assert!(diff < 1e-4, "max diff {diff}");
+    assert_eq!(own_kernel_calls(), own + 1, "our kernel ran once");
 }
 
 /// IF's UNets (added-KV attention over text and image keys, the noise level's class embedding,

@@ -156,6 +156,8 @@ PARITY=(
   "f32-sliced-fusion --attention sliced --fusion on --dtype f32"
   "f16-fused-nofusion --attention fused --fusion off --dtype f16"
   "f16-fused-fusion-cl --attention fused --fusion on --dtype f16 --channels-last on"
+  "f32-fused-fusion --attention fused --fusion on --dtype f32"
+  "f16-fused-fusion-own --attention fused --fusion on --dtype f16"
 )
 [ "$BACKEND" = cpu ] && PARITY=("f32-fused --attention fused --dtype f32" "f32-fused-cl --attention fused --dtype f32 --channels-last on")
 echo "=== warm-up (limit ${WARM_SECS}s per process) at +$((SECONDS - T0))s"
@@ -169,7 +171,9 @@ for b in 1 "$B16"; do
 done
 for p in "${PARITY[@]}"; do
   # shellcheck disable=SC2086
-  (PARITY_SECS=$WARM_SECS tiny_generate $p && compare_parity "${p%% *}") >> "$OUT/parity.txt" 2>&1 &
+  # "-own": f16 attention on our flash kernel (shaders/) instead of CubeCL's.
+  own=burn && [[ ${p%% *} == *-own ]] && own=brushfire
+  (export BRUSHFIRE_FLASH_KERNEL=$own; PARITY_SECS=$WARM_SECS tiny_generate $p && compare_parity "${p%% *}") >> "$OUT/parity.txt" 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"
@@ -183,9 +187,9 @@ done | tee "$OUT/warm-summary.txt"
 find "$WARM" -name '*.lock' -delete
 mkdir -p "$MEAS/brushfire/kernels"
 [ -d "$WARM/brushfire/kernels/cuda" ] && cp -r "$WARM/brushfire/kernels/cuda" "$MEAS/brushfire/kernels/"
-measure() { # tag batch steps secs
+measure() { # tag batch steps secs [columns]
   budget "brushfire-$1" "$4" env XDG_CACHE_HOME="$MEAS" $BF bench --backend "$BACKEND" --dtype "$DTYPE" --pipelines sd-txt2img \
-    --batch "$2" --size "$SIZE" --columns baseline,fused,fusion,channels-last --steps "$3" --runs 2 "${MODEL_ARGS[@]}" \
+    --batch "$2" --size "$SIZE" --columns "${5:-baseline,fused,fusion,channels-last}" --steps "$3" --runs 2 "${MODEL_ARGS[@]}" \
     --markdown "$OUT/brushfire_$1.md" --json "$OUT/brushfire_$1.json" --csv "$OUT/brushfire_$1.csv" 2> "$OUT/brushfire_$1.log"
   echo "brushfire-$1: $(grep -c 'Compiling kernel' "$OUT/brushfire_$1.log") kernels compiled, $(grep -c 'Tuning' "$OUT/brushfire_$1.log") tunings"
 }
@@ -199,7 +203,10 @@ diffusers b1 1 "$STEPS_B1" "${D_COLUMNS:-baseline,fused,fusion}" "${D_B1_SECS:-1
 measure b16 "$B16" "$STEPS_B16" "${BF_B16_SECS:-75}"
 diffusers b16 "$B16" "$STEPS_B16" "${D_COLUMNS:-baseline,fused,fusion}" "${D_B16_SECS:-100}"
 
-python3 tests/python/compare_bench.py --brushfire "$OUT"/brushfire_b*.json --diffusers "$OUT"/diffusers_b*.json \
+# Our flash kernel in place of CubeCL's for the f16 fused columns (batch 1): which to keep.
+BRUSHFIRE_FLASH_KERNEL=brushfire measure b1-own 1 "$STEPS_B16" "${BF_OWN_SECS:-60}" fused,fusion
+
+python3 tests/python/compare_bench.py --brushfire "$OUT"/brushfire_b1.json "$OUT"/brushfire_b16.json --diffusers "$OUT"/diffusers_b*.json \
   --markdown "$OUT/summary.md"
 
 # 3. The compiled kernels for the next session with this binary (≤ 16 MiB per file).

@@ -66,15 +66,9 @@ impl AttnProcessor {
                 if let Some(out) = super::flex::flex_attention(&q, &k, &v, scale) {
                     return out;
                 }
-                // CUDA and wgpu in f16 (the precision the seed benchmarks): a flash kernel,
-                // forced rather than left to autotune (which may pick the materialised
-                // fallback). It computes 1/√d itself, so only SD's default scale goes there. In
-                // f32 its error (~5e-4 on lavapipe, f16-like) misses the 1e-4 bound: f32 runs
-                // Burn's op with the scale given, which is its exact materialised path.
-                let default_scale = 1.0 / (q.dims()[3] as f64).sqrt();
-                if q.dtype() == DType::F16
-                    && (scale - default_scale).abs() <= 1e-9 * default_scale
-                    && let Some(out) = super::cube_attention::forced_flash_attention(&q, &k, &v)
+                // CUDA and wgpu: a flash kernel, forced rather than left to autotune (which may
+                // pick the materialised fallback, and always does in f32). See cube_attention.
+                if let Some(out) = super::cube_attention::forced_flash_attention(&q, &k, &v, scale)
                 {
                     return out;
                 }

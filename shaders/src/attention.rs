@@ -1,0 +1,456 @@
+//! Fused ("flash") attention: `softmax(q kᵀ · scale) v` without materialising the scores.
+//!
+//! One cube computes 64 query rows of one (batch, head) pair and walks the keys in tiles of 32,
+//! keeping a running row maximum and row sum (the online softmax of FlashAttention, Dao et al.
+//! 2022, algorithm 1). Scores and the output accumulate in f32 whatever the storage type, so the
+//! kernel is as exact in f16 as the f16 inputs allow and matches the materialised maths to
+//! rounding in f32. Only a `[64, 32]` score tile ever exists, so memory stays linear in the
+//! sequence length: at SD 1.5's 64×64 latents (4096 tokens) the materialised path holds
+//! `batch × heads × 4096 × 4096` scores per attention call, this kernel none.
+//!
+//! A cube is 16 × 16 units. For the scores each unit owns a 4 × 2 block of the 64 × 32 tile
+//! (q and k staged through shared memory 16 head dimensions at a time); for the softmax four
+//! units share a row; for the output each unit owns 4 rows × every 16th column, in registers,
+//! with `v` staged through shared memory a few rows at a time.
+//!
+//! Inputs are read through their strides (a heads-split view needs no copy first); the output
+//! is a new contiguous `[n, heads, lq, dv]` tensor of the inputs' float type.
+//!
+//! The plain-tensor definition it is tested against is [`flash_attention_reference`].
+
+use burn::tensor::{DType, Shape, Tensor, activation::softmax, backend::Backend};
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::{CubeCount, CubeDim};
+
+use crate::ShaderError;
+
+/// Query rows per cube.
+const ROWS: usize = 64;
+/// Keys per tile.
+const KEYS: usize = 32;
+/// Head-dimension chunk of the `q kᵀ` product held in shared memory at once.
+const DEPTH: usize = 16;
+/// Units per cube along x (score columns, output columns) and y (rows).
+const UNITS_X: usize = 16;
+const UNITS_Y: usize = 16;
+/// Rows each unit owns in the score and output tiles (`ROWS / UNITS_Y`).
+const ROWS_PER_UNIT: usize = 4;
+/// Score columns each unit owns (`KEYS / UNITS_X`).
+const KEYS_PER_UNIT: usize = 2;
+/// Units sharing one row in the softmax step (`UNITS_X · UNITS_Y / ROWS`), and the scores each
+/// of them takes.
+const PARTS: usize = 4;
+const KEYS_PER_PART: usize = KEYS / PARTS;
+/// The largest value head dimension the kernel takes: each unit keeps
+/// `ROWS_PER_UNIT × ⌈dv / 16⌉` f32 accumulators in registers (128 at 512, the VAE's
+/// single-head attention).
+pub const MAX_VALUE_DIM: usize = 512;
+/// Stand-in for −∞ in the running maximum (WGSL has no infinity literal); `exp` of anything
+/// this far below a real score is exactly 0.
+const NEG_LARGE: f32 = -1.0e30;
+
+/// How many rows of `v` are staged in shared memory at once: about 1280 floats whatever `dv`.
+fn value_rows(value_dim: usize) -> usize {
+    match value_dim {
+        0..=160 => 8,
+        161..=320 => 4,
+        _ => 2,
+    }
+}
+
+/// Bytes of shared memory one cube uses for a value head dimension `dv`.
+pub fn shared_memory_bytes(value_dim: usize) -> usize {
+    let floats = ROWS * DEPTH
+        + KEYS * DEPTH
+        + ROWS * KEYS
+        + value_rows(value_dim) * value_dim
+        + 3 * ROWS
+        + UNITS_X * UNITS_Y;
+    floats * std::mem::size_of::<f32>()
+}
+
+/// The kernel, in CubeCL's dialect of Rust (its `Tensor` is a device buffer with strides).
+mod kernel {
+    use cubecl::prelude::*;
+
+    use super::{
+        DEPTH, KEYS, KEYS_PER_PART, KEYS_PER_UNIT, NEG_LARGE, PARTS, ROWS, ROWS_PER_UNIT, UNITS_X,
+        UNITS_Y,
+    };
+
+    #[cube(launch_unchecked)]
+    pub fn flash_attention_kernel<F: Float>(
+        q: &Tensor<F>,
+        k: &Tensor<F>,
+        v: &Tensor<F>,
+        out: &mut Tensor<F>,
+        scale: f32,
+        #[comptime] value_dim: usize,
+        #[comptime] value_rows: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let tx = UNIT_POS_X as usize;
+        let ty = UNIT_POS_Y as usize;
+        let tid = ty * UNITS_X + tx;
+        let units = UNITS_X * UNITS_Y;
+
+        let heads = q.shape(1);
+        let pair = CUBE_POS_Y as usize;
+        let batch = pair / heads;
+        let head = pair % heads;
+        let lq = q.shape(2);
+        let lk = k.shape(2);
+        let depth = q.shape(3);
+        let row0 = CUBE_POS_X as usize * ROWS;
+
+        let q_base = batch * q.stride(0) + head * q.stride(1);
+        let k_base = batch * k.stride(0) + head * k.stride(1);
+        let v_base = batch * v.stride(0) + head * v.stride(1);
+        let o_base = batch * out.stride(0) + head * out.stride(1);
+        let (q_row, q_col) = (q.stride(2), q.stride(3));
+        let (k_row, k_col) = (k.stride(2), k.stride(3));
+        let (v_row, v_col) = (v.stride(2), v.stride(3));
+        let (o_row, o_col) = (out.stride(2), out.stride(3));
+
+        let mut q_tile = SharedMemory::<f32>::new(ROWS * DEPTH);
+        let mut k_tile = SharedMemory::<f32>::new(KEYS * DEPTH);
+        let mut scores = SharedMemory::<f32>::new(ROWS * KEYS);
+        let mut v_tile = SharedMemory::<f32>::new(value_rows * value_dim);
+        let mut row_max = SharedMemory::<f32>::new(ROWS);
+        let mut row_sum = SharedMemory::<f32>::new(ROWS);
+        let mut row_rescale = SharedMemory::<f32>::new(ROWS);
+        let mut partial = SharedMemory::<f32>::new(UNITS_X * UNITS_Y);
+
+        if tid < ROWS {
+            row_max[tid] = f32::new(NEG_LARGE);
+            row_sum[tid] = 0.0;
+        }
+
+        let cols = comptime!(value_dim.div_ceil(UNITS_X));
+        let mut acc = Array::<f32>::new(ROWS_PER_UNIT * cols);
+        #[unroll]
+        for i in 0..ROWS_PER_UNIT * cols {
+            acc[i] = 0.0;
+        }
+        let mut s = Array::<f32>::new(ROWS_PER_UNIT * KEYS_PER_UNIT);
+        let mut qv = Array::<f32>::new(ROWS_PER_UNIT);
+        let mut kv = Array::<f32>::new(KEYS_PER_UNIT);
+
+        let mut key0 = 0;
+        while key0 < lk {
+            // Scores of this key tile: s = q kᵀ over the head dimension, DEPTH at a time.
+            #[unroll]
+            for i in 0..ROWS_PER_UNIT * KEYS_PER_UNIT {
+                s[i] = 0.0;
+            }
+            let mut d0 = 0;
+            while d0 < depth {
+                #[unroll]
+                for i in 0..ROWS * DEPTH / (UNITS_X * UNITS_Y) {
+                    let e = tid + units * i;
+                    let row = row0 + e / DEPTH;
+                    let col = d0 + e % DEPTH;
+                    let mut value = 0.0;
+                    if row < lq && col < depth {
+                        value = f32::cast_from(q[q_base + row * q_row + col * q_col]);
+                    }
+                    q_tile[e] = value;
+                }
+                #[unroll]
+                for i in 0..KEYS * DEPTH / (UNITS_X * UNITS_Y) {
+                    let e = tid + units * i;
+                    let key = key0 + e / DEPTH;
+                    let col = d0 + e % DEPTH;
+                    let mut value = 0.0;
+                    if key < lk && col < depth {
+                        value = f32::cast_from(k[k_base + key * k_row + col * k_col]);
+                    }
+                    k_tile[e] = value;
+                }
+                sync_cube();
+                #[unroll]
+                for c in 0..DEPTH {
+                    #[unroll]
+                    for i in 0..ROWS_PER_UNIT {
+                        qv[i] = q_tile[(ty * ROWS_PER_UNIT + i) * DEPTH + c];
+                    }
+                    #[unroll]
+                    for j in 0..KEYS_PER_UNIT {
+                        kv[j] = k_tile[(tx * KEYS_PER_UNIT + j) * DEPTH + c];
+                    }
+                    #[unroll]
+                    for i in 0..ROWS_PER_UNIT {
+                        #[unroll]
+                        for j in 0..KEYS_PER_UNIT {
+                            s[i * KEYS_PER_UNIT + j] += qv[i] * kv[j];
+                        }
+                    }
+                }
+                sync_cube();
+                d0 += DEPTH;
+            }
+            #[unroll]
+            for i in 0..ROWS_PER_UNIT {
+                #[unroll]
+                for j in 0..KEYS_PER_UNIT {
+                    let col = tx * KEYS_PER_UNIT + j;
+                    let mut value = f32::new(NEG_LARGE);
+                    if key0 + col < lk {
+                        value = s[i * KEYS_PER_UNIT + j] * scale;
+                    }
+                    scores[(ty * ROWS_PER_UNIT + i) * KEYS + col] = value;
+                }
+            }
+            sync_cube();
+
+            // Online softmax, PARTS units per row (KEYS_PER_PART of its scores each): the new
+            // running maximum, the tile's probabilities (in place of its scores), and the factor
+            // that rescales what was accumulated so far.
+            let srow = tid / PARTS;
+            let part = tid % PARTS;
+            let base = srow * KEYS + part * KEYS_PER_PART;
+            let mut tile_max = f32::new(NEG_LARGE);
+            #[unroll]
+            for c in 0..KEYS_PER_PART {
+                tile_max = max(tile_max, scores[base + c]);
+            }
+            partial[tid] = tile_max;
+            sync_cube();
+            let old_max = row_max[srow];
+            let mut new_max = old_max;
+            #[unroll]
+            for p in 0..PARTS {
+                new_max = max(new_max, partial[srow * PARTS + p]);
+            }
+            sync_cube();
+            let mut sum = 0.0;
+            #[unroll]
+            for c in 0..KEYS_PER_PART {
+                let p = (scores[base + c] - new_max).exp();
+                scores[base + c] = p;
+                sum += p;
+            }
+            partial[tid] = sum;
+            sync_cube();
+            if part == 0 {
+                let mut total = 0.0;
+                #[unroll]
+                for p in 0..PARTS {
+                    total += partial[srow * PARTS + p];
+                }
+                let rescale = (old_max - new_max).exp();
+                row_rescale[srow] = rescale;
+                row_sum[srow] = row_sum[srow] * rescale + total;
+                row_max[srow] = new_max;
+            }
+            sync_cube();
+
+            #[unroll]
+            for i in 0..ROWS_PER_UNIT {
+                let rescale = row_rescale[ty * ROWS_PER_UNIT + i];
+                #[unroll]
+                for j in 0..cols {
+                    acc[i * cols + j] *= rescale;
+                }
+            }
+
+            // acc += p v over the tile's keys, `value_rows` rows of v at a time.
+            let mut r0 = 0;
+            while r0 < KEYS {
+                let mut e = tid;
+                while e < value_rows * value_dim {
+                    let key = key0 + r0 + e / value_dim;
+                    let col = e % value_dim;
+                    let mut value = 0.0;
+                    if key < lk {
+                        value = f32::cast_from(v[v_base + key * v_row + col * v_col]);
+                    }
+                    v_tile[e] = value;
+                    e += units;
+                }
+                sync_cube();
+                #[unroll]
+                for r in 0..value_rows {
+                    #[unroll]
+                    for i in 0..ROWS_PER_UNIT {
+                        qv[i] = scores[(ty * ROWS_PER_UNIT + i) * KEYS + r0 + r];
+                    }
+                    #[unroll]
+                    for j in 0..cols {
+                        let col = tx + UNITS_X * j;
+                        if col < value_dim {
+                            let value = v_tile[r * value_dim + col];
+                            #[unroll]
+                            for i in 0..ROWS_PER_UNIT {
+                                acc[i * cols + j] += qv[i] * value;
+                            }
+                        }
+                    }
+                }
+                sync_cube();
+                r0 += value_rows;
+            }
+            key0 += KEYS;
+        }
+
+        #[unroll]
+        for i in 0..ROWS_PER_UNIT {
+            let local = ty * ROWS_PER_UNIT + i;
+            let row = row0 + local;
+            if row < lq {
+                let inverse = 1.0 / row_sum[local];
+                #[unroll]
+                for j in 0..cols {
+                    let col = tx + UNITS_X * j;
+                    if col < value_dim {
+                        out[o_base + row * o_row + col * o_col] =
+                            F::cast_from(acc[i * cols + j] * inverse);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The problem's sizes, checked: `[n, heads, lq, lk, d, dv]`.
+fn check_shapes(q: &Shape, k: &Shape, v: &Shape) -> Result<[usize; 6], ShaderError> {
+    let dims = |name: &'static str, shape: &Shape| -> Result<[usize; 4], ShaderError> {
+        let dims: [usize; 4] = shape.to_vec().try_into().map_err(|_| ShaderError::Shape {
+            what: format!(
+                "{name} has rank {}, expected 4 ([n, heads, tokens, dim])",
+                shape.num_dims()
+            ),
+        })?;
+        if dims.contains(&0) {
+            return Err(ShaderError::Shape {
+                what: format!("{name} {dims:?} has an empty dimension"),
+            });
+        }
+        Ok(dims)
+    };
+    let [n, heads, lq, d] = dims("q", q)?;
+    let [kn, kh, lk, kd] = dims("k", k)?;
+    let [vn, vh, lv, dv] = dims("v", v)?;
+    if [kn, vn] != [n, n] || [kh, vh] != [heads, heads] {
+        return Err(ShaderError::Shape {
+            what: format!(
+                "q, k, v disagree on [n, heads]: {:?}, {:?}, {:?}",
+                [n, heads],
+                [kn, kh],
+                [vn, vh]
+            ),
+        });
+    }
+    if kd != d {
+        return Err(ShaderError::Shape {
+            what: format!("q's head dimension {d} differs from k's {kd}"),
+        });
+    }
+    if lv != lk {
+        return Err(ShaderError::Shape {
+            what: format!("k has {lk} tokens but v has {lv}"),
+        });
+    }
+    Ok([n, heads, lq, lk, d, dv])
+}
+
+/// `softmax(q kᵀ · scale) v` in one kernel on a CubeCL runtime (CUDA, wgpu, ...).
+///
+/// # Shapes
+/// - q `[n, heads, lq, d]`, k `[n, heads, lk, d]`, v `[n, heads, lk, dv]` → `[n, heads, lq, dv]`
+///
+/// # Errors
+/// [`ShaderError::Shape`] for inconsistent shapes, [`ShaderError::Unsupported`] for a float
+/// type other than f32/f16/bf16, mixed types, `dv > MAX_VALUE_DIM`, or a device whose shared
+/// memory or grid is too small. Nothing is launched then.
+pub fn flash_attention<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    scale: f32,
+) -> Result<CubeTensor<R>, ShaderError> {
+    let [n, heads, lq, _, _, dv] = check_shapes(q.meta.shape(), k.meta.shape(), v.meta.shape())?;
+    let dtype = q.dtype;
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(ShaderError::Unsupported {
+            what: format!("float type {dtype:?} (f32, f16 and bf16 are)"),
+        });
+    }
+    if k.dtype != dtype || v.dtype != dtype {
+        return Err(ShaderError::Unsupported {
+            what: format!("mixed types q {dtype:?}, k {:?}, v {:?}", k.dtype, v.dtype),
+        });
+    }
+    if dv > MAX_VALUE_DIM {
+        return Err(ShaderError::Unsupported {
+            what: format!("value head dimension {dv} (at most {MAX_VALUE_DIM})"),
+        });
+    }
+    let hardware = &q.client.properties().hardware;
+    let shared = shared_memory_bytes(dv);
+    if shared > hardware.max_shared_memory_size {
+        return Err(ShaderError::Unsupported {
+            what: format!(
+                "{shared} bytes of shared memory per cube (the device has {})",
+                hardware.max_shared_memory_size
+            ),
+        });
+    }
+    let blocks = lq.div_ceil(ROWS);
+    let pairs = n * heads;
+    let (max_x, max_y, _) = hardware.max_cube_count;
+    if blocks > max_x as usize || pairs > max_y as usize {
+        return Err(ShaderError::Unsupported {
+            what: format!(
+                "a grid of {blocks} × {pairs} cubes (the device allows {max_x} × {max_y})"
+            ),
+        });
+    }
+
+    let client = q.client.clone();
+    let out = empty_device_dtype(
+        client.clone(),
+        q.device.clone(),
+        Shape::new([n, heads, lq, dv]),
+        dtype,
+    );
+    // SAFETY: every global read and write is guarded by the row, key and column bounds of the
+    // checked shapes, and every shared-memory index is below the size it was allocated with
+    // (`e < ROWS·DEPTH`, `< KEYS·DEPTH`, `< value_rows·dv`, rows < ROWS, keys < KEYS); the loops
+    // end (`key0`, `d0`, `r0`, `e` grow to fixed bounds).
+    unsafe {
+        kernel::flash_attention_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(blocks as u32, pairs as u32, 1),
+            CubeDim::new_2d(UNITS_X as u32, UNITS_Y as u32),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            scale,
+            dv,
+            value_rows(dv),
+            dtype.into(),
+        );
+    }
+    Ok(out)
+}
+
+/// The definition [`flash_attention`] computes, in plain tensor ops: the scores materialised and
+/// the softmax taken in f32, the result in the inputs' float type.
+///
+/// # Shapes
+/// - q `[n, heads, lq, d]`, k `[n, heads, lk, d]`, v `[n, heads, lk, dv]` → `[n, heads, lq, dv]`
+pub fn flash_attention_reference<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let dtype = q.dtype();
+    let [q, k, v] = [q, k, v].map(|t| t.cast(DType::F32));
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    softmax(scores, 3).matmul(v).cast(dtype)
+}
