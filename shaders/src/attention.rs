@@ -30,8 +30,12 @@ use crate::ShaderError;
 const ROWS: usize = 64;
 /// Keys per tile.
 const KEYS: usize = 32;
-/// Head-dimension chunk of the `q kᵀ` product held in shared memory at once.
-const DEPTH: usize = 16;
+/// Shared memory the tiling plans for, in f32s: 32 KiB, what Metal and Mesa's lavapipe give a
+/// cube (CUDA gives 48 KiB).
+const SHARED_BUDGET: usize = 8192;
+/// Head-dimension chunks of the `q kᵀ` product (held in shared memory at once) to choose from:
+/// multiples of 8, so the cube's 256 units load the q and k chunks in equal shares.
+const DEPTH_CHUNKS: [usize; 5] = [48, 40, 32, 24, 16];
 /// Units per cube along x (score columns, output columns) and y (rows).
 const UNITS_X: usize = 16;
 const UNITS_Y: usize = 16;
@@ -43,6 +47,8 @@ const KEYS_PER_UNIT: usize = 2;
 /// of them takes.
 const PARTS: usize = 4;
 const KEYS_PER_PART: usize = KEYS / PARTS;
+/// Row stride of the score tile in shared memory (one float of padding, see the kernel).
+const SCORE_STRIDE: usize = KEYS + 1;
 /// The largest value head dimension the kernel takes: each unit keeps
 /// `ROWS_PER_UNIT × ⌈dv / 16⌉` f32 accumulators in registers (128 at 512, the VAE's
 /// single-head attention).
@@ -51,24 +57,55 @@ pub const MAX_VALUE_DIM: usize = 512;
 /// this far below a real score is exactly 0.
 const NEG_LARGE: f32 = -1.0e30;
 
-/// How many rows of `v` are staged in shared memory at once: about 1280 floats whatever `dv`.
-fn value_rows(value_dim: usize) -> usize {
-    match value_dim {
-        0..=160 => 8,
-        161..=320 => 4,
-        _ => 2,
-    }
+/// How the kernel stages its operands through shared memory (compile-time constants of the
+/// kernel: one compiled variant per distinct tiling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tiling {
+    /// Head dimensions of q and k staged at once (SD 1.5's 40/80/160 heads: 40, one to four
+    /// chunks).
+    pub depth_chunk: usize,
+    /// Rows of v staged at once (a power of two ≤ 32).
+    pub value_rows: usize,
 }
 
-/// Bytes of shared memory one cube uses for a value head dimension `dv`.
-pub fn shared_memory_bytes(value_dim: usize) -> usize {
-    let floats = ROWS * DEPTH
-        + KEYS * DEPTH
-        + ROWS * KEYS
-        + value_rows(value_dim) * value_dim
-        + 3 * ROWS
-        + UNITS_X * UNITS_Y;
-    floats * std::mem::size_of::<f32>()
+impl Tiling {
+    /// The tiling for head dimensions `depth` (q, k) and `value_dim` (v): the depth chunk that
+    /// pads the head dimension least (the larger on a tie), then as many rows of v as fit the
+    /// shared-memory budget.
+    pub fn for_dims(depth: usize, value_dim: usize) -> Self {
+        let padded = |chunk: usize| depth.max(1).div_ceil(chunk) * chunk;
+        let depth_chunk = DEPTH_CHUNKS
+            .into_iter()
+            .min_by_key(|&chunk| (padded(chunk), usize::MAX - chunk))
+            .unwrap_or(DEPTH_CHUNKS[0]);
+        let fixed = Self {
+            depth_chunk,
+            value_rows: 0,
+        }
+        .shared_floats(value_dim);
+        let room = SHARED_BUDGET.saturating_sub(fixed);
+        let mut value_rows = KEYS;
+        while value_rows > 1 && value_rows * value_dim > room {
+            value_rows /= 2;
+        }
+        Self {
+            depth_chunk,
+            value_rows,
+        }
+    }
+
+    fn shared_floats(self, value_dim: usize) -> usize {
+        (ROWS + KEYS) * (self.depth_chunk + 1)
+            + ROWS * SCORE_STRIDE
+            + self.value_rows * value_dim
+            + 3 * ROWS
+            + UNITS_X * UNITS_Y
+    }
+
+    /// Bytes of shared memory one cube uses with this tiling.
+    pub fn shared_memory_bytes(self, value_dim: usize) -> usize {
+        self.shared_floats(value_dim) * std::mem::size_of::<f32>()
+    }
 }
 
 /// The kernel, in CubeCL's dialect of Rust (its `Tensor` is a device buffer with strides).
@@ -76,8 +113,8 @@ mod kernel {
     use cubecl::prelude::*;
 
     use super::{
-        DEPTH, KEYS, KEYS_PER_PART, KEYS_PER_UNIT, NEG_LARGE, PARTS, ROWS, ROWS_PER_UNIT, UNITS_X,
-        UNITS_Y,
+        KEYS, KEYS_PER_PART, KEYS_PER_UNIT, NEG_LARGE, PARTS, ROWS, ROWS_PER_UNIT, SCORE_STRIDE,
+        UNITS_X, UNITS_Y,
     };
 
     #[cube(launch_unchecked)]
@@ -88,6 +125,7 @@ mod kernel {
         out: &mut Tensor<F>,
         scale: f32,
         #[comptime] value_dim: usize,
+        #[comptime] depth_chunk: usize,
         #[comptime] value_rows: usize,
         #[define(F)] _dtype: StorageType,
     ) {
@@ -114,9 +152,13 @@ mod kernel {
         let (v_row, v_col) = (v.stride(2), v.stride(3));
         let (o_row, o_col) = (out.stride(2), out.stride(3));
 
-        let mut q_tile = SharedMemory::<f32>::new(ROWS * DEPTH);
-        let mut k_tile = SharedMemory::<f32>::new(KEYS * DEPTH);
-        let mut scores = SharedMemory::<f32>::new(ROWS * KEYS);
+        // Rows of the staged tiles are one float longer than their data, so that the units of a
+        // warp reading down a column (k in the scores, a row's scores in the softmax) hit
+        // different shared-memory banks.
+        let chunk_stride = comptime!(depth_chunk + 1);
+        let mut q_tile = SharedMemory::<f32>::new(ROWS * chunk_stride);
+        let mut k_tile = SharedMemory::<f32>::new(KEYS * chunk_stride);
+        let mut scores = SharedMemory::<f32>::new(ROWS * SCORE_STRIDE);
         let mut v_tile = SharedMemory::<f32>::new(value_rows * value_dim);
         let mut row_max = SharedMemory::<f32>::new(ROWS);
         let mut row_sum = SharedMemory::<f32>::new(ROWS);
@@ -140,7 +182,7 @@ mod kernel {
 
         let mut key0 = 0;
         while key0 < lk {
-            // Scores of this key tile: s = q kᵀ over the head dimension, DEPTH at a time.
+            // Scores of this key tile: s = q kᵀ over the head dimension, a chunk at a time.
             #[unroll]
             for i in 0..ROWS_PER_UNIT * KEYS_PER_UNIT {
                 s[i] = 0.0;
@@ -148,37 +190,37 @@ mod kernel {
             let mut d0 = 0;
             while d0 < depth {
                 #[unroll]
-                for i in 0..ROWS * DEPTH / (UNITS_X * UNITS_Y) {
+                for i in 0..comptime!(ROWS * depth_chunk / (UNITS_X * UNITS_Y)) {
                     let e = tid + units * i;
-                    let row = row0 + e / DEPTH;
-                    let col = d0 + e % DEPTH;
+                    let (r, c) = (e / depth_chunk, e % depth_chunk);
+                    let (row, col) = (row0 + r, d0 + c);
                     let mut value = 0.0;
                     if row < lq && col < depth {
                         value = f32::cast_from(q[q_base + row * q_row + col * q_col]);
                     }
-                    q_tile[e] = value;
+                    q_tile[r * chunk_stride + c] = value;
                 }
                 #[unroll]
-                for i in 0..KEYS * DEPTH / (UNITS_X * UNITS_Y) {
+                for i in 0..comptime!(KEYS * depth_chunk / (UNITS_X * UNITS_Y)) {
                     let e = tid + units * i;
-                    let key = key0 + e / DEPTH;
-                    let col = d0 + e % DEPTH;
+                    let (r, c) = (e / depth_chunk, e % depth_chunk);
+                    let (key, col) = (key0 + r, d0 + c);
                     let mut value = 0.0;
                     if key < lk && col < depth {
                         value = f32::cast_from(k[k_base + key * k_row + col * k_col]);
                     }
-                    k_tile[e] = value;
+                    k_tile[r * chunk_stride + c] = value;
                 }
                 sync_cube();
                 #[unroll]
-                for c in 0..DEPTH {
+                for c in 0..depth_chunk {
                     #[unroll]
                     for i in 0..ROWS_PER_UNIT {
-                        qv[i] = q_tile[(ty * ROWS_PER_UNIT + i) * DEPTH + c];
+                        qv[i] = q_tile[(ty * ROWS_PER_UNIT + i) * chunk_stride + c];
                     }
                     #[unroll]
                     for j in 0..KEYS_PER_UNIT {
-                        kv[j] = k_tile[(tx * KEYS_PER_UNIT + j) * DEPTH + c];
+                        kv[j] = k_tile[(tx * KEYS_PER_UNIT + j) * chunk_stride + c];
                     }
                     #[unroll]
                     for i in 0..ROWS_PER_UNIT {
@@ -189,7 +231,7 @@ mod kernel {
                     }
                 }
                 sync_cube();
-                d0 += DEPTH;
+                d0 += depth_chunk;
             }
             #[unroll]
             for i in 0..ROWS_PER_UNIT {
@@ -200,7 +242,7 @@ mod kernel {
                     if key0 + col < lk {
                         value = s[i * KEYS_PER_UNIT + j] * scale;
                     }
-                    scores[(ty * ROWS_PER_UNIT + i) * KEYS + col] = value;
+                    scores[(ty * ROWS_PER_UNIT + i) * SCORE_STRIDE + col] = value;
                 }
             }
             sync_cube();
@@ -210,7 +252,7 @@ mod kernel {
             // that rescales what was accumulated so far.
             let srow = tid / PARTS;
             let part = tid % PARTS;
-            let base = srow * KEYS + part * KEYS_PER_PART;
+            let base = srow * SCORE_STRIDE + part * KEYS_PER_PART;
             let mut tile_max = f32::new(NEG_LARGE);
             #[unroll]
             for c in 0..KEYS_PER_PART {
@@ -275,7 +317,7 @@ mod kernel {
                 for r in 0..value_rows {
                     #[unroll]
                     for i in 0..ROWS_PER_UNIT {
-                        qv[i] = scores[(ty * ROWS_PER_UNIT + i) * KEYS + r0 + r];
+                        qv[i] = scores[(ty * ROWS_PER_UNIT + i) * SCORE_STRIDE + r0 + r];
                     }
                     #[unroll]
                     for j in 0..cols {
@@ -371,7 +413,8 @@ pub fn flash_attention<R: CubeRuntime>(
     v: CubeTensor<R>,
     scale: f32,
 ) -> Result<CubeTensor<R>, ShaderError> {
-    let [n, heads, lq, _, _, dv] = check_shapes(q.meta.shape(), k.meta.shape(), v.meta.shape())?;
+    let [n, heads, lq, _, depth, dv] =
+        check_shapes(q.meta.shape(), k.meta.shape(), v.meta.shape())?;
     let dtype = q.dtype;
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(ShaderError::Unsupported {
@@ -389,7 +432,8 @@ pub fn flash_attention<R: CubeRuntime>(
         });
     }
     let hardware = &q.client.properties().hardware;
-    let shared = shared_memory_bytes(dv);
+    let tiling = Tiling::for_dims(depth, dv);
+    let shared = tiling.shared_memory_bytes(dv);
     if shared > hardware.max_shared_memory_size {
         return Err(ShaderError::Unsupported {
             what: format!(
@@ -417,9 +461,10 @@ pub fn flash_attention<R: CubeRuntime>(
         dtype,
     );
     // SAFETY: every global read and write is guarded by the row, key and column bounds of the
-    // checked shapes, and every shared-memory index is below the size it was allocated with
-    // (`e < ROWS·DEPTH`, `< KEYS·DEPTH`, `< value_rows·dv`, rows < ROWS, keys < KEYS); the loops
-    // end (`key0`, `d0`, `r0`, `e` grow to fixed bounds).
+    // checked shapes; every shared-memory index is below the size it was allocated with (q/k
+    // chunks: row < ROWS or KEYS, column < depth_chunk; scores: row < ROWS, key < KEYS; v:
+    // index < value_rows·dv; row statistics: row < ROWS); the loops end (`key0`, `d0`, `r0` and
+    // `e` grow to fixed bounds).
     unsafe {
         kernel::flash_attention_kernel::launch_unchecked::<R>(
             &client,
@@ -431,7 +476,8 @@ pub fn flash_attention<R: CubeRuntime>(
             out.clone().into_tensor_arg(),
             scale,
             dv,
-            value_rows(dv),
+            tiling.depth_chunk,
+            tiling.value_rows,
             dtype.into(),
         );
     }
@@ -453,4 +499,39 @@ pub fn flash_attention_reference<B: Backend>(
     let [q, k, v] = [q, k, v].map(|t| t.cast(DType::F32));
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
     softmax(scores, 3).matmul(v).cast(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tilings_fit_the_budget_and_pad_little() {
+        // SD 1.5's heads (40/80/160) in 40-wide chunks with all 32 rows of v (40) or fewer.
+        assert_eq!(
+            Tiling::for_dims(40, 40),
+            Tiling {
+                depth_chunk: 40,
+                value_rows: 32
+            }
+        );
+        assert_eq!(Tiling::for_dims(80, 80).depth_chunk, 40);
+        assert_eq!(Tiling::for_dims(160, 160).depth_chunk, 40);
+        // IF's 64-wide heads: two 32-wide chunks, not 48 + a mostly empty 48.
+        assert_eq!(Tiling::for_dims(64, 64).depth_chunk, 32);
+        for depth in [1, 8, 24, 40, 64, 77, 80, 160, 320, 512] {
+            for value_dim in [1, 24, 40, 80, 160, 512] {
+                let t = Tiling::for_dims(depth, value_dim);
+                assert!(
+                    t.shared_memory_bytes(value_dim) <= SHARED_BUDGET * 4,
+                    "{depth}/{value_dim}: {t:?}"
+                );
+                assert!(
+                    t.value_rows.is_power_of_two() && t.value_rows <= KEYS,
+                    "{t:?}"
+                );
+                assert_eq!(t.depth_chunk % 8, 0, "{t:?}");
+            }
+        }
+    }
 }
