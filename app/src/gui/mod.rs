@@ -260,7 +260,7 @@ impl BrushfireApp {
                 (
                     AttnProcessor::Fused,
                     "Fused",
-                    "Burn's fused attention kernel (diffusers' SDPA processor): faster, less memory",
+                    "Flash attention, the score matrix never held in memory (diffusers' SDPA processor)",
                 ),
                 (
                     AttnProcessor::Sliced { slice_size: 1 },
