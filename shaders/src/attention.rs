@@ -212,7 +212,9 @@ mod kernel {
                     k_tile[r * chunk_stride + c] = value;
                 }
                 sync_cube();
-                #[unroll]
+                // The outer loops over the chunk and over v's rows are left to the shader
+                // compiler to unroll (constant trip counts): unrolled here they made every
+                // variant ~10 s to compile on lavapipe and longer on NVRTC.
                 for c in 0..depth_chunk {
                     #[unroll]
                     for i in 0..ROWS_PER_UNIT {
@@ -313,7 +315,6 @@ mod kernel {
                     e += units;
                 }
                 sync_cube();
-                #[unroll]
                 for r in 0..value_rows {
                     #[unroll]
                     for i in 0..ROWS_PER_UNIT {
