@@ -372,60 +372,36 @@ fn brushfire_flash_attention_matches_its_reference() {
             .into_primitive()
             .tensor()
     };
-    let err = |r: Result<_, shaders::ShaderError>| r.err().map(|e| e.to_string());
-    let e = err(flash_attention(
-        t([1, 2, 8, 16]),
-        t([1, 2, 9, 8]),
-        t([1, 2, 9, 8]),
-        1.0,
-    ));
-    assert!(
-        e.as_deref()
-            .is_some_and(|e| e.contains("head dimension 16")),
-        "{e:?}"
-    );
-    let e = err(flash_attention(
-        t([1, 2, 8, 8]),
-        t([1, 2, 9, 8]),
-        t([1, 2, 7, 8]),
-        1.0,
-    ));
-    assert!(
-        e.as_deref()
-            .is_some_and(|e| e.contains("9 tokens but v has 7")),
-        "{e:?}"
-    );
-    let e = err(flash_attention(
-        t([1, 2, 8, 8]),
-        t([2, 2, 9, 8]),
-        t([2, 2, 9, 8]),
-        1.0,
-    ));
-    assert!(
-        e.as_deref().is_some_and(|e| e.contains("[n, heads]")),
-        "{e:?}"
-    );
-    let e = err(flash_attention(
-        t([1, 1, 8, 8]),
-        t([1, 1, 9, 8]),
-        t([1, 1, 9, 600]),
-        1.0,
-    ));
-    assert!(
-        e.as_deref()
-            .is_some_and(|e| e.contains("value head dimension 600")),
-        "{e:?}"
-    );
-    let e = err(flash_attention(
-        t([1, 1, 0, 8]),
-        t([1, 1, 9, 8]),
-        t([1, 1, 9, 8]),
-        1.0,
-    ));
-    assert!(
-        e.as_deref().is_some_and(|e| e.contains("empty dimension")),
-        "{e:?}"
-    );
+    for (q, k, v, want) in [
+        (
+            [1, 2, 8, 16],
+            [1, 2, 9, 8],
+            [1, 2, 9, 8],
+            "head dimension 16",
+        ),
+        (
+            [1, 2, 8, 8],
+            [1, 2, 9, 8],
+            [1, 2, 7, 8],
+            "9 tokens but v has 7",
+        ),
+        ([1, 2, 8, 8], [2, 2, 9, 8], [2, 2, 9, 8], "[n, heads]"),
+        (
+            [1, 1, 8, 8],
+            [1, 1, 9, 8],
+            [1, 1, 9, 600],
+            "value head dimension 600",
+        ),
+        ([1, 1, 0, 8], [1, 1, 9, 8], [1, 1, 9, 8], "empty dimension"),
+    ] {
+        let e = flash_attention(t(q), t(k), t(v), 1.0)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains(want)),
+            "{want}: {e:?}"
+        );
+    }
 }
 
 /// The fused processor's entry point on the fusion backend in f32 (a custom operation in the

@@ -201,9 +201,10 @@ impl<R: CubeRuntime> Operation<FusionCubeRuntime<R>> for FlashOp<R> {
     }
 }
 
-fn options(scale: f64) -> AttentionModuleOptions {
+/// Non-causal, no softcap; `None` lets the kernel use 1/√d.
+fn options(scale: Option<f64>) -> AttentionModuleOptions {
     AttentionModuleOptions {
-        scale: Some(scale),
+        scale,
         softcap: None,
         is_causal: false,
     }
@@ -234,7 +235,7 @@ fn flash_or_fallback<R: CubeRuntime>(
         Err(e) => {
             MATERIALISED.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "no flash attention kernel takes this problem; materialising the scores");
-            attention_fallback::<Handles<R>>(q, k, v, None, None, options(scale))
+            attention_fallback::<Handles<R>>(q, k, v, None, None, options(Some(scale)))
         }
     }
 }
@@ -253,12 +254,6 @@ fn cubecl_flash<R: CubeRuntime>(
         seq_q: 1,
         seq_kv: 1,
     });
-    // CubeCL's kernels compute 1/√d themselves: the caller only comes here at that scale.
-    let default = AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: false,
-    };
     for strategy in [accelerated, AttentionStrategy::FlashUnit] {
         let name = format!("{strategy:?}");
         match cube_attention(
@@ -267,7 +262,8 @@ fn cubecl_flash<R: CubeRuntime>(
             v.clone(),
             None,
             None,
-            default,
+            // CubeCL's kernels compute 1/√d themselves: the caller only comes here at that scale.
+            options(None),
             strategy,
         ) {
             Ok(out) => return Some(out),
