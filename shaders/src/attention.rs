@@ -37,8 +37,8 @@ const SHARED_BUDGET: usize = 8192;
 /// multiples of 8, so the cube's 256 units load the q and k chunks in equal shares.
 const DEPTH_CHUNKS: [usize; 5] = [48, 40, 32, 24, 16];
 /// Units per cube along x (score columns, output columns) and y (rows).
-const UNITS_X: usize = 16;
-const UNITS_Y: usize = 16;
+pub(crate) const UNITS_X: usize = 16;
+pub(crate) const UNITS_Y: usize = 16;
 /// Rows each unit owns in the score and output tiles (`ROWS / UNITS_Y`).
 const ROWS_PER_UNIT: usize = 4;
 /// Score columns each unit owns (`KEYS / UNITS_X`).
@@ -109,7 +109,7 @@ impl Tiling {
 }
 
 /// The kernel, in CubeCL's dialect of Rust (its `Tensor` is a device buffer with strides).
-mod kernel {
+pub(crate) mod kernel {
     use cubecl::prelude::*;
 
     use super::{

@@ -5,6 +5,8 @@
 //!   scale and strides (the fused processor's kernel where Burn's flash kernels do not apply).
 
 pub mod attention;
+#[cfg(test)]
+mod nvrtc_check;
 
 pub use attention::{flash_attention, flash_attention_reference};
 
