@@ -63,16 +63,59 @@ impl ControlNetParameters {
     }
 }
 
-impl GenerationParameters {
-    /// What a PNG's `parameters` text says, for an image of `width`×`height` (its size when the
-    /// text has none). A ControlNet unit is not read back.
-    pub fn from_parsed(p: &ParsedParameters, width: usize, height: usize) -> Self {
-        let extra = |key: &str| {
-            p.extra
+/// Default canny thresholds when a unit names the module without them (A1111's and ours).
+const CANNY_DEFAULT: (f32, f32) = (100.0, 200.0);
+
+impl ControlNetParameters {
+    /// A unit's text (without its quotes) as [`Self::to_a1111`] writes it, or as A1111's
+    /// ControlNet extension (v1.1.4) does, with more keys (ignored). `Err` says why the unit
+    /// cannot be used here.
+    pub fn parse(unit: &str) -> std::result::Result<Self, String> {
+        let pairs = parse_settings_line(unit)
+            .ok_or_else(|| format!("unreadable ControlNet unit `{unit}`"))?;
+        let get = |key: &str| {
+            pairs
                 .iter()
                 .find(|(k, _)| k == key)
                 .map(|(_, v)| v.as_str())
         };
+        let number = |key: &str, default: f64| match get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite())
+                .ok_or_else(|| format!("ControlNet {key} `{v}` is not a number")),
+        };
+        let canny = match get("Module").unwrap_or("none") {
+            "canny" => Some((
+                number("Threshold A", f64::from(CANNY_DEFAULT.0))? as f32,
+                number("Threshold B", f64::from(CANNY_DEFAULT.1))? as f32,
+            )),
+            "none" => None,
+            other => {
+                return Err(format!(
+                    "ControlNet module `{other}` is not available here (canny and none are)"
+                ));
+            }
+        };
+        Ok(Self {
+            model: get("Model")
+                .ok_or("the ControlNet unit names no model")?
+                .to_string(),
+            canny,
+            weight: number("Weight", 1.0)?,
+            guidance_start: number("Guidance Start", 0.0)?,
+            guidance_end: number("Guidance End", 1.0)?,
+            guess_mode: get("Control Mode") == Some("ControlNet is more important"),
+        })
+    }
+}
+
+impl GenerationParameters {
+    /// What a PNG's `parameters` text says, for an image of `width`×`height` (its size when the
+    /// text has none). A ControlNet unit that cannot be used here is left out.
+    pub fn from_parsed(p: &ParsedParameters, width: usize, height: usize) -> Self {
         let (width, height) = p.size.unwrap_or((width, height));
         Self {
             prompt: p.prompt.clone(),
@@ -84,8 +127,8 @@ impl GenerationParameters {
             width,
             height,
             model: p.model.clone().unwrap_or_default(),
-            denoising_strength: extra("Denoising strength").and_then(|v| v.parse().ok()),
-            controlnet: None,
+            denoising_strength: p.denoising_strength(),
+            controlnet: p.controlnet().and_then(std::result::Result::ok),
         }
     }
 
@@ -165,6 +208,26 @@ impl ParsedParameters {
             out.negative_prompt = negative.join("\n").trim().to_string();
         }
         out
+    }
+
+    /// A value of the settings line that has no field of its own.
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        self.extra
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// img2img/inpainting strength (`Denoising strength`), when it is a number.
+    pub fn denoising_strength(&self) -> Option<f64> {
+        self.setting("Denoising strength")?.parse().ok()
+    }
+
+    /// The first ControlNet unit (`ControlNet 0`), if the text has one; `Err` says why it
+    /// cannot be used here.
+    pub fn controlnet(&self) -> Option<std::result::Result<ControlNetParameters, String>> {
+        self.setting("ControlNet 0")
+            .map(ControlNetParameters::parse)
     }
 
     fn set(&mut self, key: &str, value: String) {
@@ -333,11 +396,7 @@ mod tests {
         assert_eq!(parsed.model.as_deref(), Some("tiny-sd"));
         // The ControlNet unit is one quoted value, as A1111's extension writes it.
         assert_eq!(
-            parsed
-                .extra
-                .iter()
-                .find(|(k, _)| k == "ControlNet 0")
-                .map(|(_, v)| v.as_str()),
+            parsed.setting("ControlNet 0"),
             Some(
                 "Module: canny, Threshold A: 100, Threshold B: 200, Model: \
                  lllyasviel/sd-controlnet-canny, Weight: 0.8, Guidance Start: 0, Guidance End: \
@@ -345,6 +404,8 @@ mod tests {
             ),
             "{text}"
         );
+        // Everything comes back, the ControlNet unit included.
+        assert_eq!(GenerationParameters::from_parsed(&parsed, 1, 1), params);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -380,6 +441,61 @@ mod tests {
             "add_detail: 7c6bad76eb54, other: 1a2b".into()
         )));
         assert!(p.extra.contains(&("Version".into(), "v1.9.4".into())));
+    }
+
+    #[test]
+    fn reads_the_controlnet_extensions_unit() {
+        // As sd-webui-controlnet v1.1.4 writes a canny unit (with keys Brushfire does not use).
+        let text = "a house\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, \
+            ControlNet 0: \"Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.65, \
+            Resize Mode: Crop and Resize, Low Vram: False, Processor Res: 512, Threshold A: 80, \
+            Threshold B: 160, Guidance Start: 0.1, Guidance End: 0.8, Pixel Perfect: False, \
+            Control Mode: ControlNet is more important\", Denoising strength: 0.55";
+        let p = ParsedParameters::parse(text);
+        assert_eq!(p.denoising_strength(), Some(0.55));
+        assert_eq!(
+            p.controlnet(),
+            Some(Ok(ControlNetParameters {
+                model: "control_v11p_sd15_canny [d14c016b]".into(),
+                canny: Some((80.0, 160.0)),
+                weight: 0.65,
+                guidance_start: 0.1,
+                guidance_end: 0.8,
+                guess_mode: true,
+            }))
+        );
+        // A unit without thresholds or window takes the defaults; `none` is the image as it is.
+        let unit = ControlNetParameters::parse("Module: none, Model: x/y, Weight: 1").unwrap();
+        assert_eq!(
+            (
+                unit.canny,
+                unit.guidance_start,
+                unit.guidance_end,
+                unit.guess_mode
+            ),
+            (None, 0.0, 1.0, false)
+        );
+        let unit = ControlNetParameters::parse("Module: canny, Model: x/y, Weight: 1").unwrap();
+        assert_eq!(unit.canny, Some((100.0, 200.0)));
+        // What cannot be used here says why.
+        for (unit, why) in [
+            (
+                "Module: openpose, Model: x, Weight: 1",
+                "ControlNet module `openpose` is not available here (canny and none are)",
+            ),
+            (
+                "Module: canny, Weight: 1, Guidance End: 1",
+                "the ControlNet unit names no model",
+            ),
+            (
+                "Module: canny, Model: x, Weight: strong",
+                "ControlNet Weight `strong` is not a number",
+            ),
+            ("canny", "unreadable ControlNet unit `canny`"),
+        ] {
+            assert_eq!(ControlNetParameters::parse(unit), Err(why.to_string()));
+        }
+        assert_eq!(ParsedParameters::parse("a cat").controlnet(), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use app::gui::control_input::{DEFAULT_CONTROLNET, MapSource};
 use app::gui::{BenchForm, BrushfireApp, ModelStatus, Persisted, Setting, View};
 use eframe::egui;
 use eframe::egui::accesskit::Role;
@@ -12,6 +13,7 @@ use egui_kittest::kittest::Queryable;
 use engine::backend::{BackendRequest, Precision};
 use engine::bench::{BenchColumn, BenchModels, BenchPipeline, CellOutcome};
 use engine::models::{AttnProcessor, MemoryFormat};
+use engine::pipelines::control_preprocess::Canny;
 use engine::schedulers::SchedulerKind;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -180,7 +182,11 @@ fn dropping_an_a1111_png_fills_the_form() {
                 "parameters".into(),
                 "a lighthouse at dusk, oil painting\nNegative prompt: people\nSteps: 31, \
                  Sampler: DDIM, Schedule type: Automatic, CFG scale: 5.5, Seed: 987654321, \
-                 Size: 640x384, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1"
+                 Size: 640x384, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, \
+                 Denoising strength: 0.45, ControlNet 0: \"Module: canny, Model: \
+                 control_v11p_sd15_canny [d14c016b], Weight: 0.65, Resize Mode: Crop and Resize, \
+                 Threshold A: 80, Threshold B: 160, Guidance Start: 0.1, Guidance End: 0.8, \
+                 Control Mode: ControlNet is more important\", Version: v1.10.1"
                     .into(),
             )
             .unwrap();
@@ -206,6 +212,24 @@ fn dropping_an_a1111_png_fills_the_form() {
     assert!(form.seed_locked, "a restored seed is kept for the next run");
     assert_eq!((form.width, form.height), (640, 384));
     assert_eq!(form.scheduler, Some(SchedulerKind::Ddim));
+    // The img2img strength and the ControlNet unit; A1111's model name is no model here, so the
+    // page keeps its ControlNet and the status bar says so.
+    let state = &h.state().state;
+    assert_eq!(state.inputs.strength, 0.45);
+    let c = &state.control;
+    assert_eq!((c.canny.low, c.canny.high, c.scale), (80.0, 160.0, 0.65));
+    assert_eq!(
+        (c.guidance_start, c.guidance_end, c.guess_mode),
+        (0.1, 0.8, true)
+    );
+    assert_eq!(c.controlnet_spec, DEFAULT_CONTROLNET);
+    assert!(
+        state.status.contains(
+            "ControlNet `control_v11p_sd15_canny [d14c016b]` is neither a folder nor a hub id"
+        ),
+        "{}",
+        state.status
+    );
 
     // A PNG without parameters is an error message, and the form is untouched.
     let plain = dir.join("plain.png");
@@ -1035,6 +1059,34 @@ fn controlnet_page_live_canny_drawing_and_the_request() {
             .to_a1111()
             .contains("ControlNet 0: \"Module: canny")
     );
+
+    // "Reuse parameters" puts the unit back on the page, the ControlNet too.
+    let unit = unit.clone();
+    let spec = h.state().state.control.controlnet_spec.clone();
+    {
+        let c = &mut h.state_mut().state.control;
+        c.scale = 1.5;
+        c.canny = Canny {
+            low: 10.0,
+            high: 20.0,
+        };
+        c.map_source = MapSource::AsIs;
+        c.guidance_end = 0.5;
+        c.guess_mode = true;
+        c.controlnet_spec = "org/another-controlnet".into();
+    }
+    h.get_by_label("Reuse parameters").click();
+    h.run_steps(2);
+    let c = &h.state().state.control;
+    assert!((c.scale - 0.6).abs() < 1e-9);
+    assert_eq!((c.canny.low, c.canny.high), (100.0, 200.0));
+    assert_eq!(c.map_source, MapSource::Canny);
+    assert_eq!(
+        (c.guidance_start, c.guidance_end, c.guess_mode),
+        (unit.guidance_start, unit.guidance_end, unit.guess_mode)
+    );
+    assert_eq!(c.guidance_end, 0.9, "the window this test set earlier");
+    assert_eq!(c.controlnet_spec, spec);
 }
 
 #[test]

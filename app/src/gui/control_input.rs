@@ -17,6 +17,7 @@ use super::canvas::{ERASED, PAINTED, PaintCanvas};
 use super::image_input::{SIDE_MULTIPLE, read_source};
 use super::state::DownloadState;
 use crate::image_files::rgb8_to_host;
+use crate::png_meta::ControlNetParameters;
 
 /// The ControlNet suggested when none was picked yet (diffusers' canny ControlNet for SD 1.5).
 pub const DEFAULT_CONTROLNET: &str = "lllyasviel/sd-controlnet-canny";
@@ -55,6 +56,20 @@ impl std::fmt::Debug for ControlSource {
             .field("size", &(self.width, self.height))
             .finish_non_exhaustive()
     }
+}
+
+/// Whether `spec` can be loaded as a ControlNet: an existing folder or file, or a hub id
+/// (`owner/name`, letters, digits, `-`, `_`, `.`).
+fn names_a_model(spec: &str) -> bool {
+    let hub_part = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    Path::new(spec).exists()
+        || spec
+            .split_once('/')
+            .is_some_and(|(owner, name)| hub_part(owner) && hub_part(name))
 }
 
 /// A canvas for drawing over control maps: thin white lines, an eraser that blacks out.
@@ -238,6 +253,50 @@ impl ControlInputs {
         Some((round(s.width), round(s.height)))
     }
 
+    /// Takes a restored unit's settings: the map (canny with its thresholds, or the image as it
+    /// is), weight, guidance window, control mode, and the ControlNet when it names a folder,
+    /// file or hub id (A1111 names its models `name [hash]`). Returns a note on what was not
+    /// taken. The source image and the strokes stay as they are.
+    pub fn apply_unit(&mut self, unit: &ControlNetParameters) -> Vec<String> {
+        let mut notes = Vec::new();
+        match unit.canny {
+            Some((low, high)) => match (Canny { low, high }).check() {
+                Ok(()) => {
+                    self.map_source = MapSource::Canny;
+                    self.canny = Canny { low, high };
+                }
+                Err(e) => notes.push(format!("ControlNet canny thresholds not taken: {e}")),
+            },
+            None => self.map_source = MapSource::AsIs,
+        }
+        self.scale = unit.weight;
+        let (start, end) = (unit.guidance_start, unit.guidance_end);
+        if (0.0..=1.0).contains(&start) && (start..=1.0).contains(&end) {
+            (self.guidance_start, self.guidance_end) = (start, end);
+        } else {
+            notes.push(format!(
+                "ControlNet guidance window {start}…{end} not taken (0 ≤ start ≤ end ≤ 1)"
+            ));
+        }
+        self.guess_mode = unit.guess_mode;
+        let model = unit.model.trim();
+        if model.is_empty() || model == self.controlnet_spec {
+            return notes;
+        }
+        if names_a_model(model) {
+            self.controlnet_spec = model.to_string();
+            if self.loaded.as_deref() != Some(model) {
+                notes.push(format!("ControlNet {model} restored: load it to use it"));
+            }
+        } else {
+            notes.push(format!(
+                "ControlNet `{model}` is neither a folder nor a hub id here: {} kept",
+                self.controlnet_spec
+            ));
+        }
+        notes
+    }
+
     /// What a ControlNet request takes. Errors say what the user must do first.
     pub fn request(&mut self) -> Result<ControlRequest> {
         if self.source.is_none() {
@@ -277,6 +336,56 @@ impl ControlInputs {
 mod tests {
     use super::*;
     use engine::pipelines::control_preprocess::CANNY_MAX_THRESHOLD;
+
+    #[test]
+    fn a_restored_unit_takes_what_is_valid_and_says_what_is_not() {
+        let mut c = ControlInputs::default();
+        let unit = ControlNetParameters {
+            model: "someone/their-canny-controlnet".into(),
+            canny: Some((50.0, 150.0)),
+            weight: 0.7,
+            guidance_start: 0.2,
+            guidance_end: 0.9,
+            guess_mode: true,
+        };
+        assert_eq!(
+            c.apply_unit(&unit),
+            ["ControlNet someone/their-canny-controlnet restored: load it to use it"]
+        );
+        assert_eq!(c.controlnet_spec, "someone/their-canny-controlnet");
+        assert_eq!((c.canny.low, c.canny.high, c.scale), (50.0, 150.0, 0.7));
+        assert_eq!(
+            (c.guidance_start, c.guidance_end, c.guess_mode),
+            (0.2, 0.9, true)
+        );
+        // Thresholds the wrong way round and a window past the end are left as they were.
+        let bad = ControlNetParameters {
+            model: "not a model [1234abcd]".into(),
+            canny: Some((200.0, 100.0)),
+            guidance_end: 1.5,
+            ..unit
+        };
+        let notes = c.apply_unit(&bad);
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert!(
+            notes[0].starts_with("ControlNet canny thresholds not taken: "),
+            "{notes:?}"
+        );
+        assert!(
+            notes[1].starts_with("ControlNet guidance window 0.2…1.5 not taken"),
+            "{notes:?}"
+        );
+        assert_eq!(
+            notes[2],
+            "ControlNet `not a model [1234abcd]` is neither a folder nor a hub id here: \
+             someone/their-canny-controlnet kept"
+        );
+        assert_eq!((c.canny.low, c.canny.high), (50.0, 150.0));
+        assert_eq!((c.guidance_start, c.guidance_end), (0.2, 0.9));
+        // `none`: the image as it is.
+        c.apply_unit(&ControlNetParameters { canny: None, ..bad });
+        assert_eq!(c.map_source, MapSource::AsIs);
+    }
 
     /// A 32×24 picture: a bright square on a dark ground.
     fn inputs() -> ControlInputs {

@@ -1202,7 +1202,7 @@ impl AppState {
         match read_parameters_text(path) {
             Ok(Some(text)) => {
                 let parsed = ParsedParameters::parse(&text);
-                let notes = self.form.apply_parameters(&parsed);
+                let notes = self.restore_parameters(&parsed);
                 let mut status = format!("restored the parameters of {}", path.display());
                 if let Some(model) = &parsed.model
                     && model != &model_label(&self.model_spec)
@@ -1233,12 +1233,39 @@ impl AppState {
         }
     }
 
-    /// Puts all of a gallery image's parameters back in the form.
+    /// Puts all of a gallery image's parameters back in the form (and the pages' settings).
     pub fn reuse_parameters(&mut self, index: usize) {
         if let Some(img) = self.gallery.get(index) {
             let parsed = ParsedParameters::parse(&img.params.to_a1111());
-            let _ = self.form.apply_parameters(&parsed);
+            let notes = self.restore_parameters(&parsed);
+            self.status = std::iter::once("restored the image's parameters".to_string())
+                .chain(notes)
+                .collect::<Vec<_>>()
+                .join("; ");
         }
+    }
+
+    /// Fills the form from a `parameters` text, and what the pages take from it: the strength
+    /// (of the inpainting page when it is shown, else of img2img) and the ControlNet unit.
+    /// Returns notes on what could not be used.
+    pub fn restore_parameters(&mut self, parsed: &ParsedParameters) -> Vec<String> {
+        let mut notes = self.form.apply_parameters(parsed);
+        if let Some(strength) = parsed.denoising_strength() {
+            if (0.0..=1.0).contains(&strength) {
+                match self.view {
+                    View::Inpaint => self.inputs.inpaint_strength = strength,
+                    _ => self.inputs.strength = strength,
+                }
+            } else {
+                notes.push(format!("denoising strength {strength} is outside 0…1"));
+            }
+        }
+        match parsed.controlnet() {
+            Some(Ok(unit)) => notes.extend(self.control.apply_unit(&unit)),
+            Some(Err(why)) => notes.push(why),
+            None => {}
+        }
+        notes
     }
 
     /// Why a setting cannot be chosen on the backend in use, if it cannot.
