@@ -316,6 +316,83 @@ fn the_form_and_settings_survive_a_restart() {
 }
 
 #[test]
+fn the_mask_and_the_control_strokes_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("brushfire-work-gui-{}", std::process::id()));
+    let mut a = app();
+    a.state.work_dir = Some(dir.clone());
+    let photo: Vec<u8> = (0..16 * 8 * 3).map(|v| (v % 251) as u8).collect();
+    let mask: Vec<u8> = (0..16 * 8)
+        .map(|v| if v % 5 == 0 { 255 } else { 0 })
+        .collect();
+    let edges: Vec<u8> = (0..8 * 8 * 3).map(|v| (v * 3 % 256) as u8).collect();
+    let strokes: Vec<u8> = (0..8 * 8).map(|v| [0, 255, 1][v % 3]).collect();
+    a.state
+        .inputs
+        .set_source("photo.png".into(), 16, 8, photo.clone());
+    let source = a.state.inputs.source.as_mut().unwrap();
+    source.canvas.replace_layer(mask.clone()).unwrap();
+    a.state
+        .control
+        .set_source("edges.png".into(), 8, 8, edges.clone());
+    let control = a.state.control.source.as_mut().unwrap();
+    control.canvas.replace_layer(strokes.clone()).unwrap();
+    a.state.save_work().unwrap();
+
+    let restart = |a: &BrushfireApp| {
+        let stored = serde_json::to_string(&a.state.to_persisted()).unwrap();
+        let back: Persisted = serde_json::from_str(&stored).unwrap();
+        BrushfireApp::restored(&back, None)
+    };
+    let b = restart(&a);
+    let s = b
+        .state
+        .inputs
+        .source
+        .as_ref()
+        .expect("the inpainting source");
+    assert_eq!((s.label.as_str(), s.width, s.height), ("photo.png", 16, 8));
+    assert_eq!((&s.rgb, s.canvas.layer()), (&photo, &mask[..]));
+    assert!(
+        !s.canvas.can_undo(),
+        "the restored mask is where undo starts"
+    );
+    let c = b
+        .state
+        .control
+        .source
+        .as_ref()
+        .expect("the ControlNet source");
+    assert_eq!((c.label.as_str(), c.width, c.height), ("edges.png", 8, 8));
+    assert_eq!((&c.rgb, c.canvas.layer()), (&edges, &strokes[..]));
+
+    // Unchanged pictures are not written again (their files, removed here, stay gone).
+    std::fs::remove_file(dir.join("inpaint.png")).unwrap();
+    a.state.save_work().unwrap();
+    assert!(!dir.join("inpaint.png").exists());
+    // A picture that cannot be read back is left out, and the status bar says so.
+    let b = restart(&a);
+    assert!(b.state.inputs.source.is_none());
+    assert!(b.state.control.source.is_some());
+    assert_eq!(b.state.status, "could not restore photo.png");
+    // A change is written; a page emptied loses its files and is empty at the next start.
+    a.state.inputs.source.as_mut().unwrap().canvas.clear();
+    a.state.control.source = None;
+    a.state.save_work().unwrap();
+    assert!(dir.join("inpaint.png").exists());
+    assert!(!dir.join("controlnet.png").exists() && !dir.join("controlnet-layer.png").exists());
+    let b = restart(&a);
+    let s = b
+        .state
+        .inputs
+        .source
+        .as_ref()
+        .expect("the inpainting source");
+    assert!(s.canvas.layer().iter().all(|&v| v == 0));
+    assert!(b.state.control.source.is_none());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_model_not_downloaded_is_offered_not_fetched() {
     let home = std::env::temp_dir().join(format!("brushfire-gui-hf-{}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();

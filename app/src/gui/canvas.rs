@@ -165,6 +165,12 @@ impl PaintCanvas {
         Ok(())
     }
 
+    /// Drops the undo and redo history (a restored layer is where the history starts).
+    pub fn forget_history(&mut self) {
+        self.undo.clear();
+        self.redo.clear();
+    }
+
     /// Erases everything (undoable).
     pub fn clear(&mut self) {
         self.record_full(vec![0; self.layer.len()]);

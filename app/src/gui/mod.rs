@@ -13,6 +13,7 @@ mod control_page;
 pub mod image_input;
 mod image_pages;
 mod state;
+mod work;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -331,7 +332,8 @@ impl BrushfireApp {
             )
             .on_hover_text(
                 "Burn fixes a GPU's float type at its first tensor, so another precision needs \
-                 a new process. Restarting keeps the prompt, the settings and the gallery.",
+                 a new process. Restarting keeps the prompt, the settings, the gallery and the \
+                 pictures being worked on (masks and strokes included).",
             );
             let blocker = self.state.restart_blocker();
             let restart = ui
@@ -660,6 +662,13 @@ impl eframe::App for BrushfireApp {
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        // First, so the stored settings name the pictures as written.
+        if let Err(e) = self.state.save_work() {
+            tracing::warn!("the pictures being worked on were not saved: {e:#}");
+            self.state.error = Some(format!(
+                "the pictures being worked on were not saved: {e:#}"
+            ));
+        }
         eframe::set_value(storage, STORAGE_KEY, &self.state.to_persisted());
     }
 }
@@ -763,6 +772,8 @@ pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
                 Some(p) => BrushfireApp::restored(&p, Some(HUB_MODELS[0].to_string())),
                 None => BrushfireApp::new(model.unwrap_or_else(|| HUB_MODELS[0].to_string())),
             };
+            // Beside eframe's own storage (`~/.local/share/brushfire` on Linux).
+            app.state.work_dir = eframe::storage_dir("brushfire").map(|d| d.join("work"));
             app.state.open_files(&files);
             Ok(Box::new(app))
         }),

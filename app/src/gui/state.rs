@@ -19,6 +19,7 @@ use super::bench::BenchState;
 use super::cascade::{CascadeState, STAGES, StageSettings};
 use super::control_input::{ControlInputs, MapSource};
 use super::image_input::{ImageInputs, SizeFit};
+use super::work::{Picture, SavedPicture, read_picture, remove_picture, write_picture};
 use crate::image_files::to_u8;
 use crate::png_meta::{
     ControlNetParameters, GenerationParameters, ParsedParameters, read_parameters_text, write_png,
@@ -367,7 +368,16 @@ pub struct AppState {
     /// Saved images being read back at start, on a thread (decoding PNGs takes a while), and
     /// how many have arrived (they go before anything made since).
     gallery_loader: Option<(std::sync::mpsc::Receiver<GalleryImage>, usize)>,
+    /// Where the pictures being worked on (the inpainting and ControlNet sources with what was
+    /// painted on them) are written with the settings; `None`: not written. The window sets it.
+    pub work_dir: Option<PathBuf>,
+    /// What was last written for each of [`WORK_NAMES`], with the picture's fingerprint.
+    saved_work: [Option<(u64, SavedPicture)>; 2],
 }
+
+/// File names of the pictures being worked on: the img2img/inpainting source, the ControlNet
+/// source.
+const WORK_NAMES: [&str; 2] = ["inpaint", "controlnet"];
 
 /// The centre's pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -467,6 +477,10 @@ pub struct Persisted {
     pub if_stages: Vec<StageSettings>,
     /// The gallery's images on disk, oldest first (read back at the next start).
     pub gallery: Vec<PathBuf>,
+    /// The img2img/inpainting source and its mask, as last written (`work.rs`).
+    pub inpaint_picture: Option<SavedPicture>,
+    /// The ControlNet source and its strokes, as last written.
+    pub control_picture: Option<SavedPicture>,
 }
 
 impl Default for Persisted {
@@ -519,6 +533,99 @@ impl AppState {
             cascade: CascadeState::new(),
             restart_for: None,
             gallery_loader: None,
+            work_dir: None,
+            saved_work: [None, None],
+        }
+    }
+
+    /// The pictures being worked on, as [`WORK_NAMES`] orders them.
+    fn work_pictures(&self) -> [Option<Picture<'_>>; 2] {
+        [
+            self.inputs.source.as_ref().map(|s| Picture {
+                label: &s.label,
+                width: s.width,
+                height: s.height,
+                rgb: &s.rgb,
+                layer: s.canvas.layer(),
+            }),
+            self.control.source.as_ref().map(|s| Picture {
+                label: &s.label,
+                width: s.width,
+                height: s.height,
+                rgb: &s.rgb,
+                layer: s.canvas.layer(),
+            }),
+        ]
+    }
+
+    /// Writes the pictures being worked on into [`Self::work_dir`], those that changed since
+    /// the last write, and removes the files of a page that has none any more. Called before
+    /// [`Self::to_persisted`], which names what is on disk. A failure leaves the last written
+    /// version named; the first error is returned after trying both.
+    pub fn save_work(&mut self) -> anyhow::Result<()> {
+        let Some(dir) = self.work_dir.clone() else {
+            return Ok(());
+        };
+        let pictures = self.work_pictures();
+        let mut first_error = None;
+        let mut written = [None, None];
+        for (i, (picture, name)) in pictures.iter().zip(WORK_NAMES).enumerate() {
+            let Some(picture) = picture else { continue };
+            let fingerprint = picture.fingerprint();
+            if matches!(&self.saved_work[i], Some((f, _)) if *f == fingerprint) {
+                continue;
+            }
+            match write_picture(&dir, name, picture) {
+                Ok(saved) => written[i] = Some((fingerprint, saved)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let present = pictures.map(|p| p.is_some());
+        for ((slot, new), present) in self.saved_work.iter_mut().zip(written).zip(present) {
+            if let Some(new) = new {
+                *slot = Some(new);
+            } else if !present && let Some((_, old)) = slot.take() {
+                remove_picture(&old);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Puts the pictures named in `p` back on their pages; one that cannot be read is left out
+    /// (and said in the status bar).
+    fn restore_work(&mut self, p: &Persisted) {
+        let mut lost = Vec::new();
+        for (i, saved) in [&p.inpaint_picture, &p.control_picture]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(saved) = saved else { continue };
+            let (label, w, h, rgb, layer) = match read_picture(saved) {
+                Ok(restored) => restored,
+                Err(e) => {
+                    tracing::info!("picture not restored: {e:#}");
+                    lost.push(saved.label.clone());
+                    continue;
+                }
+            };
+            let canvas = if i == 0 {
+                self.inputs.set_source(label, w, h, rgb);
+                self.inputs.source.as_mut().map(|s| &mut s.canvas)
+            } else {
+                self.control.set_source(label, w, h, rgb);
+                self.control.source.as_mut().map(|s| &mut s.canvas)
+            };
+            if let Some(canvas) = canvas
+                && canvas.replace_layer(layer).is_ok()
+            {
+                canvas.forget_history();
+            }
+            self.saved_work[i] = self.work_pictures()[i].map(|p| (p.fingerprint(), saved.clone()));
+        }
+        if !lost.is_empty() {
+            self.status = format!("could not restore {}", lost.join(", "));
         }
     }
 
@@ -618,6 +725,8 @@ impl AppState {
                     self.gallery.iter().filter_map(|g| g.path.clone()).collect();
                 saved[saved.len().saturating_sub(GALLERY_KEPT)..].to_vec()
             },
+            inpaint_picture: self.saved_work[0].as_ref().map(|(_, s)| s.clone()),
+            control_picture: self.saved_work[1].as_ref().map(|(_, s)| s.clone()),
         }
     }
 
@@ -686,6 +795,7 @@ impl AppState {
             .find(|v| v.name() == p.view)
             .unwrap_or_default();
         s.cascade.stages = [0, 1, 2].map(|i| StageSettings::restored(i, p.if_stages.get(i)));
+        s.restore_work(p);
         // Read on a thread; images deleted or moved since are left out.
         if !p.gallery.is_empty() {
             let paths = p.gallery.clone();
