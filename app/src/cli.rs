@@ -158,6 +158,8 @@ pub struct GenerateArgs {
 /// Everything validated from the flags, before any model is loaded.
 struct Job {
     model_dir: PathBuf,
+    /// The model's weights: `fp16` files where the model has them in f16 (`--dtype f16`).
+    load_options: LoadOptions,
     /// The ControlNet's folder (`--controlnet`), resolved.
     controlnet_dir: Option<PathBuf>,
     /// The ControlNet unit for the PNG's parameters.
@@ -350,7 +352,12 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
     let tape = args.noise_tape.as_ref().map(NoiseTape::load).transpose()?;
     let seed = args.seed.unwrap_or_else(random_seed);
     let mut progress = crate::progress::TerminalDownload::default();
-    let model_dir = engine::loading::resolve_model(&args.model, None, &mut progress)?;
+    let variant = match args.dtype {
+        Precision::F32 => backend::Precision::F32,
+        Precision::F16 => backend::Precision::F16,
+    }
+    .weights_variant();
+    let model_dir = engine::loading::resolve_model(&args.model, variant, &mut progress)?;
     let controlnet_dir = args
         .controlnet
         .as_deref()
@@ -389,6 +396,9 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
     Ok(Job {
         model_name: model_name(&args.model),
         model_dir,
+        load_options: LoadOptions {
+            variant: variant.map(String::from),
+        },
         controlnet_params: controlnet_parameters(args, &request),
         request,
         controlnet_dir,
@@ -461,6 +471,7 @@ impl BackendTask for GenerateTask {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let Job {
             model_dir,
+            load_options,
             controlnet_dir,
             controlnet_params,
             model_name,
@@ -472,7 +483,12 @@ impl BackendTask for GenerateTask {
             save_array,
         } = self.job;
         let load_start = std::time::Instant::now();
-        let pipe = LoadedPipeline::<B>::load(&model_dir, controlnet_dir.as_deref(), &device)?;
+        let pipe = LoadedPipeline::<B>::load(
+            &model_dir,
+            &load_options,
+            controlnet_dir.as_deref(),
+            &device,
+        )?;
         let pipe = pipe.with_speed(attention, memory_format);
         eprintln!(
             "loaded {} in {:.1}s",
@@ -560,19 +576,22 @@ enum LoadedPipeline<B: Backend> {
 }
 
 impl<B: Backend> LoadedPipeline<B> {
-    fn load(model_dir: &Path, controlnet_dir: Option<&Path>, device: &B::Device) -> Result<Self> {
+    fn load(
+        model_dir: &Path,
+        options: &LoadOptions,
+        controlnet_dir: Option<&Path>,
+        device: &B::Device,
+    ) -> Result<Self> {
         let loading = || format!("loading {}", model_dir.display());
         if is_if_folder(model_dir) {
             if controlnet_dir.is_some() {
                 bail!("a ControlNet does not fit a DeepFloyd IF model");
             }
-            let pipe = IFPipeline::<B>::load(model_dir, &LoadOptions::default(), device)
-                .with_context(loading)?;
+            let pipe = IFPipeline::<B>::load(model_dir, options, device).with_context(loading)?;
             return Ok(Self::If(Box::new(pipe)));
         }
-        let mut pipe =
-            StableDiffusionPipeline::<B>::load_path(model_dir, &LoadOptions::default(), device)
-                .with_context(loading)?;
+        let mut pipe = StableDiffusionPipeline::<B>::load_path(model_dir, options, device)
+            .with_context(loading)?;
         if let Some(dir) = controlnet_dir {
             pipe.load_controlnet(dir)
                 .with_context(|| format!("loading the ControlNet {}", dir.display()))?;

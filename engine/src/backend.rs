@@ -86,13 +86,18 @@ impl fmt::Display for SelectedBackend {
     }
 }
 
-/// Where compiled GPU kernels and autotune results are kept between runs:
-/// `$XDG_CACHE_HOME/brushfire/kernels` (or `~/.cache/brushfire/kernels`).
-pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+/// Brushfire's cache folder: `$XDG_CACHE_HOME/brushfire` (or `~/.cache/brushfire`).
+pub fn cache_dir() -> Option<std::path::PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
-    Some(base.join("brushfire").join("kernels"))
+    Some(base.join("brushfire"))
+}
+
+/// Where compiled GPU kernels and autotune results are kept between runs:
+/// [`cache_dir`]`/kernels`.
+pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    Some(cache_dir()?.join("kernels"))
 }
 
 /// Keeps compiled kernels (CUDA PTX) and autotune results on disk so only the first run on a
@@ -222,6 +227,18 @@ pub enum Precision {
     F32,
     /// Half precision on GPU backends; GroupNorm statistics and softmax upcasts stay f32.
     F16,
+}
+
+impl Precision {
+    /// The weights variant to prefer on this precision: `fp16` files in f16 (diffusers'
+    /// `variant="fp16"` beside `torch_dtype=torch.float16`; half the download), the default
+    /// weights otherwise. A model without the variant loads its default weights.
+    pub fn weights_variant(self) -> Option<&'static str> {
+        match self {
+            Self::F32 => None,
+            Self::F16 => Some("fp16"),
+        }
+    }
 }
 
 impl FromStr for Precision {

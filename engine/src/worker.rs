@@ -375,6 +375,7 @@ impl<B: Backend> PipelineRunner for StableDiffusionPipeline<B> {
 
 struct LoadTask<'a> {
     dir: &'a Path,
+    options: LoadOptions,
     attention: AttnProcessor,
     memory_format: MemoryFormat,
 }
@@ -384,13 +385,12 @@ impl BackendTask for LoadTask<'_> {
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         if is_if_folder(self.dir) {
-            let mut pipe = IFPipeline::<B>::load(self.dir, &LoadOptions::default(), &device)?;
+            let mut pipe = IFPipeline::<B>::load(self.dir, &self.options, &device)?;
             pipe.set_attn_processor(self.attention);
             pipe.set_memory_format(self.memory_format);
             return Ok(Box::new(pipe));
         }
-        let mut pipe =
-            StableDiffusionPipeline::<B>::load_path(self.dir, &LoadOptions::default(), &device)?;
+        let mut pipe = StableDiffusionPipeline::<B>::load_path(self.dir, &self.options, &device)?;
         pipe.set_attn_processor(self.attention);
         pipe.set_memory_format(self.memory_format);
         Ok(Box::new(pipe))
@@ -544,7 +544,8 @@ impl Worker {
             done: 0,
             total: 0,
         };
-        let dir = resolve_model(spec, None, &mut progress)?;
+        let variant = self.settings.execution.precision.weights_variant();
+        let dir = resolve_model(spec, variant, &mut progress)?;
         let backend = self.selected_backend()?;
         self.settings.execution.check(&backend)?;
         let runner = dispatch_with(
@@ -552,6 +553,9 @@ impl Worker {
             self.settings.execution,
             LoadTask {
                 dir: &dir,
+                options: LoadOptions {
+                    variant: variant.map(String::from),
+                },
                 attention: self.settings.attention,
                 memory_format: self.settings.memory_format,
             },

@@ -8,6 +8,7 @@ use engine::loading::hub::{
     Cache, ModelAvailability, ModelSource, RepoLayout, cached_snapshot, model_availability_in,
     resolve_in, resolve_model_in,
 };
+use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -66,23 +67,23 @@ fn hub_ids_resolve_from_the_hf_cache_offline() {
 
     // What the app checks before loading: cached, so no download offer.
     assert_eq!(
-        model_availability_in(&cache, false, "brushfire-test/tiny-sd").unwrap(),
+        model_availability_in(&cache, false, "brushfire-test/tiny-sd", None).unwrap(),
         ModelAvailability::Cached(snapshot.clone())
     );
     assert_eq!(
-        model_availability_in(&cache, false, "brushfire-test/not-here").unwrap(),
+        model_availability_in(&cache, false, "brushfire-test/not-here", None).unwrap(),
         ModelAvailability::NeedsDownload {
             repo_id: "brushfire-test/not-here".into()
         }
     );
     assert_eq!(
-        model_availability_in(&cache, true, "brushfire-test/not-here").unwrap(),
+        model_availability_in(&cache, true, "brushfire-test/not-here", None).unwrap(),
         ModelAvailability::Offline {
             repo_id: "brushfire-test/not-here".into()
         }
     );
     assert_eq!(
-        model_availability_in(&cache, true, fixture("tiny-sd").to_str().unwrap()).unwrap(),
+        model_availability_in(&cache, true, fixture("tiny-sd").to_str().unwrap(), None).unwrap(),
         ModelAvailability::Local(fixture("tiny-sd"))
     );
 
@@ -288,5 +289,64 @@ fn if_hub_ids_resolve_from_the_hf_cache_offline() {
         cached_snapshot(&cache, "brushfire-test/tiny-if", None, None),
         None
     );
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+/// In f16 the app and the CLI ask for `fp16` weights (`Precision::weights_variant`, diffusers'
+/// `variant="fp16"`): a cache holding only those is complete for f16 but not for f32, and the
+/// pipeline reads them.
+#[test]
+fn fp16_variant_weights_are_found_and_read() {
+    let home = std::env::temp_dir().join(format!("brushfire-hf-fp16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let repo = home.join("hub/models--brushfire-test--tiny-sd-fp16");
+    let rev = "fedcba9876543210fedcba9876543210fedcba98";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    let snapshot = repo.join("snapshots").join(rev);
+    copy_dir(&fixture("tiny-sd"), &snapshot);
+    for (folder, stem) in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ] {
+        let dir = snapshot.join(folder);
+        std::fs::rename(
+            dir.join(format!("{stem}.safetensors")),
+            dir.join(format!("{stem}.fp16.safetensors")),
+        )
+        .unwrap();
+    }
+    let cache = Cache::new(home.join("hub"));
+    let id = "brushfire-test/tiny-sd-fp16";
+    let fp16 = engine::backend::Precision::F16.weights_variant();
+    assert_eq!(fp16, Some("fp16"));
+    assert_eq!(engine::backend::Precision::F32.weights_variant(), None);
+    assert_eq!(
+        model_availability_in(&cache, false, id, fp16).unwrap(),
+        ModelAvailability::Cached(snapshot.clone())
+    );
+    assert_eq!(
+        model_availability_in(&cache, false, id, None).unwrap(),
+        ModelAvailability::NeedsDownload { repo_id: id.into() }
+    );
+    assert_eq!(
+        resolve_model_in(&cache, true, id, fp16, &mut ()).unwrap(),
+        snapshot
+    );
+    let device = Default::default();
+    let options = LoadOptions {
+        variant: fp16.map(String::from),
+    };
+    StableDiffusionPipeline::<crate::common::Cpu>::load(&snapshot, &options, &device)
+        .expect("the fp16 files");
+    // Without the variant the default files are wanted, and the error names the missing one.
+    let err = StableDiffusionPipeline::<crate::common::Cpu>::load(
+        &snapshot,
+        &LoadOptions::default(),
+        &device,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
     std::fs::remove_dir_all(&home).unwrap();
 }

@@ -2,7 +2,9 @@
 //! handling, the encoder's last hidden state, sharded weights, and bad input.
 
 use burn::tensor::{Int, Tensor, TensorData};
-use engine::models::text_encoders::t5::{T5EncoderModel, relative_position_buckets};
+use std::path::Path;
+
+use engine::models::text_encoders::t5::{T5EncoderModel, relative_position_buckets, weight_files};
 use engine::models::text_encoders::t5_tokenizer::T5Tokenizer;
 use engine::tensor_io::HostTensor;
 
@@ -66,7 +68,7 @@ fn t5_tokenizer_matches_transformers_on_if_prompts() {
 fn t5_encoder_matches_transformers() {
     let r = refs("t5");
     let (model, config) =
-        T5EncoderModel::<Cpu>::load(&fixture("tiny-if/text_encoder"), &Default::default())
+        T5EncoderModel::<Cpu>::load(&fixture("tiny-if/text_encoder"), None, &Default::default())
             .expect("load t5");
     assert!(config.feed_forward().unwrap().1, "v1.1 is gated");
     let out = model
@@ -88,20 +90,18 @@ fn t5_encoder_matches_transformers() {
     assert!(b.iter().all(|&v| (0..32).contains(&v)));
 }
 
-/// T5-XXL ships in shards: the same weights split across two files with an index load to the
-/// same model.
-#[test]
-fn sharded_t5_weights_load_like_one_file() {
+/// Writes the tiny T5's weights into `dir` as two shards named by `shard` (given 1 or 2) with
+/// the index `index`, beside its config.
+fn write_t5_shards(dir: &Path, shard: impl Fn(usize) -> String, index: &str) {
     let src = fixture("tiny-if/text_encoder");
-    let dir = std::env::temp_dir().join(format!("brushfire-t5-shards-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let names: Vec<String> = tensors.names().into_iter().map(String::from).collect();
     let mut weight_map = serde_json::Map::new();
     for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
-        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let file = shard(i + 1);
         let views: Vec<(String, safetensors::tensor::TensorView)> = part
             .iter()
             .map(|n| (n.clone(), tensors.tensor(n).unwrap()))
@@ -112,26 +112,67 @@ fn sharded_t5_weights_load_like_one_file() {
         }
     }
     std::fs::write(
-        dir.join("model.safetensors.index.json"),
+        dir.join(index),
         serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
     )
     .unwrap();
+}
+
+fn check_t5_output(model: &T5EncoderModel<Cpu>, what: &str) {
     let r = refs("t5");
-    let (model, _) = T5EncoderModel::<Cpu>::load(&dir, &Default::default()).expect("shards");
     let out = model
         .forward(
             int_tensor(&r["input_ids"]),
             int_tensor(&r["attention_mask"]),
         )
         .unwrap();
-    assert_close(&host(out), &r["last_hidden_state"], 1e-4, 1e-4, "sharded");
+    assert_close(&host(out), &r["last_hidden_state"], 1e-4, 1e-4, what);
+}
+
+/// T5-XXL ships in shards: the same weights split across two files with an index load to the
+/// same model.
+#[test]
+fn sharded_t5_weights_load_like_one_file() {
+    let dir = std::env::temp_dir().join(format!("brushfire-t5-shards-{}", std::process::id()));
+    write_t5_shards(
+        &dir,
+        |i| format!("model-0000{i}-of-00002.safetensors"),
+        "model.safetensors.index.json",
+    );
+    let (model, _) = T5EncoderModel::<Cpu>::load(&dir, None, &Default::default()).expect("shards");
+    check_t5_output(&model, "sharded");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// In f16 the `fp16` shards are read where the folder has them (DeepFloyd's T5 ships both: the
+/// hub download in f16 fetches only these), else the default weights.
+#[test]
+fn t5_reads_the_variant_shards_when_asked() {
+    let dir = std::env::temp_dir().join(format!("brushfire-t5-variant-{}", std::process::id()));
+    let variant_shard = |i| format!("model.fp16-0000{i}-of-00002.safetensors");
+    write_t5_shards(&dir, variant_shard, "model.safetensors.index.fp16.json");
+    let (files, index) = weight_files(&dir, "model", Some("fp16")).unwrap();
+    assert_eq!(files, [1, 2].map(|i| dir.join(variant_shard(i))));
+    assert_eq!(index, Some(dir.join("model.safetensors.index.fp16.json")));
+    let (model, _) =
+        T5EncoderModel::<Cpu>::load(&dir, Some("fp16"), &Default::default()).expect("fp16 shards");
+    check_t5_output(&model, "fp16 shards");
+    // Without the variant only the default files count, and they are not there.
+    let err = T5EncoderModel::<Cpu>::load(&dir, None, &Default::default()).unwrap_err();
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+    // A folder without the variant falls back to its default weights.
+    let (files, index) =
+        weight_files(&fixture("tiny-if/text_encoder"), "model", Some("fp16")).unwrap();
+    assert_eq!(files, [fixture("tiny-if/text_encoder/model.safetensors")]);
+    assert_eq!(index, None);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn bad_t5_input_is_an_error() {
     let (model, _) =
-        T5EncoderModel::<Cpu>::load(&fixture("tiny-if/text_encoder"), &Default::default()).unwrap();
+        T5EncoderModel::<Cpu>::load(&fixture("tiny-if/text_encoder"), None, &Default::default())
+            .unwrap();
     let device = Default::default();
     let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![5i64, 40000], [1, 2]), &device);
     let mask = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![1i64, 1], [1, 2]), &device);

@@ -653,9 +653,7 @@ impl AppState {
         if self.gallery.iter().all(|g| g.path.is_some()) {
             return Ok(());
         }
-        let Some(dir) =
-            engine::backend::kernel_cache_dir().and_then(|k| k.parent().map(|p| p.join("unsaved")))
-        else {
+        let Some(dir) = engine::backend::cache_dir().map(|c| c.join("unsaved")) else {
             anyhow::bail!("no cache folder ($XDG_CACHE_HOME or $HOME) to keep unsaved images in");
         };
         self.keep_unsaved_images_in(&dir)
@@ -1188,7 +1186,8 @@ impl AppState {
     /// waits for the user to accept the download ([`Self::download_model`]).
     pub fn load_model(&mut self) {
         let spec = self.model_spec.trim().to_string();
-        match model_availability(&spec) {
+        let variant = self.settings.execution.precision.weights_variant();
+        match model_availability(&spec, variant) {
             Ok(ModelAvailability::NeedsDownload { repo_id }) => {
                 self.model_status = ModelStatus::NeedsDownload { repo_id };
             }

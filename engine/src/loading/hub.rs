@@ -299,8 +299,10 @@ pub enum ModelAvailability {
 }
 
 /// Checks `spec` against the disk and the HF cache without touching the network.
-pub fn model_availability(spec: &str) -> Result<ModelAvailability> {
-    model_availability_in(&hf_cache(), hub_offline(), spec)
+/// `variant` as for [`resolve_model`]: a cache holding that variant's weights, or the default
+/// ones, counts.
+pub fn model_availability(spec: &str, variant: Option<&str>) -> Result<ModelAvailability> {
+    model_availability_in(&hf_cache(), hub_offline(), spec, variant)
 }
 
 /// [`model_availability`] with the cache and offline mode given explicitly.
@@ -308,11 +310,12 @@ pub fn model_availability_in(
     cache: &Cache,
     offline: bool,
     spec: &str,
+    variant: Option<&str>,
 ) -> Result<ModelAvailability> {
     Ok(match ModelSource::parse(spec)? {
         ModelSource::Local(path) => ModelAvailability::Local(path),
         ModelSource::Hub { repo_id, revision } => {
-            match cached_snapshot(cache, &repo_id, revision.as_deref(), None) {
+            match cached_snapshot(cache, &repo_id, revision.as_deref(), variant) {
                 Some(dir) => ModelAvailability::Cached(dir),
                 None if offline => ModelAvailability::Offline { repo_id },
                 None => ModelAvailability::NeedsDownload { repo_id },

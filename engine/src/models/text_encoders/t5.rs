@@ -217,13 +217,13 @@ pub struct T5EncoderModel<B: Backend> {
 
 impl<B: Backend> T5EncoderModel<B> {
     /// Loads a `text_encoder/` folder: `config.json` and the weights (`model.safetensors`, or
-    /// the shards a `model.safetensors.index.json` lists).
-    pub fn load(dir: &Path, device: &B::Device) -> Result<(Self, T5Config)> {
+    /// the shards a `model.safetensors.index.json` lists), of `variant` where the folder has
+    /// them (`model.fp16.safetensors`, `model.safetensors.index.fp16.json`).
+    pub fn load(dir: &Path, variant: Option<&str>, device: &B::Device) -> Result<(Self, T5Config)> {
         let config = T5Config::from_file(&dir.join("config.json"))?;
         let mut model = config.init(device)?;
-        let index = dir.join("model.safetensors.index.json");
-        let files = weight_files(dir, "model")?;
-        if index.is_file() {
+        let (files, index) = weight_files(dir, "model", variant)?;
+        if let Some(index) = index {
             let shards = files
                 .into_iter()
                 .map(|file| {
@@ -527,13 +527,32 @@ pub fn t5_renames(keys: &[String]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The weight files of a transformers folder: `{stem}.safetensors`, or the shards its
-/// `{stem}.safetensors.index.json` lists (T5-XXL ships in shards).
-pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<std::path::PathBuf>> {
-    let single = dir.join(format!("{stem}.safetensors"));
-    let index = dir.join(format!("{stem}.safetensors.index.json"));
+/// The weight files of a transformers folder, and the shard index when there is one:
+/// `{stem}.safetensors`, or the shards its `{stem}.safetensors.index.json` lists (T5-XXL ships
+/// in shards). With `variant`, that variant's files where the folder has them
+/// (`{stem}.{variant}.safetensors`, `{stem}.safetensors.index.{variant}.json`, as transformers
+/// names them), else the default ones.
+pub fn weight_files(
+    dir: &Path,
+    stem: &str,
+    variant: Option<&str>,
+) -> Result<(Vec<std::path::PathBuf>, Option<std::path::PathBuf>)> {
+    let names = |variant: Option<&str>| match variant {
+        Some(v) => (
+            dir.join(format!("{stem}.{v}.safetensors")),
+            dir.join(format!("{stem}.safetensors.index.{v}.json")),
+        ),
+        None => (
+            dir.join(format!("{stem}.safetensors")),
+            dir.join(format!("{stem}.safetensors.index.json")),
+        ),
+    };
+    let (single, index) = variant
+        .map(|v| names(Some(v)))
+        .filter(|(single, index)| single.is_file() || index.is_file())
+        .unwrap_or_else(|| names(None));
     if !index.is_file() {
-        return Ok(vec![single]);
+        return Ok((vec![single], None));
     }
     let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| EngineError::Config {
@@ -555,7 +574,7 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<std::path::PathBuf>> {
         }
     }
     files.sort();
-    Ok(files)
+    Ok((files, Some(index)))
 }
 
 #[cfg(test)]

@@ -63,6 +63,8 @@ pub struct IFPipeline<B: Backend> {
     /// `text_encoder/`, loaded on demand.
     text_encoder_dir: Option<PathBuf>,
     text_encoder: Mutex<Option<T5EncoderModel<B>>>,
+    /// The weights variant T5 is read in (the UNet's: [`LoadOptions::variant`]).
+    variant: Option<String>,
     t5_residency: T5Residency,
     cache: Mutex<Option<CachedEmbeds<B>>>,
     pub unet: UNet2DConditionModel<B>,
@@ -151,6 +153,7 @@ impl<B: Backend> IFPipeline<B> {
             tokenizer,
             text_encoder_dir,
             text_encoder: Mutex::new(None),
+            variant: options.variant.clone(),
             t5_residency: T5Residency::default(),
             cache: Mutex::new(None),
             unet,
@@ -268,7 +271,8 @@ impl<B: Backend> IFPipeline<B> {
             Some(model) => model,
             None => {
                 let start = Instant::now();
-                let (model, _) = T5EncoderModel::<B>::load(dir, &self.device)?;
+                let (model, _) =
+                    T5EncoderModel::<B>::load(dir, self.variant.as_deref(), &self.device)?;
                 tracing::info!(
                     dir = %dir.display(),
                     secs = start.elapsed().as_secs_f64(),
