@@ -361,7 +361,7 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
     let controlnet_dir = args
         .controlnet
         .as_deref()
-        .map(|spec| engine::loading::resolve_controlnet(spec, &mut progress))
+        .map(|spec| engine::loading::resolve_controlnet(spec, variant, &mut progress))
         .transpose()?;
     let request = GenerationRequest {
         pipeline,

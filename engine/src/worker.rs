@@ -590,13 +590,14 @@ impl Worker {
 
     fn load_controlnet(&mut self, spec: String) -> Result<()> {
         let start = Instant::now();
+        let variant = self.settings.execution.precision.weights_variant();
         let mut progress = DownloadEvents {
             worker: self,
             file: String::new(),
             done: 0,
             total: 0,
         };
-        let path = resolve_controlnet(&spec, &mut progress)?;
+        let path = resolve_controlnet(&spec, variant, &mut progress)?;
         let model = self.model.as_mut().ok_or_else(|| {
             EngineError::invalid("controlnet", "load a model before its ControlNet")
         })?;

@@ -338,8 +338,21 @@ fn fp16_variant_weights_are_found_and_read() {
     let options = LoadOptions {
         variant: fp16.map(String::from),
     };
-    StableDiffusionPipeline::<crate::common::Cpu>::load(&snapshot, &options, &device)
-        .expect("the fp16 files");
+    let mut pipe =
+        StableDiffusionPipeline::<crate::common::Cpu>::load(&snapshot, &options, &device)
+            .expect("the fp16 files");
+    // A ControlNet loaded onto it prefers the same variant; one without it loads its default.
+    let controlnet = home.join("controlnet-fp16");
+    copy_dir(&fixture("tiny-controlnet"), &controlnet);
+    std::fs::rename(
+        controlnet.join("diffusion_pytorch_model.safetensors"),
+        controlnet.join("diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
+    pipe.load_controlnet(&controlnet)
+        .expect("the fp16 ControlNet");
+    pipe.load_controlnet(&fixture("tiny-controlnet"))
+        .expect("the default ControlNet");
     // Without the variant the default files are wanted, and the error names the missing one.
     let err = StableDiffusionPipeline::<crate::common::Cpu>::load(
         &snapshot,
@@ -348,5 +361,17 @@ fn fp16_variant_weights_are_found_and_read() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("model.safetensors"), "{err}");
+    let mut pipe = StableDiffusionPipeline::<crate::common::Cpu>::load(
+        &fixture("tiny-sd"),
+        &LoadOptions::default(),
+        &device,
+    )
+    .unwrap();
+    let err = pipe.load_controlnet(&controlnet).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&home).unwrap();
 }

@@ -359,13 +359,17 @@ pub fn resolve_model_in(
 }
 
 /// Resolves a ControlNet `spec` (a folder, or a hub id whose repository holds one model) to a
-/// local folder, downloading from the hub when needed, like [`resolve_model`].
-pub fn resolve_controlnet(spec: &str, progress: &mut dyn DownloadProgress) -> Result<PathBuf> {
+/// local folder, downloading from the hub when needed, like [`resolve_model`] (`variant` too).
+pub fn resolve_controlnet(
+    spec: &str,
+    variant: Option<&str>,
+    progress: &mut dyn DownloadProgress,
+) -> Result<PathBuf> {
     resolve_in(
         &hf_cache(),
         hub_offline(),
         spec,
-        None,
+        variant,
         RepoLayout::Model,
         progress,
     )

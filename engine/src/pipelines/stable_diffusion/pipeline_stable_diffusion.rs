@@ -188,6 +188,7 @@ impl Components {
             source: source.to_path_buf(),
             controlnet: None,
             attn_processor: AttnProcessor::default(),
+            load_options: LoadOptions::default(),
         }
     }
 }
@@ -214,6 +215,8 @@ pub struct StableDiffusionPipeline<B: Backend> {
     pub controlnet: Option<ControlNetModel<B>>,
     /// The attention processor set last (a ControlNet loaded later gets it too).
     attn_processor: AttnProcessor,
+    /// How the model was loaded (a ControlNet loaded later prefers the same weights variant).
+    load_options: LoadOptions,
 }
 
 /// The weights file of a component, preferring the variant when asked for and present.
@@ -245,14 +248,18 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             &mut vae,
             &weights_file(&parts.vae_dir, "diffusion_pytorch_model", options),
         )?;
-        Ok(parts.into_pipeline(text_encoder, unet, vae, dir, device))
+        let mut pipe = parts.into_pipeline(text_encoder, unet, vae, dir, device);
+        pipe.load_options = options.clone();
+        Ok(pipe)
     }
 
     /// Loads `path`: a diffusers folder, or a single-file checkpoint read with SD 1.5's configs
     /// (see [`sd15_config_dir`]).
     pub fn load_path(path: &Path, options: &LoadOptions, device: &B::Device) -> Result<Self> {
         if path.is_file() {
-            Self::load_single_file(path, &sd15_config_dir()?, device)
+            let mut pipe = Self::load_single_file(path, &sd15_config_dir()?, device)?;
+            pipe.load_options = options.clone();
+            Ok(pipe)
         } else {
             Self::load(path, options, device)
         }
@@ -303,12 +310,14 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// Loads a ControlNet for the controlnet pipeline (replacing any loaded one): a diffusers
     /// folder, or a single-file checkpoint (original `control_model.` layout) whose config is
     /// this UNet's, as diffusers' `ControlNetModel.from_unet`. It takes the UNet's attention
-    /// processor, precision and memory format.
+    /// processor, precision and memory format, and a folder's weights variant as the model's
+    /// ([`LoadOptions::variant`]).
     pub fn load_controlnet(&mut self, dir: &Path) -> Result<()> {
         let (mut controlnet, _) = if dir.is_file() {
             ControlNetModel::<B>::load_single_file(dir, &self.unet_config, &self.device)?
         } else {
-            ControlNetModel::<B>::load(dir, None, &self.device)?
+            let weights = weights_file(dir, "diffusion_pytorch_model", &self.load_options);
+            ControlNetModel::<B>::load(dir, Some(&weights), &self.device)?
         };
         let boc = &self.unet_config.block_out_channels;
         if controlnet.controlnet_down_blocks.len() != self.unet_skip_count()
