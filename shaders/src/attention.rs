@@ -9,9 +9,13 @@
 //! `batch × heads × 4096 × 4096` scores per attention call, this kernel none.
 //!
 //! A cube is 16 × 16 units. For the scores each unit owns a 4 × 2 block of the 64 × 32 tile
-//! (q and k staged through shared memory 16 head dimensions at a time); for the softmax four
-//! units share a row; for the output each unit owns 4 rows × every 16th column, in registers,
-//! with `v` staged through shared memory a few rows at a time.
+//! (q and k staged through shared memory a chunk of head dimensions at a time, see [`Tiling`];
+//! a head that fits one chunk, like SD 1.5's 40-wide ones, keeps q's block for every key tile);
+//! for the softmax four units share a row; for the output each unit owns 4 rows × every 16th
+//! column, in registers, with `v` staged through shared memory a few rows at a time. A key tile
+//! costs six barriers when head and v fit one block each (nine before q stayed put and the
+//! softmax's maxima and sums got arrays of their own: ptxas then also needs 80 registers per
+//! unit instead of 128 for SD's 40-wide heads on sm_80–sm_90, three cubes per SM instead of two).
 //!
 //! Inputs are read through their strides (a heads-split view needs no copy first); the output
 //! is a new contiguous `[n, heads, lq, dv]` tensor of the inputs' float type.
@@ -66,6 +70,9 @@ pub struct Tiling {
     pub depth_chunk: usize,
     /// Rows of v staged at once (a power of two ≤ 32).
     pub value_rows: usize,
+    /// The head fits one chunk (`depth ≤ depth_chunk`): q's tile is staged once per cube, not
+    /// once per key tile.
+    pub single_chunk: bool,
 }
 
 impl Tiling {
@@ -81,6 +88,7 @@ impl Tiling {
         let fixed = Self {
             depth_chunk,
             value_rows: 0,
+            single_chunk: false,
         }
         .shared_floats(value_dim);
         let room = SHARED_BUDGET.saturating_sub(fixed);
@@ -91,6 +99,7 @@ impl Tiling {
         Self {
             depth_chunk,
             value_rows,
+            single_chunk: depth <= depth_chunk,
         }
     }
 
@@ -99,7 +108,7 @@ impl Tiling {
             + ROWS * SCORE_STRIDE
             + self.value_rows * value_dim
             + 3 * ROWS
-            + UNITS_X * UNITS_Y
+            + 2 * UNITS_X * UNITS_Y
     }
 
     /// Bytes of shared memory one cube uses with this tiling.
@@ -117,7 +126,40 @@ pub(crate) mod kernel {
         UNITS_X, UNITS_Y,
     };
 
+    /// Stages a `rows × depth_chunk` block of `src` (rows from `first_row`, head dimensions from
+    /// `d0`; zeros past `row_count` rows and `depth` dimensions) into `tile`, whose rows are
+    /// `depth_chunk + 1` floats. Every unit of the cube takes an equal share.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn stage_chunk<F: Float>(
+        src: &Tensor<F>,
+        tile: &mut SharedMemory<f32>,
+        base: usize,
+        first_row: usize,
+        row_count: usize,
+        d0: usize,
+        tid: usize,
+        #[comptime] rows: usize,
+        #[comptime] depth_chunk: usize,
+    ) {
+        let depth = src.shape(3);
+        let (row_stride, col_stride) = (src.stride(2), src.stride(3));
+        let chunk_stride = comptime!(depth_chunk + 1);
+        #[unroll]
+        for i in 0..comptime!(rows * depth_chunk / (UNITS_X * UNITS_Y)) {
+            let e = tid + UNITS_X * UNITS_Y * i;
+            let (r, c) = (e / depth_chunk, e % depth_chunk);
+            let (row, col) = (first_row + r, d0 + c);
+            let mut value = 0.0;
+            if row < row_count && col < depth {
+                value = f32::cast_from(src[base + row * row_stride + col * col_stride]);
+            }
+            tile[r * chunk_stride + c] = value;
+        }
+    }
+
     #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_kernel<F: Float>(
         q: &Tensor<F>,
         k: &Tensor<F>,
@@ -127,6 +169,7 @@ pub(crate) mod kernel {
         #[comptime] value_dim: usize,
         #[comptime] depth_chunk: usize,
         #[comptime] value_rows: usize,
+        #[comptime] single_chunk: bool,
         #[define(F)] _dtype: StorageType,
     ) {
         let tx = UNIT_POS_X as usize;
@@ -147,8 +190,6 @@ pub(crate) mod kernel {
         let k_base = batch * k.stride(0) + head * k.stride(1);
         let v_base = batch * v.stride(0) + head * v.stride(1);
         let o_base = batch * out.stride(0) + head * out.stride(1);
-        let (q_row, q_col) = (q.stride(2), q.stride(3));
-        let (k_row, k_col) = (k.stride(2), k.stride(3));
         let (v_row, v_col) = (v.stride(2), v.stride(3));
         let (o_row, o_col) = (out.stride(2), out.stride(3));
 
@@ -163,11 +204,19 @@ pub(crate) mod kernel {
         let mut row_max = SharedMemory::<f32>::new(ROWS);
         let mut row_sum = SharedMemory::<f32>::new(ROWS);
         let mut row_rescale = SharedMemory::<f32>::new(ROWS);
-        let mut partial = SharedMemory::<f32>::new(UNITS_X * UNITS_Y);
+        // The softmax's per-part maxima and sums, in two arrays so the sums need not wait for
+        // every unit to have read the maxima.
+        let mut part_max = SharedMemory::<f32>::new(UNITS_X * UNITS_Y);
+        let mut part_sum = SharedMemory::<f32>::new(UNITS_X * UNITS_Y);
 
         if tid < ROWS {
             row_max[tid] = f32::new(NEG_LARGE);
             row_sum[tid] = 0.0;
+        }
+        // A head that fits one chunk: q's block stays in shared memory for every key tile (the
+        // first tile's barrier publishes it).
+        if comptime!(single_chunk) {
+            stage_chunk::<F>(q, &mut q_tile, q_base, row0, lq, 0, tid, ROWS, depth_chunk);
         }
 
         let cols = comptime!(value_dim.div_ceil(UNITS_X));
@@ -180,6 +229,10 @@ pub(crate) mod kernel {
         let mut qv = Array::<f32>::new(ROWS_PER_UNIT);
         let mut kv = Array::<f32>::new(KEYS_PER_UNIT);
 
+        // Barriers per key tile: after staging q/k (and between head chunks), after the scores,
+        // the maxima, the sums and the row statistics, and around each block of v but the
+        // last. Each guards a buffer some unit writes next against units still reading it; the
+        // next tile's first barrier guards this tile's last reads of the scores and v.
         let mut key0 = 0;
         while key0 < lk {
             // Scores of this key tile: s = q kᵀ over the head dimension, a chunk at a time.
@@ -189,28 +242,10 @@ pub(crate) mod kernel {
             }
             let mut d0 = 0;
             while d0 < depth {
-                #[unroll]
-                for i in 0..comptime!(ROWS * depth_chunk / (UNITS_X * UNITS_Y)) {
-                    let e = tid + units * i;
-                    let (r, c) = (e / depth_chunk, e % depth_chunk);
-                    let (row, col) = (row0 + r, d0 + c);
-                    let mut value = 0.0;
-                    if row < lq && col < depth {
-                        value = f32::cast_from(q[q_base + row * q_row + col * q_col]);
-                    }
-                    q_tile[r * chunk_stride + c] = value;
+                if comptime!(!single_chunk) {
+                    stage_chunk::<F>(q, &mut q_tile, q_base, row0, lq, d0, tid, ROWS, depth_chunk);
                 }
-                #[unroll]
-                for i in 0..comptime!(KEYS * depth_chunk / (UNITS_X * UNITS_Y)) {
-                    let e = tid + units * i;
-                    let (r, c) = (e / depth_chunk, e % depth_chunk);
-                    let (key, col) = (key0 + r, d0 + c);
-                    let mut value = 0.0;
-                    if key < lk && col < depth {
-                        value = f32::cast_from(k[k_base + key * k_row + col * k_col]);
-                    }
-                    k_tile[r * chunk_stride + c] = value;
-                }
+                stage_chunk::<F>(k, &mut k_tile, k_base, key0, lk, d0, tid, KEYS, depth_chunk);
                 sync_cube();
                 // The outer loops over the chunk and over v's rows are left to the shader
                 // compiler to unroll (constant trip counts): unrolled here they made every
@@ -232,7 +267,11 @@ pub(crate) mod kernel {
                         }
                     }
                 }
-                sync_cube();
+                // The next chunk overwrites the q and k tiles; after the last one only the
+                // scores are written, which nobody reads until the barrier below.
+                if comptime!(!single_chunk) {
+                    sync_cube();
+                }
                 d0 += depth_chunk;
             }
             #[unroll]
@@ -260,15 +299,14 @@ pub(crate) mod kernel {
             for c in 0..KEYS_PER_PART {
                 tile_max = max(tile_max, scores[base + c]);
             }
-            partial[tid] = tile_max;
+            part_max[tid] = tile_max;
             sync_cube();
             let old_max = row_max[srow];
             let mut new_max = old_max;
             #[unroll]
             for p in 0..PARTS {
-                new_max = max(new_max, partial[srow * PARTS + p]);
+                new_max = max(new_max, part_max[srow * PARTS + p]);
             }
-            sync_cube();
             let mut sum = 0.0;
             #[unroll]
             for c in 0..KEYS_PER_PART {
@@ -276,13 +314,13 @@ pub(crate) mod kernel {
                 scores[base + c] = p;
                 sum += p;
             }
-            partial[tid] = sum;
+            part_sum[tid] = sum;
             sync_cube();
             if part == 0 {
                 let mut total = 0.0;
                 #[unroll]
                 for p in 0..PARTS {
-                    total += partial[srow * PARTS + p];
+                    total += part_sum[srow * PARTS + p];
                 }
                 let rescale = (old_max - new_max).exp();
                 row_rescale[srow] = rescale;
@@ -332,7 +370,11 @@ pub(crate) mod kernel {
                         }
                     }
                 }
-                sync_cube();
+                // The next block of v overwrites this one; after the last block the next key
+                // tile's first barrier comes before anything these reads use is written.
+                if comptime!(value_rows < KEYS) {
+                    sync_cube();
+                }
                 r0 += value_rows;
             }
             key0 += KEYS;
@@ -479,6 +521,7 @@ pub fn flash_attention<R: CubeRuntime>(
             dv,
             tiling.depth_chunk,
             tiling.value_rows,
+            tiling.single_chunk,
             dtype.into(),
         );
     }
@@ -513,10 +556,12 @@ mod tests {
             Tiling::for_dims(40, 40),
             Tiling {
                 depth_chunk: 40,
-                value_rows: 32
+                value_rows: 32,
+                single_chunk: true,
             }
         );
         assert_eq!(Tiling::for_dims(80, 80).depth_chunk, 40);
+        assert!(!Tiling::for_dims(80, 80).single_chunk);
         assert_eq!(Tiling::for_dims(160, 160).depth_chunk, 40);
         // IF's 64-wide heads: two 32-wide chunks, not 48 + a mostly empty 48.
         assert_eq!(Tiling::for_dims(64, 64).depth_chunk, 32);
