@@ -30,8 +30,9 @@ const F16_UNET_TOLERANCE: f32 = 3e-2;
 /// Measured on lavapipe: max |diff| 2.6e-2.
 const F16_IMAGE_TOLERANCE: f32 = 4e-2;
 
-/// Held by the tests that read the process-wide flash-kernel counters, so one's kernel calls
-/// cannot be counted as the other's.
+/// Held by every test that runs attention through the engine's flash routing (fused processor,
+/// `forced_flash_attention`) while the tests run in parallel, so that one test's kernel calls
+/// cannot be counted in another's counter checks.
 static FLASH_COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn lock_flash_counters() -> std::sync::MutexGuard<'static, ()> {
@@ -440,6 +441,8 @@ fn if_unets_and_controlnet_match_diffusers_on_wgpu() {
     use crate::common::fixture;
 
     let Some(device) = adapter() else { return };
+    // Its fused attention runs our kernel: not while another test counts the calls.
+    let _counters = lock_flash_counters();
     let r = refs("if_unets");
     for (folder, name, format) in [
         ("tiny-if/unet", "if_i", MemoryFormat::Contiguous),
