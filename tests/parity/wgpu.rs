@@ -30,9 +30,9 @@ const F16_UNET_TOLERANCE: f32 = 3e-2;
 /// Measured on lavapipe: max |diff| 2.6e-2.
 const F16_IMAGE_TOLERANCE: f32 = 4e-2;
 
-/// Held by every test that runs attention through the engine's flash routing (fused processor,
-/// `forced_flash_attention`) while the tests run in parallel, so that one test's kernel calls
-/// cannot be counted in another's counter checks.
+/// Held, for the whole test, by every test that runs attention through the engine's flash
+/// routing (fused processor, `forced_flash_attention`), so that one test's kernel calls cannot
+/// be counted in another's counter checks (tests run in parallel).
 static FLASH_COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn lock_flash_counters() -> std::sync::MutexGuard<'static, ()> {
@@ -100,7 +100,7 @@ fn engine_matches_diffusers_on_wgpu() {
     let mut pipe = pipeline_on::<Wgpu>(&device);
 
     // f32 attention under the fused processor runs our flash kernel, never materialised scores.
-    let counters = lock_flash_counters();
+    let _counters = lock_flash_counters();
     let (own, materialised) = (own_kernel_calls(), materialised_fallbacks());
     check_unet(&pipe, &device, 1e-4, "wgpu unet");
     assert!(
@@ -112,7 +112,6 @@ fn engine_matches_diffusers_on_wgpu() {
         materialised,
         "and never materialised"
     );
-    drop(counters);
     pipe.set_memory_format(MemoryFormat::ChannelsLast);
     check_unet(&pipe, &device, 1e-4, "wgpu channels-last unet");
     pipe.set_memory_format(MemoryFormat::Contiguous);
@@ -140,14 +139,13 @@ fn engine_matches_diffusers_on_wgpu() {
 fn unfused_and_f16_match_diffusers_on_wgpu() {
     let Some(device) = adapter() else { return };
     let mut pipe = pipeline_on::<WgpuUnfused>(&device);
-    let counters = lock_flash_counters();
+    let _counters = lock_flash_counters();
     let own = own_kernel_calls();
     check_unet(&pipe, &device, 1e-4, "wgpu unfused unet");
     assert!(
         own_kernel_calls() > own,
         "the unfused f32 UNet ran our flash kernel"
     );
-    drop(counters);
     pipe.set_memory_format(MemoryFormat::ChannelsLast);
     check_unet(&pipe, &device, 1e-4, "wgpu unfused channels-last unet");
     drop(pipe);
@@ -178,7 +176,6 @@ fn unfused_and_f16_match_diffusers_on_wgpu() {
         DType::F32,
         "the VAE stays f32"
     );
-    let counters = lock_flash_counters();
     let (flash, materialised) = (flash_calls(), materialised_fallbacks());
     check_unet(&pipe, &f16_device, F16_UNET_TOLERANCE, "wgpu f16 unet");
     assert!(
@@ -190,7 +187,6 @@ fn unfused_and_f16_match_diffusers_on_wgpu() {
         materialised,
         "and never materialised"
     );
-    drop(counters);
     let mut pipe = pipe;
     pipe.set_memory_format(MemoryFormat::ChannelsLast);
     check_unet(
