@@ -315,6 +315,14 @@ fn the_form_and_settings_survive_a_restart() {
     assert_eq!(restored.state.form.steps, 1);
 }
 
+fn inpaint_source(app: &BrushfireApp) -> &app::gui::image_input::SourceImage {
+    app.state
+        .inputs
+        .source
+        .as_ref()
+        .expect("the inpainting source")
+}
+
 #[test]
 fn the_mask_and_the_control_strokes_survive_a_restart() {
     let dir = std::env::temp_dir().join(format!("brushfire-work-gui-{}", std::process::id()));
@@ -344,12 +352,7 @@ fn the_mask_and_the_control_strokes_survive_a_restart() {
         BrushfireApp::restored(&back, None)
     };
     let b = restart(&a);
-    let s = b
-        .state
-        .inputs
-        .source
-        .as_ref()
-        .expect("the inpainting source");
+    let s = inpaint_source(&b);
     assert_eq!((s.label.as_str(), s.width, s.height), ("photo.png", 16, 8));
     assert_eq!((&s.rgb, s.canvas.layer()), (&photo, &mask[..]));
     assert!(
@@ -381,12 +384,7 @@ fn the_mask_and_the_control_strokes_survive_a_restart() {
     assert!(dir.join("inpaint.png").exists());
     assert!(!dir.join("controlnet.png").exists() && !dir.join("controlnet-layer.png").exists());
     let b = restart(&a);
-    let s = b
-        .state
-        .inputs
-        .source
-        .as_ref()
-        .expect("the inpainting source");
+    let s = inpaint_source(&b);
     assert!(s.canvas.layer().iter().all(|&v| v == 0));
     assert!(b.state.control.source.is_none());
     std::fs::remove_dir_all(&dir).unwrap();

@@ -29,16 +29,23 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn hub_ids_resolve_from_the_hf_cache_offline() {
-    let home = std::env::temp_dir().join(format!("brushfire-hf-home-{}", std::process::id()));
+/// A fresh `$HF_HOME` (named by `tag`) whose hub cache holds `brushfire-test/<name>` at `main`,
+/// a copy of the fixture folder `fixture_dir`: `(home, snapshot folder)`.
+fn hf_home_with(tag: &str, name: &str, fixture_dir: &str) -> (PathBuf, PathBuf) {
+    let home = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);
-    let repo = home.join("hub/models--brushfire-test--tiny-sd");
+    let repo = home.join(format!("hub/models--brushfire-test--{name}"));
     let rev = "0123456789abcdef0123456789abcdef01234567";
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), rev).unwrap();
     let snapshot = repo.join("snapshots").join(rev);
-    copy_dir(&fixture("tiny-sd"), &snapshot);
+    copy_dir(&fixture(fixture_dir), &snapshot);
+    (home, snapshot)
+}
+
+#[test]
+fn hub_ids_resolve_from_the_hf_cache_offline() {
+    let (home, snapshot) = hf_home_with("brushfire-hf-home", "tiny-sd", "tiny-sd");
 
     // Parsing the --model argument.
     assert_eq!(
@@ -120,14 +127,7 @@ fn hub_ids_resolve_from_the_hf_cache_offline() {
 
 #[test]
 fn controlnet_hub_ids_resolve_to_a_single_model_snapshot() {
-    let home = std::env::temp_dir().join(format!("brushfire-hf-cn-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&home);
-    let repo = home.join("hub/models--brushfire-test--tiny-controlnet");
-    let rev = "89abcdef0123456789abcdef0123456789abcdef";
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), rev).unwrap();
-    let snapshot = repo.join("snapshots").join(rev);
-    copy_dir(&fixture("tiny-controlnet"), &snapshot);
+    let (home, snapshot) = hf_home_with("brushfire-hf-cn", "tiny-controlnet", "tiny-controlnet");
     let cache = Cache::new(home.join("hub"));
     let id = "brushfire-test/tiny-controlnet";
     assert_eq!(
@@ -271,14 +271,7 @@ fn pipeline_files_follow_model_index_and_the_repository_listing() {
 /// An IF stage in the HF cache resolves offline like an SD model.
 #[test]
 fn if_hub_ids_resolve_from_the_hf_cache_offline() {
-    let home = std::env::temp_dir().join(format!("brushfire-hf-if-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&home);
-    let repo = home.join("hub/models--brushfire-test--tiny-if");
-    let rev = "89abcdef0123456789abcdef0123456789abcdef";
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), rev).unwrap();
-    let snapshot = repo.join("snapshots").join(rev);
-    copy_dir(&fixture("tiny-if"), &snapshot);
+    let (home, snapshot) = hf_home_with("brushfire-hf-if", "tiny-if", "tiny-if");
     let cache = Cache::new(home.join("hub"));
     assert_eq!(
         resolve_model_in(&cache, true, "brushfire-test/tiny-if", None, &mut ()).unwrap(),
@@ -297,14 +290,7 @@ fn if_hub_ids_resolve_from_the_hf_cache_offline() {
 /// pipeline reads them.
 #[test]
 fn fp16_variant_weights_are_found_and_read() {
-    let home = std::env::temp_dir().join(format!("brushfire-hf-fp16-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&home);
-    let repo = home.join("hub/models--brushfire-test--tiny-sd-fp16");
-    let rev = "fedcba9876543210fedcba9876543210fedcba98";
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), rev).unwrap();
-    let snapshot = repo.join("snapshots").join(rev);
-    copy_dir(&fixture("tiny-sd"), &snapshot);
+    let (home, snapshot) = hf_home_with("brushfire-hf-fp16", "tiny-sd-fp16", "tiny-sd");
     for (folder, stem) in [
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
