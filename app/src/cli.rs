@@ -6,8 +6,10 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use engine::backend::{
-    self, BackendRequest, BackendTask, ExecutionOptions, dispatch_with, select_backend,
+    self, BackendRequest, BackendTask, ExecutionOptions, dispatch_with, memory_budget,
+    select_backend,
 };
+use engine::memory::MemoryBudget;
 use engine::models::{AttnProcessor, MemoryFormat};
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::control_preprocess::Canny;
@@ -458,11 +460,14 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             "off"
         }
     );
-    dispatch_with(&selected, options, GenerateTask { job })
+    let budget = memory_budget(&selected);
+    dispatch_with(&selected, options, GenerateTask { job, budget })
 }
 
 struct GenerateTask {
     job: Job,
+    /// What the request's attention is checked against.
+    budget: MemoryBudget,
 }
 
 impl BackendTask for GenerateTask {
@@ -489,7 +494,7 @@ impl BackendTask for GenerateTask {
             controlnet_dir.as_deref(),
             &device,
         )?;
-        let pipe = pipe.with_speed(attention, memory_format);
+        let pipe = pipe.with_speed(attention, memory_format, self.budget);
         eprintln!(
             "loaded {} in {:.1}s",
             model_dir.display(),
@@ -599,15 +604,22 @@ impl<B: Backend> LoadedPipeline<B> {
         Ok(Self::Sd(Box::new(pipe)))
     }
 
-    fn with_speed(mut self, attention: AttnProcessor, format: MemoryFormat) -> Self {
+    fn with_speed(
+        mut self,
+        attention: AttnProcessor,
+        format: MemoryFormat,
+        budget: MemoryBudget,
+    ) -> Self {
         match &mut self {
             Self::Sd(p) => {
                 p.set_attn_processor(attention);
                 p.set_memory_format(format);
+                p.set_memory_budget(budget);
             }
             Self::If(p) => {
                 p.set_attn_processor(attention);
                 p.set_memory_format(format);
+                p.set_memory_budget(budget);
             }
         }
         self

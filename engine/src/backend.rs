@@ -20,6 +20,7 @@ use cubecl::Runtime;
 use cubecl::cuda::CudaRuntime;
 
 use crate::error::{EngineError, Result};
+use crate::memory::MemoryBudget;
 
 /// What the user asked for (`--backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -373,6 +374,28 @@ pub fn device_memory(selected: &SelectedBackend) -> Option<DeviceMemory> {
         bytes_in_use: usage.bytes_in_use,
         bytes_reserved: usage.bytes_reserved,
     })
+}
+
+/// What requests on the selected backend are checked against before any tensor work
+/// ([`crate::memory`]): the host's available memory on the CPU backend, the largest allocation
+/// of the device's memory pool on a GPU.
+pub fn memory_budget(selected: &SelectedBackend) -> MemoryBudget {
+    let max_allocation = match selected.kind {
+        BackendKind::Cpu => return MemoryBudget::Host,
+        BackendKind::Cuda => {
+            CudaRuntime::client(&CudaDevice::default())
+                .properties()
+                .memory
+                .max_page_size
+        }
+        BackendKind::Wgpu => {
+            WgpuRuntime::client(&WgpuDevice::DefaultDevice)
+                .properties()
+                .memory
+                .max_page_size
+        }
+    };
+    MemoryBudget::Device { max_allocation }
 }
 
 /// Starts a new peak of the process's resident memory (Linux: resets `VmHWM` through

@@ -17,9 +17,11 @@ use serde::Serialize;
 
 use crate::backend::{
     BackendKind, BackendTask, ExecutionOptions, Precision, SelectedBackend, device_memory,
-    dispatch_with, peak_process_memory, release_device_memory, reset_peak_process_memory,
+    dispatch_with, memory_budget, peak_process_memory, release_device_memory,
+    reset_peak_process_memory,
 };
 use crate::error::{EngineError, Result};
+use crate::memory::{ModelCalls, check_attention};
 use crate::models::config::parse_config;
 use crate::models::controlnets::ControlNetConfig;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
@@ -645,6 +647,15 @@ impl BackendTask for UnetLoopTask<'_> {
         unet.set_memory_format(MemoryFormat::from_channels_last(
             spec.column.channels_last(),
         ));
+        // The ControlNet's calls are the UNet's down path's: the UNet's check covers them.
+        check_unet_memory(
+            self.selected,
+            spec.column.attention(),
+            &unet,
+            2 * spec.batch,
+            [spec.height / 8, spec.width / 8],
+            TOKENS,
+        )?;
         let (scheduler_text, scheduler_path) = &self.models.scheduler_config;
         let scheduler_json: serde_json::Value =
             serde_json::from_str(scheduler_text).map_err(|e| EngineError::Config {
@@ -949,6 +960,14 @@ impl BackendTask for CascadeTask<'_> {
             if i < 2 {
                 side = native;
             }
+            check_unet_memory(
+                self.selected,
+                self.spec.column.attention(),
+                &unet,
+                2 * batch,
+                [side, side],
+                plan.text_tokens,
+            )?;
             let text_width = config.encoder_hid_dim.unwrap_or(
                 config
                     .cross_attention_dim
@@ -1042,6 +1061,24 @@ impl BackendTask for CascadeTask<'_> {
             stages,
         })
     }
+}
+
+/// Refuses a cell whose UNet attention cannot fit the device, before any activation exists (on
+/// the CPU backend the process would be killed rather than fail).
+fn check_unet_memory<B: Backend>(
+    selected: &SelectedBackend,
+    processor: AttnProcessor,
+    unet: &UNet2DConditionModel<B>,
+    batch: usize,
+    size: [usize; 2],
+    tokens: usize,
+) -> Result<()> {
+    let calls = ModelCalls {
+        model: "UNet",
+        float_bytes: unet.conv_in.weight.dtype().size() as u64,
+        calls: unet.attention_calls(batch, size, tokens),
+    };
+    check_attention(&memory_budget(selected), processor, &[calls])
 }
 
 fn sync<B: Backend>(device: &B::Device) -> Result<()> {
@@ -1170,11 +1207,7 @@ impl BenchReport {
                 s.height,
                 s.batch,
                 s.column.name(),
-                match s.column.attention() {
-                    AttnProcessor::Vanilla => "vanilla",
-                    AttnProcessor::Fused => "fused",
-                    AttnProcessor::Sliced { .. } => "sliced",
-                },
+                s.column.attention().name(),
                 s.column.fusion(),
                 s.column.channels_last(),
                 self.precision,

@@ -59,6 +59,10 @@ pub enum EngineError {
          the CLI: `--dtype {wanted}`)"
     )]
     PrecisionLocked { current: String, wanted: String },
+    /// The request would need more memory than the device has (checked before any tensor
+    /// work); the text names the numbers and what would fit.
+    #[error("not enough memory: {0}")]
+    OutOfMemory(String),
     /// The user cancelled the job.
     #[error("cancelled")]
     Cancelled,

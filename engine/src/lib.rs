@@ -7,6 +7,7 @@ pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod loading;
+pub mod memory;
 pub mod models;
 pub mod noise;
 pub mod pipelines;

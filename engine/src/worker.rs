@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 use burn::tensor::backend::Backend;
 
 use crate::backend::{
-    BackendRequest, BackendTask, ExecutionOptions, SelectedBackend, dispatch_with, select_backend,
+    BackendRequest, BackendTask, ExecutionOptions, SelectedBackend, dispatch_with, memory_budget,
+    select_backend,
 };
 use crate::bench::{
     BenchCell, BenchModels, BenchObserver, BenchPlan, BenchReport, CellSpec, run_bench,
 };
 use crate::error::{EngineError, Result};
 use crate::loading::{DownloadProgress, resolve_controlnet, resolve_model};
+use crate::memory::MemoryBudget;
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::pipelines::deepfloyd_if::{IFPipeline, is_if_folder};
 use crate::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
@@ -378,6 +380,7 @@ struct LoadTask<'a> {
     options: LoadOptions,
     attention: AttnProcessor,
     memory_format: MemoryFormat,
+    budget: MemoryBudget,
 }
 
 impl BackendTask for LoadTask<'_> {
@@ -388,11 +391,13 @@ impl BackendTask for LoadTask<'_> {
             let mut pipe = IFPipeline::<B>::load(self.dir, &self.options, &device)?;
             pipe.set_attn_processor(self.attention);
             pipe.set_memory_format(self.memory_format);
+            pipe.set_memory_budget(self.budget);
             return Ok(Box::new(pipe));
         }
         let mut pipe = StableDiffusionPipeline::<B>::load_path(self.dir, &self.options, &device)?;
         pipe.set_attn_processor(self.attention);
         pipe.set_memory_format(self.memory_format);
+        pipe.set_memory_budget(self.budget);
         Ok(Box::new(pipe))
     }
 }
@@ -558,6 +563,7 @@ impl Worker {
                 },
                 attention: self.settings.attention,
                 memory_format: self.settings.memory_format,
+                budget: memory_budget(&backend),
             },
         )?;
         Ok((dir, runner))

@@ -222,15 +222,18 @@ fn if_cascade_configs_shipped_in_assets_build_the_real_unets() {
     use engine::models::config::parse_config;
     use engine::models::unets::UNet2DConditionConfig;
     let cascade = BenchModels::sd15().cascade.expect("shipped");
-    for (stage, params) in [
-        (&cascade.stage1, 371_605_830),
-        (&cascade.stage2, 461_064_198),
-        (&cascade.upscaler, 473_398_020),
+    // Size multiples: IF's resampling resnets only double, so its sides must divide by
+    // 2^upsamplers (stage II has four); the x4 upscaler's convs take any size.
+    for (stage, params, multiple) in [
+        (&cascade.stage1, 371_605_830, 8),
+        (&cascade.stage2, 461_064_198, 16),
+        (&cascade.upscaler, 473_398_020, 1),
     ] {
         let (json, path) = &stage.unet_config;
         let config: UNet2DConditionConfig = parse_config(json, path).unwrap();
         let unet = config.init::<Cpu>(&Default::default()).unwrap();
         assert_eq!(unet.num_params(), params, "{}", path.display());
+        assert_eq!(unet.size_multiple(), multiple, "{}", path.display());
         let json: serde_json::Value = serde_json::from_str(&stage.scheduler_config.0).unwrap();
         schedulers::from_config_json::<Cpu>(&json, None).unwrap();
     }

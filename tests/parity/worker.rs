@@ -142,6 +142,45 @@ fn queued_job_can_be_cancelled_and_the_other_still_runs() {
 }
 
 #[test]
+fn attention_that_cannot_fit_fails_the_job_before_any_work_and_the_worker_lives_on() {
+    let settings = EngineSettings {
+        attention: engine::models::AttnProcessor::Vanilla,
+        ..settings()
+    };
+    let mut engine = EngineHandle::spawn(settings, || {}).unwrap();
+    loaded(&engine);
+    // 8192² with vanilla attention: a million latent tokens per image, terabytes of scores.
+    // Checked against this machine's available memory, not allocated and killed.
+    let mut huge = request();
+    (huge.width, huge.height) = (8192, 8192);
+    let job = engine.generate(huge);
+    let events = until(&engine, is_end_of(job));
+    match events.last() {
+        Some(EngineEvent::Failed { error, .. }) => {
+            assert!(error.contains("not enough memory"), "{error}");
+            assert!(error.contains("this machine has"), "{error}");
+            assert!(
+                error.contains("fused attention holds no score matrix"),
+                "{error}"
+            );
+        }
+        other => panic!("the 8192² request did not fail: {other:?}"),
+    }
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, EngineEvent::Progress { .. })),
+        "no step ran: {events:?}"
+    );
+    let job = engine.generate(request());
+    let events = until(&engine, is_end_of(job));
+    assert!(
+        matches!(events.last(), Some(EngineEvent::Finished { .. })),
+        "{events:?}"
+    );
+}
+
+#[test]
 fn bad_input_fails_the_job_and_the_worker_lives_on() {
     let mut engine = EngineHandle::spawn(settings(), || {}).unwrap();
     // No model yet.

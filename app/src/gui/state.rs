@@ -491,11 +491,7 @@ impl Default for Persisted {
 
 /// The settings names the UI and storage use.
 pub fn attention_name(a: AttnProcessor) -> &'static str {
-    match a {
-        AttnProcessor::Vanilla => "vanilla",
-        AttnProcessor::Fused => "fused",
-        AttnProcessor::Sliced { .. } => "sliced",
-    }
+    a.name()
 }
 
 /// `--backend` names.

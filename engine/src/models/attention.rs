@@ -2,6 +2,7 @@
 //! `FeedForward`; `models/activations.py`: `GEGLU`) and `Transformer2DModel`
 //! (`models/transformers/transformer_2d.py`, continuous input only: what SD uses).
 
+use crate::memory::ScoreShape;
 use crate::models::conv::conv2d_forward_in;
 use crate::models::layout::MemoryFormat;
 use burn::module::Module;
@@ -221,6 +222,26 @@ impl<B: Backend> Transformer2DModel<B> {
         for block in &mut self.transformer_blocks {
             block.attn1.set_processor(processor);
             block.attn2.set_processor(processor);
+        }
+    }
+
+    /// Appends the attention calls of [`Self::forward_in`] over `tokens` image tokens and
+    /// `context` text tokens, in order.
+    pub fn attention_calls(
+        &self,
+        batch: usize,
+        tokens: usize,
+        context: usize,
+        out: &mut Vec<ScoreShape>,
+    ) {
+        for block in &self.transformer_blocks {
+            let self_keys = if block.only_cross_attention {
+                context
+            } else {
+                tokens
+            };
+            out.push(block.attn1.score_shape(batch, tokens, self_keys));
+            out.push(block.attn2.score_shape(batch, tokens, context));
         }
     }
 }

@@ -16,6 +16,7 @@ use super::layout::MemoryFormat;
 use super::normalization::{
     group_norm, group_norm_forward, group_norm_forward_in, layer_norm, linear,
 };
+use crate::memory::ScoreShape;
 
 /// How the attention product is computed. All variants give the same result within tolerance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -48,6 +49,15 @@ impl AttnProcessor {
         }
     }
 
+    /// The name [`Self::from_name`] parses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vanilla => "vanilla",
+            Self::Fused => "fused",
+            Self::Sliced { .. } => "sliced",
+        }
+    }
+
     /// softmax(q kᵀ · scale) v for q `[n, heads, lq, d]`, k/v `[n, heads, lk, d]`.
     /// `upcast` computes the scores and softmax in f32 (diffusers' `upcast_attention` /
     /// `upcast_softmax`), which only changes anything for f16 tensors.
@@ -59,6 +69,14 @@ impl AttnProcessor {
         scale: f64,
         upcast: bool,
     ) -> Tensor<B, 4> {
+        let [n, heads, lq, _] = q.dims();
+        crate::memory::note_attention_call(crate::memory::ScoreShape {
+            batch: n,
+            heads,
+            queries: lq,
+            keys: k.dims()[2],
+            upcast,
+        });
         match self {
             Self::Vanilla => vanilla_attention(q, k, v, scale, upcast),
             Self::Fused => {
@@ -252,6 +270,17 @@ impl<B: Backend> Attention<B> {
     pub fn set_processor(&mut self, processor: AttnProcessor) {
         self.processor = processor;
     }
+
+    /// The scores of a call with `queries` tokens attending to `keys` tokens.
+    pub fn score_shape(&self, batch: usize, queries: usize, keys: usize) -> ScoreShape {
+        ScoreShape {
+            batch,
+            heads: self.heads,
+            queries,
+            keys,
+            upcast: self.upcast,
+        }
+    }
 }
 
 /// `[b, t, heads·d]` → `[b, heads, t, d]`.
@@ -432,5 +461,18 @@ impl<B: Backend> AddedKvAttention<B> {
     /// Sets this layer's processor.
     pub fn set_processor(&mut self, processor: AttnProcessor) {
         self.processor = processor;
+    }
+
+    /// The scores of [`Self::forward_in`] over `tokens` image tokens and `context` text tokens
+    /// (the image's own tokens stand in for a missing text).
+    pub fn score_shape(&self, batch: usize, tokens: usize, context: Option<usize>) -> ScoreShape {
+        let own = if self.to_k.is_some() { tokens } else { 0 };
+        ScoreShape {
+            batch,
+            heads: self.heads,
+            queries: tokens,
+            keys: context.unwrap_or(tokens) + own,
+            upcast: true,
+        }
     }
 }

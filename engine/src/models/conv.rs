@@ -21,6 +21,20 @@ use super::layout::MemoryFormat;
 /// in tiles of whole rows so the VAE's 512×512 layers do not need gigabytes.
 const MAX_COLUMN_ELEMENTS: usize = 16 << 20;
 
+/// The `[h, w]` a convolution makes of an input of `[h, w]` (dilation 1).
+pub fn conv2d_output_size<B: Backend>(conv: &Conv2d<B>, [h, w]: [usize; 2]) -> [usize; 2] {
+    let ([kh, kw], [sh, sw]) = (conv.kernel_size, conv.stride);
+    let [top, left, bottom, right] = match conv.padding {
+        PaddingConfig2d::Explicit(t, l, b, r) => [t, l, b, r],
+        PaddingConfig2d::Valid => [0; 4],
+        PaddingConfig2d::Same => return [h.div_ceil(sh.max(1)), w.div_ceil(sw.max(1))],
+    };
+    let side = |n: usize, k: usize, s: usize, a: usize, b: usize| {
+        (n + a + b).saturating_sub(k) / s.max(1) + 1
+    };
+    [side(h, kh, sh, top, bottom), side(w, kw, sw, left, right)]
+}
+
 /// `conv.forward(x)`, with the CPU backend's fast path.
 pub fn conv2d_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     match flex_conv2d(conv, &x) {

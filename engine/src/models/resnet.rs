@@ -1,7 +1,7 @@
 //! Residual blocks and resampling (aka diffusers' `models/resnet.py`: `ResnetBlock2D`;
 //! `models/downsampling.py`: `Downsample2D`; `models/upsampling.py`: `Upsample2D`).
 
-use crate::models::conv::conv2d_forward_in;
+use crate::models::conv::{conv2d_forward_in, conv2d_output_size};
 use crate::models::layout::MemoryFormat;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -192,6 +192,11 @@ impl<B: Backend> Downsample2D<B> {
     /// [`Self::forward`] on a feature map in `format`.
     pub fn forward_in(&self, x: Tensor<B, 4>, format: MemoryFormat) -> Tensor<B, 4> {
         conv2d_forward_in(&self.conv, x, format)
+    }
+
+    /// The output's `[h, w]` for an input of `[h, w]`.
+    pub fn output_size(&self, size: [usize; 2]) -> [usize; 2] {
+        conv2d_output_size(&self.conv, size)
     }
 }
 

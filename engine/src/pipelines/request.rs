@@ -191,6 +191,9 @@ pub fn strength_schedule(steps: usize, strength: f64) -> (usize, usize) {
 pub struct ModelLimits {
     /// Image pixels per latent pixel (8 for SD).
     pub vae_scale_factor: usize,
+    /// What the UNet's input sides must be a multiple of (1 for SD; IF's UNets only double
+    /// when upsampling, so theirs is `2^upsamplers`).
+    pub unet_size_multiple: usize,
     /// Latent channels the UNet denoises (the VAE's).
     pub latent_channels: usize,
     /// Input channels of the UNet: the latent channels, or 2·latent + 1 for an inpainting UNet.
@@ -218,7 +221,7 @@ pub const MAX_MASK_BLUR: f64 = 256.0;
 impl GenerationRequest {
     /// Validates the request against the model before any tensor work (diffusers' `check_inputs`).
     pub fn check_inputs(&self, limits: &ModelLimits) -> Result<()> {
-        let f = limits.vae_scale_factor.max(8);
+        let f = (limits.vae_scale_factor * limits.unet_size_multiple.max(1)).max(8);
         for (field, v) in [("width", self.width), ("height", self.height)] {
             if v == 0 || v % f != 0 {
                 return Err(EngineError::invalid(
@@ -579,5 +582,48 @@ impl GenerationRequest {
     /// Classifier-free guidance is on for guidance > 1, as in diffusers.
     pub fn do_classifier_free_guidance(&self) -> bool {
         self.guidance_scale > 1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sides_must_divide_by_the_unets_multiple() {
+        // IF-II-M: four resnet upsamplers that only double.
+        let limits = ModelLimits {
+            vae_scale_factor: 1,
+            unet_size_multiple: 16,
+            latent_channels: 3,
+            unet_in_channels: 6,
+            cross_attention_dim: 4096,
+            max_noise_level: 999,
+            family: Some(PipelineKind::IfStage2),
+        };
+        let request = |width| GenerationRequest {
+            pipeline: PipelineKind::IfStage2,
+            width,
+            height: 256,
+            ..Default::default()
+        };
+        let err = request(264).check_inputs(&limits).unwrap_err().to_string();
+        assert_eq!(err, "invalid width: 264 must be a positive multiple of 16");
+        // 272 passes the sides (and fails later, on the missing input image).
+        let err = request(272).check_inputs(&limits).unwrap_err().to_string();
+        assert!(!err.contains("width"), "{err}");
+        // SD's UNet takes any latent size: the VAE's 8 is the multiple.
+        let sd = ModelLimits {
+            vae_scale_factor: 8,
+            unet_size_multiple: 1,
+            latent_channels: 4,
+            unet_in_channels: 4,
+            cross_attention_dim: 768,
+            max_noise_level: 0,
+            family: None,
+        };
+        let mut txt2img = request(264);
+        txt2img.pipeline = PipelineKind::Txt2Img;
+        txt2img.check_inputs(&sd).expect("264 is a multiple of 8");
     }
 }

@@ -1,7 +1,8 @@
 //! Diffusers' `AutoencoderKL` (aka `models/autoencoders/autoencoder_kl.py`), configured from
 //! `vae/config.json`.
 
-use crate::models::conv::conv2d_forward;
+use crate::memory::ScoreShape;
+use crate::models::conv::{conv2d_forward, conv2d_output_size};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -179,6 +180,20 @@ impl<B: Backend> AutoencoderKL<B> {
             None => z,
         };
         self.decoder.forward(z)
+    }
+
+    /// The attention calls of [`Self::encode`] over `batch` images of `[h, w]`.
+    pub fn encode_attention_calls(&self, batch: usize, size: [usize; 2]) -> Vec<ScoreShape> {
+        self.encoder.attention_calls(batch, size)
+    }
+
+    /// The attention calls of [`Self::decode`] over `batch` latents of `[h, w]`.
+    pub fn decode_attention_calls(&self, batch: usize, size: [usize; 2]) -> Vec<ScoreShape> {
+        let size = match &self.post_quant_conv {
+            Some(conv) => conv2d_output_size(conv, size),
+            None => size,
+        };
+        self.decoder.attention_calls(batch, size)
     }
 
     /// Sets the processor of the mid-block attentions.

@@ -1,7 +1,8 @@
 //! The VAE's encoder and decoder (aka diffusers' `models/autoencoders/vae.py`: `Encoder`,
 //! `Decoder`, `DiagonalGaussianDistribution`).
 
-use crate::models::conv::conv2d_forward;
+use crate::memory::ScoreShape;
+use crate::models::conv::{conv2d_forward, conv2d_output_size};
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
@@ -105,6 +106,17 @@ impl<B: Backend> Encoder<B> {
         let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
         conv2d_forward(&self.conv_out, x)
     }
+
+    /// The attention calls of [`Self::forward`] over `batch` images of `[h, w]`.
+    pub fn attention_calls(&self, batch: usize, size: [usize; 2]) -> Vec<ScoreShape> {
+        let mut out = Vec::new();
+        let mut size = conv2d_output_size(&self.conv_in, size);
+        for block in &self.down_blocks {
+            size = block.attention_calls(batch, size, None, &mut out);
+        }
+        self.mid_block.attention_calls(batch, size, &mut out);
+        out
+    }
 }
 
 /// Diffusers' `Decoder` (a mid block, `UpDecoderBlock2D`s).
@@ -168,6 +180,22 @@ impl<B: Backend> Decoder<B> {
         }
         let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
         conv2d_forward(&self.conv_out, x)
+    }
+
+    /// The attention calls of [`Self::forward`] over `batch` latents of `[h, w]` (its up blocks
+    /// have no attention).
+    pub fn attention_calls(&self, batch: usize, size: [usize; 2]) -> Vec<ScoreShape> {
+        let mut out = Vec::new();
+        let size = conv2d_output_size(&self.conv_in, size);
+        self.mid_block.attention_calls(batch, size, &mut out);
+        let mut up_size = size;
+        for block in &self.up_blocks {
+            block.attention_calls(batch, up_size, None, &mut out);
+            if !block.upsamplers.is_empty() {
+                up_size = [up_size[0] * 2, up_size[1] * 2];
+            }
+        }
+        out
     }
 }
 

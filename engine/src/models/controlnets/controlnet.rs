@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::error::{EngineError, Result};
 use crate::loading::single_file::{map_controlnet_keys, single_file_layers_per_block};
+use crate::memory::ScoreShape;
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::config::{ModelConfig, read_config};
 use crate::models::conv::conv2d_forward_in;
@@ -332,15 +333,7 @@ impl<B: Backend> ControlNetModel<B> {
         }
         let timesteps = per_item_timesteps(timesteps, batch)?;
         let control = if self.bgr { control.flip([1]) } else { control };
-        let down = DownPath {
-            conv_in: &self.conv_in,
-            time_proj: &self.time_proj,
-            time_embedding: &self.time_embedding,
-            class_embedding: self.class_embedding.as_ref(),
-            class_embeddings_concat: self.class_embeddings_concat,
-            down_blocks: &self.down_blocks,
-            mid_block: self.mid_block.as_ref(),
-        };
+        let down = self.down_path();
         let emb = down.embedding(
             &timesteps,
             &ClassLabels::None,
@@ -380,5 +373,32 @@ impl<B: Backend> ControlNetModel<B> {
         let mid = conv2d_forward_in(&self.controlnet_mid_block, x, format).mul_scalar(scales[n]);
         let mid = pool(format.to_nchw(mid));
         Ok(ControlResiduals { down, mid })
+    }
+
+    /// The UNet down-path code's view of this model.
+    fn down_path(&self) -> DownPath<'_, B> {
+        DownPath {
+            conv_in: &self.conv_in,
+            time_proj: &self.time_proj,
+            time_embedding: &self.time_embedding,
+            class_embedding: self.class_embedding.as_ref(),
+            class_embeddings_concat: self.class_embeddings_concat,
+            down_blocks: &self.down_blocks,
+            mid_block: self.mid_block.as_ref(),
+        }
+    }
+
+    /// The attention calls of one forward pass over `batch` latents of `[h, w]` attending to
+    /// `context` text tokens, in order.
+    pub fn attention_calls(
+        &self,
+        batch: usize,
+        size: [usize; 2],
+        context: usize,
+    ) -> Vec<ScoreShape> {
+        let mut out = Vec::new();
+        self.down_path()
+            .attention_calls(batch, size, context, &mut out);
+        out
     }
 }

@@ -11,6 +11,7 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
 
+use crate::memory::ScoreShape;
 use crate::models::attention::{Transformer2DModel, Transformer2DModelConfig};
 use crate::models::attention_processor::{
     AddedKvAttention, AddedKvAttentionConfig, Attention, AttentionConfig, AttnProcessor,
@@ -72,6 +73,34 @@ impl<B: Backend> BlockAttention<B> {
             Self::Transformer(t) => t.set_attn_processor(processor),
             Self::AddedKv(a) => a.set_processor(processor),
         }
+    }
+
+    /// The calls of [`Self::forward_in`] over `tokens` image tokens and `context` text tokens.
+    fn attention_calls(
+        &self,
+        batch: usize,
+        tokens: usize,
+        context: Option<usize>,
+        out: &mut Vec<ScoreShape>,
+    ) {
+        match (self, context) {
+            (Self::Transformer(t), Some(ctx)) => t.attention_calls(batch, tokens, ctx, out),
+            (Self::Transformer(_), None) => {}
+            (Self::AddedKv(a), ctx) => out.push(a.score_shape(batch, tokens, ctx)),
+        }
+    }
+}
+
+/// The attention calls of `attentions` over a `[h, w]` feature map.
+fn blocks_attention_calls<B: Backend>(
+    attentions: &[BlockAttention<B>],
+    batch: usize,
+    [h, w]: [usize; 2],
+    context: Option<usize>,
+    out: &mut Vec<ScoreShape>,
+) {
+    for a in attentions {
+        a.attention_calls(batch, h * w, context, out);
     }
 }
 
@@ -222,6 +251,25 @@ impl<B: Backend> DownBlock2D<B> {
         x
     }
 
+    /// Appends the attention calls of [`Self::forward`] over a `[h, w]` input and returns the
+    /// output's size.
+    pub fn attention_calls(
+        &self,
+        batch: usize,
+        size: [usize; 2],
+        context: Option<usize>,
+        out: &mut Vec<ScoreShape>,
+    ) -> [usize; 2] {
+        blocks_attention_calls(&self.attentions, batch, size, context, out);
+        self.downsamplers
+            .iter()
+            .fold(size, |[h, w], down| match down {
+                Downsampler::Conv(d) => d.output_size([h, w]),
+                // `F.avg_pool2d(x, 2, 2)` drops an odd last row and column.
+                Downsampler::Resnet(_) => [h / 2, w / 2],
+            })
+    }
+
     /// The VAE encoder's use: no skips kept.
     pub fn forward_encoder(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let mut skips = Vec::new();
@@ -346,6 +394,18 @@ impl<B: Backend> UpBlock2D<B> {
         self.forward(x, None, None, &mut none, None, MemoryFormat::Contiguous)
     }
 
+    /// Appends the attention calls of [`Self::forward`] over a `[h, w]` input (before its
+    /// upsampler).
+    pub fn attention_calls(
+        &self,
+        batch: usize,
+        size: [usize; 2],
+        context: Option<usize>,
+        out: &mut Vec<ScoreShape>,
+    ) {
+        blocks_attention_calls(&self.attentions, batch, size, context, out);
+    }
+
     fn set_attn_processor(&mut self, processor: AttnProcessor) {
         for a in &mut self.attentions {
             a.set_attn_processor(processor);
@@ -388,6 +448,17 @@ impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
             x = resnet.forward_in(x, Some(temb), format);
         }
         x
+    }
+
+    /// Appends the attention calls of [`Self::forward`] over a `[h, w]` input.
+    pub fn attention_calls(
+        &self,
+        batch: usize,
+        size: [usize; 2],
+        context: usize,
+        out: &mut Vec<ScoreShape>,
+    ) {
+        blocks_attention_calls(&self.attentions, batch, size, Some(context), out);
     }
 
     fn set_attn_processor(&mut self, processor: AttnProcessor) {
@@ -447,6 +518,14 @@ impl<B: Backend> UNetMidBlock2D<B> {
     pub fn set_attn_processor(&mut self, processor: AttnProcessor) {
         for a in &mut self.attentions {
             a.set_processor(processor);
+        }
+    }
+
+    /// Appends the attention calls of [`Self::forward`] over a `[h, w]` input (self-attention
+    /// over its pixels).
+    pub fn attention_calls(&self, batch: usize, [h, w]: [usize; 2], out: &mut Vec<ScoreShape>) {
+        for a in &self.attentions {
+            out.push(a.score_shape(batch, h * w, h * w));
         }
     }
 }

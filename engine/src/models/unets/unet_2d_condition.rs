@@ -5,7 +5,8 @@
 //! resamplers, `scale_shift` time conditioning, the text projection `encoder_hid_proj` and the
 //! text-pooled addition embedding).
 
-use crate::models::conv::conv2d_forward_in;
+use crate::memory::ScoreShape;
+use crate::models::conv::{conv2d_forward_in, conv2d_output_size};
 use crate::models::layout::{ConvWeightLayout, MemoryFormat, map_in_place};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::unet_2d_blocks::{
-    AttentionTemplate, BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D,
+    AttentionTemplate, BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D, Upsampler,
     set_blocks_processor,
 };
 use crate::error::{EngineError, Result};
@@ -844,6 +845,45 @@ impl<B: Backend> UNet2DConditionModel<B> {
         Ok(format.to_nchw(conv2d_forward_in(&self.conv_out, x, format)))
     }
 
+    /// What the input's sides must be a multiple of: 1 where the upsamplers take the skips'
+    /// sizes (convs: odd sizes round trip), `2^upsamplers` where they only double (IF's
+    /// resampling resnets; diffusers fails on other sizes there too).
+    pub fn size_multiple(&self) -> usize {
+        let doubling_only = self
+            .up_blocks
+            .iter()
+            .flat_map(|b| &b.upsamplers)
+            .any(|u| matches!(u, Upsampler::Resnet(_)));
+        if doubling_only {
+            self.overall_up_factor
+        } else {
+            1
+        }
+    }
+
+    /// The attention calls of one [`Self::forward`] over `batch` latents of `[h, w]` attending
+    /// to `context` text tokens, in the order the processors get them.
+    pub fn attention_calls(
+        &self,
+        batch: usize,
+        size: [usize; 2],
+        context: usize,
+    ) -> Vec<ScoreShape> {
+        let mut out = Vec::new();
+        let sizes = self
+            .down_path()
+            .attention_calls(batch, size, context, &mut out);
+        // Up block i runs at the size of down block n-1-i, whose skips it takes (the last down
+        // block has no downsampler, so the mid block's output has that size too).
+        let n = self.down_blocks.len();
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let level = n.saturating_sub(i + 1);
+            let at = sizes.get(level).copied().unwrap_or(size);
+            block.attention_calls(batch, at, Some(context), &mut out);
+        }
+        out
+    }
+
     /// The contracting half's parts, borrowed for the forward pass.
     fn down_path(&self) -> DownPath<'_, B> {
         DownPath {
@@ -971,6 +1011,29 @@ impl<B: Backend> DownPath<'_, B> {
 
     /// `conv_in`, then `cond` added to its output (a ControlNet's conditioning embedding), the
     /// down blocks and the mid block: the features and every skip, in `format`.
+    /// Appends the attention calls of [`Self::run`] over `[h, w]` latents with `context` text
+    /// tokens, and returns the feature map's size at each down block's input and after the
+    /// path (where the mid block and the first up block run).
+    pub fn attention_calls(
+        &self,
+        batch: usize,
+        size: [usize; 2],
+        context: usize,
+        out: &mut Vec<ScoreShape>,
+    ) -> Vec<[usize; 2]> {
+        let mut size = conv2d_output_size(self.conv_in, size);
+        let mut sizes = Vec::with_capacity(self.down_blocks.len() + 1);
+        for block in self.down_blocks {
+            sizes.push(size);
+            size = block.attention_calls(batch, size, Some(context), out);
+        }
+        if let Some(mid) = self.mid_block {
+            mid.attention_calls(batch, size, context, out);
+        }
+        sizes.push(size);
+        sizes
+    }
+
     pub fn run(
         &self,
         sample: Tensor<B, 4>,

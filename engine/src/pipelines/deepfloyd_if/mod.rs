@@ -20,11 +20,12 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{DType, Tensor, backend::Backend};
 
 use crate::error::{EngineError, Result};
+use crate::memory::{MemoryBudget, ModelCalls};
 use crate::models::AttnProcessor;
 use crate::models::MemoryFormat;
 use crate::models::config::read_config;
 use crate::models::text_encoders::t5::T5EncoderModel;
-use crate::models::text_encoders::t5_tokenizer::T5Tokenizer;
+use crate::models::text_encoders::t5_tokenizer::{IF_MAX_LENGTH, T5Tokenizer};
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::weights::load_safetensors;
 use crate::noise::{NoiseSource, TorchGenerator};
@@ -75,6 +76,10 @@ pub struct IFPipeline<B: Backend> {
     pub image_noising_scheduler_config: Option<serde_json::Value>,
     pub device: B::Device,
     pub source: PathBuf,
+    /// The UNet's attention processor (set last).
+    attn_processor: AttnProcessor,
+    /// What requests' attention is checked against.
+    memory_budget: MemoryBudget,
 }
 
 impl<B: Backend> std::fmt::Debug for IFPipeline<B> {
@@ -162,6 +167,8 @@ impl<B: Backend> IFPipeline<B> {
             image_noising_scheduler_config,
             device: device.clone(),
             source: dir.to_path_buf(),
+            attn_processor: AttnProcessor::default(),
+            memory_budget: MemoryBudget::default(),
         })
     }
 
@@ -208,6 +215,7 @@ impl<B: Backend> IFPipeline<B> {
         });
         ModelLimits {
             vae_scale_factor: 1,
+            unet_size_multiple: self.unet.size_multiple(),
             latent_channels: self.image_channels(),
             unet_in_channels: self.unet_config.in_channels,
             cross_attention_dim: self.text_width(),
@@ -231,7 +239,30 @@ impl<B: Backend> IFPipeline<B> {
 
     /// Sets the UNet's attention processor.
     pub fn set_attn_processor(&mut self, processor: AttnProcessor) {
+        self.attn_processor = processor;
         self.unet.set_attn_processor(processor);
+    }
+
+    /// Where the pipeline runs, for checking requests' attention memory before any tensor work.
+    pub fn set_memory_budget(&mut self, budget: MemoryBudget) {
+        self.memory_budget = budget;
+    }
+
+    /// The attention calls of one run of `request`: the UNet's at every step, over the image
+    /// (T5's 77 × 77 scores aside). Call after [`GenerationRequest::check_inputs`].
+    pub fn attention_calls(&self, request: &GenerationRequest) -> Vec<ModelCalls> {
+        let cfg = request.do_classifier_free_guidance();
+        let batch = request.batch * if cfg { 2 } else { 1 };
+        let tokens = request.prompt_embeds.as_ref().map_or(IF_MAX_LENGTH, |e| {
+            e.prompt_embeds.shape.get(1).copied().unwrap_or(0)
+        });
+        vec![ModelCalls {
+            model: "UNet",
+            float_bytes: self.unet.conv_in.weight.dtype().size() as u64,
+            calls: self
+                .unet
+                .attention_calls(batch, [request.height, request.width], tokens),
+        }]
     }
 
     /// Sets the UNet's memory format.
@@ -363,6 +394,11 @@ impl<B: Backend> IFPipeline<B> {
         observer: &mut dyn StepObserver,
     ) -> Result<GenerationOutput> {
         request.check_inputs(&self.limits())?;
+        crate::memory::check_attention(
+            &self.memory_budget,
+            self.attn_processor,
+            &self.attention_calls(request),
+        )?;
         let mut generator = TorchGenerator::new(request.seed);
         let noise: &mut dyn NoiseSource = match noise {
             Some(n) => n,

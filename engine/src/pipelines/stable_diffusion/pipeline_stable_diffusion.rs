@@ -12,6 +12,7 @@ use burn::tensor::{DType, Tensor, backend::Backend};
 
 use crate::error::{EngineError, Result};
 use crate::loading::single_file::{map_single_file_keys, single_file_layers_per_block};
+use crate::memory::{MemoryBudget, ModelCalls};
 use crate::models::autoencoders::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::config::read_config;
 use crate::models::controlnets::ControlNetModel;
@@ -189,6 +190,7 @@ impl Components {
             controlnet: None,
             attn_processor: AttnProcessor::default(),
             load_options: LoadOptions::default(),
+            memory_budget: MemoryBudget::default(),
         }
     }
 }
@@ -217,6 +219,8 @@ pub struct StableDiffusionPipeline<B: Backend> {
     attn_processor: AttnProcessor,
     /// How the model was loaded (a ControlNet loaded later prefers the same weights variant).
     load_options: LoadOptions,
+    /// What requests' attention is checked against.
+    memory_budget: MemoryBudget,
 }
 
 /// The weights file of a component, preferring the variant when asked for and present.
@@ -286,6 +290,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     pub fn limits(&self) -> ModelLimits {
         ModelLimits {
             vae_scale_factor: self.vae_config.scale_factor(),
+            unet_size_multiple: self.unet.size_multiple(),
             latent_channels: self.vae_config.latent_channels,
             unet_in_channels: self.unet_config.in_channels,
             cross_attention_dim: self.text_encoder.hidden_size(),
@@ -305,6 +310,77 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         if let Some(controlnet) = self.controlnet.as_mut() {
             controlnet.set_attn_processor(processor);
         }
+    }
+
+    /// Where the pipeline runs, for checking requests' attention memory before any tensor work
+    /// (the worker, CLI and benchmark set it from the selected backend).
+    pub fn set_memory_budget(&mut self, budget: MemoryBudget) {
+        self.memory_budget = budget;
+    }
+
+    /// The attention calls one run of `request` makes, per model in the order they run (the
+    /// text encoder's 77 × 77 scores aside). Call after [`GenerationRequest::check_inputs`].
+    pub fn attention_calls(&self, request: &GenerationRequest) -> Vec<ModelCalls> {
+        let f = self.vae_config.scale_factor().max(1);
+        let latent = [request.height / f, request.width / f];
+        let cfg = request.do_classifier_free_guidance();
+        let unet_batch = request.batch * if cfg { 2 } else { 1 };
+        let tokens = request
+            .prompt_embeds
+            .as_ref()
+            .map_or(self.tokenizer.model_max_length(), |e| {
+                e.prompt_embeds.shape.get(1).copied().unwrap_or(0)
+            });
+        let unet_bytes = self.unet.conv_in.weight.dtype().size() as u64;
+        // The VAE runs in f32 (see `into_pipeline`).
+        let vae = |model, calls| ModelCalls {
+            model,
+            float_bytes: 4,
+            calls,
+        };
+        let mut models = Vec::new();
+        if matches!(
+            request.pipeline,
+            PipelineKind::Img2Img | PipelineKind::Inpaint
+        ) {
+            // The source image is encoded once, then repeated per image.
+            let calls = self
+                .vae
+                .encode_attention_calls(1, [request.height, request.width]);
+            models.push(vae("VAE encoder", calls));
+        }
+        if let (PipelineKind::ControlNet, Some(controlnet)) =
+            (request.pipeline, self.controlnet.as_ref())
+        {
+            let guess = request.guess_mode || controlnet.global_pool_conditions;
+            let batch = if cfg && guess {
+                request.batch
+            } else {
+                unet_batch
+            };
+            models.push(ModelCalls {
+                model: "ControlNet",
+                float_bytes: unet_bytes,
+                calls: controlnet.attention_calls(batch, latent, tokens),
+            });
+        }
+        models.push(ModelCalls {
+            model: "UNet",
+            float_bytes: unet_bytes,
+            calls: self.unet.attention_calls(unet_batch, latent, tokens),
+        });
+        let calls = self.vae.decode_attention_calls(request.batch, latent);
+        models.push(vae("VAE decoder", calls));
+        models
+    }
+
+    /// Refuses `request` when its attention would not fit the memory budget.
+    fn check_memory(&self, request: &GenerationRequest) -> Result<()> {
+        crate::memory::check_attention(
+            &self.memory_budget,
+            self.attn_processor,
+            &self.attention_calls(request),
+        )
     }
 
     /// Loads a ControlNet for the controlnet pipeline (replacing any loaded one): a diffusers
@@ -430,8 +506,9 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         cancel: &CancelToken,
         observer: &mut dyn StepObserver,
     ) -> Result<GenerationOutput> {
-        // Check inputs before any tensor work.
+        // Check inputs, and that their attention fits, before any tensor work.
         request.check_inputs(&self.limits())?;
+        self.check_memory(request)?;
         let mut generator = TorchGenerator::new(request.seed);
         let noise: &mut dyn NoiseSource = match noise {
             Some(n) => n,

@@ -1,0 +1,348 @@
+//! The memory check before any tensor work (`engine::memory`): every model's own list of the
+//! attention calls it makes, held to the calls its processors really get, for every pipeline;
+//! and requests, workers and benchmark cells whose attention cannot fit refused with the
+//! numbers, without running anything.
+
+use std::collections::HashSet;
+
+use burn::tensor::{Distribution, Tensor};
+use engine::backend::{BackendRequest, Precision, select_backend};
+use engine::bench::{BenchColumn, BenchModels, BenchPipeline, BenchPlan, CellOutcome, run_bench};
+use engine::memory::{AttentionNeed, MemoryBudget, ModelCalls, ScoreShape, record_attention_calls};
+use engine::models::AttnProcessor;
+use engine::models::unets::{ClassLabels, UNet2DConditionModel};
+use engine::pipelines::deepfloyd_if::IFPipeline;
+use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
+use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
+
+use crate::common::{Cpu, fixture, rgb_png};
+use crate::img2img_inpaint::{init_image, mask_image};
+
+fn sd(folder: &str) -> StableDiffusionPipeline<Cpu> {
+    StableDiffusionPipeline::load(
+        &fixture(folder),
+        &LoadOptions::default(),
+        &Default::default(),
+    )
+    .expect("load fixture")
+}
+
+fn request(pipeline: PipelineKind, width: usize, height: usize) -> GenerationRequest {
+    GenerationRequest {
+        pipeline,
+        prompt: "a red fox in the snow".into(),
+        negative_prompt: "blurry".into(),
+        steps: 2,
+        guidance_scale: 7.5,
+        width,
+        height,
+        batch: 2,
+        seed: 7,
+        ..Default::default()
+    }
+}
+
+/// Everything `predicted` lists is what the processors were given: each model's list appears
+/// whole, in order, in the recording, and the recording holds no shape the lists lack.
+fn assert_recorded(predicted: &[ModelCalls], recorded: &[ScoreShape], what: &str) {
+    assert!(!recorded.is_empty(), "{what}: no attention ran");
+    for m in predicted {
+        assert!(!m.calls.is_empty(), "{what}: the {} lists no call", m.model);
+        assert!(
+            recorded.windows(m.calls.len()).any(|w| w == m.calls),
+            "{what}: the {}'s calls {:?} are not in the recording {recorded:?}",
+            m.model,
+            m.calls
+        );
+    }
+    let listed: HashSet<ScoreShape> = predicted.iter().flat_map(|m| m.calls.clone()).collect();
+    let seen: HashSet<ScoreShape> = recorded.iter().copied().collect();
+    assert_eq!(seen, listed, "{what}: recorded and listed shapes differ");
+}
+
+fn generate_sd(pipe: &StableDiffusionPipeline<Cpu>, req: &GenerationRequest) -> Vec<ScoreShape> {
+    let (out, calls) = record_attention_calls(|| {
+        pipe.generate(req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    out.expect("generate");
+    calls
+}
+
+#[test]
+fn the_unet_lists_the_calls_of_its_forward_pass_in_order() {
+    let device = Default::default();
+    for folder in ["tiny-sd/unet", "tiny-if/unet", "tiny-sd-x4/unet"] {
+        let (unet, config) =
+            UNet2DConditionModel::<Cpu>::load(&fixture(folder), None, &device).expect("load unet");
+        let text = config.encoder_hid_dim.unwrap_or_else(|| {
+            config
+                .cross_attention_dim
+                .expand(config.block_out_channels.len(), "cross_attention_dim")
+                .expect("cross_attention_dim")[0]
+        });
+        // Square, and other sides: odd ones that SD's conv downsamplers round up and its
+        // upsamplers restore; IF's pooling resnets take multiples of their factor only.
+        let other = match unet.size_multiple() {
+            1 => [9, 13],
+            m => [2 * m, 3 * m],
+        };
+        for [h, w] in [[8, 8], other] {
+            let sample = Tensor::<Cpu, 4>::random(
+                [3, config.in_channels, h, w],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let context =
+                Tensor::<Cpu, 3>::random([3, 5, text], Distribution::Normal(0.0, 1.0), &device);
+            let labels = match config.num_class_embeds {
+                Some(_) => ClassLabels::Ids(Tensor::from_ints([1, 1, 1], &device)),
+                None if config.class_embed_type.is_some() => ClassLabels::Levels(vec![20.0; 3]),
+                None => ClassLabels::None,
+            };
+            let (out, recorded) = record_attention_calls(|| {
+                unet.forward(sample, &[10.0, 10.0, 10.0], &context, &labels)
+            });
+            out.unwrap_or_else(|e| panic!("{folder} forward at {h}×{w}: {e}"));
+            let listed = unet.attention_calls(3, [h, w], 5);
+            assert!(!listed.is_empty(), "{folder} has attention");
+            assert_eq!(listed, recorded, "{folder} at {h}×{w}");
+        }
+    }
+}
+
+#[test]
+fn every_sd_pipeline_lists_the_calls_it_makes() {
+    let txt2img = sd("tiny-sd");
+    let req = request(PipelineKind::Txt2Img, 128, 64);
+    let calls = generate_sd(&txt2img, &req);
+    let listed = txt2img.attention_calls(&req);
+    assert_eq!(
+        listed.iter().map(|m| m.model).collect::<Vec<_>>(),
+        ["UNet", "VAE decoder"]
+    );
+    // CFG doubles the UNet's batch; the VAE decodes the images.
+    assert_eq!(listed[0].calls[0].batch, 4);
+    assert_eq!(listed[1].calls[0].batch, 2);
+    assert_recorded(&listed, &calls, "txt2img");
+
+    // img2img at a size whose latents are odd (the encoder's downsampling rounds down).
+    let mut req = request(PipelineKind::Img2Img, 72, 40);
+    req.image = Some(init_image());
+    req.strength = Some(0.9);
+    let listed = txt2img.attention_calls(&req);
+    assert_eq!(listed[0].model, "VAE encoder");
+    assert_recorded(&listed, &generate_sd(&txt2img, &req), "img2img");
+
+    let inpaint = sd("tiny-sd-inpaint");
+    let mut req = request(PipelineKind::Inpaint, 128, 64);
+    req.image = Some(init_image());
+    req.mask = Some(mask_image());
+    assert_recorded(
+        &inpaint.attention_calls(&req),
+        &generate_sd(&inpaint, &req),
+        "inpaint",
+    );
+
+    let mut controlnet = sd("tiny-sd");
+    controlnet
+        .load_controlnet(&fixture("tiny-controlnet"))
+        .expect("load controlnet");
+    for guess_mode in [false, true] {
+        let mut req = request(PipelineKind::ControlNet, 128, 64);
+        req.control_image = Some(rgb_png("refs/control.png"));
+        req.guess_mode = guess_mode;
+        let listed = controlnet.attention_calls(&req);
+        assert_eq!(listed[0].model, "ControlNet");
+        // Guess mode runs the ControlNet on the conditional half only.
+        assert_eq!(listed[0].calls[0].batch, if guess_mode { 2 } else { 4 });
+        assert_recorded(
+            &listed,
+            &generate_sd(&controlnet, &req),
+            &format!("controlnet, guess mode {guess_mode}"),
+        );
+    }
+
+    let upscaler = sd("tiny-sd-x4");
+    let mut req = request(PipelineKind::Upscale, 128, 64);
+    req.image = Some(rgb_png("refs/lowres.png"));
+    req.noise_level = Some(20);
+    let listed = upscaler.attention_calls(&req);
+    // The x4 VAE decodes at a quarter of the output's side.
+    assert_eq!(listed[1].calls[0].queries, (128 / 4) * (64 / 4));
+    assert_recorded(&listed, &generate_sd(&upscaler, &req), "upscale");
+}
+
+#[test]
+fn if_lists_the_calls_it_makes() {
+    let pipe = IFPipeline::<Cpu>::load(
+        &fixture("tiny-if"),
+        &LoadOptions::default(),
+        &Default::default(),
+    )
+    .expect("load IF");
+    let req = request(PipelineKind::If, 16, 16);
+    let (out, calls) = record_attention_calls(|| {
+        pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    out.expect("IF stage I");
+    assert_recorded(&pipe.attention_calls(&req), &calls, "IF stage I");
+}
+
+/// A budget of `kib` KiB on the host, no allocation limit.
+fn kib(kib: u64) -> MemoryBudget {
+    MemoryBudget::Fixed {
+        available: Some(kib << 10),
+        max_allocation: None,
+    }
+}
+
+#[test]
+fn a_request_whose_attention_cannot_fit_is_refused_before_any_work() {
+    let mut pipe = sd("tiny-sd");
+    let req = request(PipelineKind::Txt2Img, 128, 64);
+    // The UNet's first level: 4 (CFG) × 4 heads of 128 × 128 scores, 1 MiB, and softmax's copy.
+    pipe.set_attn_processor(AttnProcessor::Vanilla);
+    pipe.set_memory_budget(kib(64));
+    let (out, calls) = record_attention_calls(|| {
+        pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    let text = out.expect_err("2 MiB in 64 KiB").to_string();
+    assert!(calls.is_empty(), "nothing ran: {calls:?}");
+    assert!(
+        text.starts_with("not enough memory: vanilla attention needs about 2 MiB"),
+        "{text}"
+    );
+    assert!(
+        text.contains("4 × 4 matrices of 128 × 128 in the UNet"),
+        "{text}"
+    );
+    assert!(text.contains("this machine has 64 KiB available"), "{text}");
+    assert!(
+        text.contains("fused attention holds no score matrix"),
+        "{text}"
+    );
+    // One 128 × 128 slice at a time is 128 KiB: not enough here either, so not offered.
+    assert!(!text.contains("sliced"), "{text}");
+
+    // With room for one slice, sliced is offered, and runs.
+    pipe.set_memory_budget(kib(200));
+    let text = pipe
+        .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+        .expect_err("still 2 MiB")
+        .to_string();
+    assert!(
+        text.contains("sliced attention needs about 128 KiB"),
+        "{text}"
+    );
+    for processor in [
+        AttnProcessor::Sliced { slice_size: 1 },
+        AttnProcessor::Fused,
+    ] {
+        pipe.set_attn_processor(processor);
+        pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+            .unwrap_or_else(|e| panic!("{processor:?} fits: {e}"));
+    }
+
+    // A GPU pool that cannot allocate one score tensor.
+    pipe.set_attn_processor(AttnProcessor::Vanilla);
+    pipe.set_memory_budget(MemoryBudget::Device {
+        max_allocation: 256 << 10,
+    });
+    let text = pipe
+        .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+        .expect_err("a 1 MiB tensor in 256 KiB pages")
+        .to_string();
+    assert!(text.contains("one score tensor of about 1 MiB"), "{text}");
+
+    // IF checks its UNet the same way.
+    let mut stage1 = IFPipeline::<Cpu>::load(
+        &fixture("tiny-if"),
+        &LoadOptions::default(),
+        &Default::default(),
+    )
+    .expect("load IF");
+    stage1.set_attn_processor(AttnProcessor::Vanilla);
+    stage1.set_memory_budget(kib(1));
+    let req = request(PipelineKind::If, 16, 16);
+    let (out, calls) = record_attention_calls(|| {
+        stage1.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    let text = out.expect_err("IF in 1 KiB").to_string();
+    assert!(calls.is_empty() && text.contains("in the UNet"), "{text}");
+}
+
+#[test]
+fn a_bench_cell_that_cannot_fit_says_so_and_the_run_goes_on() {
+    let selected = select_backend(BackendRequest::Cpu).expect("cpu");
+    let models = BenchModels::from_dir(&fixture("tiny-sd")).expect("tiny configs");
+    let plan = BenchPlan {
+        pipelines: vec![BenchPipeline::SdTxt2Img],
+        batches: vec![1],
+        sizes: vec![(8192, 8192), (64, 64)],
+        columns: vec![BenchColumn::Baseline],
+        precision: Precision::F32,
+        steps: 1,
+        runs: 1,
+    };
+    let report = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).expect("run");
+    match &report.cells[0].outcome {
+        CellOutcome::Failed { reason } => {
+            assert!(reason.contains("not enough memory"), "{reason}");
+            assert!(reason.contains("in the UNet"), "{reason}");
+        }
+        other => panic!("8192² vanilla ran: {other:?}"),
+    }
+    assert!(
+        matches!(report.cells[1].outcome, CellOutcome::Measured { .. }),
+        "{:?}",
+        report.cells[1].outcome
+    );
+    assert!(report.to_markdown().contains("not enough memory"));
+}
+
+/// The seed's batch-16 cell at 512² on SD 1.5's real UNet (shipped config, random weights):
+/// what each processor holds at most, the numbers `RESULTS.md` quotes.
+#[test]
+fn sd15_at_512_batch_16_needs_32_gib_of_vanilla_scores() {
+    use engine::models::config::parse_config;
+    use engine::models::unets::UNet2DConditionConfig;
+    let models = BenchModels::sd15();
+    let config: UNet2DConditionConfig =
+        parse_config(&models.unet_config.0, &models.unet_config.1).expect("config");
+    let unet = config.init::<Cpu>(&Default::default()).expect("unet");
+    let calls = [ModelCalls {
+        model: "UNet",
+        float_bytes: 4,
+        calls: unet.attention_calls(32, [64, 64], 77),
+    }];
+    // 16 transformers, each a self- and a cross-attention.
+    assert_eq!(calls[0].calls.len(), 32);
+    let need = |p| AttentionNeed::of(p, &calls);
+    let vanilla = need(AttnProcessor::Vanilla);
+    assert_eq!(vanilla.footprint.total, 32 << 30);
+    assert_eq!(vanilla.footprint.largest, 16 << 30);
+    assert_eq!(
+        vanilla
+            .call
+            .map(|(_, s)| (s.batch, s.heads, s.queries, s.keys)),
+        Some((32, 8, 4096, 4096))
+    );
+    // In f16: half of that (SD 1.5 does not upcast its attention).
+    let half = [ModelCalls {
+        float_bytes: 2,
+        ..calls[0].clone()
+    }];
+    assert_eq!(
+        AttentionNeed::of(AttnProcessor::Vanilla, &half)
+            .footprint
+            .total,
+        16 << 30
+    );
+    assert_eq!(
+        need(AttnProcessor::Sliced { slice_size: 1 })
+            .footprint
+            .total,
+        128 << 20
+    );
+    assert_eq!(need(AttnProcessor::Fused).footprint.total, 0);
+}
