@@ -352,6 +352,26 @@ fn bad_flags_fail_with_a_message() {
             ],
             "strength",
         ),
+        (
+            // Terabytes of vanilla attention scores: refused against this machine's memory
+            // before any work, not allocated until the kernel kills the process.
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--width",
+                "8192",
+                "--height",
+                "8192",
+                "--attention",
+                "vanilla",
+                "--backend",
+                "cpu",
+            ],
+            "not enough memory: vanilla attention needs about",
+        ),
     ] {
         let output = brushfire(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);

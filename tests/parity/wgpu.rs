@@ -544,3 +544,39 @@ fn a_second_precision_on_one_device_waits_for_a_new_process() {
         other => panic!("expected PrecisionLocked, got {other:?}"),
     }
 }
+
+/// A score tensor larger than the largest buffer the adapter's memory pool allocates is refused
+/// with the numbers before any work (it used to fail inside the matmul with "Memory page 0
+/// doesn't exist").
+#[test]
+fn a_score_tensor_larger_than_the_pools_largest_page_is_refused_before_any_work() {
+    use engine::memory::{MemoryBudget, record_attention_calls};
+    use engine::models::AttnProcessor;
+    let Some(device) = adapter() else { return };
+    let selected = select_backend(BackendRequest::Wgpu).unwrap();
+    let budget = engine::backend::memory_budget(&selected);
+    let MemoryBudget::Device { max_allocation } = budget else {
+        panic!("a GPU budget, got {budget:?}");
+    };
+    eprintln!("largest allocation of the pool: {max_allocation} bytes");
+    assert!(max_allocation >= 1 << 20, "{max_allocation}");
+    let mut pipe: StableDiffusionPipeline<Wgpu> = pipeline_on(&device);
+    pipe.set_attn_processor(AttnProcessor::Vanilla);
+    pipe.set_memory_budget(budget);
+    let mut req = request(None);
+    (req.width, req.height) = (8192, 8192);
+    let (out, calls) = record_attention_calls(|| {
+        pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    let err = out.expect_err("terabytes of scores").to_string();
+    assert!(calls.is_empty(), "nothing ran: {calls:?}");
+    assert!(err.contains("one score tensor of about"), "{err}");
+    assert!(
+        err.contains("the GPU's memory pool allocates at most"),
+        "{err}"
+    );
+    assert!(
+        err.contains("fused attention holds no score matrix"),
+        "{err}"
+    );
+}
