@@ -100,6 +100,35 @@ fn an_invalid_size_shows_an_error_and_keeps_the_prompt() {
 }
 
 #[test]
+fn a_request_too_big_for_memory_says_why_in_full_and_dismiss_stays_on_screen() {
+    let mut a = app();
+    a.state.settings.attention = AttnProcessor::Vanilla;
+    (a.state.form.width, a.state.form.height) = (8192, 8192);
+    a.state.form.prompt = "keep me".into();
+    let mut h = harness(a);
+    h.step();
+    wait(&mut h, "the model", |a| a.state.model_ready());
+    h.get_by_label("Generate").click();
+    h.run_steps(2);
+    wait(&mut h, "the error", |a| a.state.error.is_some());
+    h.run_steps(2);
+    let error = h.state().state.error.clone().unwrap_or_default();
+    assert!(error.contains("not enough memory"), "{error}");
+    // The whole reason is on screen, wrapped inside the window, with its Dismiss button.
+    let window = egui::vec2(1200.0, 800.0);
+    let text = h.get_by_label_contains("fused attention holds no score matrix");
+    let r = text.rect();
+    assert!(r.right() <= window.x && r.bottom() <= window.y, "{r:?}");
+    assert!(r.height() > 20.0, "wrapped over lines: {r:?}");
+    let dismiss = h.get_by_label("Dismiss");
+    assert!(dismiss.rect().right() <= window.x, "{:?}", dismiss.rect());
+    dismiss.click();
+    h.run_steps(2);
+    assert!(h.state().state.error.is_none());
+    assert_eq!(h.state().state.form.prompt, "keep me");
+}
+
+#[test]
 fn queue_two_jobs_and_cancel_one() {
     let mut a = app();
     a.state.form.prompt = "two".into();

@@ -642,15 +642,20 @@ impl BrushfireApp {
         }
     }
 
+    /// The status line, or the last error in full: errors say what to change (a memory
+    /// refusal names sizes and alternatives), so they wrap rather than run off the window, and
+    /// their Dismiss button comes first so it is always on screen.
     fn status_ui(&mut self, ui: &mut egui::Ui) {
         ui.horizontal(|ui| {
             if let Some(error) = &self.state.error {
-                ui.colored_label(ui.visuals().error_fg_color, error);
-                if ui.small_button("Dismiss").clicked() {
+                let dismiss = ui.small_button("Dismiss").clicked();
+                let text = egui::RichText::new(error).color(ui.visuals().error_fg_color);
+                ui.add(egui::Label::new(text).wrap());
+                if dismiss {
                     self.state.error = None;
                 }
             } else {
-                ui.label(&self.state.status);
+                ui.add(egui::Label::new(&self.state.status).truncate());
             }
         });
     }
