@@ -552,6 +552,35 @@ fn the_benchmark_panel_runs_a_plan_shows_the_table_and_exports_it() {
 }
 
 #[test]
+fn a_benchmark_cell_too_big_for_memory_shows_why_on_hover() {
+    // 8192² with vanilla attention on the tiny configs: terabytes of scores, refused up front.
+    let mut h = start_benchmark(BenchForm {
+        pipelines: vec![BenchPipeline::SdTxt2Img],
+        batches: vec![1],
+        size: 8192,
+        columns: vec![BenchColumn::Baseline],
+        precision: None,
+        steps: 1,
+        runs: 1,
+    });
+    wait(&mut h, "the report", |a| a.state.bench.report.is_some());
+    let reason = match &h.state().state.bench.cells[0].outcome {
+        CellOutcome::Failed { reason } => reason.clone(),
+        other => panic!("8192² vanilla ran: {other:?}"),
+    };
+    assert!(
+        reason.starts_with("not enough memory: vanilla attention"),
+        "{reason}"
+    );
+    h.run_steps(2);
+    let cell = h.get_by_label("not run: not enough memory");
+    assert!(cell.rect().right() <= 1200.0, "{:?}", cell.rect());
+    cell.hover();
+    h.run_steps(3);
+    h.get_by_label_contains("fused attention holds no score matrix");
+}
+
+#[test]
 fn a_running_benchmark_can_be_cancelled() {
     let mut h = start_benchmark(BenchForm {
         pipelines: vec![BenchPipeline::SdTxt2Img],

@@ -4,7 +4,7 @@
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Plot};
 use engine::backend::Precision;
-use engine::bench::{BenchColumn, BenchPipeline};
+use engine::bench::{BenchCell, BenchColumn, BenchPipeline, CellOutcome};
 
 use super::BrushfireApp;
 use super::bench::{BENCH_BATCHES, BENCH_SIZES, BenchForm, it_per_sec};
@@ -200,6 +200,13 @@ impl BrushfireApp {
                     ui.label(row.label());
                     for &c in &columns {
                         match row.cell(c) {
+                            // The reason in full on hover: a memory refusal is a paragraph.
+                            Some(BenchCell {
+                                outcome: CellOutcome::Failed { reason },
+                                ..
+                            }) => ui
+                                .label(format!("not run: {}", short_reason(reason)))
+                                .on_hover_text(reason),
                             Some(cell) => ui.label(cell.outcome.cell_text()),
                             None => ui.weak("…"),
                         };
@@ -299,5 +306,35 @@ impl BrushfireApp {
                 }
             }
         });
+    }
+}
+
+/// What a failed cell shows in the table: its error's kind ("not enough memory",
+/// "unsupported"), the text before the first colon, or its first 40 characters.
+pub fn short_reason(reason: &str) -> String {
+    let head = reason.split(':').next().unwrap_or(reason).trim();
+    if head.chars().count() <= 40 {
+        head.to_string()
+    } else {
+        format!("{}…", head.chars().take(40).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_reason;
+
+    #[test]
+    fn a_failed_cell_shows_the_kind_of_its_error() {
+        assert_eq!(
+            short_reason("not enough memory: vanilla attention needs about 32.0 GiB"),
+            "not enough memory"
+        );
+        assert_eq!(short_reason("unsupported: f16 on the CPU"), "unsupported");
+        let long = "the backend panicked while compiling a kernel for this device today";
+        assert_eq!(
+            short_reason(long),
+            "the backend panicked while compiling a k…"
+        );
     }
 }
