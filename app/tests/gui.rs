@@ -401,11 +401,17 @@ fn the_mask_and_the_control_strokes_survive_a_restart() {
     std::fs::remove_file(dir.join("inpaint.png")).unwrap();
     a.state.save_work().unwrap();
     assert!(!dir.join("inpaint.png").exists());
-    // A picture that cannot be read back is left out, and the status bar says so.
+    // A picture that cannot be read back is left out, and an error (which stays until
+    // dismissed, unlike the status line) says which and why.
     let b = restart(&a);
     assert!(b.state.inputs.source.is_none());
     assert!(b.state.control.source.is_some());
-    assert_eq!(b.state.status, "could not restore photo.png");
+    let error = b.state.error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("could not restore photo.png from the last session: ")
+            && error.contains("inpaint.png"),
+        "{error}"
+    );
     // A change is written; a page emptied loses its files and is empty at the next start.
     a.state.inputs.source.as_mut().unwrap().canvas.clear();
     a.state.control.source = None;

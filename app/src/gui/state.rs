@@ -590,9 +590,11 @@ impl AppState {
     }
 
     /// Puts the pictures named in `p` back on their pages; one that cannot be read is left out
-    /// (and said in the status bar).
+    /// and said as an error, which stays until dismissed (the status line is soon taken by the
+    /// model loading).
     fn restore_work(&mut self, p: &Persisted) {
         let mut lost = Vec::new();
+        let mut first_reason = None;
         for (i, saved) in [&p.inpaint_picture, &p.control_picture]
             .into_iter()
             .enumerate()
@@ -603,6 +605,7 @@ impl AppState {
                 Err(e) => {
                     tracing::info!("picture not restored: {e:#}");
                     lost.push(saved.label.clone());
+                    first_reason.get_or_insert_with(|| format!("{e:#}"));
                     continue;
                 }
             };
@@ -620,8 +623,11 @@ impl AppState {
             }
             self.saved_work[i] = self.work_pictures()[i].map(|p| (p.fingerprint(), saved.clone()));
         }
-        if !lost.is_empty() {
-            self.status = format!("could not restore {}", lost.join(", "));
+        if let Some(reason) = first_reason {
+            self.error = Some(format!(
+                "could not restore {} from the last session: {reason}",
+                lost.join(", ")
+            ));
         }
     }
 
