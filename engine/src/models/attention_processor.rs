@@ -35,8 +35,9 @@ pub enum AttnProcessor {
 }
 
 impl AttnProcessor {
-    /// Parses the CLI/settings names `vanilla`, `fused`, `sliced` (sliced uses one slice per
-    /// head group of the batch, diffusers' "auto" slicing of `attention_head_dim // 2`).
+    /// Parses the CLI/settings names `vanilla`, `fused`, `sliced`. `sliced` computes one
+    /// (image, head) score matrix at a time: diffusers' `enable_attention_slicing("max")`, the
+    /// least memory (its default, "auto", takes half a layer's heads at a time).
     pub fn from_name(name: &str) -> crate::Result<Self> {
         match name {
             "vanilla" => Ok(Self::Vanilla),
