@@ -120,10 +120,16 @@ fn every_sd_pipeline_lists_the_calls_it_makes() {
         listed.iter().map(|m| m.model).collect::<Vec<_>>(),
         ["UNet", "VAE decoder"]
     );
-    // CFG doubles the UNet's batch; the VAE decodes the images.
+    // CFG doubles the UNet's batch; the VAE decodes the images one at a time.
     assert_eq!(listed[0].calls[0].batch, 4);
-    assert_eq!(listed[1].calls[0].batch, 2);
+    assert_eq!(listed[1].calls[0].batch, 1);
     assert_recorded(&listed, &calls, "txt2img");
+    let decoder = listed[1].calls[0];
+    assert_eq!(
+        calls.iter().filter(|&&c| c == decoder).count(),
+        2,
+        "one decode per image"
+    );
 
     // img2img at a size whose latents are odd (the encoder's downsampling rounds down).
     let mut req = request(PipelineKind::Img2Img, 72, 40);

@@ -369,7 +369,8 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             float_bytes: unet_bytes,
             calls: self.unet.attention_calls(unet_batch, latent, tokens),
         });
-        let calls = self.vae.decode_attention_calls(request.batch, latent);
+        // `decode_latents` decodes one image at a time.
+        let calls = self.vae.decode_attention_calls(1, latent);
         models.push(vae("VAE decoder", calls));
         models
     }
@@ -653,16 +654,36 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     }
 
     /// Latents → images `[b, h, w, 3]` in [0, 1] (VAE decode + diffusers' postprocess).
+    ///
+    /// One image at a time (diffusers' `enable_vae_slicing`), each brought to the host before
+    /// the next: the decoder's full-resolution activations are a run's largest tensors (at
+    /// 512², `[1, 256, 512, 512]` f32 is 256 MiB, several alive at once), and this way they do
+    /// not grow with the batch. Every layer of the VAE works per image, so the images are the
+    /// same.
     pub fn decode_latents(&self, latents: Tensor<B, 4>) -> Result<HostTensor> {
-        let mut z = latents
-            .cast(DType::F32)
-            .div_scalar(self.vae_config.scaling_factor);
-        if let Some(shift) = self.vae_config.shift_factor {
-            z = z.add_scalar(shift);
+        let batch = latents.dims()[0];
+        let mut images: Option<HostTensor> = None;
+        for i in 0..batch {
+            let mut z = latents
+                .clone()
+                .narrow(0, i, 1)
+                .cast(DType::F32)
+                .div_scalar(self.vae_config.scaling_factor);
+            if let Some(shift) = self.vae_config.shift_factor {
+                z = z.add_scalar(shift);
+            }
+            let image = self.vae.decode(z);
+            let image = image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
+            let image = HostTensor::from_tensor(image.permute([0, 2, 3, 1]))?;
+            match images.as_mut() {
+                None => images = Some(image),
+                Some(all) => {
+                    all.values.extend(image.values);
+                    all.shape[0] += 1;
+                }
+            }
         }
-        let image = self.vae.decode(z);
-        let image = image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
-        HostTensor::from_tensor(image.permute([0, 2, 3, 1]))
+        images.ok_or_else(|| EngineError::invalid("batch", "no latents to decode"))
     }
 }
 
