@@ -557,18 +557,23 @@ fn the_benchmark_panel_runs_a_plan_shows_the_table_and_exports_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One cell: txt2img, batch 1, the baseline column, at `size`².
+fn txt2img_baseline(size: usize, steps: usize, runs: usize) -> BenchForm {
+    BenchForm {
+        pipelines: vec![BenchPipeline::SdTxt2Img],
+        batches: vec![1],
+        size,
+        columns: vec![BenchColumn::Baseline],
+        precision: None,
+        steps,
+        runs,
+    }
+}
+
 #[test]
 fn a_benchmark_cell_too_big_for_memory_shows_why_on_hover() {
     // 8192² with vanilla attention on the tiny configs: terabytes of scores, refused up front.
-    let mut h = start_benchmark(BenchForm {
-        pipelines: vec![BenchPipeline::SdTxt2Img],
-        batches: vec![1],
-        size: 8192,
-        columns: vec![BenchColumn::Baseline],
-        precision: None,
-        steps: 1,
-        runs: 1,
-    });
+    let mut h = start_benchmark(txt2img_baseline(8192, 1, 1));
     wait(&mut h, "the report", |a| a.state.bench.report.is_some());
     let reason = match &h.state().state.bench.cells[0].outcome {
         CellOutcome::Failed { reason } => reason.clone(),
@@ -588,15 +593,7 @@ fn a_benchmark_cell_too_big_for_memory_shows_why_on_hover() {
 
 #[test]
 fn a_running_benchmark_can_be_cancelled() {
-    let mut h = start_benchmark(BenchForm {
-        pipelines: vec![BenchPipeline::SdTxt2Img],
-        batches: vec![1],
-        size: 256,
-        columns: vec![BenchColumn::Baseline],
-        precision: None,
-        steps: 200,
-        runs: 10,
-    });
+    let mut h = start_benchmark(txt2img_baseline(256, 200, 10));
     wait(&mut h, "the first step (or an early end)", |a| {
         a.state
             .bench

@@ -408,15 +408,7 @@ pub fn reset_peak_process_memory() -> bool {
 /// The process's peak resident memory in bytes since the last reset (Linux `VmHWM`).
 pub fn peak_process_memory() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line
-        .trim_start_matches("VmHWM:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
+    crate::memory::proc_kib_field(&status, "VmHWM")
 }
 
 /// Returns unused pool memory to the device (between benchmark cells, after unloading).

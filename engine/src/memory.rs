@@ -283,14 +283,15 @@ pub fn host_available_memory() -> Option<u64> {
 
 /// `MemAvailable` of a `/proc/meminfo` text, in bytes.
 pub fn meminfo_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line
-        .trim_start_matches("MemAvailable:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    proc_kib_field(meminfo, "MemAvailable")
+}
+
+/// The `key:  N kB` line of a `/proc` text (`meminfo`, `self/status`), in bytes.
+pub(crate) fn proc_kib_field(text: &str, key: &str) -> Option<u64> {
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?;
+    let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib * 1024)
 }
 
@@ -433,6 +434,10 @@ mod tests {
                        MemAvailable:   20000000 kB\n";
         assert_eq!(meminfo_available(meminfo), Some(20_000_000 * 1024));
         assert_eq!(meminfo_available("MemTotal: 5 kB\n"), None);
+        // `/proc/self/status` spells it with a tab; a longer key is not a match.
+        let status = "VmHWMx:\t 1 kB\nVmHWM:\t  3072 kB\nVmRSS:\t 1024 kB\n";
+        assert_eq!(proc_kib_field(status, "VmHWM"), Some(3072 * 1024));
+        assert_eq!(proc_kib_field(status, "VmSwap"), None);
         assert_eq!(cgroup_headroom(Some("max\n"), Some("100\n")), None);
         assert_eq!(
             cgroup_headroom(Some("9223372036854771712\n"), Some("1")),

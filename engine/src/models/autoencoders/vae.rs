@@ -182,19 +182,12 @@ impl<B: Backend> Decoder<B> {
         conv2d_forward(&self.conv_out, x)
     }
 
-    /// The attention calls of [`Self::forward`] over `batch` latents of `[h, w]` (its up blocks
-    /// have no attention).
+    /// The attention calls of [`Self::forward`] over `batch` latents of `[h, w]`: the mid
+    /// block's, at the latents' size (its up blocks are built without attention).
     pub fn attention_calls(&self, batch: usize, size: [usize; 2]) -> Vec<ScoreShape> {
         let mut out = Vec::new();
         let size = conv2d_output_size(&self.conv_in, size);
         self.mid_block.attention_calls(batch, size, &mut out);
-        let mut up_size = size;
-        for block in &self.up_blocks {
-            block.attention_calls(batch, up_size, None, &mut out);
-            if !block.upsamplers.is_empty() {
-                up_size = [up_size[0] * 2, up_size[1] * 2];
-            }
-        }
         out
     }
 }

@@ -91,8 +91,9 @@ impl<B: Backend> BlockAttention<B> {
     }
 }
 
-/// The attention calls of `attentions` over a `[h, w]` feature map.
-fn blocks_attention_calls<B: Backend>(
+/// Appends the attention calls of a block's `attentions` over a `[h, w]` feature map (up and
+/// mid blocks run them all at their input's size).
+pub(crate) fn blocks_attention_calls<B: Backend>(
     attentions: &[BlockAttention<B>],
     batch: usize,
     [h, w]: [usize; 2],
@@ -394,18 +395,6 @@ impl<B: Backend> UpBlock2D<B> {
         self.forward(x, None, None, &mut none, None, MemoryFormat::Contiguous)
     }
 
-    /// Appends the attention calls of [`Self::forward`] over a `[h, w]` input (before its
-    /// upsampler).
-    pub fn attention_calls(
-        &self,
-        batch: usize,
-        size: [usize; 2],
-        context: Option<usize>,
-        out: &mut Vec<ScoreShape>,
-    ) {
-        blocks_attention_calls(&self.attentions, batch, size, context, out);
-    }
-
     fn set_attn_processor(&mut self, processor: AttnProcessor) {
         for a in &mut self.attentions {
             a.set_attn_processor(processor);
@@ -448,17 +437,6 @@ impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
             x = resnet.forward_in(x, Some(temb), format);
         }
         x
-    }
-
-    /// Appends the attention calls of [`Self::forward`] over a `[h, w]` input.
-    pub fn attention_calls(
-        &self,
-        batch: usize,
-        size: [usize; 2],
-        context: usize,
-        out: &mut Vec<ScoreShape>,
-    ) {
-        blocks_attention_calls(&self.attentions, batch, size, Some(context), out);
     }
 
     fn set_attn_processor(&mut self, processor: AttnProcessor) {

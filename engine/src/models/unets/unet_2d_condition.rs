@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::unet_2d_blocks::{
     AttentionTemplate, BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D, Upsampler,
-    set_blocks_processor,
+    blocks_attention_calls, set_blocks_processor,
 };
 use crate::error::{EngineError, Result};
 use crate::models::attention::Transformer2DModelConfig;
@@ -879,7 +879,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         for (i, block) in self.up_blocks.iter().enumerate() {
             let level = n.saturating_sub(i + 1);
             let at = sizes.get(level).copied().unwrap_or(size);
-            block.attention_calls(batch, at, Some(context), &mut out);
+            blocks_attention_calls(&block.attentions, batch, at, Some(context), &mut out);
         }
         out
     }
@@ -1009,8 +1009,6 @@ impl<B: Backend> DownPath<'_, B> {
         })
     }
 
-    /// `conv_in`, then `cond` added to its output (a ControlNet's conditioning embedding), the
-    /// down blocks and the mid block: the features and every skip, in `format`.
     /// Appends the attention calls of [`Self::run`] over `[h, w]` latents with `context` text
     /// tokens, and returns the feature map's size at each down block's input and after the
     /// path (where the mid block and the first up block run).
@@ -1028,12 +1026,14 @@ impl<B: Backend> DownPath<'_, B> {
             size = block.attention_calls(batch, size, Some(context), out);
         }
         if let Some(mid) = self.mid_block {
-            mid.attention_calls(batch, size, context, out);
+            blocks_attention_calls(&mid.attentions, batch, size, Some(context), out);
         }
         sizes.push(size);
         sizes
     }
 
+    /// `conv_in`, then `cond` added to its output (a ControlNet's conditioning embedding), the
+    /// down blocks and the mid block: the features and every skip, in `format`.
     pub fn run(
         &self,
         sample: Tensor<B, 4>,
