@@ -135,6 +135,11 @@ pub struct GenerateArgs {
     /// Tensors `rng.tape.0`, `rng.tape.1`, … replayed in place of every Gaussian draw.
     #[arg(long)]
     pub noise_tape: Option<PathBuf>,
+    /// Encode and decode with the VAE in overlapping tiles of its sample_size (diffusers'
+    /// `vae.enable_tiling()`): for pictures too large to decode whole (the x4 upscaler's
+    /// output, SD beyond 512²); the pixels differ slightly from an untiled decode.
+    #[arg(long, value_enum, default_value = "off")]
+    pub vae_tiling: Switch,
     /// PNG to write (`name-<i>.png` per image when the batch is larger than one).
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -394,6 +399,7 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         guess_mode: args.guess_mode,
         image_array,
         noise_level: args.noise_level,
+        vae_tiling: args.vae_tiling == Switch::On,
     };
     Ok(Job {
         model_name: model_name(&args.model),

@@ -487,6 +487,22 @@ fn img2img_equals_diffusers() {
             tape.to_str().unwrap(),
         ],
     );
+    // 128 px is two tiles of the tiny VAE's 64: the encode and the decode are tiled.
+    image_pipeline_matches(
+        "tiny-sd",
+        "img2img",
+        "vae_tiled_img2img",
+        &[
+            "--scheduler",
+            "pndm",
+            "--strength",
+            "0.8",
+            "--seed",
+            "777",
+            "--vae-tiling",
+            "on",
+        ],
+    );
 }
 
 #[test]

@@ -79,6 +79,29 @@ fn type_a_prompt_press_generate_and_get_an_image() {
 }
 
 #[test]
+fn vae_tiling_reaches_every_request_and_the_tiled_image_comes_back() {
+    let mut h = harness(app());
+    h.step();
+    wait(&mut h, "the model", |a| a.state.model_ready());
+    h.get_by_label("VAE tiling").click();
+    h.run_steps(2);
+    assert!(h.state().state.vae_tiling);
+    // 128 px is two of the tiny VAE's 64 px tiles.
+    h.state_mut().state.form.width = 128;
+    h.state_mut().state.form.prompt = "a castle on a hill".into();
+    h.get_by_label("Generate").click();
+    h.run_steps(2);
+    assert!(h.state().state.jobs[0].request.vae_tiling);
+    wait(&mut h, "the image", |a| !a.state.gallery.is_empty());
+    let app = h.state();
+    assert!(app.state.error.is_none(), "{:?}", app.state.error);
+    assert_eq!(
+        (app.state.gallery[0].width, app.state.gallery[0].height),
+        (128, 64)
+    );
+}
+
+#[test]
 fn an_invalid_size_shows_an_error_and_keeps_the_prompt() {
     let mut a = app();
     a.state.form.width = 60;
@@ -324,6 +347,7 @@ fn the_form_and_settings_survive_a_restart() {
     a.state.settings.attention = AttnProcessor::Sliced { slice_size: 1 };
     a.state.settings.preview = false;
     a.state.settings.memory_format = MemoryFormat::ChannelsLast;
+    a.state.vae_tiling = true;
     a.state.recent_models = vec!["org/a".into(), "org/b".into()];
     let stored = serde_json::to_string(&a.state.to_persisted()).unwrap();
     let back: Persisted = serde_json::from_str(&stored).unwrap();
@@ -335,6 +359,7 @@ fn the_form_and_settings_survive_a_restart() {
         MemoryFormat::ChannelsLast
     );
     assert_eq!(restored.state.model_spec, a.state.model_spec);
+    assert!(restored.state.vae_tiling);
     // A model named on the command line wins; unknown stored values fall back to defaults.
     let restored = BrushfireApp::restored(&back, Some("org/other".into()));
     assert_eq!(restored.state.model_spec, "org/other");

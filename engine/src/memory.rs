@@ -171,6 +171,17 @@ impl MemoryBudget {
         need: &AttentionNeed,
         need_of: impl Fn(AttnProcessor) -> AttentionNeed,
     ) -> Result<()> {
+        self.check_with(need, need_of, &[])
+    }
+
+    /// [`Self::check`], also offering `others`: the same request changed another way (e.g.
+    /// "VAE tiling"), each named, with its need, offered where it fits.
+    pub fn check_with(
+        &self,
+        need: &AttentionNeed,
+        need_of: impl Fn(AttnProcessor) -> AttentionNeed,
+        others: &[(&str, AttentionNeed)],
+    ) -> Result<()> {
         let (available, max_allocation) = self.limits();
         let Some((model, shape)) = need.call else {
             return Ok(());
@@ -217,6 +228,14 @@ impl MemoryBudget {
                         gib(n.footprint.total.max(n.footprint.largest))
                     ),
                 });
+            }
+        }
+        for (what, n) in others {
+            if fits(n) {
+                instead.push(format!(
+                    "{what} needs about {}",
+                    gib(n.footprint.total.max(n.footprint.largest))
+                ));
             }
         }
         let advice = if instead.is_empty() {

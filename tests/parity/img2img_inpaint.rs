@@ -116,6 +116,31 @@ fn img2img_ddim_from_tape_matches_diffusers() {
 }
 
 #[test]
+fn img2img_with_vae_tiling_matches_diffusers() {
+    // 64 × 128 is two 64 px tiles wide: the init image's encode and the decode are tiled.
+    let mut req = request("img2img.json", "pndm", PipelineKind::Img2Img);
+    req.vae_tiling = true;
+    let pipe = load("tiny-sd");
+    let mut tape = NoiseTape::load(fixture("refs/vae_tiled_img2img_tape.safetensors")).unwrap();
+    let out = pipe
+        .generate(
+            &req,
+            Some(&mut tape),
+            &CancelToken::new(),
+            &mut |_: &StepProgress| {},
+        )
+        .expect("generate");
+    assert_eq!(tape.remaining(), 0, "every recorded draw used");
+    assert_close(
+        &out.images,
+        &refs("vae_tiled_img2img")["image"],
+        1e-4,
+        1e-4,
+        "img2img with VAE tiling",
+    );
+}
+
+#[test]
 fn inpaint_pndm_from_seed_matches_diffusers() {
     let req = request("inpaint.json", "inpaint_pndm", PipelineKind::Inpaint);
     check(&load("tiny-sd-inpaint"), &req, "inpaint_pndm", false);

@@ -139,6 +139,20 @@ fn every_sd_pipeline_lists_the_calls_it_makes() {
     assert_eq!(listed[0].model, "VAE encoder");
     assert_recorded(&listed, &generate_sd(&txt2img, &req), "img2img");
 
+    // VAE tiling: 152 × 104 is 3 × 4 tiles both ways (64 px / 8 latents, stride 48 / 6); every
+    // tile's calls are listed, in the order the tiles run.
+    req.width = 152;
+    req.height = 104;
+    req.vae_tiling = true;
+    let listed = txt2img.attention_calls(&req);
+    let (encoder, decoder) = (&listed[0].calls, &listed[2].calls);
+    assert_eq!((encoder.len(), decoder.len()), (12, 12));
+    assert_eq!(
+        encoder[0],
+        txt2img.attention_calls(&request(PipelineKind::Img2Img, 64, 64))[0].calls[0]
+    );
+    assert_recorded(&listed, &generate_sd(&txt2img, &req), "img2img, VAE tiling");
+
     let inpaint = sd("tiny-sd-inpaint");
     let mut req = request(PipelineKind::Inpaint, 128, 64);
     req.image = Some(init_image());
@@ -176,6 +190,23 @@ fn every_sd_pipeline_lists_the_calls_it_makes() {
     // The x4 VAE decodes at a quarter of the output's side.
     assert_eq!(listed[1].calls[0].queries, (128 / 4) * (64 / 4));
     assert_recorded(&listed, &generate_sd(&upscaler, &req), "upscale");
+    // Tiled: its VAE's tiles are 16 latents with a stride of 12, so 16 × 32 latents are
+    // decoded as 2 × 3 tiles, as diffusers' `range(0, 16, 12)` makes a second, thin row.
+    req.vae_tiling = true;
+    let listed = upscaler.attention_calls(&req);
+    assert_eq!(
+        listed[1]
+            .calls
+            .iter()
+            .map(|c| c.queries)
+            .collect::<Vec<_>>(),
+        [16 * 16, 16 * 16, 16 * 8, 4 * 16, 4 * 16, 4 * 8]
+    );
+    assert_recorded(
+        &listed,
+        &generate_sd(&upscaler, &req),
+        "upscale, VAE tiling",
+    );
 }
 
 #[test]
@@ -229,6 +260,8 @@ fn a_request_whose_attention_cannot_fit_is_refused_before_any_work() {
     );
     // One 128 × 128 slice at a time is 128 KiB: not enough here either, so not offered.
     assert!(!text.contains("sliced"), "{text}");
+    // The UNet is what does not fit: tiling the VAE would not help, so it is not offered.
+    assert!(!text.contains("VAE tiling"), "{text}");
 
     // With room for one slice, sliced is offered, and runs.
     pipe.set_memory_budget(kib(200));
@@ -275,6 +308,47 @@ fn a_request_whose_attention_cannot_fit_is_refused_before_any_work() {
     });
     let text = out.expect_err("IF in 1 KiB").to_string();
     assert!(calls.is_empty() && text.contains("in the UNet"), "{text}");
+}
+
+#[test]
+fn when_the_vae_does_not_fit_vae_tiling_is_offered_and_fits() {
+    // The x4 upscaler's UNet has no attention at its first level, so without CFG its VAE
+    // decoder, at the full latent size, holds the largest scores: 512 × 512 at 128 × 64 px out.
+    let mut pipe = sd("tiny-sd-x4");
+    pipe.set_attn_processor(AttnProcessor::Vanilla);
+    let mut req = request(PipelineKind::Upscale, 128, 64);
+    req.image = Some(rgb_png("refs/lowres.png"));
+    req.guidance_scale = 1.0;
+    req.batch = 1;
+    let whole = AttentionNeed::of(AttnProcessor::Vanilla, &pipe.attention_calls(&req));
+    assert_eq!(whole.call.map(|(model, _)| model), Some("VAE decoder"));
+    req.vae_tiling = true;
+    // The UNet's or a tile's, whichever is larger.
+    let tiled = AttentionNeed::of(AttnProcessor::Vanilla, &pipe.attention_calls(&req));
+    assert!(tiled.footprint.total < whole.footprint.total, "{tiled:?}");
+    req.vae_tiling = false;
+
+    let budget = (tiled.footprint.total + whole.footprint.total) / 2;
+    pipe.set_memory_budget(MemoryBudget::Fixed {
+        available: Some(budget),
+        max_allocation: None,
+    });
+    let (out, calls) = record_attention_calls(|| {
+        pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    let text = out.expect_err("the whole decode does not fit").to_string();
+    assert!(calls.is_empty(), "nothing ran: {calls:?}");
+    assert!(text.contains("512 × 512 in the VAE decoder"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "VAE tiling needs about {} KiB",
+            tiled.footprint.total >> 10
+        )),
+        "{text}"
+    );
+    req.vae_tiling = true;
+    pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+        .expect("the tiled decode fits the same budget");
 }
 
 #[test]

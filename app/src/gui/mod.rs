@@ -312,6 +312,13 @@ impl BrushfireApp {
         }
         ui.checkbox(&mut settings.preview, "Live preview")
             .on_hover_text("Show the image forming at every step (a cheap decode of the latents)");
+        ui.checkbox(&mut self.state.vae_tiling, "VAE tiling")
+            .on_hover_text(
+                "Encode and decode pictures larger than the VAE's tile (512 px for SD 1.5, \
+                 256 px for the x4 upscaler) in overlapping, blended tiles, as diffusers' \
+                 enable_vae_tiling: far less memory for large pictures and ×4 upscales; the \
+                 pixels differ slightly from an untiled decode",
+            );
         if settings != self.state.settings {
             self.state.apply_settings(settings);
         }

@@ -337,6 +337,8 @@ pub struct AppState {
     engine: Option<EngineHandle>,
     pub form: PromptForm,
     pub settings: EngineSettings,
+    /// Every generation encodes and decodes with the VAE in tiles (the request's `vae_tiling`).
+    pub vae_tiling: bool,
     pub model_spec: String,
     pub model_status: ModelStatus,
     pub backend: Option<SelectedBackend>,
@@ -450,6 +452,7 @@ pub struct Persisted {
     pub channels_last: bool,
     pub precision: String,
     pub preview: bool,
+    pub vae_tiling: bool,
     pub model_spec: String,
     pub recent_models: Vec<String>,
     pub output_dir: Option<PathBuf>,
@@ -511,6 +514,7 @@ impl AppState {
             engine: None,
             form: PromptForm::default(),
             settings: EngineSettings::default(),
+            vae_tiling: false,
             model_spec: model,
             model_status: ModelStatus::NotLoaded,
             backend: None,
@@ -696,6 +700,7 @@ impl AppState {
             channels_last: self.settings.memory_format.is_channels_last(),
             precision: self.next_start_execution().precision.to_string(),
             preview: self.settings.preview,
+            vae_tiling: self.vae_tiling,
             model_spec: self.model_spec.clone(),
             recent_models: self.recent_models.clone(),
             output_dir: self.output_dir.clone(),
@@ -757,6 +762,7 @@ impl AppState {
             s.settings.execution.precision = precision;
         }
         s.settings.preview = p.preview;
+        s.vae_tiling = p.vae_tiling;
         s.recent_models.clone_from(&p.recent_models);
         s.output_dir.clone_from(&p.output_dir);
         let i = &mut s.inputs;
@@ -1479,6 +1485,10 @@ impl AppState {
         cascade_stage: Option<usize>,
     ) -> Option<JobId> {
         let engine = self.engine.as_mut()?;
+        let request = GenerationRequest {
+            vae_tiling: self.vae_tiling,
+            ..request
+        };
         let id = engine.generate_on(request.clone(), model.clone());
         self.jobs.push(Job {
             id,

@@ -146,6 +146,11 @@ pub struct GenerationRequest {
     /// The noise added to the upscalers' input (IF stage II, x4 upscaler); `None` = the
     /// pipeline's default.
     pub noise_level: Option<usize>,
+    /// Encode and decode with the VAE in overlapping tiles of its `sample_size` (diffusers'
+    /// `vae.enable_tiling()`): memory stays that of one tile however large the picture, at the
+    /// cost of slightly different pixels. Only pictures larger than one tile are tiled; IF has
+    /// no VAE and ignores it.
+    pub vae_tiling: bool,
 }
 
 impl Default for GenerationRequest {
@@ -175,6 +180,7 @@ impl Default for GenerationRequest {
             guess_mode: false,
             image_array: None,
             noise_level: None,
+            vae_tiling: false,
         }
     }
 }

@@ -12,6 +12,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::tiling::VaeTiling;
 use super::vae::{
     CoderConfig, Decoder, DiagonalGaussianDistribution, Encoder, set_coder_processor,
 };
@@ -162,12 +163,32 @@ impl<B: Backend> AutoencoderKL<B> {
     /// # Shapes
     /// - image: `[b, 3, h, w]` → distribution over `[b, latent, h/f, w/f]`
     pub fn encode(&self, image: Tensor<B, 4>) -> DiagonalGaussianDistribution<B> {
+        DiagonalGaussianDistribution::from_moments(self.moments(image))
+    }
+
+    /// [`Self::encode`], in tiles when `tiling` is given and the image is larger than one
+    /// (diffusers' `encode` with `use_tiling`).
+    pub fn encode_tiled(
+        &self,
+        image: Tensor<B, 4>,
+        tiling: Option<&VaeTiling>,
+    ) -> DiagonalGaussianDistribution<B> {
+        let [_, _, h, w] = image.dims();
+        match tiling.filter(|t| t.tiles_encode([h, w])) {
+            Some(tiling) => DiagonalGaussianDistribution::from_moments(
+                tiling.encode_grid().run(image, |tile| self.moments(tile)),
+            ),
+            None => self.encode(image),
+        }
+    }
+
+    /// The encoder and `quant_conv`: the posterior's mean and log-variance, stacked.
+    fn moments(&self, image: Tensor<B, 4>) -> Tensor<B, 4> {
         let moments = self.encoder.forward(image);
-        let moments = match &self.quant_conv {
+        match &self.quant_conv {
             Some(conv) => conv2d_forward(conv, moments),
             None => moments,
-        };
-        DiagonalGaussianDistribution::from_moments(moments)
+        }
     }
 
     /// Latents (already divided by the scaling factor) to images in about [-1, 1].
@@ -182,18 +203,54 @@ impl<B: Backend> AutoencoderKL<B> {
         self.decoder.forward(z)
     }
 
-    /// The attention calls of [`Self::encode`] over `batch` images of `[h, w]`.
-    pub fn encode_attention_calls(&self, batch: usize, size: [usize; 2]) -> Vec<ScoreShape> {
-        self.encoder.attention_calls(batch, size)
+    /// [`Self::decode`], in tiles when `tiling` is given and the latents are larger than one
+    /// tile (diffusers' `decode` with `use_tiling`).
+    pub fn decode_tiled(&self, z: Tensor<B, 4>, tiling: Option<&VaeTiling>) -> Tensor<B, 4> {
+        let [_, _, h, w] = z.dims();
+        match tiling.filter(|t| t.tiles_decode([h, w])) {
+            Some(tiling) => tiling.decode_grid().run(z, |tile| self.decode(tile)),
+            None => self.decode(z),
+        }
     }
 
-    /// The attention calls of [`Self::decode`] over `batch` latents of `[h, w]`.
-    pub fn decode_attention_calls(&self, batch: usize, size: [usize; 2]) -> Vec<ScoreShape> {
-        let size = match &self.post_quant_conv {
-            Some(conv) => conv2d_output_size(conv, size),
-            None => size,
+    /// The attention calls of [`Self::encode_tiled`] over `batch` images of `[h, w]`.
+    pub fn encode_attention_calls(
+        &self,
+        batch: usize,
+        size: [usize; 2],
+        tiling: Option<&VaeTiling>,
+    ) -> Vec<ScoreShape> {
+        let tiles = match tiling.filter(|t| t.tiles_encode(size)) {
+            Some(tiling) => tiling.encode_grid().tile_sizes(size),
+            None => vec![size],
         };
-        self.decoder.attention_calls(batch, size)
+        tiles
+            .into_iter()
+            .flat_map(|size| self.encoder.attention_calls(batch, size))
+            .collect()
+    }
+
+    /// The attention calls of [`Self::decode_tiled`] over `batch` latents of `[h, w]`.
+    pub fn decode_attention_calls(
+        &self,
+        batch: usize,
+        size: [usize; 2],
+        tiling: Option<&VaeTiling>,
+    ) -> Vec<ScoreShape> {
+        let tiles = match tiling.filter(|t| t.tiles_decode(size)) {
+            Some(tiling) => tiling.decode_grid().tile_sizes(size),
+            None => vec![size],
+        };
+        tiles
+            .into_iter()
+            .flat_map(|size| {
+                let size = match &self.post_quant_conv {
+                    Some(conv) => conv2d_output_size(conv, size),
+                    None => size,
+                };
+                self.decoder.attention_calls(batch, size)
+            })
+            .collect()
     }
 
     /// Sets the processor of the mid-block attentions.

@@ -12,8 +12,8 @@ use burn::tensor::{DType, Tensor, backend::Backend};
 
 use crate::error::{EngineError, Result};
 use crate::loading::single_file::{map_single_file_keys, single_file_layers_per_block};
-use crate::memory::{MemoryBudget, ModelCalls};
-use crate::models::autoencoders::{AutoencoderKL, AutoencoderKLConfig};
+use crate::memory::{AttentionNeed, MemoryBudget, ModelCalls};
+use crate::models::autoencoders::{AutoencoderKL, AutoencoderKLConfig, VaeTiling};
 use crate::models::config::read_config;
 use crate::models::controlnets::ControlNetModel;
 use crate::models::text_encoders::clip::{CLIPTextConfig, CLIPTextModel};
@@ -321,6 +321,18 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// The attention calls one run of `request` makes, per model in the order they run (the
     /// text encoder's 77 × 77 scores aside). Call after [`GenerationRequest::check_inputs`].
     pub fn attention_calls(&self, request: &GenerationRequest) -> Vec<ModelCalls> {
+        // A tiling the VAE's config cannot have is refused by `generate`.
+        let tiling = self.vae_tiling(request).ok().flatten();
+        self.attention_calls_with(request, tiling.as_ref())
+    }
+
+    /// [`Self::attention_calls`] with the VAE tiled by `tiling` (or not), whatever the request
+    /// says.
+    fn attention_calls_with(
+        &self,
+        request: &GenerationRequest,
+        tiling: Option<&VaeTiling>,
+    ) -> Vec<ModelCalls> {
         let f = self.vae_config.scale_factor().max(1);
         let latent = [request.height / f, request.width / f];
         let cfg = request.do_classifier_free_guidance();
@@ -346,7 +358,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             // The source image is encoded once, then repeated per image.
             let calls = self
                 .vae
-                .encode_attention_calls(1, [request.height, request.width]);
+                .encode_attention_calls(1, [request.height, request.width], tiling);
             models.push(vae("VAE encoder", calls));
         }
         if let (PipelineKind::ControlNet, Some(controlnet)) =
@@ -370,18 +382,41 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             calls: self.unet.attention_calls(unet_batch, latent, tokens),
         });
         // `decode_latents` decodes one image at a time.
-        let calls = self.vae.decode_attention_calls(1, latent);
+        let calls = self.vae.decode_attention_calls(1, latent, tiling);
         models.push(vae("VAE decoder", calls));
         models
     }
 
-    /// Refuses `request` when its attention would not fit the memory budget.
+    /// The VAE's tile geometry when `request` asks for VAE tiling (an error when the VAE's
+    /// `sample_size` cannot be tiled).
+    pub fn vae_tiling(&self, request: &GenerationRequest) -> Result<Option<VaeTiling>> {
+        if request.vae_tiling {
+            VaeTiling::of(&self.vae_config).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Refuses `request` when its attention would not fit the memory budget, offering the
+    /// other processors and, when the VAE is what does not fit, VAE tiling.
     fn check_memory(&self, request: &GenerationRequest) -> Result<()> {
-        crate::memory::check_attention(
-            &self.memory_budget,
-            self.attn_processor,
-            &self.attention_calls(request),
-        )
+        if self.memory_budget == MemoryBudget::Unchecked {
+            return Ok(());
+        }
+        let models = self.attention_calls(request);
+        let need = AttentionNeed::of(self.attn_processor, &models);
+        let tiled = match (request.vae_tiling, VaeTiling::of(&self.vae_config)) {
+            (false, Ok(tiling)) => {
+                let models = self.attention_calls_with(request, Some(&tiling));
+                vec![(
+                    "VAE tiling",
+                    AttentionNeed::of(self.attn_processor, &models),
+                )]
+            }
+            _ => Vec::new(),
+        };
+        self.memory_budget
+            .check_with(&need, |p| AttentionNeed::of(p, &models), &tiled)
     }
 
     /// Loads a ControlNet for the controlnet pipeline (replacing any loaded one): a diffusers
@@ -509,6 +544,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     ) -> Result<GenerationOutput> {
         // Check inputs, and that their attention fits, before any tensor work.
         request.check_inputs(&self.limits())?;
+        self.vae_tiling(request)?;
         self.check_memory(request)?;
         let mut generator = TorchGenerator::new(request.seed);
         let noise: &mut dyn NoiseSource = match noise {
@@ -577,7 +613,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             observer,
         )?;
         Ok(GenerationOutput {
-            images: self.decode_latents(latents)?,
+            images: self.decode_latents(latents, self.vae_tiling(request)?.as_ref())?,
             scheduler: scheduler.name(),
             notes,
             raw: None,
@@ -659,8 +695,12 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// the next: the decoder's full-resolution activations are a run's largest tensors (at
     /// 512², `[1, 256, 512, 512]` f32 is 256 MiB, several alive at once), and this way they do
     /// not grow with the batch. Every layer of the VAE works per image, so the images are the
-    /// same.
-    pub fn decode_latents(&self, latents: Tensor<B, 4>) -> Result<HostTensor> {
+    /// same. With `tiling`, each image is decoded in tiles (see [`VaeTiling`]).
+    pub fn decode_latents(
+        &self,
+        latents: Tensor<B, 4>,
+        tiling: Option<&VaeTiling>,
+    ) -> Result<HostTensor> {
         let batch = latents.dims()[0];
         let mut images: Option<HostTensor> = None;
         for i in 0..batch {
@@ -672,7 +712,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             if let Some(shift) = self.vae_config.shift_factor {
                 z = z.add_scalar(shift);
             }
-            let image = self.vae.decode(z);
+            let image = self.vae.decode_tiled(z, tiling);
             let image = image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
             let image = HostTensor::from_tensor(image.permute([0, 2, 3, 1]))?;
             match images.as_mut() {

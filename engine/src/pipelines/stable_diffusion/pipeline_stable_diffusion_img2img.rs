@@ -6,6 +6,7 @@
 use burn::tensor::{DType, Tensor, backend::Backend};
 
 use crate::error::Result;
+use crate::models::autoencoders::VaeTiling;
 use crate::noise::NoiseSource;
 use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::Conditioning;
 use crate::pipelines::stable_diffusion::{GenerationOutput, StableDiffusionPipeline};
@@ -38,7 +39,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
 
         // 6. Latents: the image's latents noised to the first timestep's level.
         let shape = self.latent_shape(request);
-        let init_latents = self.encode_image(image, noise)?;
+        let init_latents = self.encode_image(image, self.vae_tiling(request)?.as_ref(), noise)?;
         let init_latents = init_latents.repeat_dim(0, shape[0]);
         let noise_tensor = self.randn(noise, &shape)?;
         let init_latents = init_latents.cast(noise_tensor.dtype());
@@ -58,7 +59,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             observer,
         )?;
         Ok(GenerationOutput {
-            images: self.decode_latents(latents)?,
+            images: self.decode_latents(latents, self.vae_tiling(request)?.as_ref())?,
             scheduler: scheduler.name(),
             notes,
             raw: None,
@@ -82,13 +83,14 @@ impl<B: Backend> StableDiffusionPipeline<B> {
 
     /// VAE-encodes `image` (`[n, 3, h, w]` in [-1, 1]) and draws one posterior sample
     /// (diffusers' `retrieve_latents(vae.encode(image), generator)`), times the VAE's scaling
-    /// factor: `[n, c, h/f, w/f]` in f32.
+    /// factor: `[n, c, h/f, w/f]` in f32. With `tiling`, the image is encoded in tiles.
     pub(crate) fn encode_image(
         &self,
         image: Tensor<B, 4>,
+        tiling: Option<&VaeTiling>,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor<B, 4>> {
-        let posterior = self.vae.encode(image);
+        let posterior = self.vae.encode_tiled(image, tiling);
         let shape = posterior.mean.dims();
         let sample = self.randn(noise, &shape)?.cast(DType::F32);
         Ok(posterior

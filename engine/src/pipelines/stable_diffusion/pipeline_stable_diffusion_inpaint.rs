@@ -67,8 +67,12 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let plain_unet = self.unet_config.in_channels == shape[1];
         let image_latents = if plain_unet || (request.latents.is_none() && !is_strength_max) {
             Some(
-                self.encode_image(init_image.clone(), noise)?
-                    .repeat_dim(0, shape[0]),
+                self.encode_image(
+                    init_image.clone(),
+                    self.vae_tiling(request)?.as_ref(),
+                    noise,
+                )?
+                .repeat_dim(0, shape[0]),
             )
         } else {
             None
@@ -112,7 +116,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             .unsqueeze::<4>();
         let masked_image = init_image.mul(keep);
         let masked_image_latents = self
-            .encode_image(masked_image, noise)?
+            .encode_image(masked_image, self.vae_tiling(request)?.as_ref(), noise)?
             .cast(dtype)
             .repeat_dim(0, shape[0]);
         cancel.check()?;
@@ -153,7 +157,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         )?;
 
         // 9. Decode, and paste back when "only masked".
-        let mut images = self.decode_latents(latents)?;
+        let mut images = self.decode_latents(latents, self.vae_tiling(request)?.as_ref())?;
         if let (Some(region), Some(original)) = (prepared.crop, request.image.as_ref()) {
             images = paste_back(&images, &prepared.soft_mask, original, region)?;
         }

@@ -109,7 +109,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         )?;
         cancel.check()?;
         Ok(GenerationOutput {
-            images: self.decode_latents(latents)?,
+            images: self.decode_latents(latents, self.vae_tiling(request)?.as_ref())?,
             scheduler: scheduler.name(),
             notes: collector.notes,
             raw: None,
