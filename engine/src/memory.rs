@@ -250,6 +250,91 @@ impl MemoryBudget {
     }
 }
 
+/// A model's largest feature map in one pass, for the memory check (attention's score matrices
+/// aside, the tensors that grow with the picture; the VAE's, at full resolution, are the
+/// largest of a run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeatureMap {
+    /// "VAE decoder", ...
+    pub model: &'static str,
+    /// `[batch, channels, height, width]`
+    pub shape: [usize; 4],
+    /// The size of the model's floats (4 for f32, 2 for f16).
+    pub float_bytes: u64,
+}
+
+impl FeatureMap {
+    pub fn bytes(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product::<u64>() * self.float_bytes
+    }
+
+    /// What a pass holds at its peak: about [`PEAK_PER_FEATURE_MAP`] of its largest map.
+    pub fn pass_peak(&self) -> u64 {
+        PEAK_PER_FEATURE_MAP * self.bytes()
+    }
+}
+
+/// A VAE pass's peak over its largest feature map (a map, the next one, and a norm's or conv's
+/// working copy). Measured on the CPU backend with SD 1.5's decoder at 1024², largest map 1 GiB:
+/// 3.2 GiB peak with the weights, ~2.9 GiB above them.
+pub const PEAK_PER_FEATURE_MAP: u64 = 3;
+
+impl MemoryBudget {
+    /// Refuses `map` when it cannot fit: a pass that holds about three of it needs more than
+    /// the memory available, or the map alone is larger than the GPU pool's largest
+    /// allocation. `instead` is the same pass done another way (e.g. "VAE tiling"), offered
+    /// where it fits.
+    pub fn check_feature_map(
+        &self,
+        map: &FeatureMap,
+        instead: Option<(&str, FeatureMap)>,
+    ) -> Result<()> {
+        let (available, max_allocation) = self.limits();
+        let fits = |m: &FeatureMap| {
+            available.is_none_or(|a| m.pass_peak() <= a)
+                && max_allocation.is_none_or(|x| m.bytes() <= x)
+        };
+        if fits(map) {
+            return Ok(());
+        }
+        let shape = |m: &FeatureMap| {
+            format!(
+                "{:?} in {}",
+                m.shape,
+                if m.float_bytes == 2 { "f16" } else { "f32" }
+            )
+        };
+        let problem = match available.filter(|&a| map.pass_peak() > a) {
+            Some(available) => format!(
+                "the {}'s largest feature map is {}, about {}, and a pass holds about \
+                 {PEAK_PER_FEATURE_MAP} of them ({}) where this machine has {} available",
+                map.model,
+                shape(map),
+                gib(map.bytes()),
+                gib(map.pass_peak()),
+                gib(available),
+            ),
+            None => format!(
+                "the {}'s largest feature map, {}, is about {}, larger than the {} the GPU's \
+                 memory pool allocates at most",
+                map.model,
+                shape(map),
+                gib(map.bytes()),
+                gib(max_allocation.unwrap_or_default()),
+            ),
+        };
+        let advice = match instead.filter(|(_, m)| fits(m)) {
+            Some((what, m)) => format!(
+                "{what} brings it to {}, about {}; or lower the image size",
+                shape(&m),
+                gib(m.bytes())
+            ),
+            None => "lower the image size".to_string(),
+        };
+        Err(EngineError::OutOfMemory(format!("{problem}: {advice}")))
+    }
+}
+
 /// Checks what `models`' calls hold with `processor` against `budget` (see
 /// [`MemoryBudget::check`]).
 pub fn check_attention(
@@ -351,6 +436,67 @@ mod tests {
     use super::*;
 
     const GIB: u64 = 1 << 30;
+
+    /// SD 1.5's VAE decoding one 2048² picture (the x4 upscaler's output size).
+    fn decoder_2048() -> FeatureMap {
+        FeatureMap {
+            model: "VAE decoder",
+            shape: [1, 256, 2048, 2048],
+            float_bytes: 4,
+        }
+    }
+
+    fn a_tile() -> FeatureMap {
+        FeatureMap {
+            shape: [1, 256, 512, 512],
+            ..decoder_2048()
+        }
+    }
+
+    #[test]
+    fn a_feature_map_too_large_for_the_pool_or_the_host_is_refused_with_tiling_offered() {
+        let pool = MemoryBudget::Device {
+            max_allocation: 2 * GIB,
+        };
+        let text = pool
+            .check_feature_map(&decoder_2048(), Some(("VAE tiling", a_tile())))
+            .expect_err("4 GiB in 2 GiB pages")
+            .to_string();
+        assert_eq!(
+            text,
+            "not enough memory: the VAE decoder's largest feature map, [1, 256, 2048, 2048] in \
+             f32, is about 4.0 GiB, larger than the 2.0 GiB the GPU's memory pool allocates at \
+             most: VAE tiling brings it to [1, 256, 512, 512] in f32, about 256 MiB; or lower \
+             the image size"
+        );
+        pool.check_feature_map(&a_tile(), None)
+            .expect("a tile fits");
+
+        let host = MemoryBudget::Fixed {
+            available: Some(10 * GIB),
+            max_allocation: None,
+        };
+        let text = host
+            .check_feature_map(&decoder_2048(), None)
+            .expect_err("3 × 4 GiB in 10")
+            .to_string();
+        assert!(text.contains("about 3 of them (12.0 GiB)"), "{text}");
+        assert!(text.contains("has 10.0 GiB available"), "{text}");
+        assert!(text.ends_with(": lower the image size"), "{text}");
+        // A tiling that does not fit either is not offered.
+        let tiny_host = MemoryBudget::Fixed {
+            available: Some(GIB / 2),
+            max_allocation: None,
+        };
+        let text = tiny_host
+            .check_feature_map(&decoder_2048(), Some(("VAE tiling", a_tile())))
+            .expect_err("nothing fits")
+            .to_string();
+        assert!(!text.contains("VAE tiling"), "{text}");
+        MemoryBudget::Unchecked
+            .check_feature_map(&decoder_2048(), None)
+            .expect("unchecked");
+    }
 
     /// SD 1.5's first-level self-attention at 512×512 with CFG at batch 16.
     fn sd_level0(batch: usize) -> ScoreShape {

@@ -8,8 +8,11 @@ use std::collections::HashSet;
 use burn::tensor::{Distribution, Tensor};
 use engine::backend::{BackendRequest, Precision, select_backend};
 use engine::bench::{BenchColumn, BenchModels, BenchPipeline, BenchPlan, CellOutcome, run_bench};
-use engine::memory::{AttentionNeed, MemoryBudget, ModelCalls, ScoreShape, record_attention_calls};
+use engine::memory::{
+    AttentionNeed, FeatureMap, MemoryBudget, ModelCalls, ScoreShape, record_attention_calls,
+};
 use engine::models::AttnProcessor;
+use engine::models::autoencoders::{AutoencoderKLConfig, VaeTiling};
 use engine::models::unets::{ClassLabels, UNet2DConditionModel};
 use engine::pipelines::deepfloyd_if::IFPipeline;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
@@ -273,6 +276,9 @@ fn a_request_whose_attention_cannot_fit_is_refused_before_any_work() {
         text.contains("sliced attention needs about 128 KiB"),
         "{text}"
     );
+    // Both run where vanilla's 2 MiB does not fit, with room for the VAE decoder's pass
+    // (3 × its [1, 16, 64, 128] f32 map, 1.5 MiB).
+    pipe.set_memory_budget(kib(1792));
     for processor in [
         AttnProcessor::Sliced { slice_size: 1 },
         AttnProcessor::Fused,
@@ -326,9 +332,20 @@ fn when_the_vae_does_not_fit_vae_tiling_is_offered_and_fits() {
     // The UNet's or a tile's, whichever is larger.
     let tiled = AttentionNeed::of(AttnProcessor::Vanilla, &pipe.attention_calls(&req));
     assert!(tiled.footprint.total < whole.footprint.total, "{tiled:?}");
+    // The tiled decode's pass must fit as well as its attention.
+    let tiling = pipe.vae_tiling(&req).expect("geometry").expect("asked for");
+    let [c, h, w] = pipe.vae.decode_largest_activation([16, 32], Some(&tiling));
+    let tiled_pass = FeatureMap {
+        model: "VAE decoder",
+        shape: [1, c, h, w],
+        float_bytes: 4,
+    }
+    .pass_peak();
     req.vae_tiling = false;
 
-    let budget = (tiled.footprint.total + whole.footprint.total) / 2;
+    let room = tiled.footprint.total.max(tiled_pass);
+    assert!(room < whole.footprint.total, "{room} against {whole:?}");
+    let budget = (room + whole.footprint.total) / 2;
     pipe.set_memory_budget(MemoryBudget::Fixed {
         available: Some(budget),
         max_allocation: None,
@@ -425,4 +442,99 @@ fn sd15_at_512_batch_16_needs_32_gib_of_vanilla_scores() {
         128 << 20
     );
     assert_eq!(need(AttnProcessor::Fused).footprint.total, 0);
+}
+
+/// The VAEs' largest feature maps from the shipped configs (random weights): the numbers the
+/// memory check refuses on, whole and tiled.
+#[test]
+fn the_shipped_vaes_largest_feature_maps_whole_and_tiled() {
+    let vae = |name: &str| {
+        let path = fixture(&format!("../../assets/models/{name}/vae/config.json"));
+        let config: AutoencoderKLConfig =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+        let tiling = VaeTiling::of(&config).expect("tiling");
+        (
+            config.init::<Cpu>(&Default::default()).expect("vae"),
+            tiling,
+        )
+    };
+    let (sd, tiling) = vae("stable-diffusion-v1-5");
+    // 512²: the last up block's input, 256 channels at full resolution (256 MiB in f32).
+    assert_eq!(
+        sd.decode_largest_activation([64, 64], None),
+        [256, 512, 512]
+    );
+    // 1024²: four times that whole, and a 512² tile's when tiled.
+    assert_eq!(
+        sd.decode_largest_activation([128, 128], None),
+        [256, 1024, 1024]
+    );
+    assert_eq!(
+        sd.decode_largest_activation([128, 128], Some(&tiling)),
+        [256, 512, 512]
+    );
+    // The encoder: conv_in's 128 channels, padded by one before the first downsampler.
+    assert_eq!(
+        sd.encode_largest_activation([512, 512], None),
+        [128, 513, 513]
+    );
+    assert_eq!(
+        sd.encode_largest_activation([1024, 1024], Some(&tiling)),
+        [128, 513, 513]
+    );
+    // The x4 upscaler making 2048² from 512²: 4 GiB whole, 64 MiB per 256² tile.
+    let (x4, tiling) = vae("stable-diffusion-x4-upscaler");
+    assert_eq!(
+        x4.decode_largest_activation([512, 512], None),
+        [256, 2048, 2048]
+    );
+    assert_eq!(
+        x4.decode_largest_activation([512, 512], Some(&tiling)),
+        [256, 256, 256]
+    );
+}
+
+#[test]
+fn a_vae_decode_too_large_for_the_gpu_pool_is_refused_and_tiling_offered() {
+    // Fused attention holds no scores: only the decoder's feature maps are at stake.
+    let mut pipe = sd("tiny-sd-x4");
+    pipe.set_attn_processor(AttnProcessor::Fused);
+    let mut req = request(PipelineKind::Upscale, 128, 64);
+    req.image = Some(rgb_png("refs/lowres.png"));
+    let config: AutoencoderKLConfig = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-sd-x4/vae/config.json")).expect("config"),
+    )
+    .expect("json");
+    let tiling = VaeTiling::of(&config).expect("tiling");
+    let bytes = |[c, h, w]: [usize; 3]| (c * h * w * 4) as u64;
+    let whole = pipe.vae.decode_largest_activation([16, 32], None);
+    let tiled = pipe.vae.decode_largest_activation([16, 32], Some(&tiling));
+    assert!(bytes(tiled) < bytes(whole), "{tiled:?} against {whole:?}");
+    pipe.set_memory_budget(MemoryBudget::Device {
+        max_allocation: (bytes(tiled) + bytes(whole)) / 2,
+    });
+    let (out, calls) = record_attention_calls(|| {
+        pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    let text = out
+        .expect_err("the whole decode's map is too large")
+        .to_string();
+    assert!(calls.is_empty(), "nothing ran: {calls:?}");
+    let [c, h, w] = whole;
+    assert!(
+        text.contains(&format!(
+            "the VAE decoder's largest feature map, [1, {c}, {h}, {w}] in f32"
+        )),
+        "{text}"
+    );
+    let [c, h, w] = tiled;
+    assert!(
+        text.contains(&format!(
+            "VAE tiling brings it to [1, {c}, {h}, {w}] in f32"
+        )),
+        "{text}"
+    );
+    req.vae_tiling = true;
+    pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+        .expect("tiled, every map fits the pool");
 }

@@ -253,8 +253,53 @@ impl<B: Backend> AutoencoderKL<B> {
             .collect()
     }
 
+    /// The largest feature map `[c, h, w]` of [`Self::encode_tiled`] over one image of
+    /// `[h, w]` (of its largest tile when tiled).
+    pub fn encode_largest_activation(
+        &self,
+        size: [usize; 2],
+        tiling: Option<&VaeTiling>,
+    ) -> [usize; 3] {
+        let tiles = match tiling.filter(|t| t.tiles_encode(size)) {
+            Some(tiling) => tiling.encode_grid().tile_sizes(size),
+            None => vec![size],
+        };
+        largest(
+            tiles
+                .into_iter()
+                .map(|size| self.encoder.largest_activation(size)),
+        )
+    }
+
+    /// The largest feature map `[c, h, w]` of [`Self::decode_tiled`] over one latent of
+    /// `[h, w]` (of its largest tile when tiled).
+    pub fn decode_largest_activation(
+        &self,
+        size: [usize; 2],
+        tiling: Option<&VaeTiling>,
+    ) -> [usize; 3] {
+        let tiles = match tiling.filter(|t| t.tiles_decode(size)) {
+            Some(tiling) => tiling.decode_grid().tile_sizes(size),
+            None => vec![size],
+        };
+        largest(tiles.into_iter().map(|size| {
+            let size = match &self.post_quant_conv {
+                Some(conv) => conv2d_output_size(conv, size),
+                None => size,
+            };
+            self.decoder.largest_activation(size)
+        }))
+    }
+
     /// Sets the processor of the mid-block attentions.
     pub fn set_attn_processor(&mut self, processor: AttnProcessor) {
         set_coder_processor(&mut self.encoder, &mut self.decoder, processor);
     }
+}
+
+/// The `[c, h, w]` with the most elements.
+fn largest(shapes: impl Iterator<Item = [usize; 3]>) -> [usize; 3] {
+    shapes
+        .max_by_key(|s| s.iter().product::<usize>())
+        .unwrap_or_default()
 }

@@ -11,7 +11,9 @@ use burn::tensor::{Tensor, backend::Backend};
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward};
 use crate::models::resnet::{Resample, ResnetBlock2DConfig, TimeEmbeddingNorm};
-use crate::models::unets::unet_2d_blocks::{BlockConfig, DownBlock2D, UNetMidBlock2D, UpBlock2D};
+use crate::models::unets::unet_2d_blocks::{
+    BlockConfig, DownBlock2D, Downsampler, UNetMidBlock2D, UpBlock2D, Upsampler,
+};
 
 /// What the encoder and decoder share.
 #[derive(Debug, Clone)]
@@ -107,6 +109,29 @@ impl<B: Backend> Encoder<B> {
         conv2d_forward(&self.conv_out, x)
     }
 
+    /// The largest feature map `[c, h, w]` of [`Self::forward`] over one image of `[h, w]`:
+    /// `conv_in`'s output or a down block's, at its own resolution (a downsampler's padded input
+    /// included).
+    pub fn largest_activation(&self, size: [usize; 2]) -> [usize; 3] {
+        let mut size = conv2d_output_size(&self.conv_in, size);
+        let mut largest = Largest::default();
+        largest.see(conv_channels(&self.conv_in)[0], size);
+        for block in &self.down_blocks {
+            for resnet in &block.resnets {
+                let [out, input] = conv_channels(&resnet.conv1);
+                largest.see(input, size);
+                largest.see(out, size);
+            }
+            if let Some(Downsampler::Conv(down)) = block.downsamplers.first() {
+                // Diffusers pads right and bottom by one before a padding-0 downsampler.
+                let padded = [size[0] + 1, size[1] + 1];
+                largest.see(conv_channels(&down.conv)[1], padded);
+                size = down.output_size(size);
+            }
+        }
+        largest.0
+    }
+
     /// The attention calls of [`Self::forward`] over `batch` images of `[h, w]`.
     pub fn attention_calls(&self, batch: usize, size: [usize; 2]) -> Vec<ScoreShape> {
         let mut out = Vec::new();
@@ -182,6 +207,28 @@ impl<B: Backend> Decoder<B> {
         conv2d_forward(&self.conv_out, x)
     }
 
+    /// The largest feature map `[c, h, w]` of [`Self::forward`] over one latent of `[h, w]`:
+    /// at full resolution, the last up block's input (the upsampled features before the conv).
+    pub fn largest_activation(&self, size: [usize; 2]) -> [usize; 3] {
+        let mut size = conv2d_output_size(&self.conv_in, size);
+        let mut largest = Largest::default();
+        largest.see(conv_channels(&self.conv_in)[0], size);
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                let [out, input] = conv_channels(&resnet.conv1);
+                largest.see(input, size);
+                largest.see(out, size);
+            }
+            if let Some(Upsampler::Conv(up)) = block.upsamplers.first() {
+                size = [2 * size[0], 2 * size[1]];
+                let [out, input] = conv_channels(&up.conv);
+                largest.see(input, size);
+                largest.see(out, size);
+            }
+        }
+        largest.0
+    }
+
     /// The attention calls of [`Self::forward`] over `batch` latents of `[h, w]`: the mid
     /// block's, at the latents' size (its up blocks are built without attention).
     pub fn attention_calls(&self, batch: usize, size: [usize; 2]) -> Vec<ScoreShape> {
@@ -190,6 +237,24 @@ impl<B: Backend> Decoder<B> {
         self.mid_block.attention_calls(batch, size, &mut out);
         out
     }
+}
+
+/// The largest `[c, h, w]` seen.
+#[derive(Default)]
+struct Largest([usize; 3]);
+
+impl Largest {
+    fn see(&mut self, channels: usize, [h, w]: [usize; 2]) {
+        if channels * h * w > self.0.iter().product() {
+            self.0 = [channels, h, w];
+        }
+    }
+}
+
+/// A conv's `[out, in]` channels.
+fn conv_channels<B: Backend>(conv: &Conv2d<B>) -> [usize; 2] {
+    let [out, input, _, _] = conv.weight.shape().dims();
+    [out, input]
 }
 
 /// Diffusers' `DiagonalGaussianDistribution` over latents.

@@ -12,7 +12,7 @@ use burn::tensor::{DType, Tensor, backend::Backend};
 
 use crate::error::{EngineError, Result};
 use crate::loading::single_file::{map_single_file_keys, single_file_layers_per_block};
-use crate::memory::{AttentionNeed, MemoryBudget, ModelCalls};
+use crate::memory::{AttentionNeed, FeatureMap, MemoryBudget, ModelCalls};
 use crate::models::autoencoders::{AutoencoderKL, AutoencoderKLConfig, VaeTiling};
 use crate::models::config::read_config;
 use crate::models::controlnets::ControlNetModel;
@@ -397,8 +397,9 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         }
     }
 
-    /// Refuses `request` when its attention would not fit the memory budget, offering the
-    /// other processors and, when the VAE is what does not fit, VAE tiling.
+    /// Refuses `request` when its attention or the VAE's largest feature maps would not fit the
+    /// memory budget, offering the other processors and, when the VAE is what does not fit,
+    /// VAE tiling.
     fn check_memory(&self, request: &GenerationRequest) -> Result<()> {
         if self.memory_budget == MemoryBudget::Unchecked {
             return Ok(());
@@ -416,7 +417,40 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             _ => Vec::new(),
         };
         self.memory_budget
-            .check_with(&need, |p| AttentionNeed::of(p, &models), &tiled)
+            .check_with(&need, |p| AttentionNeed::of(p, &models), &tiled)?;
+
+        // The VAE's largest feature maps, one image at a time, in f32.
+        let tiling = self.vae_tiling(request).ok().flatten();
+        let untiled = if request.vae_tiling {
+            None
+        } else {
+            VaeTiling::of(&self.vae_config).ok()
+        };
+        let map = |model, [c, h, w]: [usize; 3]| FeatureMap {
+            model,
+            shape: [1, c, h, w],
+            float_bytes: 4,
+        };
+        if matches!(
+            request.pipeline,
+            PipelineKind::Img2Img | PipelineKind::Inpaint
+        ) {
+            let size = [request.height, request.width];
+            let encode = |t: Option<&VaeTiling>| {
+                map("VAE encoder", self.vae.encode_largest_activation(size, t))
+            };
+            let instead = untiled.map(|t| ("VAE tiling", encode(Some(&t))));
+            self.memory_budget
+                .check_feature_map(&encode(tiling.as_ref()), instead)?;
+        }
+        let f = self.vae_config.scale_factor().max(1);
+        let latent = [request.height / f, request.width / f];
+        let decode = |t: Option<&VaeTiling>| {
+            map("VAE decoder", self.vae.decode_largest_activation(latent, t))
+        };
+        let instead = untiled.map(|t| ("VAE tiling", decode(Some(&t))));
+        self.memory_budget
+            .check_feature_map(&decode(tiling.as_ref()), instead)
     }
 
     /// Loads a ControlNet for the controlnet pipeline (replacing any loaded one): a diffusers
