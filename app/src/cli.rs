@@ -406,6 +406,8 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         model_dir,
         load_options: LoadOptions {
             variant: variant.map(String::from),
+            // Set once the backend is chosen (`GenerateTask`).
+            memory_budget: MemoryBudget::Unchecked,
         },
         controlnet_params: controlnet_parameters(args, &request),
         request,
@@ -482,7 +484,7 @@ impl BackendTask for GenerateTask {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let Job {
             model_dir,
-            load_options,
+            mut load_options,
             controlnet_dir,
             controlnet_params,
             model_name,
@@ -493,6 +495,7 @@ impl BackendTask for GenerateTask {
             output,
             save_array,
         } = self.job;
+        load_options.memory_budget = self.budget.clone();
         let load_start = std::time::Instant::now();
         let pipe = LoadedPipeline::<B>::load(
             &model_dir,

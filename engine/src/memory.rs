@@ -335,6 +335,27 @@ impl MemoryBudget {
     }
 }
 
+impl MemoryBudget {
+    /// Refuses to load `what` when its weights, `params` floats of `float_bytes`, would not fit
+    /// the memory available (the CPU backend, which holds them in host memory; a GPU's total is
+    /// not checked). Called after the model is built (lazily, nothing allocated) and before any
+    /// weight is read, so a model too large for the machine fails with the numbers instead of
+    /// the process being killed.
+    pub fn check_weights(&self, what: &str, params: u64, float_bytes: u64) -> Result<()> {
+        let bytes = params * float_bytes;
+        match self.limits().0 {
+            Some(available) if bytes > available => Err(EngineError::OutOfMemory(format!(
+                "loading {what} needs about {} for its {} weights, and this machine has {} \
+                 available: close other programs, or use a GPU",
+                gib(bytes),
+                count(params),
+                gib(available),
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Checks what `models`' calls hold with `processor` against `budget` (see
 /// [`MemoryBudget::check`]).
 pub fn check_attention(
@@ -348,6 +369,15 @@ pub fn check_attention(
     budget.check(&AttentionNeed::of(processor, models), |p| {
         AttentionNeed::of(p, models)
     })
+}
+
+/// A parameter count in words: "4.76 billion", "123 million", "5120".
+fn count(n: u64) -> String {
+    match n {
+        1_000_000_000.. => format!("{:.2} billion", n as f64 / 1e9),
+        1_000_000.. => format!("{:.0} million", n as f64 / 1e6),
+        _ => n.to_string(),
+    }
 }
 
 /// Bytes in GiB with one decimal, or whole MiB / KiB below 1 GiB / 1 MiB.
@@ -451,6 +481,33 @@ mod tests {
             shape: [1, 256, 512, 512],
             ..decoder_2048()
         }
+    }
+
+    #[test]
+    fn weights_larger_than_the_host_can_hold_are_refused_with_the_numbers() {
+        let host = MemoryBudget::Fixed {
+            available: Some(16 * GIB),
+            max_allocation: None,
+        };
+        // T5-XXL's encoder, 4.76 billion weights, in f32.
+        let text = host
+            .check_weights("the T5 text encoder", 4_762_310_656, 4)
+            .expect_err("17.7 GiB in 16")
+            .to_string();
+        assert_eq!(
+            text,
+            "not enough memory: loading the T5 text encoder needs about 17.7 GiB for its 4.76 \
+             billion weights, and this machine has 16.0 GiB available: close other programs, \
+             or use a GPU"
+        );
+        host.check_weights("SD 1.5", 1_066_235_307, 4)
+            .expect("4 GiB fits in 16");
+        // A GPU pool says nothing of the device's total.
+        MemoryBudget::Device {
+            max_allocation: GIB,
+        }
+        .check_weights("the T5 text encoder", 4_762_310_656, 4)
+        .expect("unchecked on a GPU");
     }
 
     #[test]

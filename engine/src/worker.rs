@@ -23,7 +23,6 @@ use crate::bench::{
 };
 use crate::error::{EngineError, Result};
 use crate::loading::{DownloadProgress, resolve_controlnet, resolve_model};
-use crate::memory::MemoryBudget;
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::pipelines::deepfloyd_if::{IFPipeline, is_if_folder};
 use crate::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
@@ -380,7 +379,6 @@ struct LoadTask<'a> {
     options: LoadOptions,
     attention: AttnProcessor,
     memory_format: MemoryFormat,
-    budget: MemoryBudget,
 }
 
 impl BackendTask for LoadTask<'_> {
@@ -391,13 +389,11 @@ impl BackendTask for LoadTask<'_> {
             let mut pipe = IFPipeline::<B>::load(self.dir, &self.options, &device)?;
             pipe.set_attn_processor(self.attention);
             pipe.set_memory_format(self.memory_format);
-            pipe.set_memory_budget(self.budget);
             return Ok(Box::new(pipe));
         }
         let mut pipe = StableDiffusionPipeline::<B>::load_path(self.dir, &self.options, &device)?;
         pipe.set_attn_processor(self.attention);
         pipe.set_memory_format(self.memory_format);
-        pipe.set_memory_budget(self.budget);
         Ok(Box::new(pipe))
     }
 }
@@ -560,10 +556,10 @@ impl Worker {
                 dir: &dir,
                 options: LoadOptions {
                     variant: variant.map(String::from),
+                    memory_budget: memory_budget(&backend),
                 },
                 attention: self.settings.attention,
                 memory_format: self.settings.memory_format,
-                budget: memory_budget(&backend),
             },
         )?;
         Ok((dir, runner))

@@ -323,6 +323,7 @@ fn fp16_variant_weights_are_found_and_read() {
     let device = Default::default();
     let options = LoadOptions {
         variant: fp16.map(String::from),
+        ..Default::default()
     };
     let mut pipe =
         StableDiffusionPipeline::<crate::common::Cpu>::load(&snapshot, &options, &device)

@@ -13,6 +13,7 @@ use engine::memory::{
 };
 use engine::models::AttnProcessor;
 use engine::models::autoencoders::{AutoencoderKLConfig, VaeTiling};
+use engine::models::text_encoders::t5::T5EncoderModel;
 use engine::models::unets::{ClassLabels, UNet2DConditionModel};
 use engine::pipelines::deepfloyd_if::IFPipeline;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
@@ -537,4 +538,62 @@ fn a_vae_decode_too_large_for_the_gpu_pool_is_refused_and_tiling_offered() {
     req.vae_tiling = true;
     pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
         .expect("tiled, every map fits the pool");
+}
+
+#[test]
+fn a_model_too_large_for_the_memory_left_is_refused_before_its_weights_are_read() {
+    let tight = LoadOptions {
+        memory_budget: kib(64),
+        ..Default::default()
+    };
+    let err =
+        StableDiffusionPipeline::<Cpu>::load(&fixture("tiny-sd"), &tight, &Default::default())
+            .expect_err("the tiny model's weights are more than 64 KiB");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("not enough memory: loading the model needs about"),
+        "{text}"
+    );
+    assert!(text.contains("this machine has 64 KiB available"), "{text}");
+    // The single-file path checks the same way.
+    let err = StableDiffusionPipeline::<Cpu>::load_path(
+        &fixture("tiny-sd-single-file.safetensors"),
+        &tight,
+        &Default::default(),
+    )
+    .expect_err("refused");
+    assert!(err.to_string().contains("loading the model"), "{err}");
+    // IF's UNet, and its T5 (loaded when a prompt first needs it).
+    let err = IFPipeline::<Cpu>::load(&fixture("tiny-if"), &tight, &Default::default())
+        .expect_err("refused");
+    assert!(err.to_string().contains("loading the UNet"), "{err}");
+    let err = T5EncoderModel::<Cpu>::load_checked(
+        &fixture("tiny-if/text_encoder"),
+        None,
+        &kib(64),
+        &Default::default(),
+    )
+    .expect_err("refused");
+    assert!(
+        err.to_string().contains("loading the T5 text encoder"),
+        "{err}"
+    );
+
+    // With room, the budget carries over to the pipeline's requests.
+    let roomy = LoadOptions {
+        memory_budget: kib(1 << 20),
+        ..Default::default()
+    };
+    let mut pipe =
+        StableDiffusionPipeline::<Cpu>::load(&fixture("tiny-sd"), &roomy, &Default::default())
+            .expect("1 GiB is room enough");
+    pipe.set_attn_processor(AttnProcessor::Vanilla);
+    let mut req = request(PipelineKind::Txt2Img, 1024, 1024);
+    req.batch = 4;
+    let (out, calls) = record_attention_calls(|| {
+        pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    let err = out.expect_err("vanilla scores at 1024² do not fit 1 GiB");
+    assert!(calls.is_empty(), "nothing ran: {calls:?}");
+    assert!(err.to_string().starts_with("not enough memory"), "{err}");
 }

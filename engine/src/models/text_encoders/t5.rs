@@ -24,6 +24,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{EngineError, Result};
+use crate::memory::MemoryBudget;
 use crate::models::weights::{load_safetensors_renamed, load_safetensors_shards};
 use crate::tensor_io::read_safetensors_keys;
 
@@ -220,8 +221,21 @@ impl<B: Backend> T5EncoderModel<B> {
     /// the shards a `model.safetensors.index.json` lists), of `variant` where the folder has
     /// them (`model.fp16.safetensors`, `model.safetensors.index.fp16.json`).
     pub fn load(dir: &Path, variant: Option<&str>, device: &B::Device) -> Result<(Self, T5Config)> {
+        Self::load_checked(dir, variant, &MemoryBudget::Unchecked, device)
+    }
+
+    /// [`Self::load`], refused before any weight is read when the weights cannot fit `budget`
+    /// (T5-XXL's encoder is 4.76 billion weights: 17.7 GiB in f32).
+    pub fn load_checked(
+        dir: &Path,
+        variant: Option<&str>,
+        budget: &MemoryBudget,
+        device: &B::Device,
+    ) -> Result<(Self, T5Config)> {
         let config = T5Config::from_file(&dir.join("config.json"))?;
         let mut model = config.init(device)?;
+        // The CPU backend, the one whose memory is checked, holds them in f32.
+        budget.check_weights("the T5 text encoder", model.num_params() as u64, 4)?;
         let (files, index) = weight_files(dir, "model", variant)?;
         if let Some(index) = index {
             let shards = files

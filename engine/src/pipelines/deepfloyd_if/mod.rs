@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{DType, Tensor, backend::Backend};
@@ -109,6 +110,10 @@ impl<B: Backend> IFPipeline<B> {
         let unet_dir = dir.join("unet");
         let unet_config: UNet2DConditionConfig = read_config(&unet_dir.join("config.json"))?;
         let mut unet = unet_config.init(device)?;
+        // The CPU backend, the one whose memory is checked, holds them in f32.
+        options
+            .memory_budget
+            .check_weights("the UNet", unet.num_params() as u64, 4)?;
         load_safetensors(
             &mut unet,
             &weights_file(&unet_dir, "diffusion_pytorch_model", options),
@@ -168,7 +173,7 @@ impl<B: Backend> IFPipeline<B> {
             device: device.clone(),
             source: dir.to_path_buf(),
             attn_processor: AttnProcessor::default(),
-            memory_budget: MemoryBudget::default(),
+            memory_budget: options.memory_budget.clone(),
         })
     }
 
@@ -302,8 +307,12 @@ impl<B: Backend> IFPipeline<B> {
             Some(model) => model,
             None => {
                 let start = Instant::now();
-                let (model, _) =
-                    T5EncoderModel::<B>::load(dir, self.variant.as_deref(), &self.device)?;
+                let (model, _) = T5EncoderModel::<B>::load_checked(
+                    dir,
+                    self.variant.as_deref(),
+                    &self.memory_budget,
+                    &self.device,
+                )?;
                 tracing::info!(
                     dir = %dir.display(),
                     secs = start.elapsed().as_secs_f64(),

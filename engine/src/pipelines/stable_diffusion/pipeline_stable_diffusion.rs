@@ -38,6 +38,9 @@ use crate::tensor_io::read_safetensors_keys;
 pub struct LoadOptions {
     /// Prefer `*.{variant}.safetensors` files (e.g. `fp16`) where they exist.
     pub variant: Option<String>,
+    /// What the device can give: the weights are checked against it before any is read, and
+    /// the pipeline checks its requests against it (see [`MemoryBudget`]).
+    pub memory_budget: MemoryBudget,
 }
 
 /// The finished images.
@@ -241,18 +244,20 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     pub fn load(dir: &Path, options: &LoadOptions, device: &B::Device) -> Result<Self> {
         let parts = Components::read(dir)?;
         let mut text_encoder = parts.text_encoder_config.init::<B>(device);
-        text_encoder.load_safetensors(&weights_file(&parts.text_encoder_dir, "model", options))?;
         let mut unet = parts.unet_config.init(device)?;
+        let mut vae = parts.vae_config.init(device)?;
+        check_weights(&options.memory_budget, &text_encoder, &unet, &vae)?;
+        text_encoder.load_safetensors(&weights_file(&parts.text_encoder_dir, "model", options))?;
         load_safetensors(
             &mut unet,
             &weights_file(&parts.unet_dir, "diffusion_pytorch_model", options),
         )?;
-        let mut vae = parts.vae_config.init(device)?;
         load_safetensors(
             &mut vae,
             &weights_file(&parts.vae_dir, "diffusion_pytorch_model", options),
         )?;
         let mut pipe = parts.into_pipeline(text_encoder, unet, vae, dir, device);
+        pipe.memory_budget = options.memory_budget.clone();
         pipe.load_options = options.clone();
         Ok(pipe)
     }
@@ -261,7 +266,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// (see [`sd15_config_dir`]).
     pub fn load_path(path: &Path, options: &LoadOptions, device: &B::Device) -> Result<Self> {
         if path.is_file() {
-            let mut pipe = Self::load_single_file(path, &sd15_config_dir()?, device)?;
+            let mut pipe = Self::load_single_file_with(path, &sd15_config_dir()?, options, device)?;
             pipe.load_options = options.clone();
             Ok(pipe)
         } else {
@@ -273,17 +278,30 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// encoder in one file) with the configs, tokenizer and scheduler of `config_dir`, a
     /// diffusers folder without weights (for SD 1.x, `assets/models/stable-diffusion-v1-5`).
     pub fn load_single_file(file: &Path, config_dir: &Path, device: &B::Device) -> Result<Self> {
+        Self::load_single_file_with(file, config_dir, &LoadOptions::default(), device)
+    }
+
+    /// [`Self::load_single_file`] with `options`' memory budget.
+    fn load_single_file_with(
+        file: &Path,
+        config_dir: &Path,
+        options: &LoadOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
         let parts = Components::read(config_dir)?;
         let keys = read_safetensors_keys(file)?;
         let per_block = single_file_layers_per_block(&parts.unet_config)?;
         let renames = map_single_file_keys(&keys, per_block, file)?;
         let mut text_encoder = parts.text_encoder_config.init::<B>(device);
-        load_safetensors_renamed(&mut text_encoder, file, &renames.text_encoder)?;
         let mut unet = parts.unet_config.init(device)?;
-        load_safetensors_renamed(&mut unet, file, &renames.unet)?;
         let mut vae = parts.vae_config.init(device)?;
+        check_weights(&options.memory_budget, &text_encoder, &unet, &vae)?;
+        load_safetensors_renamed(&mut text_encoder, file, &renames.text_encoder)?;
+        load_safetensors_renamed(&mut unet, file, &renames.unet)?;
         load_safetensors_renamed(&mut vae, file, &renames.vae)?;
-        Ok(parts.into_pipeline(text_encoder, unet, vae, file, device))
+        let mut pipe = parts.into_pipeline(text_encoder, unet, vae, file, device);
+        pipe.memory_budget = options.memory_budget.clone();
+        Ok(pipe)
     }
 
     /// What this model imposes on requests.
@@ -759,6 +777,19 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         }
         images.ok_or_else(|| EngineError::invalid("batch", "no latents to decode"))
     }
+}
+
+/// Refuses to load a Stable Diffusion model whose weights cannot fit `budget` (see
+/// [`MemoryBudget::check_weights`]); the models are built lazily, so nothing is allocated yet.
+fn check_weights<B: Backend>(
+    budget: &MemoryBudget,
+    text_encoder: &CLIPTextModel<B>,
+    unet: &UNet2DConditionModel<B>,
+    vae: &AutoencoderKL<B>,
+) -> Result<()> {
+    let params = text_encoder.num_params() + unet.num_params() + vae.num_params();
+    // The CPU backend, the one whose memory is checked, holds them in f32.
+    budget.check_weights("the model", params as u64, 4)
 }
 
 /// The f16 → f32 fallback of [`denoise`].
