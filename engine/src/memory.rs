@@ -333,16 +333,15 @@ impl MemoryBudget {
         };
         Err(EngineError::OutOfMemory(format!("{problem}: {advice}")))
     }
-}
 
-impl MemoryBudget {
-    /// Refuses to load `what` when its weights, `params` floats of `float_bytes`, would not fit
-    /// the memory available (the CPU backend, which holds them in host memory; a GPU's total is
-    /// not checked). Called after the model is built (lazily, nothing allocated) and before any
-    /// weight is read, so a model too large for the machine fails with the numbers instead of
-    /// the process being killed.
-    pub fn check_weights(&self, what: &str, params: u64, float_bytes: u64) -> Result<()> {
-        let bytes = params * float_bytes;
+    /// Refuses to load `what` when its weights, `params` f32 floats, would not fit the memory
+    /// available. Only the CPU backend's host memory is known, and it holds weights in f32; a
+    /// GPU's total is not checked. Called after the model is built (lazily, nothing allocated)
+    /// and before any weight is read, so a model too large for the machine fails with the
+    /// numbers instead of the process being killed.
+    pub fn check_weights(&self, what: &str, params: usize) -> Result<()> {
+        let params = params as u64;
+        let bytes = params * 4;
         match self.limits().0 {
             Some(available) if bytes > available => Err(EngineError::OutOfMemory(format!(
                 "loading {what} needs about {} for its {} weights, and this machine has {} \
@@ -491,7 +490,7 @@ mod tests {
         };
         // T5-XXL's encoder, 4.76 billion weights, in f32.
         let text = host
-            .check_weights("the T5 text encoder", 4_762_310_656, 4)
+            .check_weights("the T5 text encoder", 4_762_310_656)
             .expect_err("17.7 GiB in 16")
             .to_string();
         assert_eq!(
@@ -500,13 +499,13 @@ mod tests {
              billion weights, and this machine has 16.0 GiB available: close other programs, \
              or use a GPU"
         );
-        host.check_weights("SD 1.5", 1_066_235_307, 4)
+        host.check_weights("SD 1.5", 1_066_235_307)
             .expect("4 GiB fits in 16");
         // A GPU pool says nothing of the device's total.
         MemoryBudget::Device {
             max_allocation: GIB,
         }
-        .check_weights("the T5 text encoder", 4_762_310_656, 4)
+        .check_weights("the T5 text encoder", 4_762_310_656)
         .expect("unchecked on a GPU");
     }
 

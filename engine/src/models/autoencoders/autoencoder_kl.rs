@@ -213,6 +213,31 @@ impl<B: Backend> AutoencoderKL<B> {
         }
     }
 
+    /// The image sizes [`Self::encode_tiled`] runs the encoder on: the tiles' with `tiling`,
+    /// where the image is larger than one, else the image's.
+    fn encoder_inputs(&self, size: [usize; 2], tiling: Option<&VaeTiling>) -> Vec<[usize; 2]> {
+        match tiling.filter(|t| t.tiles_encode(size)) {
+            Some(tiling) => tiling.encode_grid().tile_sizes(size),
+            None => vec![size],
+        }
+    }
+
+    /// The sizes [`Self::decode_tiled`] runs the decoder on (after `post_quant_conv`): the
+    /// tiles' with `tiling`, where the latents are larger than one, else the latents'.
+    fn decoder_inputs(&self, size: [usize; 2], tiling: Option<&VaeTiling>) -> Vec<[usize; 2]> {
+        let tiles = match tiling.filter(|t| t.tiles_decode(size)) {
+            Some(tiling) => tiling.decode_grid().tile_sizes(size),
+            None => vec![size],
+        };
+        match &self.post_quant_conv {
+            Some(conv) => tiles
+                .into_iter()
+                .map(|size| conv2d_output_size(conv, size))
+                .collect(),
+            None => tiles,
+        }
+    }
+
     /// The attention calls of [`Self::encode_tiled`] over `batch` images of `[h, w]`.
     pub fn encode_attention_calls(
         &self,
@@ -220,11 +245,7 @@ impl<B: Backend> AutoencoderKL<B> {
         size: [usize; 2],
         tiling: Option<&VaeTiling>,
     ) -> Vec<ScoreShape> {
-        let tiles = match tiling.filter(|t| t.tiles_encode(size)) {
-            Some(tiling) => tiling.encode_grid().tile_sizes(size),
-            None => vec![size],
-        };
-        tiles
+        self.encoder_inputs(size, tiling)
             .into_iter()
             .flat_map(|size| self.encoder.attention_calls(batch, size))
             .collect()
@@ -237,19 +258,9 @@ impl<B: Backend> AutoencoderKL<B> {
         size: [usize; 2],
         tiling: Option<&VaeTiling>,
     ) -> Vec<ScoreShape> {
-        let tiles = match tiling.filter(|t| t.tiles_decode(size)) {
-            Some(tiling) => tiling.decode_grid().tile_sizes(size),
-            None => vec![size],
-        };
-        tiles
+        self.decoder_inputs(size, tiling)
             .into_iter()
-            .flat_map(|size| {
-                let size = match &self.post_quant_conv {
-                    Some(conv) => conv2d_output_size(conv, size),
-                    None => size,
-                };
-                self.decoder.attention_calls(batch, size)
-            })
+            .flat_map(|size| self.decoder.attention_calls(batch, size))
             .collect()
     }
 
@@ -260,12 +271,8 @@ impl<B: Backend> AutoencoderKL<B> {
         size: [usize; 2],
         tiling: Option<&VaeTiling>,
     ) -> [usize; 3] {
-        let tiles = match tiling.filter(|t| t.tiles_encode(size)) {
-            Some(tiling) => tiling.encode_grid().tile_sizes(size),
-            None => vec![size],
-        };
         largest(
-            tiles
+            self.encoder_inputs(size, tiling)
                 .into_iter()
                 .map(|size| self.encoder.largest_activation(size)),
         )
@@ -278,17 +285,11 @@ impl<B: Backend> AutoencoderKL<B> {
         size: [usize; 2],
         tiling: Option<&VaeTiling>,
     ) -> [usize; 3] {
-        let tiles = match tiling.filter(|t| t.tiles_decode(size)) {
-            Some(tiling) => tiling.decode_grid().tile_sizes(size),
-            None => vec![size],
-        };
-        largest(tiles.into_iter().map(|size| {
-            let size = match &self.post_quant_conv {
-                Some(conv) => conv2d_output_size(conv, size),
-                None => size,
-            };
-            self.decoder.largest_activation(size)
-        }))
+        largest(
+            self.decoder_inputs(size, tiling)
+                .into_iter()
+                .map(|size| self.decoder.largest_activation(size)),
+        )
     }
 
     /// Sets the processor of the mid-block attentions.

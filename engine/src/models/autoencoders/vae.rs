@@ -10,7 +10,7 @@ use burn::tensor::{Tensor, backend::Backend};
 
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward};
-use crate::models::resnet::{Resample, ResnetBlock2DConfig, TimeEmbeddingNorm};
+use crate::models::resnet::{Resample, ResnetBlock2D, ResnetBlock2DConfig, TimeEmbeddingNorm};
 use crate::models::unets::unet_2d_blocks::{
     BlockConfig, DownBlock2D, Downsampler, UNetMidBlock2D, UpBlock2D, Upsampler,
 };
@@ -117,11 +117,7 @@ impl<B: Backend> Encoder<B> {
         let mut largest = Largest::default();
         largest.see(conv_channels(&self.conv_in)[0], size);
         for block in &self.down_blocks {
-            for resnet in &block.resnets {
-                let [out, input] = conv_channels(&resnet.conv1);
-                largest.see(input, size);
-                largest.see(out, size);
-            }
+            largest.see_resnets(&block.resnets, size);
             if let Some(Downsampler::Conv(down)) = block.downsamplers.first() {
                 // Diffusers pads right and bottom by one before a padding-0 downsampler.
                 let padded = [size[0] + 1, size[1] + 1];
@@ -214,16 +210,10 @@ impl<B: Backend> Decoder<B> {
         let mut largest = Largest::default();
         largest.see(conv_channels(&self.conv_in)[0], size);
         for block in &self.up_blocks {
-            for resnet in &block.resnets {
-                let [out, input] = conv_channels(&resnet.conv1);
-                largest.see(input, size);
-                largest.see(out, size);
-            }
+            largest.see_resnets(&block.resnets, size);
             if let Some(Upsampler::Conv(up)) = block.upsamplers.first() {
                 size = [2 * size[0], 2 * size[1]];
-                let [out, input] = conv_channels(&up.conv);
-                largest.see(input, size);
-                largest.see(out, size);
+                largest.see_conv(&up.conv, size);
             }
         }
         largest.0
@@ -247,6 +237,20 @@ impl Largest {
     fn see(&mut self, channels: usize, [h, w]: [usize; 2]) {
         if channels * h * w > self.0.iter().product() {
             self.0 = [channels, h, w];
+        }
+    }
+
+    /// A conv's input and output at `size` (it keeps the size).
+    fn see_conv<B: Backend>(&mut self, conv: &Conv2d<B>, size: [usize; 2]) {
+        let [out, input] = conv_channels(conv);
+        self.see(input, size);
+        self.see(out, size);
+    }
+
+    /// A block's resnets at `size`: each one's input and output widths.
+    fn see_resnets<B: Backend>(&mut self, resnets: &[ResnetBlock2D<B>], size: [usize; 2]) {
+        for resnet in resnets {
+            self.see_conv(&resnet.conv1, size);
         }
     }
 }

@@ -110,10 +110,9 @@ impl<B: Backend> IFPipeline<B> {
         let unet_dir = dir.join("unet");
         let unet_config: UNet2DConditionConfig = read_config(&unet_dir.join("config.json"))?;
         let mut unet = unet_config.init(device)?;
-        // The CPU backend, the one whose memory is checked, holds them in f32.
         options
             .memory_budget
-            .check_weights("the UNet", unet.num_params() as u64, 4)?;
+            .check_weights("the UNet", unet.num_params())?;
         load_safetensors(
             &mut unet,
             &weights_file(&unet_dir, "diffusion_pytorch_model", options),

@@ -422,28 +422,30 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         if self.memory_budget == MemoryBudget::Unchecked {
             return Ok(());
         }
-        let models = self.attention_calls(request);
+        // `generate` has refused a tiling the VAE's config cannot have.
+        let geometry = VaeTiling::of(&self.vae_config).ok();
+        // The tiling the request runs with, or the one to offer when it asks for none.
+        let (tiling, untiled) = if request.vae_tiling {
+            (geometry, None)
+        } else {
+            (None, geometry)
+        };
+        let models = self.attention_calls_with(request, tiling.as_ref());
         let need = AttentionNeed::of(self.attn_processor, &models);
-        let tiled = match (request.vae_tiling, VaeTiling::of(&self.vae_config)) {
-            (false, Ok(tiling)) => {
-                let models = self.attention_calls_with(request, Some(&tiling));
-                vec![(
+        let tiled: Vec<_> = untiled
+            .map(|t| {
+                let models = self.attention_calls_with(request, Some(&t));
+                (
                     "VAE tiling",
                     AttentionNeed::of(self.attn_processor, &models),
-                )]
-            }
-            _ => Vec::new(),
-        };
+                )
+            })
+            .into_iter()
+            .collect();
         self.memory_budget
             .check_with(&need, |p| AttentionNeed::of(p, &models), &tiled)?;
 
         // The VAE's largest feature maps, one image at a time, in f32.
-        let tiling = self.vae_tiling(request).ok().flatten();
-        let untiled = if request.vae_tiling {
-            None
-        } else {
-            VaeTiling::of(&self.vae_config).ok()
-        };
         let map = |model, [c, h, w]: [usize; 3]| FeatureMap {
             model,
             shape: [1, c, h, w],
@@ -788,8 +790,7 @@ fn check_weights<B: Backend>(
     vae: &AutoencoderKL<B>,
 ) -> Result<()> {
     let params = text_encoder.num_params() + unet.num_params() + vae.num_params();
-    // The CPU backend, the one whose memory is checked, holds them in f32.
-    budget.check_weights("the model", params as u64, 4)
+    budget.check_weights("the model", params)
 }
 
 /// The f16 → f32 fallback of [`denoise`].
