@@ -1078,7 +1078,9 @@ fn check_unet_memory<B: Backend>(
         float_bytes: unet.conv_in.weight.dtype().size() as u64,
         calls: unet.attention_calls(batch, size, tokens),
     };
-    check_attention(&memory_budget(selected), processor, &[calls])
+    let budget = memory_budget(selected);
+    check_attention(&budget, processor, &[calls])?;
+    budget.check_feature_map(&unet.feature_map(batch, size), None)
 }
 
 fn sync<B: Backend>(device: &B::Device) -> Result<()> {

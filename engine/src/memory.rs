@@ -274,9 +274,12 @@ impl FeatureMap {
     }
 }
 
-/// A VAE pass's peak over its largest feature map (a map, the next one, and a norm's or conv's
-/// working copy). Measured on the CPU backend with SD 1.5's decoder at 1024², largest map 1 GiB:
-/// 3.2 GiB peak with the weights, ~2.9 GiB above them.
+/// A pass's peak over its largest feature map (a map, the next one, and a norm's or conv's
+/// working copy; in a UNet, the skips held too). Measured on the CPU backend (`VmHWM`):
+/// - SD 1.5's VAE decoder at 1024², largest map 1 GiB: ~2.9 GiB above the weights;
+/// - SD 1.5's UNet at 512² with fused attention, largest map the first level's feed-forward
+///   projection `[2·batch, 2560, 64, 64]`: 0.8 GiB above the weights at batch 4 (map 0.31 GiB),
+///   3.1 GiB at batch 16 (map 1.25 GiB) (tests/python/RESULTS.md, session 11).
 pub const PEAK_PER_FEATURE_MAP: u64 = 3;
 
 impl MemoryBudget {
@@ -329,6 +332,7 @@ impl MemoryBudget {
                 shape(&m),
                 gib(m.bytes())
             ),
+            None if map.shape[0] > 1 => "lower the batch size or the image size".to_string(),
             None => "lower the image size".to_string(),
         };
         Err(EngineError::OutOfMemory(format!("{problem}: {advice}")))

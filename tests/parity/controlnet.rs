@@ -2,6 +2,7 @@
 //! mode), the UNet taking them (also channels-last), and the ControlNet pipeline.
 
 use crate::common::{Cpu, assert_close, fixture, host, refs, tensor};
+use engine::memory::MemoryBudget;
 use engine::models::controlnets::ControlNetModel;
 use engine::models::unets::{ClassLabels, ControlResiduals, UNet2DConditionModel};
 use engine::models::{AttnProcessor, MemoryFormat};
@@ -13,9 +14,14 @@ fn timesteps(r: &Refs) -> Vec<f64> {
 }
 
 fn load_controlnet() -> ControlNetModel<Cpu> {
-    ControlNetModel::<Cpu>::load(&fixture("tiny-controlnet"), None, &Default::default())
-        .expect("load tiny-controlnet")
-        .0
+    ControlNetModel::<Cpu>::load(
+        &fixture("tiny-controlnet"),
+        None,
+        &MemoryBudget::Unchecked,
+        &Default::default(),
+    )
+    .expect("load tiny-controlnet")
+    .0
 }
 
 fn residuals(r: &Refs, prefix: &str) -> ControlResiduals<Cpu> {
@@ -78,9 +84,13 @@ fn single_file_controlnet_gives_diffusers_residuals() {
         UNet2DConditionModel::<Cpu>::load(&fixture("tiny-sd/unet"), None, &Default::default())
             .expect("load unet");
     let file = fixture("tiny-controlnet-single-file.safetensors");
-    let (controlnet, config) =
-        ControlNetModel::<Cpu>::load_single_file(&file, &unet_config, &Default::default())
-            .expect("load single-file controlnet");
+    let (controlnet, config) = ControlNetModel::<Cpu>::load_single_file(
+        &file,
+        &unet_config,
+        &MemoryBudget::Unchecked,
+        &Default::default(),
+    )
+    .expect("load single-file controlnet");
     assert_eq!(
         config.conditioning_embedding_out_channels,
         vec![8, 8, 16, 16]
@@ -107,8 +117,13 @@ fn single_file_controlnet_gives_diffusers_residuals() {
     // A Stable Diffusion checkpoint is not a ControlNet, and a ControlNet does not fit a UNet
     // of other widths: both are errors that say so.
     let sd_file = fixture("tiny-sd-single-file.safetensors");
-    let err = ControlNetModel::<Cpu>::load_single_file(&sd_file, &unet_config, &Default::default())
-        .expect_err("an SD checkpoint");
+    let err = ControlNetModel::<Cpu>::load_single_file(
+        &sd_file,
+        &unet_config,
+        &MemoryBudget::Unchecked,
+        &Default::default(),
+    )
+    .expect_err("an SD checkpoint");
     assert!(
         err.to_string().contains("not a ControlNet checkpoint"),
         "{err}"
@@ -119,8 +134,13 @@ fn single_file_controlnet_gives_diffusers_residuals() {
         &Default::default(),
     )
     .expect("load sd2 unet");
-    let err = ControlNetModel::<Cpu>::load_single_file(&file, &sd2, &Default::default())
-        .expect_err("other UNet");
+    let err = ControlNetModel::<Cpu>::load_single_file(
+        &file,
+        &sd2,
+        &MemoryBudget::Unchecked,
+        &Default::default(),
+    )
+    .expect_err("other UNet");
     assert!(!err.to_string().is_empty());
 }
 

@@ -139,6 +139,7 @@ fn controlnet_hub_ids_resolve_to_a_single_model_snapshot() {
     let (model, _) = engine::models::controlnets::ControlNetModel::<crate::common::Cpu>::load(
         &snapshot,
         None,
+        &engine::memory::MemoryBudget::Unchecked,
         &Default::default(),
     )
     .expect("the resolved snapshot loads");

@@ -540,6 +540,90 @@ fn a_vae_decode_too_large_for_the_gpu_pool_is_refused_and_tiling_offered() {
         .expect("tiled, every map fits the pool");
 }
 
+/// The UNets' largest feature maps from the shipped configs (random weights, nothing
+/// allocated): the numbers the memory check refuses on.
+#[test]
+fn the_shipped_unets_largest_feature_maps() {
+    use engine::models::config::parse_config;
+    use engine::models::unets::{UNet2DConditionConfig, UNet2DConditionModel};
+    let unet = |name: &str| -> UNet2DConditionModel<Cpu> {
+        let path = fixture(&format!("../../assets/models/{name}/unet/config.json"));
+        let text = std::fs::read_to_string(&path).expect("config");
+        let config: UNet2DConditionConfig = parse_config(&text, &path).expect("config");
+        config.init(&Default::default()).expect("unet")
+    };
+    let sd = unet("stable-diffusion-v1-5");
+    // 512²: the first level's feed-forward projection, 2 × 4 × 320 wide (GEGLU).
+    assert_eq!(sd.largest_activation([64, 64]), [2560, 64, 64]);
+    assert_eq!(sd.largest_activation([128, 128]), [2560, 128, 128]);
+    // Batch 16 with CFG in f32: 1.25 GiB, the map the session-11 peaks in RESULTS.md were
+    // measured against (3.1 GiB above the weights; the check's estimate is 3 × 1.25).
+    let map = sd.feature_map(32, [64, 64]);
+    assert_eq!(map.shape, [32, 2560, 64, 64]);
+    assert_eq!(map.bytes(), 1280 << 20);
+    // The upscaler runs at its input's size: the second level's feed-forward, 2 × 4 × 512. ×4
+    // of a 512² picture: 1 GiB per image in f32, 2 GiB for the CFG pair.
+    let x4 = unet("stable-diffusion-x4-upscaler");
+    assert_eq!(x4.largest_activation([128, 128]), [4096, 64, 64]);
+    assert_eq!(x4.feature_map(2, [512, 512]).bytes(), 2 << 30);
+    // IF has no feed-forward: the last up block's first input, 384 upsampled + a 192 skip.
+    let stage1 = unet("IF-I-M-v1.0");
+    assert_eq!(stage1.largest_activation([64, 64]), [576, 64, 64]);
+    // Stage II at 256²: 256 upsampled + a 128 skip.
+    let stage2 = unet("IF-II-M-v1.0");
+    assert_eq!(stage2.largest_activation([256, 256]), [384, 256, 256]);
+}
+
+/// A UNet pass whose feature maps cannot fit is refused with nothing run, in SD and in IF.
+#[test]
+fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
+    let expect_refused = |text: String, map: &FeatureMap| {
+        let [b, c, h, w] = map.shape;
+        assert!(
+            text.contains(&format!(
+                "the UNet's largest feature map is [{b}, {c}, {h}, {w}] in f32"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("lower the batch size or the image size"),
+            "{text}"
+        );
+    };
+    let mut pipe = sd("tiny-sd");
+    pipe.set_attn_processor(AttnProcessor::Fused);
+    let req = request(PipelineKind::Txt2Img, 128, 64);
+    // Batch 2 with CFG: the UNet sees 4 latents of 8 × 16.
+    let map = pipe.unet.feature_map(4, [8, 16]);
+    pipe.set_memory_budget(MemoryBudget::Fixed {
+        available: Some(map.pass_peak() - 1),
+        max_allocation: None,
+    });
+    let (out, calls) = record_attention_calls(|| {
+        pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    expect_refused(out.expect_err("refused").to_string(), &map);
+    assert!(calls.is_empty(), "nothing ran: {calls:?}");
+
+    let mut pipe = IFPipeline::<Cpu>::load(
+        &fixture("tiny-if"),
+        &LoadOptions::default(),
+        &Default::default(),
+    )
+    .expect("load IF");
+    let req = request(PipelineKind::If, 16, 16);
+    let map = pipe.unet.feature_map(4, [16, 16]);
+    pipe.set_memory_budget(MemoryBudget::Fixed {
+        available: Some(map.pass_peak() - 1),
+        max_allocation: None,
+    });
+    let (out, calls) = record_attention_calls(|| {
+        pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
+    });
+    expect_refused(out.expect_err("refused").to_string(), &map);
+    assert!(calls.is_empty(), "nothing ran: {calls:?}");
+}
+
 #[test]
 fn a_model_too_large_for_the_memory_left_is_refused_before_its_weights_are_read() {
     let tight = LoadOptions {
@@ -587,6 +671,26 @@ fn a_model_too_large_for_the_memory_left_is_refused_before_its_weights_are_read(
     let mut pipe =
         StableDiffusionPipeline::<Cpu>::load(&fixture("tiny-sd"), &roomy, &Default::default())
             .expect("1 GiB is room enough");
+    // A ControlNet loaded later is checked against what is left then: refused, folder or single
+    // file, with the pipeline as it was; with room it loads.
+    pipe.set_memory_budget(kib(64));
+    for path in [
+        fixture("tiny-controlnet"),
+        fixture("tiny-controlnet-single-file.safetensors"),
+    ] {
+        let err = pipe.load_controlnet(&path).expect_err("refused");
+        assert!(
+            err.to_string()
+                .starts_with("not enough memory: loading the ControlNet needs about"),
+            "{err}"
+        );
+        assert!(pipe.controlnet.is_none(), "nothing was loaded");
+    }
+    pipe.set_memory_budget(kib(1 << 20));
+    pipe.load_controlnet(&fixture("tiny-controlnet"))
+        .expect("1 GiB is room enough");
+    assert!(pipe.controlnet.is_some());
+
     pipe.set_attn_processor(AttnProcessor::Vanilla);
     let mut req = request(PipelineKind::Txt2Img, 1024, 1024);
     req.batch = 4;

@@ -430,6 +430,7 @@ fn fused_f32_attention_runs_our_kernel_under_fusion() {
 /// fusion, before a CUDA session meets them.
 #[test]
 fn if_unets_and_controlnet_match_diffusers_on_wgpu() {
+    use engine::memory::MemoryBudget;
     use engine::models::AttnProcessor;
     use engine::models::controlnets::ControlNetModel;
     use engine::models::unets::UNet2DConditionModel;
@@ -478,8 +479,13 @@ fn if_unets_and_controlnet_match_diffusers_on_wgpu() {
     }
 
     let r = refs("controlnet");
-    let (mut controlnet, _) =
-        ControlNetModel::<Wgpu>::load(&fixture("tiny-controlnet"), None, &device).unwrap();
+    let (mut controlnet, _) = ControlNetModel::<Wgpu>::load(
+        &fixture("tiny-controlnet"),
+        None,
+        &MemoryBudget::Unchecked,
+        &device,
+    )
+    .unwrap();
     controlnet.set_attn_processor(AttnProcessor::Fused);
     controlnet.set_memory_format(MemoryFormat::ChannelsLast);
     let timesteps: Vec<f64> = r["timestep"].values.iter().map(|&v| f64::from(v)).collect();

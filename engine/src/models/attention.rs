@@ -168,6 +168,21 @@ impl Transformer2DModelConfig {
 }
 
 impl<B: Backend> Transformer2DModel<B> {
+    /// The widest per-token tensor of [`Self::forward_in`]: the feed-forward's GEGLU projection,
+    /// twice its inner width (SD 1.5's first level: 2 × 4 × 320 = 2560 per pixel).
+    pub fn widest(&self) -> usize {
+        self.transformer_blocks
+            .iter()
+            .flat_map(|block| &block.ff.net)
+            .map(|layer| match layer {
+                FeedForwardLayer::Geglu(geglu) => geglu.proj.weight.dims()[1],
+                FeedForwardLayer::Linear(linear) => linear.weight.dims()[1],
+                FeedForwardLayer::Dropout(_) => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// # Shapes
     /// - x: `[batch, channels, h, w]`, context: `[batch, ctx_tokens, cross_dim]` → `[batch, channels, h, w]`
     pub fn forward(&self, x: Tensor<B, 4>, context: &Tensor<B, 3>) -> Tensor<B, 4> {

@@ -316,3 +316,36 @@ fn nearest_indices<B: Backend>(
         .collect();
     Tensor::from_data(TensorData::new(idx, [output]), device)
 }
+
+/// The largest feature map `[c, h, w]` seen by a model's walk (the VAE's and the UNet's
+/// `largest_activation`).
+#[derive(Default)]
+pub(crate) struct Largest(pub [usize; 3]);
+
+impl Largest {
+    pub fn see(&mut self, channels: usize, [h, w]: [usize; 2]) {
+        if channels * h * w > self.0.iter().product() {
+            self.0 = [channels, h, w];
+        }
+    }
+
+    /// A conv's input and output at `size` (it keeps the size).
+    pub fn see_conv<B: Backend>(&mut self, conv: &Conv2d<B>, size: [usize; 2]) {
+        let [out, input] = conv_channels(conv);
+        self.see(input, size);
+        self.see(out, size);
+    }
+
+    /// A block's resnets at `size`: each one's input and output widths.
+    pub fn see_resnets<B: Backend>(&mut self, resnets: &[ResnetBlock2D<B>], size: [usize; 2]) {
+        for resnet in resnets {
+            self.see_conv(&resnet.conv1, size);
+        }
+    }
+}
+
+/// A conv's `[out, in]` channels.
+pub(crate) fn conv_channels<B: Backend>(conv: &Conv2d<B>) -> [usize; 2] {
+    let [out, input, _, _] = conv.weight.shape().dims();
+    [out, input]
+}

@@ -589,6 +589,17 @@ impl GenerationRequest {
     pub fn do_classifier_free_guidance(&self) -> bool {
         self.guidance_scale > 1.0
     }
+
+    /// The batch the UNet sees: each image's unconditional and conditional pair with
+    /// classifier-free guidance, else the images.
+    pub fn unet_batch(&self) -> usize {
+        self.batch
+            * if self.do_classifier_free_guidance() {
+                2
+            } else {
+                1
+            }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ use burn::tensor::{Tensor, backend::Backend};
 
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward};
-use crate::models::resnet::{Resample, ResnetBlock2D, ResnetBlock2DConfig, TimeEmbeddingNorm};
+use crate::models::resnet::{
+    Largest, Resample, ResnetBlock2DConfig, TimeEmbeddingNorm, conv_channels,
+};
 use crate::models::unets::unet_2d_blocks::{
     BlockConfig, DownBlock2D, Downsampler, UNetMidBlock2D, UpBlock2D, Upsampler,
 };
@@ -227,38 +229,6 @@ impl<B: Backend> Decoder<B> {
         self.mid_block.attention_calls(batch, size, &mut out);
         out
     }
-}
-
-/// The largest `[c, h, w]` seen.
-#[derive(Default)]
-struct Largest([usize; 3]);
-
-impl Largest {
-    fn see(&mut self, channels: usize, [h, w]: [usize; 2]) {
-        if channels * h * w > self.0.iter().product() {
-            self.0 = [channels, h, w];
-        }
-    }
-
-    /// A conv's input and output at `size` (it keeps the size).
-    fn see_conv<B: Backend>(&mut self, conv: &Conv2d<B>, size: [usize; 2]) {
-        let [out, input] = conv_channels(conv);
-        self.see(input, size);
-        self.see(out, size);
-    }
-
-    /// A block's resnets at `size`: each one's input and output widths.
-    fn see_resnets<B: Backend>(&mut self, resnets: &[ResnetBlock2D<B>], size: [usize; 2]) {
-        for resnet in resnets {
-            self.see_conv(&resnet.conv1, size);
-        }
-    }
-}
-
-/// A conv's `[out, in]` channels.
-fn conv_channels<B: Backend>(conv: &Conv2d<B>) -> [usize; 2] {
-    let [out, input, _, _] = conv.weight.shape().dims();
-    [out, input]
 }
 
 /// Diffusers' `DiagonalGaussianDistribution` over latents.

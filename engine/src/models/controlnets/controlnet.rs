@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::error::{EngineError, Result};
 use crate::loading::single_file::{map_controlnet_keys, single_file_layers_per_block};
-use crate::memory::ScoreShape;
+use crate::memory::{MemoryBudget, ScoreShape};
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::config::{ModelConfig, read_config};
 use crate::models::conv::conv2d_forward_in;
@@ -217,14 +217,18 @@ impl ControlNetConfig {
 
 impl<B: Backend> ControlNetModel<B> {
     /// Reads a diffusers ControlNet folder: `config.json` and `diffusion_pytorch_model.safetensors`
-    /// (`weights` overrides the file, e.g. an `fp16` variant).
+    /// (`weights` overrides the file, e.g. an `fp16` variant). Refused before any weight is read
+    /// when the weights cannot fit `budget` (SD 1.5's ControlNets are 361 million weights, 1.3 GiB
+    /// in f32).
     pub fn load(
         dir: &Path,
         weights: Option<&Path>,
+        budget: &MemoryBudget,
         device: &B::Device,
     ) -> Result<(Self, ControlNetConfig)> {
         let config: ControlNetConfig = read_config(&dir.join("config.json"))?;
         let mut model = config.init(device)?;
+        budget.check_weights("the ControlNet", model.num_params())?;
         let default_file = dir.join("diffusion_pytorch_model.safetensors");
         load_safetensors(&mut model, weights.unwrap_or(&default_file))?;
         Ok((model, config))
@@ -234,9 +238,11 @@ impl<B: Backend> ControlNetModel<B> {
     /// layout, see [`map_controlnet_keys`]). Such files carry no config: the down half is
     /// `unet`'s (the UNet it was trained beside, as `ControlNetModel.from_unet`), the latent and
     /// control channels and the conditioning embedding's widths are read from the tensors.
+    /// Refused before any weight is read when the weights cannot fit `budget`.
     pub fn load_single_file(
         file: &Path,
         unet: &UNet2DConditionConfig,
+        budget: &MemoryBudget,
         device: &B::Device,
     ) -> Result<(Self, ControlNetConfig)> {
         let tensors = read_safetensors_shapes(file)?;
@@ -251,6 +257,7 @@ impl<B: Backend> ControlNetModel<B> {
             ..ControlNetConfig::default()
         };
         let mut model = config.init(device)?;
+        budget.check_weights("the ControlNet", model.num_params())?;
         load_safetensors_renamed(&mut model, file, &mapped.renames)?;
         Ok((model, config))
     }

@@ -18,7 +18,7 @@ use crate::models::attention_processor::{
 };
 use crate::models::layout::MemoryFormat;
 use crate::models::resnet::{
-    Downsample2D, Resample, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D,
+    Downsample2D, Largest, Resample, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D,
 };
 
 /// The attention layer of a block: which one is given by the block type.
@@ -87,6 +87,21 @@ impl<B: Backend> BlockAttention<B> {
             (Self::Transformer(t), Some(ctx)) => t.attention_calls(batch, tokens, ctx, out),
             (Self::Transformer(_), None) => {}
             (Self::AddedKv(a), ctx) => out.push(a.score_shape(batch, tokens, ctx)),
+        }
+    }
+}
+
+/// Sees, in `largest`, the widest per-pixel tensor of a block's `attentions` over a `[h, w]`
+/// feature map: a transformer's feed-forward projection (IF's added-KV attention projects to
+/// its channels, which the block's resnets already show).
+pub(crate) fn see_attentions<B: Backend>(
+    largest: &mut Largest,
+    attentions: &[BlockAttention<B>],
+    size: [usize; 2],
+) {
+    for a in attentions {
+        if let BlockAttention::Transformer(t) = a {
+            largest.see(t.widest(), size);
         }
     }
 }

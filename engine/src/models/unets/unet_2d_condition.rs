@@ -5,7 +5,7 @@
 //! resamplers, `scale_shift` time conditioning, the text projection `encoder_hid_proj` and the
 //! text-pooled addition embedding).
 
-use crate::memory::ScoreShape;
+use crate::memory::{FeatureMap, ScoreShape};
 use crate::models::conv::{conv2d_forward_in, conv2d_output_size};
 use crate::models::layout::{ConvWeightLayout, MemoryFormat, map_in_place};
 use std::collections::BTreeMap;
@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::unet_2d_blocks::{
     AttentionTemplate, BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D, Upsampler,
-    blocks_attention_calls, set_blocks_processor,
+    blocks_attention_calls, see_attentions, set_blocks_processor,
 };
 use crate::error::{EngineError, Result};
 use crate::models::attention::Transformer2DModelConfig;
@@ -28,7 +28,7 @@ use crate::models::attention_processor::{AddedKvAttentionConfig, AttnProcessor};
 use crate::models::config::{ModelConfig, PerBlock, read_config};
 use crate::models::embeddings::{TextTimeEmbedding, TimestepEmbedding, Timesteps};
 use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward_in, linear};
-use crate::models::resnet::{Resample, ResnetBlock2DConfig, TimeEmbeddingNorm};
+use crate::models::resnet::{Largest, Resample, ResnetBlock2DConfig, TimeEmbeddingNorm};
 use crate::models::weights::load_safetensors;
 
 /// `unet/config.json`, with diffusers' `__init__` defaults.
@@ -882,6 +882,50 @@ impl<B: Backend> UNet2DConditionModel<B> {
             blocks_attention_calls(&block.attentions, batch, at, Some(context), &mut out);
         }
         out
+    }
+
+    /// The largest feature map `[c, h, w]` of one [`Self::forward`] over one latent of `[h, w]`
+    /// (each image of a batch has its own): every resnet's input and output (an up block's
+    /// input is its running features and a skip, concatenated), an upsampler's conv at twice
+    /// the size, and each transformer's feed-forward projection, twice its inner width per
+    /// pixel. SD 1.5 at 512²: the first level's `[2560, 64, 64]`.
+    pub fn largest_activation(&self, size: [usize; 2]) -> [usize; 3] {
+        let sizes = self
+            .down_path()
+            .attention_calls(1, size, 1, &mut Vec::new());
+        let at = |level: usize| sizes.get(level).copied().unwrap_or(size);
+        let mut largest = Largest::default();
+        largest.see_conv(&self.conv_in, at(0));
+        for (level, block) in self.down_blocks.iter().enumerate() {
+            largest.see_resnets(&block.resnets, at(level));
+            see_attentions(&mut largest, &block.attentions, at(level));
+        }
+        let n = self.down_blocks.len();
+        if let Some(mid) = &self.mid_block {
+            largest.see_resnets(&mid.resnets, at(n));
+            see_attentions(&mut largest, &mid.attentions, at(n));
+        }
+        // Up block i runs at down block n-1-i's size (see `attention_calls`).
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let [h, w] = at(n.saturating_sub(i + 1));
+            largest.see_resnets(&block.resnets, [h, w]);
+            see_attentions(&mut largest, &block.attentions, [h, w]);
+            if let Some(Upsampler::Conv(up)) = block.upsamplers.first() {
+                largest.see_conv(&up.conv, [2 * h, 2 * w]);
+            }
+        }
+        largest.0
+    }
+
+    /// [`Self::largest_activation`] for a `batch` of latents of `[h, w]` in the model's float
+    /// type, for [`crate::memory::MemoryBudget::check_feature_map`].
+    pub fn feature_map(&self, batch: usize, size: [usize; 2]) -> FeatureMap {
+        let [c, h, w] = self.largest_activation(size);
+        FeatureMap {
+            model: "UNet",
+            shape: [batch, c, h, w],
+            float_bytes: self.conv_in.weight.dtype().size() as u64,
+        }
     }
 
     /// The contracting half's parts, borrowed for the forward pass.

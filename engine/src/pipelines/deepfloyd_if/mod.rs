@@ -255,8 +255,7 @@ impl<B: Backend> IFPipeline<B> {
     /// The attention calls of one run of `request`: the UNet's at every step, over the image
     /// (T5's 77 × 77 scores aside). Call after [`GenerationRequest::check_inputs`].
     pub fn attention_calls(&self, request: &GenerationRequest) -> Vec<ModelCalls> {
-        let cfg = request.do_classifier_free_guidance();
-        let batch = request.batch * if cfg { 2 } else { 1 };
+        let batch = request.unet_batch();
         let tokens = request.prompt_embeds.as_ref().map_or(IF_MAX_LENGTH, |e| {
             e.prompt_embeds.shape.get(1).copied().unwrap_or(0)
         });
@@ -406,6 +405,13 @@ impl<B: Backend> IFPipeline<B> {
             &self.memory_budget,
             self.attn_processor,
             &self.attention_calls(request),
+        )?;
+        let unet_batch = request.unet_batch();
+        self.memory_budget.check_feature_map(
+            &self
+                .unet
+                .feature_map(unet_batch, [request.height, request.width]),
+            None,
         )?;
         let mut generator = TorchGenerator::new(request.seed);
         let noise: &mut dyn NoiseSource = match noise {

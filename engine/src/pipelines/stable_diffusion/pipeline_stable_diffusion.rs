@@ -354,7 +354,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let f = self.vae_config.scale_factor().max(1);
         let latent = [request.height / f, request.width / f];
         let cfg = request.do_classifier_free_guidance();
-        let unet_batch = request.batch * if cfg { 2 } else { 1 };
+        let unet_batch = request.unet_batch();
         let tokens = request
             .prompt_embeds
             .as_ref()
@@ -415,9 +415,9 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         }
     }
 
-    /// Refuses `request` when its attention or the VAE's largest feature maps would not fit the
-    /// memory budget, offering the other processors and, when the VAE is what does not fit,
-    /// VAE tiling.
+    /// Refuses `request` when its attention, the UNet's largest feature map or the VAE's would
+    /// not fit the memory budget, offering the other processors and, when the VAE is what does
+    /// not fit, VAE tiling.
     fn check_memory(&self, request: &GenerationRequest) -> Result<()> {
         if self.memory_budget == MemoryBudget::Unchecked {
             return Ok(());
@@ -445,6 +445,13 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         self.memory_budget
             .check_with(&need, |p| AttentionNeed::of(p, &models), &tiled)?;
 
+        // The UNet's largest feature map, over the whole (CFG) batch in the UNet's floats.
+        let f = self.vae_config.scale_factor().max(1);
+        let latent = [request.height / f, request.width / f];
+        let unet_batch = request.unet_batch();
+        self.memory_budget
+            .check_feature_map(&self.unet.feature_map(unet_batch, latent), None)?;
+
         // The VAE's largest feature maps, one image at a time, in f32.
         let map = |model, [c, h, w]: [usize; 3]| FeatureMap {
             model,
@@ -463,8 +470,6 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             self.memory_budget
                 .check_feature_map(&encode(tiling.as_ref()), instead)?;
         }
-        let f = self.vae_config.scale_factor().max(1);
-        let latent = [request.height / f, request.width / f];
         let decode = |t: Option<&VaeTiling>| {
             map("VAE decoder", self.vae.decode_largest_activation(latent, t))
         };
@@ -480,10 +485,15 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// ([`LoadOptions::variant`]).
     pub fn load_controlnet(&mut self, dir: &Path) -> Result<()> {
         let (mut controlnet, _) = if dir.is_file() {
-            ControlNetModel::<B>::load_single_file(dir, &self.unet_config, &self.device)?
+            ControlNetModel::<B>::load_single_file(
+                dir,
+                &self.unet_config,
+                &self.memory_budget,
+                &self.device,
+            )?
         } else {
             let weights = weights_file(dir, "diffusion_pytorch_model", &self.load_options);
-            ControlNetModel::<B>::load(dir, Some(&weights), &self.device)?
+            ControlNetModel::<B>::load(dir, Some(&weights), &self.memory_budget, &self.device)?
         };
         let boc = &self.unet_config.block_out_channels;
         if controlnet.controlnet_down_blocks.len() != self.unet_skip_count()
