@@ -24,11 +24,13 @@
 #   3. diffusers on the same card: eager vanilla and SDPA, then torch.compile if time is left.
 #
 # Needs, carried from the build machine (tests/python/gpu_prepare.sh): .gpu/brushfire.xz (release
-# build with the CUDA backend, stripped, xz), .gpu/libnvrtc.so and .whl/ (the diffusers wheel).
+# build with the CUDA backend, stripped, xz), .gpu/libnvrtc.so, .whl/ (the diffusers wheel) and
+# .gl/ (the Vulkan loader, for the wgpu cells).
 #
 # Dry run on a machine without a GPU (checks the script, not the numbers):
 #   BF_BACKEND=cpu BF_BIN=target/release/brushfire BF_MODEL=tests/fixtures/tiny-sd BF_SIZE=64 \
 #     BF_STEPS_B1=3 BF_STEPS_B16=2 BF_B16=2 DIFFUSERS_DEVICE=cpu OUT=/tmp/out tests/python/gpu_session.sh
+# (BF_WGPU=yes adds the wgpu cells, on whatever Vulkan adapter the machine has.)
 set -u
 OUT=${OUT:-/tmp/out}
 BACKEND=${BF_BACKEND:-cuda}
@@ -92,6 +94,17 @@ if [ -d .whl ]; then
     && export PYTHONPATH=$WORK/site
 fi
 python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' | tee "$RES/versions.txt"
+# Vulkan for the wgpu backend: the image has the NVIDIA driver's ICD but no loader (the device
+# README); .gl/ carries Debian's libvulkan1.
+WGPU=${BF_WGPU:-no}
+if [ "$BACKEND" = cuda ] && ls .gl/*.deb >/dev/null 2>&1; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+  ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  [ -f "$ICD" ] && export VK_DRIVER_FILES=$ICD
+  WGPU=yes
+fi
+echo "wgpu/Vulkan: $WGPU"
 sha256sum "$BF" | tee "$RES/binary.sha256"
 nproc
 
@@ -154,9 +167,11 @@ parity_run() { # cache shim(none|pch|cubin) flash(burn|brushfire) secs tag extra
 #    the parity runs and the shim's timing beside them.
 WARM_SECS=$(share "${BF_WARM_SECS:-230}" 300)
 warm_one() { # column batch
+  local tag=warm-$1-$2
+  [ "$BACKEND" = wgpu ] && tag=wgpu-$tag
   XDG_CACHE_HOME=$WARM timeout --signal=INT --kill-after=5 "$WARM_SECS" \
     $BF bench --backend "$BACKEND" --dtype "$DTYPE" --pipelines sd-txt2img --batch "$2" --size "$SIZE" \
-    --columns "$1" --steps 2 --runs 1 "${MODEL_ARGS[@]}" --json "$RES/warm-$1-$2.json" > "$RES/warm-$1-$2.log" 2>&1
+    --columns "$1" --steps 2 --runs 1 "${MODEL_ARGS[@]}" --json "$RES/$tag.json" > "$RES/$tag.log" 2>&1
 }
 echo "=== warm-up (limit ${WARM_SECS}s per process) at +$(elapsed)s"
 start=$SECONDS
@@ -167,6 +182,12 @@ for b in 1 "$B16"; do
     pids+=($!)
   done
 done
+# wgpu on the same card through Vulkan: its shaders compile in milliseconds, so it is the second
+# chance if CUDA's first compilation does not finish.
+if [ "$WGPU" = yes ]; then
+  BACKEND=wgpu warm_one fusion 1 &
+  pids+=($!)
+fi
 if [ "$BACKEND" = cpu ]; then
   PARITY=("f32-fused --attention fused --dtype f32" "f32-fused-cl --attention fused --dtype f32 --channels-last on")
 else
@@ -204,18 +225,18 @@ summarise() { # log...
     echo "$(basename "$f"): $(grep -c 'Compiling kernel' "$f") compiled, $(grep -c 'Using PTX cache' "$f") from the cache, $(grep -c 'Tuning' "$f") tunings; $(tr '\r' '\n' < "$f" | grep -o '[0-9.]* it/s.*' | tail -1)"
   done
 }
-summarise "$RES"/warm-*.log "$RES"/generate-*.log | tee "$RES/warm-summary.txt"
+summarise "$RES"/warm-*.log "$RES"/wgpu-warm-*.log "$RES"/generate-*.log | tee "$RES/warm-summary.txt"
 
 # 2. Measured, alone on the GPU: compiled kernels copied, autotune fresh. One process per cell, so
 #    a cell cut off by its limit loses itself only.
 find "$WARM" -name '*.lock' -delete
 mkdir -p "$MEAS/brushfire/kernels"
 [ -d "$WARM/brushfire/kernels/cuda" ] && cp -r "$WARM/brushfire/kernels/cuda" "$MEAS/brushfire/kernels/"
-measure() { # tag batch steps column
-  local tag=$1
+measure() { # tag batch steps column [backend]
+  local tag=$1 backend=${5:-$BACKEND}
   shift
   budget "brushfire-$tag" "$(share "${BF_CELL_SECS:-60}" "${RESERVE:-110}")" \
-    env XDG_CACHE_HOME="$MEAS" $BF bench --backend "$BACKEND" --dtype "$DTYPE" --pipelines sd-txt2img \
+    env XDG_CACHE_HOME="$MEAS" $BF bench --backend "$backend" --dtype "$DTYPE" --pipelines sd-txt2img \
     --batch "$1" --size "$SIZE" --columns "$3" --steps "$2" --runs 2 "${MODEL_ARGS[@]}" \
     --markdown "$RES/brushfire_$tag.md" --json "$RES/brushfire_$tag.json" > /dev/null 2> "$RES/brushfire_$tag.log"
   summarise "$RES/brushfire_$tag.log"
@@ -232,6 +253,12 @@ measure b16-channels-last "$B16" "$STEPS_B16" channels-last
 # Our flash kernel in place of CubeCL's for the f16 fused+fusion column (batch 1): not in the
 # summary's JSON glob (own-*), compared by hand.
 [ "$BACKEND" = cuda ] && (export BRUSHFIRE_FLASH_KERNEL=brushfire; measure own-b1-fusion 1 "$STEPS_B1" fusion)
+# wgpu through Vulkan on the same card (also not in the summary's glob: wgpu-*).
+if [ "$WGPU" = yes ]; then
+  measure wgpu-b1-fusion 1 "$STEPS_B1" fusion wgpu
+  measure wgpu-b1-baseline 1 "$STEPS_B1" baseline wgpu
+  measure wgpu-b16-fusion "$B16" "$STEPS_B16" fusion wgpu
+fi
 
 # 3. diffusers on the same card: eager first (a minute), torch.compile only if time is left.
 diffusers() { # tag batch steps columns planned
