@@ -279,7 +279,8 @@ impl FeatureMap {
 /// - SD 1.5's VAE decoder at 1024², largest map 1 GiB: ~2.9 GiB above the weights;
 /// - SD 1.5's UNet at 512² with fused attention, largest map the first level's feed-forward
 ///   projection `[2·batch, 2560, 64, 64]`: 0.8 GiB above the weights at batch 4 (map 0.31 GiB),
-///   3.1 GiB at batch 16 (map 1.25 GiB) (tests/python/RESULTS.md, session 11).
+///   3.1 GiB at batch 16 (map 1.25 GiB); at 768², batch 2: 0.93 GiB (map 0.35 GiB)
+///   (tests/python/RESULTS.md, sessions 11 and 13).
 pub const PEAK_PER_FEATURE_MAP: u64 = 3;
 
 impl MemoryBudget {
