@@ -87,10 +87,13 @@ def main() -> int:
     ours_reports, ours = load(args.brushfire)
     theirs_reports, theirs = load(args.diffusers)
     out = []
-    for r in ours_reports:
-        out.append(f"- Brushfire: {r.get('backend')}, {r.get('precision')}, {r.get('steps')} steps, run {r.get('runs')} of {r.get('runs')}")
-    for r in theirs_reports:
-        out.append(f"- diffusers: {r.get('backend')}, {r.get('precision')}, {r.get('steps')} steps, run {r.get('runs')} of {r.get('runs')}")
+    # One line per distinct setup (one report per measured cell says the same thing many times).
+    for name, reports in (("Brushfire", ours_reports), ("diffusers", theirs_reports)):
+        for line in dict.fromkeys(
+            f"- {name}: {r.get('backend')}, {r.get('precision')}, {r.get('steps')} steps, run {r.get('runs')} of {r.get('runs')}"
+            for r in reports
+        ):
+            out.append(line)
     out.append("")
     groups = sorted({k[:4] for k in list(ours) + list(theirs)}, key=lambda g: (g[0], g[1], g[2], g[3]))
     for pipeline, width, height, batch in groups:
