@@ -276,3 +276,60 @@ fn sd15_configs_shipped_in_assets_build_the_real_unet_shape() {
     assert_eq!(row.len(), 77);
     assert_eq!(row[76], 49407);
 }
+
+/// An installed binary has no source tree: the SD 1.5 configs single-file checkpoints are read
+/// with are built in and written out once, byte for byte the shipped `assets/` folder, every file
+/// of it, and a folder the pipeline and the tokenizer read.
+#[test]
+fn the_built_in_sd15_configs_are_the_shipped_folder() {
+    use engine::pipelines::stable_diffusion::{SD15_CONFIG_FILES, write_sd15_configs};
+    let shipped = crate::common::fixture("../../assets/models/stable-diffusion-v1-5");
+    let mut files = Vec::new();
+    let mut stack = vec![shipped.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let name = path
+                    .strip_prefix(&shipped)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                files.push(name);
+            }
+        }
+    }
+    files.sort();
+    let built_in: Vec<&str> = SD15_CONFIG_FILES.iter().map(|(name, _)| *name).collect();
+    assert_eq!(
+        files, built_in,
+        "every shipped file is built in, and nothing else"
+    );
+
+    let dir = std::env::temp_dir().join(format!("brushfire-sd15-configs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A torn file from an earlier, interrupted run is replaced.
+    std::fs::create_dir_all(dir.join("unet")).unwrap();
+    std::fs::write(dir.join("unet/config.json"), "{").unwrap();
+    for _ in 0..2 {
+        assert_eq!(write_sd15_configs(&dir).unwrap(), dir);
+        for name in &files {
+            assert_eq!(
+                std::fs::read(dir.join(name)).unwrap(),
+                std::fs::read(shipped.join(name)).unwrap(),
+                "{name}"
+            );
+        }
+    }
+    let tokenizer =
+        engine::models::text_encoders::clip_tokenizer::CLIPTokenizer::load(&dir.join("tokenizer"))
+            .unwrap();
+    let ids = tokenizer.encode(&["a photo of a cat"]).unwrap();
+    assert_eq!(
+        &ids.input_ids[0][..7],
+        &[49406, 320, 1125, 539, 320, 2368, 49407]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,5 +9,6 @@ mod pipeline_stable_diffusion_upscale;
 
 pub use pipeline_stable_diffusion::{
     ControlConditioning, DenoiseOptions, GenerationOutput, InpaintConditioning, LoadOptions,
-    PreviewKind, StableDiffusionPipeline, denoise, sd15_config_dir,
+    PreviewKind, SD15_CONFIG_FILES, StableDiffusionPipeline, denoise, sd15_config_dir,
+    write_sd15_configs,
 };

@@ -61,28 +61,101 @@ pub struct GenerationOutput {
 }
 
 /// The SD 1.5 configs, tokenizer and scheduler config single-file checkpoints are read with:
-/// `$BRUSHFIRE_SD15_CONFIGS`, else `assets/models/stable-diffusion-v1-5` of the source tree this
-/// binary was built from.
+/// `$BRUSHFIRE_SD15_CONFIGS`; else `assets/models/stable-diffusion-v1-5` of the source tree this
+/// binary was built from, while it is there; else the copy built into the binary, written once
+/// to [`crate::backend::cache_dir`]`/sd15-configs` (an installed binary has no source tree).
 pub fn sd15_config_dir() -> Result<PathBuf> {
-    let dir = std::env::var_os("BRUSHFIRE_SD15_CONFIGS").map_or_else(
-        || {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../assets/models/stable-diffusion-v1-5"
-            ))
-        },
-        PathBuf::from,
-    );
-    if dir.join("unet").join("config.json").is_file() {
-        Ok(dir)
-    } else {
-        Err(EngineError::Config {
-            path: dir,
-            message: "SD 1.5's configs (needed to read a single-file checkpoint) are not here; \
-                      set BRUSHFIRE_SD15_CONFIGS to a diffusers SD 1.5 folder"
-                .into(),
-        })
+    if let Some(dir) = std::env::var_os("BRUSHFIRE_SD15_CONFIGS") {
+        let dir = PathBuf::from(dir);
+        return if dir.join("unet").join("config.json").is_file() {
+            Ok(dir)
+        } else {
+            Err(EngineError::Config {
+                path: dir,
+                message: "BRUSHFIRE_SD15_CONFIGS is not a diffusers SD 1.5 folder (no \
+                          unet/config.json)"
+                    .into(),
+            })
+        };
     }
+    let source = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../assets/models/stable-diffusion-v1-5"
+    ));
+    if source.join("unet").join("config.json").is_file() {
+        return Ok(source);
+    }
+    let cache = crate::backend::cache_dir().ok_or_else(|| EngineError::Config {
+        path: source,
+        message: "SD 1.5's configs (needed to read a single-file checkpoint) have no cache \
+                  folder to go to (neither XDG_CACHE_HOME nor HOME is set); set \
+                  BRUSHFIRE_SD15_CONFIGS to a diffusers SD 1.5 folder"
+            .into(),
+    })?;
+    write_sd15_configs(&cache.join("sd15-configs"))
+}
+
+/// SD 1.5's configs, tokenizer and scheduler config as shipped in `assets/`, built into the
+/// binary: `(path inside the folder, contents)`.
+pub const SD15_CONFIG_FILES: [(&str, &str); 9] = [
+    (
+        "model_index.json",
+        include_str!("../../../../assets/models/stable-diffusion-v1-5/model_index.json"),
+    ),
+    (
+        "scheduler/scheduler_config.json",
+        include_str!(
+            "../../../../assets/models/stable-diffusion-v1-5/scheduler/scheduler_config.json"
+        ),
+    ),
+    (
+        "text_encoder/config.json",
+        include_str!("../../../../assets/models/stable-diffusion-v1-5/text_encoder/config.json"),
+    ),
+    (
+        "tokenizer/merges.txt",
+        include_str!("../../../../assets/models/stable-diffusion-v1-5/tokenizer/merges.txt"),
+    ),
+    (
+        "tokenizer/special_tokens_map.json",
+        include_str!(
+            "../../../../assets/models/stable-diffusion-v1-5/tokenizer/special_tokens_map.json"
+        ),
+    ),
+    (
+        "tokenizer/tokenizer_config.json",
+        include_str!(
+            "../../../../assets/models/stable-diffusion-v1-5/tokenizer/tokenizer_config.json"
+        ),
+    ),
+    (
+        "tokenizer/vocab.json",
+        include_str!("../../../../assets/models/stable-diffusion-v1-5/tokenizer/vocab.json"),
+    ),
+    (
+        "unet/config.json",
+        include_str!("../../../../assets/models/stable-diffusion-v1-5/unet/config.json"),
+    ),
+    (
+        "vae/config.json",
+        include_str!("../../../../assets/models/stable-diffusion-v1-5/vae/config.json"),
+    ),
+];
+
+/// Writes [`SD15_CONFIG_FILES`] into `dir` (each file atomically, so a run stopped half-way
+/// leaves no torn file) unless they are there already with these contents; returns `dir`.
+pub fn write_sd15_configs(dir: &Path) -> Result<PathBuf> {
+    for (name, contents) in SD15_CONFIG_FILES {
+        let path = dir.join(name);
+        if std::fs::read(&path).is_ok_and(|have| have == contents.as_bytes()) {
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+        }
+        crate::tensor_io::write_atomic(&path, contents.as_bytes())?;
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// The x4 upscaler's `max_noise_level` when its model_index.json does not say.
