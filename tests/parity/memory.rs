@@ -577,7 +577,18 @@ fn the_shipped_unets_largest_feature_maps() {
 /// A UNet pass whose feature maps cannot fit is refused with nothing run, in SD and in IF.
 #[test]
 fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
-    let expect_refused = |text: String, map: &FeatureMap| {
+    /// Runs `generate` under a budget one byte short of `map`'s pass: refused, nothing run.
+    fn expect_refused<T: std::fmt::Debug>(
+        map: &FeatureMap,
+        generate: impl FnOnce(MemoryBudget) -> engine::Result<T>,
+    ) {
+        let budget = MemoryBudget::Fixed {
+            available: Some(map.pass_peak() - 1),
+            max_allocation: None,
+        };
+        let (out, calls) = record_attention_calls(|| generate(budget));
+        let text = out.expect_err("refused").to_string();
+        assert!(calls.is_empty(), "nothing ran: {calls:?}");
         let [b, c, h, w] = map.shape;
         assert!(
             text.contains(&format!(
@@ -589,21 +600,16 @@ fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
             text.ends_with("lower the batch size or the image size"),
             "{text}"
         );
-    };
+    }
     let mut pipe = sd("tiny-sd");
     pipe.set_attn_processor(AttnProcessor::Fused);
     let req = request(PipelineKind::Txt2Img, 128, 64);
     // Batch 2 with CFG: the UNet sees 4 latents of 8 × 16.
     let map = pipe.unet.feature_map(4, [8, 16]);
-    pipe.set_memory_budget(MemoryBudget::Fixed {
-        available: Some(map.pass_peak() - 1),
-        max_allocation: None,
-    });
-    let (out, calls) = record_attention_calls(|| {
+    expect_refused(&map, |budget| {
+        pipe.set_memory_budget(budget);
         pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
     });
-    expect_refused(out.expect_err("refused").to_string(), &map);
-    assert!(calls.is_empty(), "nothing ran: {calls:?}");
 
     let mut pipe = IFPipeline::<Cpu>::load(
         &fixture("tiny-if"),
@@ -613,15 +619,10 @@ fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
     .expect("load IF");
     let req = request(PipelineKind::If, 16, 16);
     let map = pipe.unet.feature_map(4, [16, 16]);
-    pipe.set_memory_budget(MemoryBudget::Fixed {
-        available: Some(map.pass_peak() - 1),
-        max_allocation: None,
-    });
-    let (out, calls) = record_attention_calls(|| {
+    expect_refused(&map, |budget| {
+        pipe.set_memory_budget(budget);
         pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
     });
-    expect_refused(out.expect_err("refused").to_string(), &map);
-    assert!(calls.is_empty(), "nothing ran: {calls:?}");
 }
 
 #[test]
