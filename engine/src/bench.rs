@@ -27,6 +27,9 @@ use crate::models::controlnets::ControlNetConfig;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
+use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::{
+    SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG,
+};
 use crate::pipelines::stable_diffusion::{
     ControlConditioning, DenoiseOptions, InpaintConditioning, PreviewKind, denoise,
 };
@@ -34,13 +37,7 @@ use crate::pipelines::{CancelToken, StepProgress, strength_schedule};
 use crate::schedulers;
 use crate::tensor_io::HostTensor;
 
-/// `stable-diffusion-v1-5/stable-diffusion-v1-5`'s UNet config, as published.
-const SD15_UNET_CONFIG: &str =
-    include_str!("../../assets/models/stable-diffusion-v1-5/unet/config.json");
 const SD15_UNET_CONFIG_PATH: &str = "assets/models/stable-diffusion-v1-5/unet/config.json";
-/// Its scheduler config (PNDM, `skip_prk_steps`).
-const SD15_SCHEDULER_CONFIG: &str =
-    include_str!("../../assets/models/stable-diffusion-v1-5/scheduler/scheduler_config.json");
 const SD15_SCHEDULER_CONFIG_PATH: &str =
     "assets/models/stable-diffusion-v1-5/scheduler/scheduler_config.json";
 

@@ -95,6 +95,14 @@ pub fn sd15_config_dir() -> Result<PathBuf> {
     write_sd15_configs(&cache.join("sd15-configs"))
 }
 
+/// `stable-diffusion-v1-5/stable-diffusion-v1-5`'s UNet config, as published (also what the
+/// benchmark builds its random-weight UNet from).
+pub(crate) const SD15_UNET_CONFIG: &str =
+    include_str!("../../../../assets/models/stable-diffusion-v1-5/unet/config.json");
+/// Its scheduler config (PNDM, `skip_prk_steps`).
+pub(crate) const SD15_SCHEDULER_CONFIG: &str =
+    include_str!("../../../../assets/models/stable-diffusion-v1-5/scheduler/scheduler_config.json");
+
 /// SD 1.5's configs, tokenizer and scheduler config as shipped in `assets/`, built into the
 /// binary: `(path inside the folder, contents)`.
 pub const SD15_CONFIG_FILES: [(&str, &str); 9] = [
@@ -102,12 +110,7 @@ pub const SD15_CONFIG_FILES: [(&str, &str); 9] = [
         "model_index.json",
         include_str!("../../../../assets/models/stable-diffusion-v1-5/model_index.json"),
     ),
-    (
-        "scheduler/scheduler_config.json",
-        include_str!(
-            "../../../../assets/models/stable-diffusion-v1-5/scheduler/scheduler_config.json"
-        ),
-    ),
+    ("scheduler/scheduler_config.json", SD15_SCHEDULER_CONFIG),
     (
         "text_encoder/config.json",
         include_str!("../../../../assets/models/stable-diffusion-v1-5/text_encoder/config.json"),
@@ -132,10 +135,7 @@ pub const SD15_CONFIG_FILES: [(&str, &str); 9] = [
         "tokenizer/vocab.json",
         include_str!("../../../../assets/models/stable-diffusion-v1-5/tokenizer/vocab.json"),
     ),
-    (
-        "unet/config.json",
-        include_str!("../../../../assets/models/stable-diffusion-v1-5/unet/config.json"),
-    ),
+    ("unet/config.json", SD15_UNET_CONFIG),
     (
         "vae/config.json",
         include_str!("../../../../assets/models/stable-diffusion-v1-5/vae/config.json"),
