@@ -21,7 +21,7 @@ use crate::backend::{
     reset_peak_process_memory,
 };
 use crate::error::{EngineError, Result};
-use crate::memory::{ModelCalls, check_attention};
+use crate::memory::{FeatureMap, ModelCalls, check_attention};
 use crate::models::config::parse_config;
 use crate::models::controlnets::ControlNetConfig;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
@@ -644,14 +644,22 @@ impl BackendTask for UnetLoopTask<'_> {
         unet.set_memory_format(MemoryFormat::from_channels_last(
             spec.column.channels_last(),
         ));
-        // The ControlNet's calls are the UNet's down path's: the UNet's check covers them.
+        // The ControlNet's calls are the UNet's down path's: the UNet's check covers them. Its
+        // residuals (the down path's skips' shapes) are held through each UNet pass.
+        let latent = [spec.height / 8, spec.width / 8];
+        let held = (spec.pipeline == BenchPipeline::SdControlnet).then(|| {
+            let elements = unet.skip_elements(latent) * 2 * spec.batch;
+            let bytes = elements as u64 * unet.conv_in.weight.dtype().size() as u64;
+            ("the ControlNet's residuals", bytes)
+        });
         check_unet_memory(
             self.selected,
             spec.column.attention(),
             &unet,
             2 * spec.batch,
-            [spec.height / 8, spec.width / 8],
+            latent,
             TOKENS,
+            held,
         )?;
         let (scheduler_text, scheduler_path) = &self.models.scheduler_config;
         let scheduler_json: serde_json::Value =
@@ -964,6 +972,7 @@ impl BackendTask for CascadeTask<'_> {
                 2 * batch,
                 [side, side],
                 plan.text_tokens,
+                None,
             )?;
             let text_width = config.encoder_hid_dim.unwrap_or(
                 config
@@ -1060,8 +1069,9 @@ impl BackendTask for CascadeTask<'_> {
     }
 }
 
-/// Refuses a cell whose UNet attention cannot fit the device, before any activation exists (on
-/// the CPU backend the process would be killed rather than fail).
+/// Refuses a cell whose UNet attention or feature maps cannot fit the device, with `held`
+/// beside its pass, before any activation exists (on the CPU backend the process would be
+/// killed rather than fail).
 fn check_unet_memory<B: Backend>(
     selected: &SelectedBackend,
     processor: AttnProcessor,
@@ -1069,6 +1079,7 @@ fn check_unet_memory<B: Backend>(
     batch: usize,
     size: [usize; 2],
     tokens: usize,
+    held: Option<(&'static str, u64)>,
 ) -> Result<()> {
     let calls = ModelCalls {
         model: "UNet",
@@ -1077,7 +1088,11 @@ fn check_unet_memory<B: Backend>(
     };
     let budget = memory_budget(selected);
     check_attention(&budget, processor, &[calls])?;
-    budget.check_feature_map(&unet.feature_map(batch, size), None)
+    let map = FeatureMap {
+        held,
+        ..unet.feature_map(batch, size)
+    };
+    budget.check_feature_map(&map, None)
 }
 
 fn sync<B: Backend>(device: &B::Device) -> Result<()> {

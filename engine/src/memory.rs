@@ -261,6 +261,9 @@ pub struct FeatureMap {
     pub shape: [usize; 4],
     /// The size of the model's floats (4 for f32, 2 for f16).
     pub float_bytes: u64,
+    /// What the pass holds beside its own maps for its whole length, and its bytes (a
+    /// ControlNet's residuals, beside the UNet's pass).
+    pub held: Option<(&'static str, u64)>,
 }
 
 impl FeatureMap {
@@ -268,9 +271,18 @@ impl FeatureMap {
         self.shape.iter().map(|&d| d as u64).product::<u64>() * self.float_bytes
     }
 
-    /// What a pass holds at its peak: about [`PEAK_PER_FEATURE_MAP`] of its largest map.
+    /// What a pass holds at its peak: about [`PEAK_PER_FEATURE_MAP`] of its largest map, and
+    /// what it holds beside them.
     pub fn pass_peak(&self) -> u64 {
-        PEAK_PER_FEATURE_MAP * self.bytes()
+        PEAK_PER_FEATURE_MAP * self.bytes() + self.held.map_or(0, |(_, bytes)| bytes)
+    }
+
+    /// This map, with `what` (`bytes` of it) held beside the pass.
+    pub fn holding(self, what: &'static str, bytes: u64) -> Self {
+        Self {
+            held: Some((what, bytes)),
+            ..self
+        }
     }
 }
 
@@ -279,8 +291,10 @@ impl FeatureMap {
 /// - SD 1.5's VAE decoder at 1024², largest map 1 GiB: ~2.9 GiB above the weights;
 /// - SD 1.5's UNet at 512² with fused attention, largest map the first level's feed-forward
 ///   projection `[2·batch, 2560, 64, 64]`: 0.8 GiB above the weights at batch 4 (map 0.31 GiB),
-///   3.1 GiB at batch 16 (map 1.25 GiB); at 768², batch 2: 0.93 GiB (map 0.35 GiB)
-///   (tests/python/RESULTS.md, sessions 11 and 13).
+///   3.1 GiB at batch 16 (map 1.25 GiB); at 768², batch 2: 0.93 GiB (map 0.35 GiB);
+/// - with a ControlNet at 512², batch 4: 1.07 GiB above both models' weights, the UNet's 0.84
+///   and its residuals' 0.2, which [`FeatureMap::held`] adds
+///   (tests/python/RESULTS.md, sessions 11, 13 and 14).
 pub const PEAK_PER_FEATURE_MAP: u64 = 3;
 
 impl MemoryBudget {
@@ -311,10 +325,13 @@ impl MemoryBudget {
         let problem = match available.filter(|&a| map.pass_peak() > a) {
             Some(available) => format!(
                 "the {}'s largest feature map is {}, about {}, and a pass holds about \
-                 {PEAK_PER_FEATURE_MAP} of them ({}) where this machine has {} available",
+                 {PEAK_PER_FEATURE_MAP} of them{} ({}) where this machine has {} available",
                 map.model,
                 shape(map),
                 gib(map.bytes()),
+                map.held
+                    .map(|(what, bytes)| format!(" and {what}, {}", gib(bytes)))
+                    .unwrap_or_default(),
                 gib(map.pass_peak()),
                 gib(available),
             ),
@@ -477,6 +494,7 @@ mod tests {
             model: "VAE decoder",
             shape: [1, 256, 2048, 2048],
             float_bytes: 4,
+            held: None,
         }
     }
 

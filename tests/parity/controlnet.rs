@@ -59,6 +59,15 @@ fn controlnet_residuals_match_diffusers() {
                 )
                 .expect("controlnet forward");
             let expected = residuals(&r, prefix);
+            // What the memory check counts as held through the UNet's pass is what came out.
+            let [batch, _, h, w] = tensor(&r, "sample").dims();
+            let held: usize = out
+                .down
+                .iter()
+                .chain([&out.mid])
+                .map(|t| t.shape().num_elements())
+                .sum();
+            assert_eq!(controlnet.residual_elements([h, w]) * batch, held);
             assert_eq!(out.down.len(), expected.down.len(), "one residual per skip");
             assert_eq!(out.down.len(), 12);
             for (i, (a, e)) in out.down.into_iter().zip(expected.down).enumerate() {

@@ -340,6 +340,7 @@ fn when_the_vae_does_not_fit_vae_tiling_is_offered_and_fits() {
         model: "VAE decoder",
         shape: [1, c, h, w],
         float_bytes: 4,
+        held: None,
     }
     .pass_peak();
     req.vae_tiling = false;
@@ -545,13 +546,17 @@ fn a_vae_decode_too_large_for_the_gpu_pool_is_refused_and_tiling_offered() {
 #[test]
 fn the_shipped_unets_largest_feature_maps() {
     use engine::models::config::parse_config;
+    use engine::models::controlnets::ControlNetConfig;
     use engine::models::unets::{UNet2DConditionConfig, UNet2DConditionModel};
-    let unet = |name: &str| -> UNet2DConditionModel<Cpu> {
+    let config = |name: &str| -> UNet2DConditionConfig {
         let path = fixture(&format!("../../assets/models/{name}/unet/config.json"));
         let text = std::fs::read_to_string(&path).expect("config");
-        let config: UNet2DConditionConfig = parse_config(&text, &path).expect("config");
-        config.init(&Default::default()).expect("unet")
+        parse_config(&text, &path).expect("config")
     };
+    let unet = |name: &str| -> UNet2DConditionModel<Cpu> {
+        config(name).init(&Default::default()).expect("unet")
+    };
+    let sd_config = config("stable-diffusion-v1-5");
     let sd = unet("stable-diffusion-v1-5");
     // 512²: the first level's feed-forward projection, 2 × 4 × 320 wide (GEGLU).
     assert_eq!(sd.largest_activation([64, 64]), [2560, 64, 64]);
@@ -561,6 +566,25 @@ fn the_shipped_unets_largest_feature_maps() {
     let map = sd.feature_map(32, [64, 64]);
     assert_eq!(map.shape, [32, 2560, 64, 64]);
     assert_eq!(map.bytes(), 1280 << 20);
+    // A ControlNet's residuals, held through each UNet pass: the skips (conv_in's 320 and
+    // two resnets' at 64², the downsampler's 320 at 32², 2 × 640 at 32², 640 at 16², 2 × 1280
+    // at 16², 1280 at 8², 2 × 1280 at 8²) and the mid block's 1280 at 8²: 25.6 MiB per image.
+    let skips = 320 * 4096 * 3
+        + 320 * 1024
+        + 640 * 1024 * 2
+        + 640 * 256
+        + 1280 * 256 * 2
+        + 1280 * 64
+        + 1280 * 64 * 2
+        + 1280 * 64;
+    assert_eq!(sd.skip_elements([64, 64]), skips);
+    let controlnet = ControlNetConfig {
+        unet: sd_config.clone(),
+        ..ControlNetConfig::default()
+    }
+    .init::<Cpu>(&Default::default())
+    .expect("controlnet");
+    assert_eq!(controlnet.residual_elements([64, 64]), skips);
     // The upscaler runs at its input's size: the second level's feed-forward, 2 × 4 × 512. ×4
     // of a 512² picture: 1 GiB per image in f32, 2 GiB for the CFG pair.
     let x4 = unet("stable-diffusion-x4-upscaler");
@@ -581,7 +605,7 @@ fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
     fn expect_refused<T: std::fmt::Debug>(
         map: &FeatureMap,
         generate: impl FnOnce(MemoryBudget) -> engine::Result<T>,
-    ) {
+    ) -> String {
         let budget = MemoryBudget::Fixed {
             available: Some(map.pass_peak() - 1),
             max_allocation: None,
@@ -600,6 +624,7 @@ fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
             text.ends_with("lower the batch size or the image size"),
             "{text}"
         );
+        text
     }
     let mut pipe = sd("tiny-sd");
     pipe.set_attn_processor(AttnProcessor::Fused);
@@ -610,6 +635,33 @@ fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
         pipe.set_memory_budget(budget);
         pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
     });
+
+    // With a ControlNet, its residuals are held through each UNet pass: a budget that admits
+    // txt2img's pass refuses the ControlNet's, and names them.
+    pipe.set_memory_budget(MemoryBudget::Unchecked);
+    pipe.load_controlnet(&fixture("tiny-controlnet"))
+        .expect("load controlnet");
+    let controlnet = pipe.controlnet.as_ref().expect("loaded");
+    let held = controlnet.residual_elements([8, 16]) * 4 * 4;
+    let mut control = request(PipelineKind::ControlNet, 128, 64);
+    control.control_image = Some(rgb_png("refs/control.png"));
+    let with_residuals = map.holding("the ControlNet's residuals", held as u64);
+    assert_eq!(with_residuals.pass_peak(), map.pass_peak() + held as u64);
+    // The budget, one byte short, admits the UNet's own maps.
+    assert!(with_residuals.pass_peak() > map.pass_peak());
+    let text = expect_refused(&with_residuals, |budget| {
+        pipe.set_memory_budget(budget);
+        pipe.generate(
+            &control,
+            None,
+            &CancelToken::new(),
+            &mut |_: &StepProgress| {},
+        )
+    });
+    assert!(
+        text.contains("of them and the ControlNet's residuals, "),
+        "{text}"
+    );
 
     let mut pipe = IFPipeline::<Cpu>::load(
         &fixture("tiny-if"),

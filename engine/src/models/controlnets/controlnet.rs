@@ -22,6 +22,7 @@ use crate::models::conv::conv2d_forward_in;
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
 use crate::models::layout::{ConvWeightLayout, MemoryFormat, map_in_place};
 use crate::models::normalization::conv2d;
+use crate::models::resnet::conv_channels;
 use crate::models::unets::unet_2d_blocks::{
     DownBlock2D, UNetMidBlock2DCrossAttn, set_blocks_processor,
 };
@@ -380,6 +381,22 @@ impl<B: Backend> ControlNetModel<B> {
         let mid = conv2d_forward_in(&self.controlnet_mid_block, x, format).mul_scalar(scales[n]);
         let mid = pool(format.to_nchw(mid));
         Ok(ControlResiduals { down, mid })
+    }
+
+    /// The elements of one image's residuals over `[h, w]` latents (the down path's skips and
+    /// the mid block's output, or one value per channel where the conditions are pooled): what
+    /// the UNet's pass holds beside its own maps.
+    pub fn residual_elements(&self, size: [usize; 2]) -> usize {
+        if self.global_pool_conditions {
+            let mut channels: usize = self
+                .controlnet_down_blocks
+                .iter()
+                .map(|c| conv_channels(c)[0])
+                .sum();
+            channels += conv_channels(&self.controlnet_mid_block)[0];
+            return channels;
+        }
+        self.down_path().skip_elements(size)
     }
 
     /// The UNet down-path code's view of this model.

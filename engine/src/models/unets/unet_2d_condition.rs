@@ -28,7 +28,9 @@ use crate::models::attention_processor::{AddedKvAttentionConfig, AttnProcessor};
 use crate::models::config::{ModelConfig, PerBlock, read_config};
 use crate::models::embeddings::{TextTimeEmbedding, TimestepEmbedding, Timesteps};
 use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_forward_in, linear};
-use crate::models::resnet::{Largest, Resample, ResnetBlock2DConfig, TimeEmbeddingNorm};
+use crate::models::resnet::{
+    Largest, Resample, ResnetBlock2DConfig, TimeEmbeddingNorm, conv_channels,
+};
 use crate::models::weights::load_safetensors;
 
 /// `unet/config.json`, with diffusers' `__init__` defaults.
@@ -925,7 +927,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
             model: "UNet",
             shape: [batch, c, h, w],
             float_bytes: self.conv_in.weight.dtype().size() as u64,
+            held: None,
         }
+    }
+
+    /// The elements of one image's skips and mid-block output over `[h, w]` latents: the
+    /// residuals a ControlNet built from this UNet's config hands it.
+    pub fn skip_elements(&self, size: [usize; 2]) -> usize {
+        self.down_path().skip_elements(size)
     }
 
     /// The contracting half's parts, borrowed for the forward pass.
@@ -1074,6 +1083,30 @@ impl<B: Backend> DownPath<'_, B> {
         }
         sizes.push(size);
         sizes
+    }
+
+    /// The elements, per image over `[h, w]` latents, of what [`Self::run`] returns: every
+    /// skip and the mid block's output. A ControlNet's residuals have these shapes, and the
+    /// UNet's pass holds them throughout.
+    pub fn skip_elements(&self, size: [usize; 2]) -> usize {
+        let sizes = self.attention_calls(1, size, 1, &mut Vec::new());
+        let pixels = |level: usize| sizes.get(level).map_or(0, |[h, w]| h * w);
+        let mut channels = conv_channels(self.conv_in)[0];
+        let mut total = channels * pixels(0);
+        for (level, block) in self.down_blocks.iter().enumerate() {
+            for resnet in &block.resnets {
+                channels = conv_channels(&resnet.conv2)[0];
+                total += channels * pixels(level);
+            }
+            // A downsampler keeps the channels; its output is the next block's input.
+            if !block.downsamplers.is_empty() {
+                total += channels * pixels(level + 1);
+            }
+        }
+        if self.mid_block.is_some() {
+            total += channels * pixels(self.down_blocks.len());
+        }
+        total
     }
 
     /// `conv_in`, then `cond` added to its output (a ControlNet's conditioning embedding), the

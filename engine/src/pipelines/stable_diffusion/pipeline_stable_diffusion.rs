@@ -522,14 +522,25 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let f = self.vae_config.scale_factor().max(1);
         let latent = [request.height / f, request.width / f];
         let unet_batch = request.unet_batch();
-        self.memory_budget
-            .check_feature_map(&self.unet.feature_map(unet_batch, latent), None)?;
+        let mut unet_map = self.unet.feature_map(unet_batch, latent);
+        if let (PipelineKind::ControlNet, Some(controlnet)) =
+            (request.pipeline, self.controlnet.as_ref())
+        {
+            // Its residuals, computed before each UNet pass, are held through it.
+            let elements = controlnet.residual_elements(latent) * unet_batch;
+            unet_map = unet_map.holding(
+                "the ControlNet's residuals",
+                elements as u64 * unet_map.float_bytes,
+            );
+        }
+        self.memory_budget.check_feature_map(&unet_map, None)?;
 
         // The VAE's largest feature maps, one image at a time, in f32.
         let map = |model, [c, h, w]: [usize; 3]| FeatureMap {
             model,
             shape: [1, c, h, w],
             float_bytes: 4,
+            held: None,
         };
         if matches!(
             request.pipeline,
