@@ -9,7 +9,7 @@ use app::gui::{BenchForm, BrushfireApp, ModelStatus, Persisted, Setting, View};
 use eframe::egui;
 use eframe::egui::accesskit::Role;
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use engine::backend::{BackendRequest, Precision};
 use engine::bench::{BenchColumn, BenchModels, BenchPipeline, CellOutcome};
 use engine::models::{AttnProcessor, MemoryFormat};
@@ -207,6 +207,13 @@ fn each_setting_reaches_the_engine_and_cpu_only_greys_out_the_rest() {
     h.run_steps(3);
     let state = &h.state().state;
     assert!(state.settings.execution.fusion, "fusion stays as it was");
+    // ... and shows off, as nothing is fused here.
+    assert_eq!(
+        h.get_by_label("Kernel fusion (\"compile\")")
+            .accesskit_node()
+            .toggled(),
+        Some(egui::accesskit::Toggled::False)
+    );
     assert_eq!(state.settings.execution.precision, Precision::F32);
     for setting in [Setting::Fusion, Setting::Precision(Precision::F16)] {
         assert!(state.unavailable_reason(setting).is_some(), "{setting:?}");

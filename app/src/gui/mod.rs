@@ -275,12 +275,17 @@ impl BrushfireApp {
         });
         let fusion_reason = self.state.unavailable_reason(Setting::Fusion);
         ui.add_enabled_ui(fusion_reason.is_none(), |ui| {
-            ui.checkbox(
-                &mut settings.execution.fusion,
-                "Kernel fusion (\"compile\")",
-            )
-            .on_hover_text("Burn's fusion backend: fuses element-wise kernels and autotunes")
-            .on_disabled_hover_text(fusion_reason.unwrap_or_default());
+            // Where the backend has no fusion it shows off; the choice is kept for a backend
+            // that has.
+            let mut off = false;
+            let shown = if fusion_reason.is_some() {
+                &mut off
+            } else {
+                &mut settings.execution.fusion
+            };
+            ui.checkbox(shown, "Kernel fusion (\"compile\")")
+                .on_hover_text("Burn's fusion backend: fuses element-wise kernels and autotunes")
+                .on_disabled_hover_text(fusion_reason.unwrap_or_default());
         });
         let channels_last_reason = self.state.unavailable_reason(Setting::ChannelsLast);
         ui.add_enabled_ui(channels_last_reason.is_none(), |ui| {
