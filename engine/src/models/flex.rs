@@ -6,6 +6,7 @@
 use std::any::Any;
 
 use burn::backend::flex::{FlexTensor, Layout};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Bytes, DType, Shape, Tensor, TensorPrimitive, backend::Backend};
 use rayon::prelude::*;
 
@@ -182,24 +183,32 @@ pub fn flex_attention<B: Backend>(
     from_flex(FlexTensor::new(Bytes::from_elems(out), layout, DType::F32))
 }
 
-/// Softmax over the last dimension on flex, f32 (rows in parallel, vectorised `exp`); `None`
-/// (use Burn's) when `B` is not flex or the tensor is not f32.
-pub fn flex_softmax_last_dim<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+/// Softmax over the last dimension. On flex in f32: rows in parallel with a vectorised `exp`,
+/// in place when `x` holds its buffer alone (attention's freshly made scores: no second score
+/// matrix, no copy; a shared buffer is copied first). Anything else: Burn's softmax.
+pub fn flex_softmax_last_dim<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let dim = D.saturating_sub(1);
     if x.dtype() != DType::F32 {
-        return None;
+        return softmax(x, dim);
     }
-    let t = as_flex(x.clone())?.to_contiguous();
+    let mut primitive = match x.into_primitive() {
+        TensorPrimitive::Float(p) => p,
+        q @ TensorPrimitive::QFloat(_) => return softmax(Tensor::from_primitive(q), dim),
+    };
+    let Some(t) = (&mut primitive as &mut dyn Any).downcast_mut::<FlexTensor>() else {
+        return softmax(Tensor::from_primitive(TensorPrimitive::Float(primitive)), dim);
+    };
+    // A contiguous tensor comes back sharing the buffer, and the old handle is dropped.
+    *t = t.to_contiguous();
     let shape = t.layout().shape().clone();
-    let row_len = *shape.to_vec().last()?;
-    let mut values = t.storage::<f32>()[..shape.num_elements()].to_vec();
-    if row_len > 0 {
-        values.par_chunks_mut(row_len).for_each(softmax_in_place);
+    let n = shape.num_elements();
+    if let Some(&row_len) = shape.to_vec().last().filter(|&&len| len > 0) {
+        // Copy-on-write: in place unless another tensor shares the buffer.
+        t.storage_mut::<f32>()[..n]
+            .par_chunks_mut(row_len)
+            .for_each(softmax_in_place);
     }
-    from_flex(FlexTensor::new(
-        Bytes::from_elems(values),
-        Layout::contiguous(shape),
-        DType::F32,
-    ))
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 /// GroupNorm over a contiguous `[batch, h, w, channels]` f32 tensor on flex: per batch item,
@@ -369,8 +378,21 @@ mod tests {
             Distribution::Normal(0.0, 3.0),
             &Default::default(),
         );
-        let got = flex_softmax_last_dim(&x).expect("flex tensor");
-        let diff: f32 = (got - softmax(x, 2)).abs().max().into_scalar();
+        // Shared with `x` (copied first), then alone (in place), then a transposed view.
+        let want = softmax(x.clone(), 2);
+        let shared = flex_softmax_last_dim(x.clone());
+        let diff: f32 = (shared - want.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-6, "max diff {diff}");
+        let want_t = softmax(x.clone().swap_dims(1, 2), 2);
+        let transposed = flex_softmax_last_dim(x.clone().swap_dims(1, 2));
+        let diff: f32 = (transposed - want_t).abs().max().into_scalar();
+        assert!(diff < 1e-6, "max diff {diff}");
+        let alone = flex_softmax_last_dim(x.clone().mul_scalar(1.0));
+        let diff: f32 = (alone - want).abs().max().into_scalar();
+        assert!(diff < 1e-6, "max diff {diff}");
+        // `x` itself was not touched by the shared call.
+        let again = flex_softmax_last_dim(x.clone());
+        let diff: f32 = (again - softmax(x, 2)).abs().max().into_scalar();
         assert!(diff < 1e-6, "max diff {diff}");
     }
 
