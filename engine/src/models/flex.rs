@@ -196,7 +196,10 @@ pub fn flex_softmax_last_dim<B: Backend, const D: usize>(x: Tensor<B, D>) -> Ten
         q @ TensorPrimitive::QFloat(_) => return softmax(Tensor::from_primitive(q), dim),
     };
     let Some(t) = (&mut primitive as &mut dyn Any).downcast_mut::<FlexTensor>() else {
-        return softmax(Tensor::from_primitive(TensorPrimitive::Float(primitive)), dim);
+        return softmax(
+            Tensor::from_primitive(TensorPrimitive::Float(primitive)),
+            dim,
+        );
     };
     // A contiguous tensor comes back sharing the buffer, and the old handle is dropped.
     *t = t.to_contiguous();
