@@ -63,9 +63,9 @@ impl AttnProcessor {
     /// What one call of `shape` holds when the model computes in floats of `float_bytes`.
     /// Vanilla holds the scores and the softmax's copy of them (plus a cast back when the
     /// scores were upcast); on the CPU backend the softmax works in the scores' buffer, so there
-    /// this errs one matrix on the safe side. Sliced holds that for `slice_size` matrices at a time; fused holds
-    /// a block of rows at most (flash kernels on GPUs, our blocked kernel on the CPU), which is
-    /// counted as nothing.
+    /// this errs one matrix on the safe side. Sliced holds that for `slice_size` matrices at a
+    /// time; fused holds a block of rows at most (flash kernels on GPUs, our blocked kernel on
+    /// the CPU), which is counted as nothing.
     pub fn footprint(self, shape: &ScoreShape, float_bytes: u64) -> Footprint {
         let score_bytes = if shape.upcast {
             float_bytes.max(4)
