@@ -21,7 +21,7 @@ use crate::backend::{
     reset_peak_process_memory,
 };
 use crate::error::{EngineError, Result};
-use crate::memory::{FeatureMap, ModelCalls, check_attention};
+use crate::memory::{ModelCalls, check_attention};
 use crate::models::config::parse_config;
 use crate::models::controlnets::ControlNetConfig;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
@@ -646,20 +646,14 @@ impl BackendTask for UnetLoopTask<'_> {
         ));
         // The ControlNet's calls are the UNet's down path's: the UNet's check covers them. Its
         // residuals (the down path's skips' shapes) are held through each UNet pass.
-        let latent = [spec.height / 8, spec.width / 8];
-        let held = (spec.pipeline == BenchPipeline::SdControlnet).then(|| {
-            let elements = unet.skip_elements(latent) * 2 * spec.batch;
-            let bytes = elements as u64 * unet.conv_in.weight.dtype().size() as u64;
-            ("the ControlNet's residuals", bytes)
-        });
         check_unet_memory(
             self.selected,
             spec.column.attention(),
             &unet,
             2 * spec.batch,
-            latent,
+            [spec.height / 8, spec.width / 8],
             TOKENS,
-            held,
+            spec.pipeline == BenchPipeline::SdControlnet,
         )?;
         let (scheduler_text, scheduler_path) = &self.models.scheduler_config;
         let scheduler_json: serde_json::Value =
@@ -972,7 +966,7 @@ impl BackendTask for CascadeTask<'_> {
                 2 * batch,
                 [side, side],
                 plan.text_tokens,
-                None,
+                false,
             )?;
             let text_width = config.encoder_hid_dim.unwrap_or(
                 config
@@ -1069,9 +1063,9 @@ impl BackendTask for CascadeTask<'_> {
     }
 }
 
-/// Refuses a cell whose UNet attention or feature maps cannot fit the device, with `held`
-/// beside its pass, before any activation exists (on the CPU backend the process would be
-/// killed rather than fail).
+/// Refuses a cell whose UNet attention or feature maps cannot fit the device (with a
+/// ControlNet's residuals beside its pass when `controlnet`), before any activation exists (on
+/// the CPU backend the process would be killed rather than fail).
 fn check_unet_memory<B: Backend>(
     selected: &SelectedBackend,
     processor: AttnProcessor,
@@ -1079,7 +1073,7 @@ fn check_unet_memory<B: Backend>(
     batch: usize,
     size: [usize; 2],
     tokens: usize,
-    held: Option<(&'static str, u64)>,
+    controlnet: bool,
 ) -> Result<()> {
     let calls = ModelCalls {
         model: "UNet",
@@ -1088,9 +1082,11 @@ fn check_unet_memory<B: Backend>(
     };
     let budget = memory_budget(selected);
     check_attention(&budget, processor, &[calls])?;
-    let map = FeatureMap {
-        held,
-        ..unet.feature_map(batch, size)
+    let map = unet.feature_map(batch, size);
+    let map = if controlnet {
+        map.holding_control_residuals(unet.skip_elements(size))
+    } else {
+        map
     };
     budget.check_feature_map(&map, None)
 }

@@ -279,11 +279,18 @@ impl FeatureMap {
     }
 
     /// This map, with `what` (`bytes` of it) held beside the pass.
-    pub fn holding(self, what: &'static str, bytes: u64) -> Self {
+    fn holding(self, what: &'static str, bytes: u64) -> Self {
         Self {
             held: Some((what, bytes)),
             ..self
         }
+    }
+
+    /// This map with a ControlNet's residuals held beside the pass: `per_image` elements
+    /// (`ControlNetModel::residual_elements`) for each image of the map's batch, in its floats.
+    pub fn holding_control_residuals(self, per_image: usize) -> Self {
+        let bytes = (per_image * self.shape[0]) as u64 * self.float_bytes;
+        self.holding("the ControlNet's residuals", bytes)
     }
 }
 

@@ -642,10 +642,11 @@ fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
     pipe.load_controlnet(&fixture("tiny-controlnet"))
         .expect("load controlnet");
     let controlnet = pipe.controlnet.as_ref().expect("loaded");
-    let held = controlnet.residual_elements([8, 16]) * 4 * 4;
+    let per_image = controlnet.residual_elements([8, 16]);
+    let held = per_image * 4 * 4;
     let mut control = request(PipelineKind::ControlNet, 128, 64);
     control.control_image = Some(rgb_png("refs/control.png"));
-    let with_residuals = map.holding("the ControlNet's residuals", held as u64);
+    let with_residuals = map.holding_control_residuals(per_image);
     assert_eq!(with_residuals.pass_peak(), map.pass_peak() + held as u64);
     // The budget, one byte short, admits the UNet's own maps.
     assert!(with_residuals.pass_peak() > map.pass_peak());

@@ -527,11 +527,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             (request.pipeline, self.controlnet.as_ref())
         {
             // Its residuals, computed before each UNet pass, are held through it.
-            let elements = controlnet.residual_elements(latent) * unet_batch;
-            unet_map = unet_map.holding(
-                "the ControlNet's residuals",
-                elements as u64 * unet_map.float_bytes,
-            );
+            unet_map = unet_map.holding_control_residuals(controlnet.residual_elements(latent));
         }
         self.memory_budget.check_feature_map(&unet_map, None)?;
 
