@@ -13,6 +13,8 @@ use engine::bench::{
 use engine::pipelines::{CancelToken, StepProgress};
 use engine::tensor_io::write_atomic;
 
+use crate::exit::BadArgument;
+
 /// `brushfire bench` flags.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -171,10 +173,25 @@ impl BenchObserver for TerminalBench {
 
 /// Runs `brushfire bench`.
 pub fn bench(args: &BenchArgs) -> Result<()> {
-    let backend_request: BackendRequest = args.backend.parse()?;
-    // Validate the flags before the backend starts (a CUDA probe can take seconds).
-    plan_from_args(args, Precision::F32)?;
-    let models = bench_models(args)?;
+    // Validate the flags before the backend starts (a CUDA probe can take seconds); what is
+    // wrong with them is a bad argument (exit 2).
+    let checked = || -> Result<_> {
+        let backend_request: BackendRequest = args.backend.parse()?;
+        plan_from_args(args, Precision::F32)?;
+        // A table that could not be written is refused before hours of measuring, not after.
+        for (flag, path) in [
+            ("--markdown", &args.markdown),
+            ("--csv", &args.csv),
+            ("--json", &args.json),
+        ] {
+            if let Some(path) = path {
+                engine::atomic_file::check_writable(path)
+                    .with_context(|| format!("{flag} {}", path.display()))?;
+            }
+        }
+        Ok((backend_request, bench_models(args)?))
+    };
+    let (backend_request, models) = checked().map_err(BadArgument::unless_download)?;
     let selected = select_backend(backend_request)?;
     let plan = plan_from_args(args, default_precision(selected.kind))?;
     eprintln!("backend: {selected}, {}", plan.precision);

@@ -21,6 +21,7 @@ use engine::pipelines::{
 use engine::schedulers::SchedulerKind;
 use engine::tensor_io::{HostTensor, read_safetensors, read_tensor, write_safetensors};
 
+use crate::exit::BadArgument;
 use crate::image_files::{read_mask, read_rgb, to_u8};
 use crate::png_meta::{ControlNetParameters, GenerationParameters, write_png};
 
@@ -52,20 +53,22 @@ pub struct GenerateArgs {
     /// txt2img | img2img | inpaint | controlnet | if | if-stage2 | upscale
     #[arg(long, default_value = "txt2img")]
     pub pipeline: String,
-    #[arg(long, default_value_t = 50)]
+    // Numbers take a leading `-` as a value (`--height -64` is then "invalid value '-64' for
+    // '--height'", not "unexpected argument '-6'").
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
     pub steps: usize,
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     pub guidance: f64,
     /// Default: the UNet's sample_size × the VAE factor (512 for SD 1.5).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub width: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub height: Option<usize>,
     /// Images per prompt.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub batch: usize,
     /// Seed of the torch-compatible CPU generator (random when absent; printed).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// pndm | ddim | euler | euler-a | dpm++2m | ddpm (default: the model's scheduler).
     #[arg(long)]
@@ -81,14 +84,14 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub mask: Option<PathBuf>,
     /// img2img/inpaint strength in [0, 1] (default 0.8 for img2img, 1.0 for inpaint).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub strength: Option<f64>,
     /// Inpaint: Gaussian blur radius of the mask, in pixels (0 = none).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub mask_blur: f64,
     /// Inpaint "only masked": work on the mask's box grown by N pixels, at full resolution, and
     /// paste it back (diffusers' padding_mask_crop).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub padding_mask_crop: Option<usize>,
     /// The ControlNet of `--pipeline controlnet`: a diffusers folder, a hub id, or a
     /// single-file `.safetensors` checkpoint (original `control_model.` layout).
@@ -102,25 +105,25 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = ["none", "canny"])]
     pub control_preprocess: Option<String>,
     /// Canny's low hysteresis threshold (default 100; OpenCV's scale).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub canny_low: Option<f32>,
     /// Canny's high hysteresis threshold (default 200).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub canny_high: Option<f32>,
     /// controlnet_conditioning_scale (default 1.0).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub controlnet_scale: Option<f64>,
     /// The fraction of the steps where the ControlNet starts acting (default 0).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub control_guidance_start: Option<f64>,
     /// The fraction of the steps where it stops (default 1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub control_guidance_end: Option<f64>,
     /// Guess mode: the ControlNet sees only the conditional batch.
     #[arg(long)]
     pub guess_mode: bool,
     /// The noise added to the input of `if-stage2` (default 250) and `upscale` (default 20).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub noise_level: Option<usize>,
     /// The input of `if-stage2` / `upscale` as a tensor `image` [B,3,H,W] in [-1,1] (a file
     /// written by --save-array, whose `image_pt` tensor is that, works too).
@@ -299,6 +302,16 @@ fn control_map(args: &GenerateArgs, path: &Path) -> Result<HostTensor> {
 fn prepare(args: &GenerateArgs) -> Result<Job> {
     let pipeline: PipelineKind = args.pipeline.parse()?;
     reject_unused(args, pipeline)?;
+    // Outputs are checked first: a run that could not write its result is refused before it
+    // starts, not after.
+    if let Some(path) = &args.save_array {
+        check_output("--save-array", path)?;
+    }
+    for i in 0..args.batch.max(1) {
+        if let Some(path) = &args.output {
+            check_output("--output", &numbered(path, i, args.batch))?;
+        }
+    }
     let image = args.image.as_deref().map(read_rgb).transpose()?;
     let mask = args.mask.as_deref().map(read_mask).transpose()?;
     let control_image = args
@@ -447,8 +460,8 @@ pub fn random_seed() -> u64 {
 
 /// Runs `brushfire generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let backend_request: BackendRequest = args.backend.parse()?;
-    let job = prepare(args)?;
+    let backend_request: BackendRequest = args.backend.parse().map_err(bad_argument)?;
+    let job = prepare(args).map_err(BadArgument::unless_download)?;
     let selected = select_backend(backend_request)?;
     let options = ExecutionOptions {
         fusion: args.fusion == Switch::On,
@@ -537,6 +550,7 @@ impl BackendTask for GenerateTask {
                 t.remaining()
             );
         }
+        let mut saved = SavedOutputs::default();
         if let Some(path) = &save_array {
             let mut tensors = vec![("image", &out.images)];
             if let Some(raw) = &out.raw {
@@ -548,8 +562,7 @@ impl BackendTask for GenerateTask {
                     tensors.push(("negative_prompt_embeds", neg));
                 }
             }
-            write_safetensors(path, &tensors)?;
-            eprintln!("wrote {}", path.display());
+            saved.keep(path, |p| write_safetensors(p, &tensors).map_err(Into::into));
         }
         let output = output.or_else(|| {
             save_array
@@ -574,12 +587,113 @@ impl BackendTask for GenerateTask {
             };
             for (i, rgb) in to_rgb8(&out.images).iter().enumerate() {
                 let file = numbered(&path, i, request.batch);
-                write_png(&file, width, height, rgb, &params)?;
-                eprintln!("wrote {}", file.display());
+                saved.keep(&file, |p| {
+                    let metadata = write_png(p, width, height, rgb, &params)?;
+                    if let Some(warning) = metadata.warning(p) {
+                        eprintln!("warning: {warning}");
+                    }
+                    Ok(())
+                });
             }
         }
-        Ok(())
+        saved.finish()
     }
+}
+
+/// What a finished run wrote. An output that cannot be written where asked (the folder went
+/// away, the disk filled) is written to a fallback folder instead and both are named: the
+/// result of a long run is never lost for its path. The run then ends in an error (exit 1).
+#[derive(Default)]
+struct SavedOutputs {
+    /// `(asked for, written to instead, why)`.
+    moved: Vec<(PathBuf, PathBuf, String)>,
+    /// Outputs written nowhere, with why.
+    lost: Vec<(PathBuf, String)>,
+}
+
+impl SavedOutputs {
+    /// Writes `path` with `write`, or its file name in the fallback folder when that fails.
+    fn keep(&mut self, path: &Path, write: impl Fn(&Path) -> Result<()>) {
+        let error = match write(path) {
+            Ok(()) => {
+                eprintln!("wrote {}", path.display());
+                return;
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        eprintln!("error: could not write {}: {error}", path.display());
+        match fallback_path(path).and_then(|fallback| write(&fallback).map(|()| fallback)) {
+            Ok(fallback) => {
+                eprintln!("  saved to {} instead", fallback.display());
+                self.moved.push((path.to_path_buf(), fallback, error));
+            }
+            Err(e) => {
+                eprintln!("  and not to the fallback folder either: {e:#}");
+                self.lost
+                    .push((path.to_path_buf(), format!("{error}; fallback: {e:#}")));
+            }
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        if self.moved.is_empty() && self.lost.is_empty() {
+            return Ok(());
+        }
+        let mut lines: Vec<String> = self
+            .moved
+            .iter()
+            .map(|(asked, fallback, why)| {
+                format!(
+                    "{} could not be written ({why}); it is in {}",
+                    asked.display(),
+                    fallback.display()
+                )
+            })
+            .collect();
+        lines.extend(
+            self.lost
+                .iter()
+                .map(|(asked, why)| format!("{} could not be written: {why}", asked.display())),
+        );
+        bail!("{}", lines.join("; "))
+    }
+}
+
+/// Where an output that could not be written goes: `unsaved/` in Brushfire's cache folder (where
+/// the app keeps unsaved images too), else the system's temporary folder; a fresh name, so
+/// nothing there is replaced.
+fn fallback_path(asked: &Path) -> Result<PathBuf> {
+    let dir = engine::backend::cache_dir()
+        .map(|c| c.join("unsaved"))
+        .filter(|d| std::fs::create_dir_all(d).is_ok())
+        .unwrap_or_else(std::env::temp_dir);
+    let name = asked
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "brushfire-output".into());
+    for n in 0..10_000 {
+        let candidate = if n == 0 {
+            dir.join(&name)
+        } else {
+            dir.join(format!("{n}-{name}"))
+        };
+        if std::fs::symlink_metadata(&candidate).is_err() {
+            return Ok(candidate);
+        }
+    }
+    bail!("no free file name for {name} in {}", dir.display())
+}
+
+/// Refuses an output path the run could not write, naming the flag.
+fn check_output(flag: &str, path: &Path) -> Result<()> {
+    engine::atomic_file::check_writable(path)
+        .map(drop)
+        .with_context(|| format!("{flag} {}", path.display()))
+}
+
+/// An error in the command line's values.
+fn bad_argument(error: impl Into<anyhow::Error>) -> anyhow::Error {
+    BadArgument(error.into()).into()
 }
 
 /// The model a `generate` run loads: a Stable Diffusion folder (txt2img, img2img, inpaint,

@@ -3,14 +3,57 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use engine::tensor_io::HostTensor;
+
+/// The largest side of a picture Brushfire reads: a ×4 upscale of 4096² is 16384².
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// The most pixels it reads, 128 megapixels (a 16384 × 8192 picture; 0.4 GB as RGB8, 1.5 GB as
+/// the engine's floats).
+pub const MAX_IMAGE_PIXELS: u64 = 128 * 1024 * 1024;
+
+/// Opens a picture the user gave (`what`: "image", "mask", …), refusing one too large to hold
+/// from its header alone, before any pixel is decoded (a 20000 × 20000 PNG is 1.2 GB decoded),
+/// and one with no pixels. Any colour type and depth is read (16-bit, grey, RGBA, palette).
+pub fn open_image(path: &Path, what: &str) -> Result<image::DynamicImage> {
+    let reader = || -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
+        image::ImageReader::open(path)
+            .and_then(image::ImageReader::with_guessed_format)
+            .with_context(|| format!("reading the {what} {}", path.display()))
+    };
+    let (width, height) = reader()?
+        .into_dimensions()
+        .with_context(|| format!("reading the {what} {}", path.display()))?;
+    if width == 0 || height == 0 {
+        bail!(
+            "the {what} {} is {width}×{height}: it has no pixels",
+            path.display()
+        );
+    }
+    if width > MAX_IMAGE_SIDE
+        || height > MAX_IMAGE_SIDE
+        || u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS
+    {
+        bail!(
+            "the {what} {} is {width}×{height}: larger than Brushfire reads (at most \
+             {MAX_IMAGE_SIDE} px a side and {} megapixels); scale it down first",
+            path.display(),
+            MAX_IMAGE_PIXELS / (1024 * 1024)
+        );
+    }
+    let mut reader = reader()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    reader.limits(limits);
+    reader
+        .decode()
+        .with_context(|| format!("reading the {what} {}", path.display()))
+}
 
 /// An RGB image from a PNG/JPEG file (alpha dropped, as diffusers' `convert("RGB")`).
 pub fn read_rgb(path: &Path) -> Result<HostTensor> {
-    let img = image::open(path)
-        .with_context(|| format!("reading the image {}", path.display()))?
-        .to_rgb8();
+    let img = open_image(path, "image")?.to_rgb8();
     Ok(rgb8_to_host(
         img.width() as usize,
         img.height() as usize,
@@ -20,9 +63,7 @@ pub fn read_rgb(path: &Path) -> Result<HostTensor> {
 
 /// A mask from a PNG/JPEG file, as grey levels (diffusers' `convert("L")`): white = repaint.
 pub fn read_mask(path: &Path) -> Result<HostTensor> {
-    let img = image::open(path)
-        .with_context(|| format!("reading the mask {}", path.display()))?
-        .to_luma8();
+    let img = open_image(path, "mask")?.to_luma8();
     Ok(luma8_to_host(
         img.width() as usize,
         img.height() as usize,

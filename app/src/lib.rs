@@ -3,6 +3,7 @@
 
 pub mod bench_cli;
 pub mod cli;
+pub mod exit;
 pub mod gui;
 pub mod image_files;
 pub mod png_meta;

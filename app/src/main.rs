@@ -2,8 +2,9 @@
 //!
 //! With no subcommand it opens the desktop app; `generate` and `bench` run headless.
 
-use anyhow::Result;
-use app::{bench_cli, cli, gui};
+use std::process::ExitCode;
+
+use app::{bench_cli, cli, exit, gui};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -33,7 +34,7 @@ enum Command {
     Bench(Box<bench_cli::BenchArgs>),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -41,12 +42,18 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A malformed command line: clap prints why and exits with 2.
     let cli = Cli::parse();
     // Before any backend starts: compiled kernels and autotune results persist across runs.
     engine::backend::configure_kernel_cache();
-    match cli.command {
+    let result = match cli.command {
         Some(Command::Generate(args)) => cli::generate(&args),
         Some(Command::Bench(args)) => bench_cli::bench(&args),
         None => gui::run(cli.model, cli.files),
+    };
+    // A user error is its message chain and an exit code: never a backtrace (`exit`).
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => exit::report(&e),
     }
 }

@@ -292,17 +292,77 @@ fn parse_settings_line(line: &str) -> Option<Vec<(String, String)>> {
     (pairs.len() >= 3).then_some(pairs)
 }
 
+/// What became of a written PNG's `parameters` chunk. The image itself is always written when
+/// [`write_png`] returns `Ok`.
+#[must_use]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Metadata {
+    /// The chunk is in the file.
+    Written,
+    /// The chunk could not be encoded, so the image was saved without it; the text says why.
+    Omitted(String),
+}
+
+impl Metadata {
+    /// A line for the user when the chunk is missing, naming the file.
+    pub fn warning(&self, path: &Path) -> Option<String> {
+        match self {
+            Self::Written => None,
+            Self::Omitted(why) => Some(format!(
+                "{} was saved without its generation parameters: {why}",
+                path.display()
+            )),
+        }
+    }
+}
+
 /// Writes `rgb` (`width × height × 3` bytes) as a PNG with the parameters chunk, atomically.
+///
+/// The chunk is `tEXt` when the text is Latin-1 and `iTXt` (UTF-8) otherwise, as A1111 (through
+/// PIL) writes it, so any prompt (`a fox’s den`, `猫`, `🎨`) round-trips byte for byte. Should the
+/// chunk still fail to encode, the image is written without it and [`Metadata::Omitted`] says why:
+/// the picture is never lost for its metadata.
 pub fn write_png(
     path: &Path,
     width: usize,
     height: usize,
     rgb: &[u8],
     params: &GenerationParameters,
-) -> Result<()> {
+) -> Result<Metadata> {
+    let (bytes, metadata) = png_bytes(width, height, rgb, params)?;
+    engine::tensor_io::write_atomic(path, &bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(metadata)
+}
+
+/// The bytes [`write_png`] writes, for a caller that writes them its own way (the gallery never
+/// replaces a file: [`engine::atomic_file::write_atomic_new`]).
+pub fn png_bytes(
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+    params: &GenerationParameters,
+) -> Result<(Vec<u8>, Metadata)> {
     if rgb.len() != width * height * 3 {
         bail!("image buffer of {} bytes for {width}×{height}", rgb.len());
     }
+    let text = params.to_a1111();
+    Ok(match encode_png(width, height, rgb, Some(&text)) {
+        Ok(bytes) => (bytes, Metadata::Written),
+        Err(e) => (
+            encode_png(width, height, rgb, None)?,
+            Metadata::Omitted(format!("{e:#}")),
+        ),
+    })
+}
+
+/// Whether `text` fits a `tEXt` chunk: Latin-1 (ISO 8859-1) with no NUL.
+fn is_latin1(text: &str) -> bool {
+    text.chars().all(|c| c != '\0' && u32::from(c) < 0x100)
+}
+
+/// The PNG file's bytes, with a `parameters` chunk holding `text` when given.
+fn encode_png(width: usize, height: usize, rgb: &[u8], text: Option<&str>) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     {
         let mut encoder = png::Encoder::new(
@@ -312,15 +372,20 @@ pub fn write_png(
         );
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        encoder
-            .add_text_chunk("parameters".to_string(), params.to_a1111())
+        if let Some(text) = text {
+            let (keyword, text) = ("parameters".to_string(), text.to_string());
+            if is_latin1(&text) {
+                encoder.add_text_chunk(keyword, text)
+            } else {
+                encoder.add_itxt_chunk(keyword, text)
+            }
             .context("adding the parameters chunk")?;
+        }
         let mut writer = encoder.write_header().context("writing the PNG header")?;
         writer.write_image_data(rgb).context("writing PNG data")?;
         writer.finish().context("finishing the PNG")?;
     }
-    engine::tensor_io::write_atomic(path, &bytes)
-        .with_context(|| format!("writing {}", path.display()))
+    Ok(bytes)
 }
 
 /// Reads the `parameters` chunk of a PNG, if any.
@@ -379,7 +444,10 @@ mod tests {
             }),
         };
         let rgb: Vec<u8> = (0..24).collect();
-        write_png(&path, 4, 2, &rgb, &params).unwrap();
+        assert_eq!(
+            write_png(&path, 4, 2, &rgb, &params).unwrap(),
+            Metadata::Written
+        );
         let text = read_parameters_text(&path).unwrap().unwrap();
         assert_eq!(text, params.to_a1111());
         assert!(text.contains("\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 4x2"));
@@ -406,6 +474,90 @@ mod tests {
         );
         // Everything comes back, the ControlNet unit included.
         assert_eq!(GenerationParameters::from_parsed(&parsed, 1, 1), params);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Which text chunks a PNG file holds, by type, in file order.
+    fn text_chunk_types(bytes: &[u8]) -> Vec<String> {
+        let mut types = Vec::new();
+        let mut at = 8;
+        while at + 8 <= bytes.len() {
+            let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let kind = String::from_utf8_lossy(&bytes[at + 4..at + 8]).into_owned();
+            if kind.ends_with("Xt") || kind == "iTXt" {
+                types.push(kind);
+            }
+            at += 12 + len;
+        }
+        types
+    }
+
+    /// Any Unicode prompt comes back byte for byte: Latin-1 text as `tEXt` (what older readers
+    /// expect), anything else as `iTXt`, as A1111/PIL write them.
+    #[test]
+    fn unicode_prompts_round_trip_byte_for_byte() {
+        let dir = std::env::temp_dir().join(format!("brushfire-png-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rgb: Vec<u8> = (0..12).collect();
+        for (i, (prompt, chunk)) in [
+            ("a café at dusk, naïve style", "tEXt"),
+            ("a fox’s den", "iTXt"),
+            ("ghibli style — castles", "iTXt"),
+            ("猫, 富士山", "iTXt"),
+            ("a painter’s palette 🎨", "iTXt"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let path = dir.join(format!("{i}.png"));
+            let params = GenerationParameters {
+                prompt: prompt.into(),
+                negative_prompt: "ugly, blurry".into(),
+                steps: 2,
+                sampler: "PNDM".into(),
+                cfg_scale: 7.5,
+                seed: 3,
+                width: 2,
+                height: 2,
+                model: "modèles/tiny-sd".into(),
+                denoising_strength: None,
+                controlnet: None,
+            };
+            assert_eq!(
+                write_png(&path, 2, 2, &rgb, &params).unwrap(),
+                Metadata::Written
+            );
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(
+                text_chunk_types(&bytes),
+                vec![chunk.to_string()],
+                "{prompt}"
+            );
+            let text = read_parameters_text(&path).unwrap().unwrap();
+            assert_eq!(text.as_bytes(), params.to_a1111().as_bytes(), "{prompt}");
+            let parsed = ParsedParameters::parse(&text);
+            assert_eq!(parsed.prompt, prompt);
+            assert_eq!(parsed.negative_prompt, "ugly, blurry");
+            assert_eq!(image::open(&path).unwrap().to_rgb8().into_raw(), rgb);
+        }
+        // A NUL fits no text chunk: the image is still written, and what happened is said.
+        let params = GenerationParameters {
+            prompt: "a\0b".into(),
+            ..GenerationParameters::from_parsed(&ParsedParameters::default(), 2, 2)
+        };
+        let path = dir.join("nul.png");
+        match write_png(&path, 2, 2, &rgb, &params).unwrap() {
+            Metadata::Written => assert_eq!(
+                read_parameters_text(&path).unwrap().unwrap(),
+                params.to_a1111()
+            ),
+            omitted @ Metadata::Omitted(_) => {
+                let warning = omitted.warning(&path).unwrap();
+                assert!(warning.contains("nul.png"), "{warning}");
+                assert_eq!(read_parameters_text(&path).unwrap(), None);
+            }
+        }
+        assert_eq!(image::open(&path).unwrap().to_rgb8().into_raw(), rgb);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

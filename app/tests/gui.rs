@@ -78,6 +78,59 @@ fn type_a_prompt_press_generate_and_get_an_image() {
     assert!(app.state.error.is_none(), "{:?}", app.state.error);
 }
 
+/// A prompt with a typographic apostrophe, CJK and an emoji is saved and reads back equal; the
+/// gallery never overwrites a file already in its folder; and a folder that cannot be written
+/// keeps the image in the gallery and says so.
+#[test]
+fn unicode_prompts_save_and_no_image_is_overwritten_or_lost() {
+    let dir = std::env::temp_dir().join(format!("brushfire-gui-save-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut app = app();
+    app.state.output_dir = Some(dir.clone());
+    app.state.form.seed = 11;
+    app.state.form.seed_locked = true;
+    let prompt = "a fox’s den — 猫 🎨";
+    app.state.form.prompt = prompt.into();
+    // Someone else's picture under the name the gallery would pick first.
+    let taken = dir.join("00000-11-0.png");
+    std::fs::write(&taken, b"not ours").unwrap();
+    let mut h = harness(app);
+    h.step();
+    wait(&mut h, "the model", |a| a.state.model_ready());
+    h.get_by_label("Generate").click();
+    wait(&mut h, "the image", |a| !a.state.gallery.is_empty());
+    let saved = h.state().state.gallery[0].path.clone().expect("saved");
+    assert_ne!(saved, taken);
+    assert_eq!(std::fs::read(&taken).unwrap(), b"not ours");
+    let text = app::png_meta::read_parameters_text(&saved)
+        .unwrap()
+        .unwrap();
+    assert_eq!(app::png_meta::ParsedParameters::parse(&text).prompt, prompt);
+    assert!(
+        h.state().state.error.is_none(),
+        "{:?}",
+        h.state().state.error
+    );
+
+    // The output "folder" is a file now: the image stays in the gallery, unsaved, and the
+    // error says where it is.
+    let blocked = dir.join("not-a-folder");
+    std::fs::write(&blocked, b"x").unwrap();
+    h.state_mut().state.output_dir = Some(blocked);
+    h.get_by_label("Generate").click();
+    wait(&mut h, "the second image", |a| a.state.gallery.len() == 2);
+    let state = &h.state().state;
+    assert!(state.gallery[1].path.is_none());
+    assert_eq!(state.gallery[1].params.prompt, prompt);
+    let error = state.error.clone().expect("an error");
+    assert!(
+        error.contains("not-a-folder") && error.contains("stays in the gallery"),
+        "{error}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn vae_tiling_reaches_every_request_and_the_tiled_image_comes_back() {
     let mut h = harness(app());

@@ -13,6 +13,10 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// A file to be written exists but is not a regular file (a folder, a device, a FIFO, a
+    /// socket): writing would replace it rather than write to it.
+    #[error("{path} is {kind}, not a regular file: refusing to replace it")]
+    NotARegularFile { path: PathBuf, kind: &'static str },
     /// A JSON config could not be parsed.
     #[error("{path}: invalid JSON config: {message}")]
     Config { path: PathBuf, message: String },

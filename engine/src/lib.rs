@@ -3,6 +3,7 @@
 //! Flow is one way: the app calls the engine, the engine calls `shaders` and Burn. The engine
 //! never panics on bad input: requests are validated by `check_inputs` before any tensor work.
 
+pub mod atomic_file;
 pub mod backend;
 pub mod bench;
 pub mod error;

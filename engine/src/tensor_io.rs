@@ -7,6 +7,7 @@ use std::path::Path;
 use burn::tensor::{Tensor, TensorData, backend::Backend, bf16, f16};
 use safetensors::{Dtype, SafeTensors, serialize};
 
+pub use crate::atomic_file::write_atomic;
 use crate::error::{EngineError, Result};
 
 /// A float tensor on the host: row-major values and a shape.
@@ -190,23 +191,4 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &HostTensor)]) -> Result
         message: e.to_string(),
     })?;
     write_atomic(path, &data)
-}
-
-/// Writes `data` to `path` through a temporary file in the same folder and a rename, so a
-/// crash never leaves a half-written file behind.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, data).map_err(|e| EngineError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        EngineError::io(path, e)
-    })
 }

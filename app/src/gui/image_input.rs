@@ -67,9 +67,7 @@ impl SourceImage {
 /// Reads a PNG/JPEG as a page's source: `(label, width, height, rgb8)`; both sides must be at
 /// least 8 pixels.
 pub fn read_source(path: &Path) -> Result<(String, usize, usize, Vec<u8>)> {
-    let img = image::open(path)
-        .with_context(|| format!("reading the image {}", path.display()))?
-        .to_rgb8();
+    let img = crate::image_files::open_image(path, "image")?.to_rgb8();
     let label = path.file_name().map_or_else(
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
@@ -193,9 +191,7 @@ impl ImageInputs {
             .source
             .as_mut()
             .context("load an image before its mask")?;
-        let img = image::open(path)
-            .with_context(|| format!("reading the mask {}", path.display()))?
-            .to_luma8();
+        let img = crate::image_files::open_image(path, "mask")?.to_luma8();
         let (w, h) = (img.width() as usize, img.height() as usize);
         if (w, h) != (s.width, s.height) {
             bail!(

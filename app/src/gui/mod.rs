@@ -576,7 +576,10 @@ impl BrushfireApp {
                         &image.params,
                     );
                     match written {
-                        Ok(()) => self.state.status = format!("saved {}", path.display()),
+                        Ok(metadata) => {
+                            self.state.status = format!("saved {}", path.display());
+                            self.state.error = metadata.warning(&path);
+                        }
                         Err(e) => self.state.error = Some(format!("{e:#}")),
                     }
                 }
@@ -760,6 +763,49 @@ pub fn restart_requested() -> bool {
     RESTART.load(Ordering::SeqCst)
 }
 
+/// eframe's settings file: `app.ron` in its storage folder (`~/.local/share/brushfire` on Linux).
+fn settings_file() -> Option<PathBuf> {
+    eframe::storage_dir("brushfire").map(|d| d.join("app.ron"))
+}
+
+/// Checks the settings file before eframe reads it. One that cannot be read back (cut short by a
+/// crash, edited by hand, written by an incompatible Brushfire) would be dropped by eframe in
+/// silence and overwritten at exit; instead it is moved aside as `app.ron.bak`, the app starts
+/// with defaults, and the returned line says so (shown once, until dismissed).
+pub fn set_aside_unreadable_settings(path: &Path) -> Option<String> {
+    let problem = match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => e.to_string(),
+        Ok(bytes) => match std::str::from_utf8(&bytes) {
+            Err(e) => format!("not UTF-8 text: {e}"),
+            Ok(text) => match ron::from_str::<std::collections::HashMap<String, String>>(text) {
+                Err(e) => e.to_string(),
+                Ok(values) => match values
+                    .get(STORAGE_KEY)
+                    .map(|v| ron::from_str::<Persisted>(v))
+                {
+                    Some(Err(e)) => format!("`{STORAGE_KEY}`: {e}"),
+                    None | Some(Ok(_)) => return None,
+                },
+            },
+        },
+    };
+    let backup = path.with_extension("ron.bak");
+    Some(match std::fs::rename(path, &backup) {
+        Ok(()) => format!(
+            "the settings file {} could not be read ({problem}); it was moved aside as {} and \
+             Brushfire starts with default settings",
+            path.display(),
+            backup.display()
+        ),
+        Err(e) => format!(
+            "the settings file {} could not be read ({problem}) nor moved aside ({e}); Brushfire \
+             starts with default settings",
+            path.display()
+        ),
+    })
+}
+
 /// Opens the window. `model` (from `--model`) overrides the model remembered from last time;
 /// with neither, SD 1.5 from the hub is offered. `files` are opened as by [`AppState::open_files`].
 pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
@@ -776,6 +822,7 @@ pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
         viewport,
         ..Default::default()
     };
+    let settings_notice = settings_file().and_then(|path| set_aside_unreadable_settings(&path));
     eframe::run_native(
         "Brushfire",
         options,
@@ -792,6 +839,9 @@ pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
             // Beside eframe's own storage (`~/.local/share/brushfire` on Linux).
             app.state.work_dir = eframe::storage_dir("brushfire").map(|d| d.join("work"));
             app.state.open_files(&files);
+            if let Some(notice) = settings_notice {
+                app.state.error = Some(notice);
+            }
             Ok(Box::new(app))
         }),
     )
@@ -805,4 +855,50 @@ pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
             .with_context(|| format!("restarting {}", exe.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_settings_file_is_set_aside_once() {
+        let dir = std::env::temp_dir().join(format!("brushfire-settings-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.ron");
+        let backup = dir.join("app.ron.bak");
+        // None yet: nothing to say.
+        assert_eq!(set_aside_unreadable_settings(&path), None);
+        // A good file stays where it is.
+        let persisted = AppState::new("tiny".into()).to_persisted();
+        let mut values = std::collections::HashMap::new();
+        values.insert(STORAGE_KEY.to_string(), ron::to_string(&persisted).unwrap());
+        let good = ron::to_string(&values).unwrap();
+        std::fs::write(&path, &good).unwrap();
+        assert_eq!(set_aside_unreadable_settings(&path), None);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), good);
+        // Cut short by a crash, not UTF-8, or our part broken: moved aside, said once.
+        for broken in [
+            good.as_bytes()[..good.len() / 2].to_vec(),
+            vec![0xff, 0xfe, 0x00],
+            ron::to_string(&std::collections::HashMap::from([(
+                STORAGE_KEY.to_string(),
+                "(steps: \"many\")".to_string(),
+            )]))
+            .unwrap()
+            .into_bytes(),
+        ] {
+            std::fs::write(&path, &broken).unwrap();
+            let notice = set_aside_unreadable_settings(&path).expect("a notice");
+            assert!(
+                notice.contains("app.ron.bak") && notice.contains("default settings"),
+                "{notice}"
+            );
+            assert!(!path.exists());
+            assert_eq!(std::fs::read(&backup).unwrap(), broken);
+            assert_eq!(set_aside_unreadable_settings(&path), None, "said once");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use eframe::egui;
 use engine::backend::{BackendKind, BackendRequest, Precision, SelectedBackend};
 use engine::loading::{ModelAvailability, model_availability};
@@ -22,7 +23,8 @@ use super::image_input::{ImageInputs, SizeFit};
 use super::work::{Picture, SavedPicture, read_picture, remove_picture, write_picture};
 use crate::image_files::to_u8;
 use crate::png_meta::{
-    ControlNetParameters, GenerationParameters, ParsedParameters, read_parameters_text, write_png,
+    ControlNetParameters, GenerationParameters, ParsedParameters, png_bytes, read_parameters_text,
+    write_png,
 };
 
 /// How many recently used models the picker remembers.
@@ -216,9 +218,7 @@ impl GalleryImage {
     /// A saved image read back (its pixels and its `parameters`), for a gallery restored at
     /// start.
     pub fn from_png(path: &Path) -> anyhow::Result<Self> {
-        let img = image::open(path)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
-            .to_rgb8();
+        let img = crate::image_files::open_image(path, "image")?.to_rgb8();
         let (width, height) = (img.width() as usize, img.height() as usize);
         let text = read_parameters_text(path)?.unwrap_or_default();
         Ok(Self {
@@ -673,7 +673,8 @@ impl AppState {
                 continue;
             }
             let path = free_path(dir, i, img.params.seed, 0);
-            write_png(&path, img.width, img.height, &img.rgb, &img.params)?;
+            // Unsaved images keep their parameters when they can; the picture matters more.
+            let _metadata = write_png(&path, img.width, img.height, &img.rgb, &img.params)?;
             img.path = Some(path);
         }
         Ok(())
@@ -1169,17 +1170,42 @@ impl AppState {
         self.selected = Some(self.gallery.len().saturating_sub(1));
     }
 
+    /// Saves a finished image into the output folder under a fresh name (an existing file is
+    /// never replaced, even by another Brushfire writing the same folder). When it cannot be
+    /// written the image stays in the gallery, in memory, and the error says so.
     fn save(&mut self, params: &GenerationParameters, index: usize, rgb: &[u8]) -> Option<PathBuf> {
         let dir = self.output_dir.clone()?;
         let (width, height, seed) = (params.width, params.height, params.seed);
-        let path = free_path(&dir, self.gallery.len(), seed, index);
         let written = std::fs::create_dir_all(&dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| write_png(&path, width, height, rgb, params));
+            .with_context(|| format!("creating {}", dir.display()))
+            .and_then(|()| png_bytes(width, height, rgb, params))
+            .and_then(|(bytes, metadata)| {
+                let mut number = self.gallery.len();
+                loop {
+                    let path = free_path(&dir, number, seed, index);
+                    match engine::atomic_file::write_atomic_new(&path, &bytes) {
+                        Ok(()) => return Ok((path, metadata)),
+                        Err(engine::EngineError::Io { source, .. })
+                            if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                        {
+                            number += 1;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            });
         match written {
-            Ok(()) => Some(path),
+            Ok((path, metadata)) => {
+                if let Some(warning) = metadata.warning(&path) {
+                    self.error = Some(warning);
+                }
+                Some(path)
+            }
             Err(e) => {
-                self.error = Some(format!("could not save the image: {e:#}"));
+                self.error = Some(format!(
+                    "could not save the image: {e:#}. It stays in the gallery, unsaved: \
+                     \"Save as…\" writes it elsewhere"
+                ));
                 None
             }
         }

@@ -45,6 +45,19 @@ const CLIP_SPLIT_PATTERN: &str =
 /// (`tokenization_clip.py`); the fast one is converted from it, so we do the same.
 const MAX_MERGES: usize = 49152 - 256 - 2;
 
+/// `text` cut to its first `max_chars` characters, with how much was left out (a 1 MB prompt's
+/// warning stays one readable line).
+fn abbreviated(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        None => text.to_string(),
+        Some((at, _)) => format!(
+            "{}… ({} more characters)",
+            &text[..at],
+            text[at..].chars().count()
+        ),
+    }
+}
+
 /// Prompts turned into model input: one row of `max_length` ids per prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenizedPrompts {
@@ -233,9 +246,10 @@ impl CLIPTokenizer {
                 let removed = &ids[max_length - 1..ids.len() - 1];
                 let removed_text = self.decode_with(removed, false)?;
                 tracing::warn!(
-                    prompt = %prompt,
-                    "The following part of your input was truncated because CLIP can only \
-                     handle sequences up to {max_length} tokens: {removed_text}"
+                    "{} tokens of the prompt were dropped because CLIP can only handle \
+                     sequences up to {max_length} tokens: {}",
+                    removed.len(),
+                    abbreviated(&removed_text, 200)
                 );
                 let last = ids[ids.len() - 1];
                 ids.truncate(max_length - 1);
