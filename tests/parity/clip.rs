@@ -129,6 +129,33 @@ fn transformers_tokenizer_json_matches() {
     assert_matches_transformers(&CLIPTokenizer::load(Path::new(&dir)).expect("load"));
 }
 
+/// The `tokenizer.json` transformers 5 saves (`tiny-sd-current`, no vocab.json/merges.txt)
+/// tokenizes as transformers does.
+#[test]
+fn the_current_layouts_tokenizer_json_matches() {
+    let dir = crate::common::fixture("tiny-sd-current/tokenizer");
+    assert!(!dir.join("vocab.json").exists());
+    assert_matches_transformers(&CLIPTokenizer::load(&dir).expect("load"));
+}
+
+/// A prompt of a megabyte (pasted by accident) keeps bos, 75 tokens and eos, and says what it
+/// dropped; it does not take the tokenizer minutes.
+#[test]
+fn a_megabyte_prompt_keeps_77_tokens() {
+    let tokenizer = tokenizer();
+    let huge = "a castle on a hill, ".repeat(1 << 16);
+    assert!(huge.len() > 1 << 20);
+    let start = std::time::Instant::now();
+    let encoded = tokenizer.encode(&[&huge]).expect("encode");
+    eprintln!("1 MB prompt tokenized in {:.2} s", start.elapsed().as_secs_f64());
+    assert_eq!(encoded.input_ids[0].len(), 77);
+    assert_eq!(encoded.input_ids[0][76], 49407);
+    let dropped = encoded.truncated[0].as_deref().expect("truncated");
+    // Everything after the 75th token: 6 tokens a phrase, 2¹⁶ phrases.
+    assert!(dropped.starts_with("a hill , a castle on a hill"), "{}", &dropped[..40]);
+    assert!(dropped.len() > huge.len() * 9 / 10, "{} of {}", dropped.len(), huge.len());
+}
+
 #[test]
 fn long_prompt_is_truncated_to_bos_75_tokens_eos() {
     let tokenizer = tokenizer();

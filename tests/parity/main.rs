@@ -13,6 +13,7 @@ mod hub;
 mod if_pipeline;
 mod if_unets;
 mod img2img_inpaint;
+mod layouts;
 mod memory;
 mod noise;
 mod schedulers;

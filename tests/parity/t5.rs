@@ -4,8 +4,9 @@
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::Path;
 
-use engine::models::text_encoders::t5::{T5EncoderModel, relative_position_buckets, weight_files};
+use engine::models::text_encoders::t5::{T5EncoderModel, relative_position_buckets};
 use engine::models::text_encoders::t5_tokenizer::T5Tokenizer;
+use engine::models::weights::WeightFiles;
 use engine::tensor_io::HostTensor;
 
 use crate::common::{Cpu, assert_close, fixture, host, refs};
@@ -151,7 +152,7 @@ fn t5_reads_the_variant_shards_when_asked() {
     let dir = std::env::temp_dir().join(format!("brushfire-t5-variant-{}", std::process::id()));
     let variant_shard = |i| format!("model.fp16-0000{i}-of-00002.safetensors");
     write_t5_shards(&dir, variant_shard, "model.safetensors.index.fp16.json");
-    let (files, index) = weight_files(&dir, "model", Some("fp16")).unwrap();
+    let WeightFiles { files, index } = WeightFiles::find(&dir, "model", Some("fp16")).unwrap();
     assert_eq!(files, [1, 2].map(|i| dir.join(variant_shard(i))));
     assert_eq!(index, Some(dir.join("model.safetensors.index.fp16.json")));
     let (model, _) =
@@ -161,8 +162,8 @@ fn t5_reads_the_variant_shards_when_asked() {
     let err = T5EncoderModel::<Cpu>::load(&dir, None, &Default::default()).unwrap_err();
     assert!(err.to_string().contains("model.safetensors"), "{err}");
     // A folder without the variant falls back to its default weights.
-    let (files, index) =
-        weight_files(&fixture("tiny-if/text_encoder"), "model", Some("fp16")).unwrap();
+    let WeightFiles { files, index } =
+        WeightFiles::find(&fixture("tiny-if/text_encoder"), "model", Some("fp16")).unwrap();
     assert_eq!(files, [fixture("tiny-if/text_encoder/model.safetensors")]);
     assert_eq!(index, None);
     std::fs::remove_dir_all(&dir).unwrap();

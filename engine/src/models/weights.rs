@@ -6,7 +6,7 @@
 //! or mis-shaped weights are an error naming the key and the file in the file's own terms.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::rc::Rc;
 
@@ -18,6 +18,161 @@ use burn_store::{
 };
 
 use crate::error::{EngineError, Result};
+use crate::tensor_io::read_safetensors_keys;
+
+/// File extensions of PyTorch pickle checkpoints: loading one runs Python's unpickler, which can
+/// execute arbitrary code, so Brushfire never reads them.
+const PICKLE_EXTENSIONS: &[&str] = &["bin", "ckpt", "pt", "pth", "pkl"];
+
+/// The weights of one model folder as diffusers and transformers save them: `{stem}.safetensors`,
+/// or the shards its `{stem}.safetensors.index.json` lists; with a variant, that variant's files
+/// where the folder has them (`{stem}.{variant}.safetensors`,
+/// `{stem}.safetensors.index.{variant}.json`, shards `{stem}.{variant}-00001-of-00002.safetensors`),
+/// else the default ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightFiles {
+    /// One file, or every shard the index names (sorted, each once).
+    pub files: Vec<PathBuf>,
+    /// The shard index, when the weights are sharded.
+    pub index: Option<PathBuf>,
+}
+
+impl WeightFiles {
+    /// Finds the weights of the model in `dir` (`stem`: `model` for transformers,
+    /// `diffusion_pytorch_model` for diffusers). A folder whose weights exist only as pickle
+    /// files (`.bin`, `.ckpt`, …) is refused, naming the file and how to convert it; the pickle
+    /// is never opened. A folder with no weights at all names the file it looked for.
+    pub fn find(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Self> {
+        let names = |variant: Option<&str>| match variant {
+            Some(v) => (
+                dir.join(format!("{stem}.{v}.safetensors")),
+                dir.join(format!("{stem}.safetensors.index.{v}.json")),
+            ),
+            None => (
+                dir.join(format!("{stem}.safetensors")),
+                dir.join(format!("{stem}.safetensors.index.json")),
+            ),
+        };
+        let (single, index) = variant
+            .map(|v| names(Some(v)))
+            .filter(|(single, index)| single.is_file() || index.is_file())
+            .unwrap_or_else(|| names(None));
+        if index.is_file() {
+            return Self::from_index(dir, index);
+        }
+        if single.is_file() {
+            return Ok(Self {
+                files: vec![single],
+                index: None,
+            });
+        }
+        if let Some(pickle) = pickle_file(dir) {
+            return Err(EngineError::Unsupported(format!(
+                "{}: the weights are only in `{}`, a PyTorch pickle file, which Brushfire does \
+                 not read (loading a pickle can run any code it holds). Convert the model to \
+                 safetensors once, where you trust the file: `python -c \"import diffusers; \
+                 diffusers.DiffusionPipeline.from_pretrained('MODEL').save_pretrained('MODEL-st', \
+                 safe_serialization=True)\"` for a whole pipeline folder, or the model class's own \
+                 from_pretrained/save_pretrained for one component",
+                dir.display(),
+                pickle
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            )));
+        }
+        Err(EngineError::io(
+            &single,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
+        ))
+    }
+
+    /// The shards a `*.safetensors.index*.json` lists.
+    fn from_index(dir: &Path, index: PathBuf) -> Result<Self> {
+        let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
+        let config_error = |message: String| EngineError::Config {
+            path: index.clone(),
+            message,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| config_error("no `weight_map` object".into()))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (key, shard) in map {
+            let shard = shard
+                .as_str()
+                .ok_or_else(|| config_error(format!("`{key}` maps to no file name")))?;
+            // A shard is a file beside the index, never a path elsewhere.
+            let plain = Path::new(shard)
+                .file_name()
+                .is_some_and(|name| name == std::ffi::OsStr::new(shard));
+            if !plain {
+                return Err(config_error(format!(
+                    "shard `{shard}` is not a file name in the index's folder"
+                )));
+            }
+            let path = dir.join(shard);
+            if !files.contains(&path) {
+                files.push(path);
+            }
+        }
+        if files.is_empty() {
+            return Err(config_error("the `weight_map` lists no shard".into()));
+        }
+        files.sort();
+        Ok(Self {
+            files,
+            index: Some(index),
+        })
+    }
+
+    /// Loads every parameter of `module` from these files; `renames` gives each file's
+    /// `(key in the file, module key)` pairs from the file's keys (see
+    /// [`load_safetensors_renamed`]).
+    pub fn load_into<B: Backend, M: ModuleSnapshot<B>>(
+        &self,
+        module: &mut M,
+        renames: impl Fn(&[String]) -> Vec<(String, String)>,
+    ) -> Result<()> {
+        let shards = self
+            .files
+            .iter()
+            .map(|file| Ok((file.clone(), renames(&read_safetensors_keys(file)?))))
+            .collect::<Result<Vec<_>>>()?;
+        match (&self.index, shards.as_slice()) {
+            (Some(index), _) => load_safetensors_shards(module, &shards, index),
+            (None, [(file, renames)]) => load_safetensors_renamed(module, file, renames),
+            (None, _) => Err(EngineError::Unsupported(
+                "several weight files without an index".into(),
+            )),
+        }
+    }
+}
+
+/// A pickle checkpoint in `dir`, if any (diffusers' `diffusion_pytorch_model.bin`,
+/// transformers' `pytorch_model.bin`, an LDM `.ckpt`, …).
+fn pickle_file(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.is_file()
+                && path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+/// No renaming: the file's keys are the module's.
+pub fn same_keys(_keys: &[String]) -> Vec<(String, String)> {
+    Vec::new()
+}
 
 /// Loads every parameter of `module` from a PyTorch-layout safetensors file through burn-store,
 /// turning burn-store's report into our errors: the first missing tensor becomes

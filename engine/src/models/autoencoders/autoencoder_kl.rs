@@ -20,7 +20,7 @@ use crate::error::{EngineError, Result};
 use crate::models::attention_processor::AttnProcessor;
 use crate::models::config::{ModelConfig, read_config};
 use crate::models::normalization::{Activation, conv2d};
-use crate::models::weights::load_safetensors;
+use crate::models::weights::{WeightFiles, same_keys};
 
 /// `vae/config.json`, with diffusers' `__init__` defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -145,16 +145,17 @@ pub struct AutoencoderKL<B: Backend> {
 
 impl<B: Backend> AutoencoderKL<B> {
     /// Reads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (a diffusers `vae/`
-    /// folder). `weights` overrides the file (e.g. the `fp16` variant).
+    /// folder), or the shards its index lists; `variant` (e.g. `fp16`) is preferred where the
+    /// folder has it.
     pub fn load(
         dir: &Path,
-        weights: Option<&Path>,
+        variant: Option<&str>,
         device: &B::Device,
     ) -> Result<(Self, AutoencoderKLConfig)> {
         let config: AutoencoderKLConfig = read_config(&dir.join("config.json"))?;
         let mut model = config.init(device)?;
-        let default_file = dir.join("diffusion_pytorch_model.safetensors");
-        load_safetensors(&mut model, weights.unwrap_or(&default_file))?;
+        WeightFiles::find(dir, "diffusion_pytorch_model", variant)?
+            .load_into(&mut model, same_keys)?;
         Ok((model, config))
     }
 

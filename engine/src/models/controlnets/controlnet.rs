@@ -30,7 +30,7 @@ use crate::models::unets::unet_2d_condition::{
     ClassEmbedding, DownHalf, DownPath, per_item_timesteps,
 };
 use crate::models::unets::{ClassLabels, ControlResiduals, UNet2DConditionConfig};
-use crate::models::weights::{load_safetensors, load_safetensors_renamed};
+use crate::models::weights::{WeightFiles, load_safetensors_renamed, same_keys};
 use crate::tensor_io::read_safetensors_shapes;
 
 /// A ControlNet's `config.json`: the UNet keys its down half is built from, plus its own.
@@ -223,15 +223,15 @@ impl<B: Backend> ControlNetModel<B> {
     /// in f32).
     pub fn load(
         dir: &Path,
-        weights: Option<&Path>,
+        variant: Option<&str>,
         budget: &MemoryBudget,
         device: &B::Device,
     ) -> Result<(Self, ControlNetConfig)> {
         let config: ControlNetConfig = read_config(&dir.join("config.json"))?;
         let mut model = config.init(device)?;
         budget.check_weights("the ControlNet", model.num_params())?;
-        let default_file = dir.join("diffusion_pytorch_model.safetensors");
-        load_safetensors(&mut model, weights.unwrap_or(&default_file))?;
+        WeightFiles::find(dir, "diffusion_pytorch_model", variant)?
+            .load_into(&mut model, same_keys)?;
         Ok((model, config))
     }
 

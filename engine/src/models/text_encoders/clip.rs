@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{EngineError, Result};
-use crate::models::weights::load_safetensors;
+use crate::models::weights::WeightFiles;
 
 /// The activation between `fc1` and `fc2` (transformers' `ACT2FN[config.hidden_act]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,19 +192,30 @@ pub struct CLIPTextModel<B: Backend> {
 }
 
 impl<B: Backend> CLIPTextModel<B> {
-    /// Loads a diffusers `text_encoder/` folder: `config.json` and `model.safetensors`.
+    /// Loads a diffusers `text_encoder/` folder: `config.json` and `model.safetensors` (or the
+    /// shards its index lists).
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let config = CLIPTextConfig::from_file(&dir.join("config.json"))?;
         let mut model = config.init(device);
-        model.load_safetensors(&dir.join("model.safetensors"))?;
+        model.load_weights(&WeightFiles::find(dir, "model", None)?)?;
         Ok(model)
     }
 
-    /// Replaces every weight with the one in a safetensors file (PyTorch layout, transformers'
-    /// key names). A missing or mis-shaped tensor is an error naming it; extra tensors in the
-    /// file (such as `text_model.embeddings.position_ids`) are ignored.
+    /// Replaces every weight with those in `weights` (PyTorch layout, transformers' key names),
+    /// in either layout transformers saves: with the `text_model.` prefix (transformers 4, and
+    /// SD 1.5's own files) or without it (`save_pretrained` of transformers 5), with or without
+    /// the `position_ids` buffer. A missing or mis-shaped tensor is an error naming it; extra
+    /// tensors in the file (such as `text_model.embeddings.position_ids`) are ignored.
+    pub fn load_weights(&mut self, weights: &WeightFiles) -> Result<()> {
+        weights.load_into(self, clip_renames)
+    }
+
+    /// [`Self::load_weights`] from one safetensors file.
     pub fn load_safetensors(&mut self, file: &Path) -> Result<()> {
-        load_safetensors(self, file)
+        self.load_weights(&WeightFiles {
+            files: vec![file.to_path_buf()],
+            index: None,
+        })
     }
 
     /// Encodes token ids.
@@ -221,6 +232,21 @@ impl<B: Backend> CLIPTextModel<B> {
     pub fn hidden_size(&self) -> usize {
         self.text_model.final_layer_norm.gamma.val().dims()[0]
     }
+}
+
+/// The prefix transformers 4 gives every `CLIPTextModel` key (the wrapper's one child).
+const TEXT_MODEL_PREFIX: &str = "text_model.";
+
+/// Renames for a `CLIPTextModel` file saved without the `text_model.` level (transformers 5's
+/// `save_pretrained`): every key gets the prefix back. A file with the prefix (or a shard of one
+/// holding none of the model's keys) needs none.
+pub fn clip_renames(keys: &[String]) -> Vec<(String, String)> {
+    if keys.iter().any(|k| k.starts_with(TEXT_MODEL_PREFIX)) {
+        return Vec::new();
+    }
+    keys.iter()
+        .map(|key| (key.clone(), format!("{TEXT_MODEL_PREFIX}{key}")))
+        .collect()
 }
 
 /// transformers' `CLIPTextTransformer`.

@@ -25,8 +25,7 @@ use serde_json::Value;
 
 use crate::error::{EngineError, Result};
 use crate::memory::MemoryBudget;
-use crate::models::weights::{load_safetensors_renamed, load_safetensors_shards};
-use crate::tensor_io::read_safetensors_keys;
+use crate::models::weights::WeightFiles;
 
 /// transformers' `T5Config` (the encoder's part), read from `text_encoder/config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -235,19 +234,7 @@ impl<B: Backend> T5EncoderModel<B> {
         let config = T5Config::from_file(&dir.join("config.json"))?;
         let mut model = config.init(device)?;
         budget.check_weights("the T5 text encoder", model.num_params())?;
-        let (files, index) = weight_files(dir, "model", variant)?;
-        if let Some(index) = index {
-            let shards = files
-                .into_iter()
-                .map(|file| {
-                    let renames = t5_renames(&read_safetensors_keys(&file)?);
-                    Ok((file, renames))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            load_safetensors_shards(&mut model, &shards, &index)?;
-        } else if let Some(file) = files.first() {
-            load_safetensors_renamed(&mut model, file, &t5_renames(&read_safetensors_keys(file)?))?;
-        }
+        WeightFiles::find(dir, "model", variant)?.load_into(&mut model, t5_renames)?;
         Ok((model, config))
     }
 
@@ -538,56 +525,6 @@ pub fn t5_renames(keys: &[String]) -> Vec<(String, String)> {
             (renamed != *key).then(|| (key.clone(), renamed))
         })
         .collect()
-}
-
-/// The weight files of a transformers folder, and the shard index when there is one:
-/// `{stem}.safetensors`, or the shards its `{stem}.safetensors.index.json` lists (T5-XXL ships
-/// in shards). With `variant`, that variant's files where the folder has them
-/// (`{stem}.{variant}.safetensors`, `{stem}.safetensors.index.{variant}.json`, as transformers
-/// names them), else the default ones.
-pub fn weight_files(
-    dir: &Path,
-    stem: &str,
-    variant: Option<&str>,
-) -> Result<(Vec<std::path::PathBuf>, Option<std::path::PathBuf>)> {
-    let names = |variant: Option<&str>| match variant {
-        Some(v) => (
-            dir.join(format!("{stem}.{v}.safetensors")),
-            dir.join(format!("{stem}.safetensors.index.{v}.json")),
-        ),
-        None => (
-            dir.join(format!("{stem}.safetensors")),
-            dir.join(format!("{stem}.safetensors.index.json")),
-        ),
-    };
-    let (single, index) = variant
-        .map(|v| names(Some(v)))
-        .filter(|(single, index)| single.is_file() || index.is_file())
-        .unwrap_or_else(|| names(None));
-    if !index.is_file() {
-        return Ok((vec![single], None));
-    }
-    let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| EngineError::Config {
-        path: index.clone(),
-        message: e.to_string(),
-    })?;
-    let map = json
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| EngineError::Config {
-            path: index.clone(),
-            message: "no `weight_map` object".into(),
-        })?;
-    let mut files: Vec<std::path::PathBuf> = Vec::new();
-    for shard in map.values().filter_map(Value::as_str) {
-        let path = dir.join(shard);
-        if !files.contains(&path) {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok((files, Some(index)))
 }
 
 #[cfg(test)]

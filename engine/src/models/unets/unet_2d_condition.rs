@@ -31,7 +31,7 @@ use crate::models::normalization::{Activation, conv2d, group_norm, group_norm_fo
 use crate::models::resnet::{
     Largest, Resample, ResnetBlock2DConfig, TimeEmbeddingNorm, conv_channels,
 };
-use crate::models::weights::load_safetensors;
+use crate::models::weights::{WeightFiles, same_keys};
 
 /// `unet/config.json`, with diffusers' `__init__` defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -729,16 +729,17 @@ impl UNet2DConditionConfig {
 
 impl<B: Backend> UNet2DConditionModel<B> {
     /// Reads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (a diffusers `unet/`
-    /// folder). `weights` overrides the file (e.g. the `fp16` variant).
+    /// folder), or the shards its index lists; `variant` (e.g. `fp16`) is preferred where the
+    /// folder has it.
     pub fn load(
         dir: &Path,
-        weights: Option<&Path>,
+        variant: Option<&str>,
         device: &B::Device,
     ) -> Result<(Self, UNet2DConditionConfig)> {
         let config: UNet2DConditionConfig = read_config(&dir.join("config.json"))?;
         let mut model = config.init(device)?;
-        let default_file = dir.join("diffusion_pytorch_model.safetensors");
-        load_safetensors(&mut model, weights.unwrap_or(&default_file))?;
+        WeightFiles::find(dir, "diffusion_pytorch_model", variant)?
+            .load_into(&mut model, same_keys)?;
         Ok((model, config))
     }
 

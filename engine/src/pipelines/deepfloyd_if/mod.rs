@@ -28,10 +28,12 @@ use crate::models::config::read_config;
 use crate::models::text_encoders::t5::T5EncoderModel;
 use crate::models::text_encoders::t5_tokenizer::{IF_MAX_LENGTH, T5Tokenizer};
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::weights::load_safetensors;
+use crate::models::weights::same_keys;
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::image_processor::image_size;
-use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::{read_json_file, weights_file};
+use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::{
+    diffusers_weights, read_json_file,
+};
 use crate::pipelines::stable_diffusion::{
     DenoiseOptions, GenerationOutput, InpaintConditioning, LoadOptions, PreviewKind, denoise,
 };
@@ -113,10 +115,7 @@ impl<B: Backend> IFPipeline<B> {
         options
             .memory_budget
             .check_weights("the UNet", unet.num_params())?;
-        load_safetensors(
-            &mut unet,
-            &weights_file(&unet_dir, "diffusion_pytorch_model", options),
-        )?;
+        diffusers_weights(&unet_dir, options)?.load_into(&mut unet, same_keys)?;
         let scheduler_config =
             read_json_file(&dir.join("scheduler").join("scheduler_config.json"))?;
         let noising = dir

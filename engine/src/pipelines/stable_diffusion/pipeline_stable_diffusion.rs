@@ -21,7 +21,7 @@ use crate::models::text_encoders::clip_tokenizer::CLIPTokenizer;
 use crate::models::unets::{
     ClassLabels, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel,
 };
-use crate::models::weights::{CastParams, load_safetensors, load_safetensors_renamed};
+use crate::models::weights::{CastParams, WeightFiles, load_safetensors_renamed, same_keys};
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::preview::latents_to_rgb_preview;
@@ -186,8 +186,51 @@ struct Components {
     max_noise_level: usize,
 }
 
+/// The diffusers pipeline classes whose folders this pipeline runs (`model_index.json`'s
+/// `_class_name`): SD 1.x/2.x with one CLIP text encoder and a 4- or 9-channel UNet, each task's
+/// class, and the x4 upscaler.
+const SD_PIPELINE_CLASSES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInpaintPipelineLegacy",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionUpscalePipeline",
+];
+
+/// Refuses a folder whose `model_index.json` names a pipeline class this pipeline cannot run
+/// (SDXL, SD 3, Flux, a class that does not exist), naming the class, as diffusers refuses a
+/// class it does not know. A folder without `_class_name` is read as SD.
+fn check_pipeline_class(dir: &Path) -> Result<()> {
+    let index = dir.join("model_index.json");
+    if !index.is_file() {
+        return Ok(());
+    }
+    let json = read_json_file(&index)?;
+    let Some(class) = json.get("_class_name") else {
+        return Ok(());
+    };
+    let Some(class) = class.as_str() else {
+        return Err(EngineError::Config {
+            path: index,
+            message: format!("`_class_name` is {class}, not a class name"),
+        });
+    };
+    if SD_PIPELINE_CLASSES.contains(&class) {
+        return Ok(());
+    }
+    Err(EngineError::Unsupported(format!(
+        "{}: `{class}` is not a pipeline Brushfire runs (it runs {}, and DeepFloyd IF)",
+        index.display(),
+        SD_PIPELINE_CLASSES.join(", ")
+    )))
+}
+
 impl Components {
     fn read(dir: &Path) -> Result<Self> {
+        check_pipeline_class(dir)?;
         let component = |name: &str| -> Result<PathBuf> {
             let path = dir.join(name);
             if path.is_dir() {
@@ -299,16 +342,10 @@ pub struct StableDiffusionPipeline<B: Backend> {
     memory_budget: MemoryBudget,
 }
 
-/// The weights file of a component, preferring the variant when asked for and present.
-pub(crate) fn weights_file(dir: &Path, stem: &str, options: &LoadOptions) -> PathBuf {
-    if let Some(variant) = &options.variant {
-        let candidate = dir.join(format!("{stem}.{variant}.safetensors"));
-        if candidate.is_file() {
-            return candidate;
-        }
-        tracing::info!(dir = %dir.display(), variant, "no variant weights; using the default file");
-    }
-    dir.join(format!("{stem}.safetensors"))
+/// The weights of a diffusers component folder (`diffusion_pytorch_model…`), preferring the
+/// load options' variant where the folder has it.
+pub(crate) fn diffusers_weights(dir: &Path, options: &LoadOptions) -> Result<WeightFiles> {
+    WeightFiles::find(dir, "diffusion_pytorch_model", options.variant.as_deref())
 }
 
 impl<B: Backend> StableDiffusionPipeline<B> {
@@ -320,15 +357,13 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let mut unet = parts.unet_config.init(device)?;
         let mut vae = parts.vae_config.init(device)?;
         check_weights(&options.memory_budget, &text_encoder, &unet, &vae)?;
-        text_encoder.load_safetensors(&weights_file(&parts.text_encoder_dir, "model", options))?;
-        load_safetensors(
-            &mut unet,
-            &weights_file(&parts.unet_dir, "diffusion_pytorch_model", options),
-        )?;
-        load_safetensors(
-            &mut vae,
-            &weights_file(&parts.vae_dir, "diffusion_pytorch_model", options),
-        )?;
+        text_encoder.load_weights(&WeightFiles::find(
+            &parts.text_encoder_dir,
+            "model",
+            options.variant.as_deref(),
+        )?)?;
+        diffusers_weights(&parts.unet_dir, options)?.load_into(&mut unet, same_keys)?;
+        diffusers_weights(&parts.vae_dir, options)?.load_into(&mut vae, same_keys)?;
         let mut pipe = parts.into_pipeline(text_encoder, unet, vae, dir, device);
         pipe.memory_budget = options.memory_budget.clone();
         pipe.load_options = options.clone();
@@ -572,8 +607,12 @@ impl<B: Backend> StableDiffusionPipeline<B> {
                 &self.device,
             )?
         } else {
-            let weights = weights_file(dir, "diffusion_pytorch_model", &self.load_options);
-            ControlNetModel::<B>::load(dir, Some(&weights), &self.memory_budget, &self.device)?
+            ControlNetModel::<B>::load(
+                dir,
+                self.load_options.variant.as_deref(),
+                &self.memory_budget,
+                &self.device,
+            )?
         };
         let boc = &self.unet_config.block_out_channels;
         if controlnet.controlnet_down_blocks.len() != self.unet_skip_count()
