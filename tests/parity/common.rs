@@ -50,6 +50,48 @@ pub fn assert_close(actual: &HostTensor, expected: &HostTensor, atol: f32, rtol:
     eprintln!("{what}: max |diff| {:.3e} at {}", worst.1, worst.0);
 }
 
+/// The parity bound for f32 when the reference itself is more accurate than it (DESIGN: Rust
+/// tests compare within 1e-4, f32): no parity test allows less.
+pub const PARITY_FLOOR: f32 = 1e-4;
+
+/// How many times the reference's own float32 error a parity test allows. Two float32
+/// computations of the same maths differ by at most the sum of their errors against the exact
+/// result; the reference's error is measured (`refs/float_error.json`), and ours is allowed up
+/// to twice it (other summation orders: flex's AVX2 and AVX-512 kernels block differently, and
+/// neither sums as PyTorch's oneDNN does). 1 + 2 = 3.
+pub const FLOAT_ERROR_MARGIN: f32 = 3.0;
+
+/// `refs/float_error.json` (written by `tests/fixtures/gen_float_error.py`): per reference file
+/// and tensor, the float32 reference's distance from a float64 run of the same generator.
+fn float_errors() -> &'static serde_json::Value {
+    static ERRORS: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    ERRORS.get_or_init(|| {
+        let text = std::fs::read_to_string(fixture("refs/float_error.json"))
+            .expect("refs/float_error.json (tests/fixtures/gen_float_error.py)");
+        serde_json::from_str(&text).expect("float_error.json is JSON")
+    })
+}
+
+/// The absolute tolerance for tensor `tensor` of reference `file` (`refs/<file>.safetensors`):
+/// [`FLOAT_ERROR_MARGIN`] times the reference's measured float32 error, and never below
+/// [`PARITY_FLOOR`]. A reference without a measured error is a test bug, not a pass.
+pub fn parity_tolerance(file: &str, tensor: &str) -> f32 {
+    let measured = float_errors()[format!("{file}.safetensors")][tensor]["f32_error"]
+        .as_f64()
+        .unwrap_or_else(|| {
+            panic!("no measured float32 error for {file}/{tensor} in refs/float_error.json")
+        }) as f32;
+    PARITY_FLOOR.max(FLOAT_ERROR_MARGIN * measured)
+}
+
+/// Asserts `actual` equals tensor `tensor` of `refs/<file>.safetensors` within
+/// [`parity_tolerance`] (plus 1e-4 relative), reporting the tolerance used.
+pub fn assert_parity(actual: &HostTensor, file: &str, tensor: &str, what: &str) {
+    let atol = parity_tolerance(file, tensor);
+    eprintln!("{what}: tolerance {atol:.2e} ({file}/{tensor})");
+    assert_close(actual, &refs(file)[tensor], atol, PARITY_FLOOR, what);
+}
+
 /// Downloads a tensor for comparison.
 pub fn host<const D: usize>(t: Tensor<Cpu, D>) -> HostTensor {
     HostTensor::from_tensor(t).expect("download")

@@ -217,7 +217,7 @@ fn mismatched_control_inputs_are_errors() {
 }
 
 mod pipeline {
-    use crate::common::{Cpu, assert_close, fixture, refs};
+    use crate::common::{Cpu, assert_parity, fixture};
     use engine::noise::{NoiseSource, NoiseTape};
     use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
     use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
@@ -270,7 +270,6 @@ mod pipeline {
     }
 
     fn check(pipe: &StableDiffusionPipeline<Cpu>, name: &str, tape: bool) {
-        let r = refs(name);
         let mut tape = tape
             .then(|| NoiseTape::load(fixture(&format!("refs/{name}_tape.safetensors"))).unwrap());
         let out = pipe
@@ -281,7 +280,7 @@ mod pipeline {
                 &mut |_: &StepProgress| {},
             )
             .expect("generate");
-        assert_close(&out.images, &r["image"], 1e-4, 1e-4, name);
+        assert_parity(&out.images, name, "image", name);
     }
 
     #[test]

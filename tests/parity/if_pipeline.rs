@@ -3,7 +3,7 @@
 //! output, each replaying diffusers' noise tape (initial images, stage II's image noise, DDPM's
 //! variance noise at every step but the last).
 
-use crate::common::{Cpu, assert_close, fixture, refs};
+use crate::common::{Cpu, assert_parity, fixture, refs};
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::deepfloyd_if::{IFPipeline, T5Residency, is_if_folder};
 use engine::pipelines::stable_diffusion::LoadOptions;
@@ -85,14 +85,12 @@ fn if_stage_i_matches_diffusers() {
     let pipe = load("tiny-if");
     assert!(is_if_folder(&fixture("tiny-if")) && !is_if_folder(&fixture("tiny-sd")));
     assert_eq!(pipe.stage(), PipelineKind::If);
-    let r = refs("if_stage1");
     let out = run(&pipe, &stage1_request(), "if_stage1");
-    assert_close(&out.images, &r["image"], 1e-4, 1e-4, "stage I image");
-    assert_close(
+    assert_parity(&out.images, "if_stage1", "image", "stage I image");
+    assert_parity(
         out.raw.as_ref().unwrap(),
-        &r["image_pt"],
-        1e-4,
-        1e-4,
+        "if_stage1",
+        "image_pt",
         "stage I output_type=pt",
     );
     // T5 is freed after encoding by default.
@@ -103,14 +101,12 @@ fn if_stage_i_matches_diffusers() {
 fn if_stage_ii_matches_diffusers() {
     let pipe = load("tiny-if-ii");
     assert_eq!(pipe.stage(), PipelineKind::IfStage2);
-    let r = refs("if_stage2");
     let out = run(&pipe, &stage2_request(), "if_stage2");
-    assert_close(&out.images, &r["image"], 1e-4, 1e-4, "stage II image");
-    assert_close(
+    assert_parity(&out.images, "if_stage2", "image", "stage II image");
+    assert_parity(
         out.raw.as_ref().unwrap(),
-        &r["image_pt"],
-        1e-4,
-        1e-4,
+        "if_stage2",
+        "image_pt",
         "stage II output_type=pt",
     );
 }
@@ -129,11 +125,10 @@ fn if_stage_ii_takes_stage_is_embeddings() {
     request.prompt_embeds = Some(embeds);
     let out = run(&two, &request, "if_stage2");
     assert!(!two.t5_loaded(), "stage II did not load T5");
-    assert_close(
+    assert_parity(
         &out.images,
-        &refs("if_stage2")["image"],
-        1e-4,
-        1e-4,
+        "if_stage2",
+        "image",
         "stage II from stage I's embeddings",
     );
 }
@@ -161,13 +156,7 @@ fn if_prompt_embeds_stand_in_for_t5() {
     request.prompt_embeds = Some(embeds);
     let out = run(&fresh, &request, "if_stage1");
     assert!(!fresh.t5_loaded(), "T5 not needed");
-    assert_close(
-        &out.images,
-        &refs("if_stage1")["image"],
-        1e-4,
-        1e-4,
-        "from embeds",
-    );
+    assert_parity(&out.images, "if_stage1", "image", "from embeds");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The whole txt2img pipeline against diffusers' `StableDiffusionPipeline` on the tiny fixture,
 //! per scheduler, given explicit latents (and a seeded generator for stochastic schedulers).
 
-use crate::common::{Cpu, assert_close, fixture, refs};
+use crate::common::{Cpu, assert_close, assert_parity, fixture, refs};
 use burn::tensor::backend::Backend;
 use engine::EngineError;
 use engine::models::MemoryFormat;
@@ -48,16 +48,17 @@ pub(crate) fn check_on<B: Backend>(
     scheduler: Option<&str>,
     tape: bool,
 ) {
-    check_on_within(pipe, ref_name, scheduler, tape, 1e-4);
+    check_on_within(pipe, ref_name, scheduler, tape, None);
 }
 
-/// [`check_on`] with another tolerance (absolute and relative), for f16.
+/// [`check_on`] with another tolerance (absolute and relative), for f16; `None` is f32's
+/// [`parity_tolerance`](crate::common::parity_tolerance).
 pub(crate) fn check_on_within<B: Backend>(
     pipe: &StableDiffusionPipeline<B>,
     ref_name: &str,
     scheduler: Option<&str>,
     tape: bool,
-    tolerance: f32,
+    tolerance: Option<f32>,
 ) {
     let r = refs(ref_name);
     let mut req = request(scheduler);
@@ -73,7 +74,10 @@ pub(crate) fn check_on_within<B: Backend>(
     let out = pipe
         .generate(&req, noise, &CancelToken::new(), &mut observer)
         .expect("generate");
-    assert_close(&out.images, &r["image"], tolerance, tolerance, ref_name);
+    match tolerance {
+        Some(tolerance) => assert_close(&out.images, &r["image"], tolerance, tolerance, ref_name),
+        None => assert_parity(&out.images, ref_name, "image", ref_name),
+    }
     let expected_steps = r["timesteps"].values.len();
     assert_eq!(steps.len(), expected_steps, "one report per UNet call");
     assert_eq!(
@@ -122,14 +126,13 @@ fn txt2img_ddpm_matches_diffusers() {
 #[test]
 fn txt2img_from_seed_matches_diffusers() {
     let pipe = pipeline();
-    let r = refs("txt2img_seed");
     let mut req = request(None);
     req.batch = 1;
     req.seed = 42;
     let out = pipe
         .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
         .unwrap();
-    assert_close(&out.images, &r["image"], 1e-4, 1e-4, "txt2img from seed 42");
+    assert_parity(&out.images, "txt2img_seed", "image", "txt2img from seed 42");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The x4 upscaler (`StableDiffusionUpscalePipeline`) against diffusers on `tiny-sd-x4`
 //! (`tests/fixtures/gen_if.py`), replaying its noise tape (the input's noise, the latents).
 
-use crate::common::{Cpu, assert_close, fixture, refs, rgb_png};
+use crate::common::{Cpu, assert_parity, fixture, rgb_png};
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
 use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
@@ -57,13 +57,7 @@ fn x4_upscaler_matches_diffusers() {
     assert_eq!(pipe.limits().max_noise_level, 350);
     let out = generate(&pipe, &request()).expect("upscale");
     assert_eq!(out.images.shape, vec![2, 64, 128, 3]);
-    assert_close(
-        &out.images,
-        &refs("upscale")["image"],
-        1e-4,
-        1e-4,
-        "x4 upscaler",
-    );
+    assert_parity(&out.images, "upscale", "image", "x4 upscaler");
 }
 
 /// The same input as an array (`--image-array`, [-1, 1]) gives the same images.
@@ -84,13 +78,7 @@ fn x4_upscaler_takes_an_image_array() {
         values,
     });
     let out = generate(&pipe, &req).expect("upscale");
-    assert_close(
-        &out.images,
-        &refs("upscale")["image"],
-        1e-4,
-        1e-4,
-        "from an array",
-    );
+    assert_parity(&out.images, "upscale", "image", "from an array");
 }
 
 #[test]

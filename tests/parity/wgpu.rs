@@ -196,7 +196,13 @@ fn unfused_and_f16_match_diffusers_on_wgpu() {
         "wgpu f16 channels-last unet",
     );
     pipe.set_memory_format(MemoryFormat::Contiguous);
-    check_on_within(&pipe, "txt2img_pndm", None, false, F16_IMAGE_TOLERANCE);
+    check_on_within(
+        &pipe,
+        "txt2img_pndm",
+        None,
+        false,
+        Some(F16_IMAGE_TOLERANCE),
+    );
 
     // The NaN fallback: a conv whose outputs overflow f16 (but not f32, where the GroupNorm
     // after it removes the scale) makes the f16 UNet return NaN; the pipeline redoes the step
@@ -261,8 +267,11 @@ fn overflow_f16<B: Backend>(pipe: &mut StableDiffusionPipeline<B>) {
 
 /// The forced flash kernel (unfused backend here; the UNet tests above go through fusion) in
 /// f16 against the materialised maths in f32: heads-split (strided) queries, cross-attention
-/// lengths, head sizes 4–32, non-multiple-of-tile lengths. Measured on lavapipe: ≤ 1e-3 where
-/// plain f16 maths is off by up to 3e-3.
+/// lengths, head sizes 4–32, non-multiple-of-tile lengths.
+///
+/// The bound is each element's own f16 error budget (see [`f16_attention_bound`]), not one
+/// number seen on one machine: a fixed 2e-3 held on the AVX-512 Xeon's lavapipe and failed on
+/// the AVX2 EPYC's (2.0e-3), because an output near 4 has an f16 spacing of 3.9e-3 by itself.
 #[test]
 fn forced_flash_attention_matches_the_definition_in_f16() {
     use burn::tensor::{Distribution, activation::softmax};
@@ -291,15 +300,70 @@ fn forced_flash_attention_matches_the_definition_in_f16() {
             .expect("a CubeCL backend")
             .cast(DType::F32);
         assert_eq!(flash_calls(), flash + 1, "a flash kernel ran");
-        let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3));
-        let want = softmax(scores, 3).matmul(v);
-        let diff: f32 = (got - want).abs().max().into_scalar();
+        let scores = q
+            .clone()
+            .mul_scalar(scale)
+            .matmul(k.clone().swap_dims(2, 3));
+        let p = softmax(scores, 3);
+        let want = p.clone().matmul(v.clone());
+        let bound = f16_attention_bound(&q, &k, &v, &p, &want, scale);
+        // Margin 2 over the first-order budget (second-order terms, f32 accumulation).
+        let excess: f32 = (got - want)
+            .abs()
+            .sub(bound.mul_scalar(2.0))
+            .max()
+            .into_scalar();
         assert!(
-            diff < 2e-3,
-            "{:?}: max diff {diff}",
+            excess <= 0.0,
+            "{:?}: an element exceeds twice its f16 error budget by {excess}",
             (n, h, lq, lk, d, strided)
         );
     }
+}
+
+/// First-order error budget of attention computed in f16 (inputs, scores, probabilities and
+/// output each rounded once, relative error `u = 2⁻¹¹`), against the exact maths, per output
+/// element `o_i = Σ_j p_ij v_j`:
+/// - scores: q and k rounded (`2u·scale·Σ_d |q_d||k_d|`) and the score itself (`u·|s_ij|`) move
+///   `o_i` by at most `max_j |Δs_ij| · Σ_j p_ij |v_j − o_i|` (softmax's derivative);
+/// - v rounded, p rounded: `2u · Σ_j p_ij |v_j|`;
+/// - the output rounded: `u · |o_i|`.
+///
+/// # Shapes
+/// - q `[n, h, lq, d]`, k and v `[n, h, lk, d]`, p `[n, h, lq, lk]`, o `[n, h, lq, d]` → `[n, h, lq, d]`
+fn f16_attention_bound<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    p: &Tensor<B, 4>,
+    o: &Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let u = 2f64.powi(-11);
+    let abs_dot = q.clone().abs().matmul(k.clone().abs().swap_dims(2, 3)); // [n,h,lq,lk]
+    let scores = q
+        .clone()
+        .matmul(k.clone().swap_dims(2, 3))
+        .mul_scalar(scale)
+        .abs();
+    let ds = abs_dot
+        .mul_scalar(2.0 * u * scale)
+        .add(scores.mul_scalar(u)); // [n,h,lq,lk]
+    let ds_max = ds.max_dim(3); // [n,h,lq,1]
+    // Σ_j p_ij |v_j − o_i|, over [n,h,lq,lk,d].
+    let spread = v
+        .clone()
+        .unsqueeze_dim::<5>(2)
+        .sub(o.clone().unsqueeze_dim::<5>(3))
+        .abs()
+        .mul(p.clone().unsqueeze_dim::<5>(4))
+        .sum_dim(3)
+        .squeeze_dim::<4>(3); // [n,h,lq,d]
+    let weighted_v = p.clone().matmul(v.clone().abs()); // [n,h,lq,d]
+    spread
+        .mul(ds_max)
+        .add(weighted_v.mul_scalar(2.0 * u))
+        .add(o.clone().abs().mul_scalar(u))
 }
 
 /// Our flash kernel (`shaders::flash_attention`) against its plain-tensor definition on wgpu:
