@@ -382,7 +382,11 @@ fn png_header_only(width: u32, height: u32) -> Vec<u8> {
     ihdr.extend(height.to_be_bytes());
     ihdr.extend([8, 2, 0, 0, 0]);
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, data) in [(b"IHDR", ihdr), (b"IDAT", Vec::new()), (b"IEND", Vec::new())] {
+    for (kind, data) in [
+        (b"IHDR", ihdr),
+        (b"IDAT", Vec::new()),
+        (b"IEND", Vec::new()),
+    ] {
         let mut body = kind.to_vec();
         body.extend(&data);
         out.extend((data.len() as u32).to_be_bytes());
@@ -421,7 +425,11 @@ fn bad_pictures_are_refused_and_unusual_ones_read() {
     let empty = dir.join("empty.png");
     std::fs::write(&empty, png_header_only(0, 0)).unwrap();
     // The PNG decoder refuses the header itself.
-    assert_refused(&img2img(&empty), 2, &["empty.png", "Invalid image dimensions"]);
+    assert_refused(
+        &img2img(&empty),
+        2,
+        &["empty.png", "Invalid image dimensions"],
+    );
     let huge = dir.join("huge.png");
     std::fs::write(&huge, png_header_only(20000, 20000)).unwrap();
     assert_refused(

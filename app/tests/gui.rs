@@ -429,6 +429,76 @@ fn the_form_and_settings_survive_a_restart() {
     assert_eq!(restored.state.form.steps, 1);
 }
 
+/// A settings file naming pictures that are not Brushfire's work pictures (tampered, or from
+/// elsewhere) gets them neither read nor, when the page is cleared, removed; the user is told.
+#[test]
+fn settings_cannot_make_brushfire_read_or_delete_other_files() {
+    let dir = std::env::temp_dir().join(format!("brushfire-tampered-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let victim = dir.join("holiday.png");
+    let victim_layer = dir.join("holiday-layer.png");
+    image::RgbImage::new(8, 8).save(&victim).unwrap();
+    image::GrayImage::new(8, 8).save(&victim_layer).unwrap();
+    let mut p: Persisted = serde_json::from_str("{}").unwrap();
+    p.inpaint_picture = Some(app::gui::work::SavedPicture {
+        label: "x".into(),
+        image: victim.clone(),
+        layer: victim_layer.clone(),
+    });
+    let mut restored = BrushfireApp::restored(&p, Some("org/model".into()));
+    assert!(restored.state.inputs.source.is_none(), "not read");
+    let error = restored.state.error.clone().expect("said");
+    assert!(
+        error.contains("holiday.png") && error.contains("not Brushfire's"),
+        "{error}"
+    );
+    restored.state.work_dir = Some(dir.join("work"));
+    restored.state.save_work().unwrap();
+    assert!(victim.is_file() && victim_layer.is_file(), "not removed");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A ControlNet named in a picture's metadata is taken as a hub id only, never as a path.
+#[test]
+fn a_controlnet_path_in_png_metadata_is_not_followed() {
+    use app::png_meta::ControlNetParameters;
+    let mut a = app();
+    let existing = std::env::temp_dir().to_string_lossy().into_owned();
+    for model in [
+        existing.as_str(),
+        "../../models/cn",
+        "/etc",
+        "org/name@../../x",
+    ] {
+        let notes = a.state.control.apply_unit(&ControlNetParameters {
+            model: model.into(),
+            canny: None,
+            weight: 1.0,
+            guidance_start: 0.0,
+            guidance_end: 1.0,
+            guess_mode: false,
+        });
+        assert_ne!(a.state.control.controlnet_spec, model);
+        assert!(
+            notes.iter().any(|n| n.contains("not followed")),
+            "{model}: {notes:?}"
+        );
+    }
+    let notes = a.state.control.apply_unit(&ControlNetParameters {
+        model: "lllyasviel/sd-controlnet-canny".into(),
+        canny: None,
+        weight: 1.0,
+        guidance_start: 0.0,
+        guidance_end: 1.0,
+        guess_mode: false,
+    });
+    assert_eq!(
+        a.state.control.controlnet_spec, "lllyasviel/sd-controlnet-canny",
+        "{notes:?}"
+    );
+}
+
 fn inpaint_source(app: &BrushfireApp) -> &app::gui::image_input::SourceImage {
     app.state
         .inputs

@@ -147,13 +147,25 @@ fn a_megabyte_prompt_keeps_77_tokens() {
     assert!(huge.len() > 1 << 20);
     let start = std::time::Instant::now();
     let encoded = tokenizer.encode(&[&huge]).expect("encode");
-    eprintln!("1 MB prompt tokenized in {:.2} s", start.elapsed().as_secs_f64());
+    eprintln!(
+        "1 MB prompt tokenized in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
     assert_eq!(encoded.input_ids[0].len(), 77);
     assert_eq!(encoded.input_ids[0][76], 49407);
     let dropped = encoded.truncated[0].as_deref().expect("truncated");
     // Everything after the 75th token: 6 tokens a phrase, 2¹⁶ phrases.
-    assert!(dropped.starts_with("a hill , a castle on a hill"), "{}", &dropped[..40]);
-    assert!(dropped.len() > huge.len() * 9 / 10, "{} of {}", dropped.len(), huge.len());
+    assert!(
+        dropped.starts_with("a hill , a castle on a hill"),
+        "{}",
+        &dropped[..40]
+    );
+    assert!(
+        dropped.len() > huge.len() * 9 / 10,
+        "{} of {}",
+        dropped.len(),
+        huge.len()
+    );
 }
 
 #[test]

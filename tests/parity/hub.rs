@@ -363,3 +363,94 @@ fn fp16_variant_weights_are_found_and_read() {
     );
     std::fs::remove_dir_all(&home).unwrap();
 }
+
+/// Names from a picture's metadata are hub ids or nothing: no `..`, no absolute path, no folder
+/// that happens to exist here, no revision that climbs out of the cache.
+#[test]
+fn untrusted_model_names_are_hub_ids_only() {
+    use engine::loading::ModelSource;
+    let here = std::env::temp_dir().to_string_lossy().into_owned();
+    for bad in [
+        "../..",
+        "./x",
+        "../secret",
+        "/etc",
+        here.as_str(),
+        "org/..",
+        "../name",
+        "org/name@../../x",
+        "org/name@/abs",
+        "org/name/extra",
+        "",
+    ] {
+        let err = ModelSource::parse_untrusted(bad)
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains("not followed"), "{bad}: {err}");
+    }
+    for good in [
+        "org/name",
+        "org/name@main",
+        "org/name@refs/pr/1",
+        "a.b/c_d-e",
+    ] {
+        assert!(
+            matches!(
+                ModelSource::parse_untrusted(good),
+                Ok(ModelSource::Hub { .. })
+            ),
+            "{good}"
+        );
+    }
+    // The user's own `--model` still takes a folder that exists.
+    assert!(matches!(
+        ModelSource::parse(&here),
+        Ok(ModelSource::Local(_))
+    ));
+    // And still refuses a hub id whose revision climbs out of the cache.
+    assert!(ModelSource::parse("org/name@../../x").is_err());
+}
+
+/// A download cut short leaves `blobs/….incomplete` and no snapshot link: the model is not
+/// cached (offline, a clear error), and an `HF_HOME` that cannot be written is said before
+/// anything is asked of the network.
+#[test]
+fn interrupted_downloads_and_an_unwritable_hf_home_are_clear() {
+    let (home, snapshot) = hf_home_with("brushfire-hf-interrupted", "tiny-sd", "tiny-sd");
+    let repo = home.join("hub/models--brushfire-test--tiny-sd");
+    std::fs::remove_file(snapshot.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::write(repo.join("blobs/0badc0ffee.incomplete"), b"half a file").unwrap();
+    let cache = Cache::new(home.join("hub"));
+    assert_eq!(
+        cached_snapshot(&cache, "brushfire-test/tiny-sd", None, None),
+        None
+    );
+    assert_eq!(
+        model_availability_in(&cache, false, "brushfire-test/tiny-sd", None).unwrap(),
+        ModelAvailability::NeedsDownload {
+            repo_id: "brushfire-test/tiny-sd".into()
+        }
+    );
+    let err = resolve_model_in(&cache, true, "brushfire-test/tiny-sd", None, &mut ()).unwrap_err();
+    assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+
+    // HF_HOME under a file: no folder can be made there, whoever runs the test.
+    let blocker = home.join("a-file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let unwritable = Cache::new(blocker.join("hub"));
+    let err = resolve_model_in(
+        &unwritable,
+        false,
+        "brushfire-test/not-cached",
+        None,
+        &mut (),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("cannot be written") && err.contains("HF_HOME"),
+        "asked the network instead of saying the cache is unwritable: {err}"
+    );
+    std::fs::remove_dir_all(&home).unwrap();
+}

@@ -58,20 +58,6 @@ impl std::fmt::Debug for ControlSource {
     }
 }
 
-/// Whether `spec` can be loaded as a ControlNet: an existing folder or file, or a hub id
-/// (`owner/name`, letters, digits, `-`, `_`, `.`).
-fn names_a_model(spec: &str) -> bool {
-    let hub_part = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    };
-    Path::new(spec).exists()
-        || spec
-            .split_once('/')
-            .is_some_and(|(owner, name)| hub_part(owner) && hub_part(name))
-}
-
 /// A canvas for drawing over control maps: thin white lines, an eraser that blacks out.
 fn map_canvas(width: usize, height: usize) -> PaintCanvas {
     let mut canvas = PaintCanvas::new(width, height);
@@ -283,14 +269,16 @@ impl ControlInputs {
         if model.is_empty() || model == self.controlnet_spec {
             return notes;
         }
-        if names_a_model(model) {
+        // The unit comes from a picture's metadata: a hub id only, never a path it names.
+        if engine::loading::ModelSource::parse_untrusted(model).is_ok() {
             self.controlnet_spec = model.to_string();
             if self.loaded.as_deref() != Some(model) {
                 notes.push(format!("ControlNet {model} restored: load it to use it"));
             }
         } else {
             notes.push(format!(
-                "ControlNet `{model}` is neither a folder nor a hub id here: {} kept",
+                "ControlNet `{model}` is not a hub id (a path in a picture's metadata is not \
+                 followed): {} kept",
                 self.controlnet_spec
             ));
         }
@@ -377,8 +365,8 @@ mod tests {
         );
         assert_eq!(
             notes[2],
-            "ControlNet `not a model [1234abcd]` is neither a folder nor a hub id here: \
-             someone/their-canny-controlnet kept"
+            "ControlNet `not a model [1234abcd]` is not a hub id (a path in a picture's \
+             metadata is not followed): someone/their-canny-controlnet kept"
         );
         assert_eq!((c.canny.low, c.canny.high), (50.0, 150.0));
         assert_eq!((c.guidance_start, c.guidance_end), (0.2, 0.9));

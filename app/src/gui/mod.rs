@@ -13,7 +13,7 @@ mod control_page;
 pub mod image_input;
 mod image_pages;
 mod state;
-mod work;
+pub mod work;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -604,6 +604,18 @@ impl AppState {
             .enumerate()
         {
             let Some(saved) = saved else { continue };
+            if !saved.is_ours(&WORK_NAMES) {
+                lost.push(saved.label.clone());
+                first_reason.get_or_insert_with(|| {
+                    format!(
+                        "the settings name {} and {}, which are not Brushfire's work pictures: \
+                         neither read nor removed",
+                        saved.image.display(),
+                        saved.layer.display()
+                    )
+                });
+                continue;
+            }
             let (label, w, h, rgb, layer) = match read_picture(saved) {
                 Ok(restored) => restored,
                 Err(e) => {

@@ -24,6 +24,30 @@ pub struct SavedPicture {
     pub layer: PathBuf,
 }
 
+impl SavedPicture {
+    /// Whether both files are ones Brushfire itself writes: `<folder>/<name>.png` and
+    /// `<folder>/<name>-layer.png` for one of `names`, the same absolute folder, no `..`. The
+    /// paths come from the settings file, and a picture that is replaced or cleared has its files
+    /// removed: a tampered settings file must not make Brushfire read or delete anything else.
+    pub fn is_ours(&self, names: &[&str]) -> bool {
+        let plain = |p: &Path| {
+            p.is_absolute()
+                && p.components()
+                    .all(|c| !matches!(c, std::path::Component::ParentDir))
+        };
+        let file_name = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(String::from);
+        plain(&self.image)
+            && plain(&self.layer)
+            && self.image.parent().is_some()
+            && self.image.parent() == self.layer.parent()
+            && names.iter().any(|name| {
+                file_name(&self.image).as_deref() == Some(format!("{name}.png").as_str())
+                    && file_name(&self.layer).as_deref()
+                        == Some(format!("{name}-layer.png").as_str())
+            })
+    }
+}
+
 /// A picture as the pages hold it.
 #[derive(Clone, Copy)]
 pub struct Picture<'a> {

@@ -49,28 +49,51 @@ impl ModelSource {
         if path.exists() {
             return Ok(Self::Local(path.to_path_buf()));
         }
-        let (id, revision) = match spec.split_once('@') {
-            Some((id, rev)) => (id, Some(rev.to_string())),
-            None => (spec, None),
-        };
-        let parts: Vec<&str> = id.split('/').collect();
-        let valid = parts.len() == 2
-            && parts.iter().all(|p| {
-                !p.is_empty()
-                    && p.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            });
-        if valid {
-            Ok(Self::Hub {
-                repo_id: id.to_string(),
-                revision,
-            })
-        } else {
-            Err(EngineError::invalid(
+        Self::hub(spec).ok_or_else(|| {
+            EngineError::invalid(
                 "model",
                 format!("`{spec}` is neither an existing folder nor a hub id like `org/name`"),
-            ))
-        }
+            )
+        })
+    }
+
+    /// Reads a model name that did not come from the user's own hand (a picture's metadata, a
+    /// file someone sent): a hub id only. A path there is never followed (`../`, `/etc`, a
+    /// folder that happens to exist here), since the name would then choose what is read.
+    pub fn parse_untrusted(spec: &str) -> Result<Self> {
+        Self::hub(spec).ok_or_else(|| {
+            EngineError::invalid(
+                "model",
+                format!(
+                    "`{spec}` is not a hub id like `org/name`; a path read from a picture's \
+                     metadata is not followed"
+                ),
+            )
+        })
+    }
+
+    /// `org/name[@revision]` when it is one: each part letters, digits, `-`, `_`, `.` (not `.`
+    /// or `..` alone); the revision a branch, tag or commit (`refs/pr/1` has slashes), with no
+    /// `..` part and not absolute, since it names a folder in the cache.
+    fn hub(spec: &str) -> Option<Self> {
+        let (id, revision) = match spec.split_once('@') {
+            Some((id, rev)) => (id, Some(rev)),
+            None => (spec, None),
+        };
+        let name_part = |p: &str| {
+            !p.is_empty()
+                && p != "."
+                && p != ".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        let parts: Vec<&str> = id.split('/').collect();
+        let id_ok = parts.len() == 2 && parts.iter().all(|p| name_part(p));
+        let revision_ok = revision.is_none_or(|rev| rev.split('/').all(name_part));
+        (id_ok && revision_ok).then(|| Self::Hub {
+            repo_id: id.to_string(),
+            revision: revision.map(String::from),
+        })
     }
 }
 
@@ -424,6 +447,30 @@ pub fn resolve_in(
     }
 }
 
+/// Checks the cache folder can take a download, before anything is asked of the network: a
+/// download into an `HF_HOME` that cannot be written would fail after its first file, or not
+/// say why.
+fn check_cache_writable(cache: &Cache) -> Result<()> {
+    let dir = cache.path();
+    let probe = dir.join(format!(".brushfire-write-check-{}", std::process::id()));
+    let written = std::fs::create_dir_all(dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .map(drop)
+    });
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(|e| {
+        EngineError::Hub(format!(
+            "the Hugging Face cache {} cannot be written ({e}): set HF_HOME to a folder you \
+             can write",
+            dir.display()
+        ))
+    })
+}
+
 fn download(
     cache: Cache,
     repo_id: &str,
@@ -432,6 +479,7 @@ fn download(
     layout: RepoLayout,
     progress: &mut dyn DownloadProgress,
 ) -> Result<PathBuf> {
+    check_cache_writable(&cache)?;
     let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
     let mut builder = ApiBuilder::from_cache(cache).with_progress(false);
     if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
