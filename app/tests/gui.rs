@@ -337,7 +337,8 @@ fn dropping_an_a1111_png_fills_the_form() {
     assert_eq!(c.controlnet_spec, DEFAULT_CONTROLNET);
     assert!(
         state.status.contains(
-            "ControlNet `control_v11p_sd15_canny [d14c016b]` is neither a folder nor a hub id"
+            "ControlNet `control_v11p_sd15_canny [d14c016b]` is not a hub id (a path in a \
+             picture's metadata is not followed)"
         ),
         "{}",
         state.status
@@ -459,10 +460,20 @@ fn settings_cannot_make_brushfire_read_or_delete_other_files() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A ControlNet named in a picture's metadata is taken as a hub id only, never as a path.
+/// A ControlNet named in a dropped or opened picture's metadata is taken as a hub id only,
+/// never as a path; a gallery image made here may name the local file it was made with.
 #[test]
 fn a_controlnet_path_in_png_metadata_is_not_followed() {
+    use app::gui::control_input::Origin;
     use app::png_meta::ControlNetParameters;
+    let unit = |model: &str| ControlNetParameters {
+        model: model.into(),
+        canny: None,
+        weight: 1.0,
+        guidance_start: 0.0,
+        guidance_end: 1.0,
+        guess_mode: false,
+    };
     let mut a = app();
     let existing = std::env::temp_dir().to_string_lossy().into_owned();
     for model in [
@@ -471,32 +482,21 @@ fn a_controlnet_path_in_png_metadata_is_not_followed() {
         "/etc",
         "org/name@../../x",
     ] {
-        let notes = a.state.control.apply_unit(&ControlNetParameters {
-            model: model.into(),
-            canny: None,
-            weight: 1.0,
-            guidance_start: 0.0,
-            guidance_end: 1.0,
-            guess_mode: false,
-        });
+        let notes = a.state.control.apply_unit(&unit(model), Origin::File);
         assert_ne!(a.state.control.controlnet_spec, model);
         assert!(
             notes.iter().any(|n| n.contains("not followed")),
             "{model}: {notes:?}"
         );
     }
-    let notes = a.state.control.apply_unit(&ControlNetParameters {
-        model: "lllyasviel/sd-controlnet-canny".into(),
-        canny: None,
-        weight: 1.0,
-        guidance_start: 0.0,
-        guidance_end: 1.0,
-        guess_mode: false,
-    });
-    assert_eq!(
-        a.state.control.controlnet_spec, "lllyasviel/sd-controlnet-canny",
-        "{notes:?}"
-    );
+    let hub = "lllyasviel/sd-controlnet-canny";
+    let notes = a.state.control.apply_unit(&unit(hub), Origin::File);
+    assert_eq!(a.state.control.controlnet_spec, hub, "{notes:?}");
+    let notes = a
+        .state
+        .control
+        .apply_unit(&unit(&existing), Origin::Gallery);
+    assert_eq!(a.state.control.controlnet_spec, existing, "{notes:?}");
 }
 
 fn inpaint_source(app: &BrushfireApp) -> &app::gui::image_input::SourceImage {

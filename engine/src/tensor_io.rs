@@ -87,14 +87,37 @@ pub fn read_safetensors_keys(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// The tensor names and shapes of a safetensors file, from its header only.
+/// The tensor names and shapes of a safetensors file, from its header only, after checking the
+/// header against the file: every tensor's byte range inside the data that follows the header,
+/// and as long as its dtype and shape say. A file cut short (an interrupted copy of a 4 GB
+/// checkpoint) or a header that does not match its data is an error naming the file and the
+/// tensor, before anything maps the data (burn-store's memory-mapped reader trusts the header).
 pub fn read_safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    Ok(read_safetensors_header(path)?
+        .into_iter()
+        .map(|t| (t.name, t.shape))
+        .collect())
+}
+
+/// One tensor as a safetensors header describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// The header's dtype name (`F32`, `F16`, `BF16`, `I64`, …).
+    pub dtype: String,
+}
+
+/// The tensors of a safetensors file from its header, checked against the file as
+/// [`read_safetensors_shapes`] says.
+pub fn read_safetensors_header(path: &Path) -> Result<Vec<HeaderTensor>> {
     use std::io::Read;
     let bad = |message: String| EngineError::Safetensors {
         file: path.to_path_buf(),
         message,
     };
     let mut file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len)
         .map_err(|e| bad(format!("no safetensors header: {e}")))?;
@@ -104,6 +127,12 @@ pub fn read_safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>>
             "header of {len} bytes: not a safetensors file"
         )));
     }
+    let data_len = file_len.checked_sub(8 + len).ok_or_else(|| {
+        bad(format!(
+            "the header claims {len} bytes but the file has {file_len}: cut short, or not a \
+             safetensors file"
+        ))
+    })?;
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header)
         .map_err(|e| bad(format!("truncated header: {e}")))?;
@@ -113,7 +142,7 @@ pub fn read_safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>>
         .into_iter()
         .filter(|(k, _)| k != "__metadata__")
         .map(|(k, v)| {
-            let shape = v
+            let shape: Vec<usize> = v
                 .get("shape")
                 .and_then(|s| s.as_array())
                 .and_then(|dims| {
@@ -122,9 +151,53 @@ pub fn read_safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>>
                         .collect()
                 })
                 .ok_or_else(|| bad(format!("`{k}` has no shape in the header")))?;
-            Ok((k, shape))
+            let offsets: Vec<u64> = v
+                .get("data_offsets")
+                .and_then(|o| o.as_array())
+                .and_then(|o| o.iter().map(serde_json::Value::as_u64).collect())
+                .filter(|o: &Vec<u64>| o.len() == 2)
+                .ok_or_else(|| bad(format!("`{k}` has no data_offsets in the header")))?;
+            let (start, end) = (offsets[0], offsets[1]);
+            if start > end || end > data_len {
+                return Err(bad(format!(
+                    "tensor `{k}` lies at bytes {start}..{end} of {data_len} bytes of data: the \
+                     file is cut short or its header is wrong"
+                )));
+            }
+            let dtype = v
+                .get("dtype")
+                .and_then(|d| d.as_str())
+                .ok_or_else(|| bad(format!("`{k}` has no dtype in the header")))?
+                .to_string();
+            let element_bytes = dtype_bytes(&dtype);
+            let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            if let (Some(size), Some(elements)) = (element_bytes, elements)
+                && elements.checked_mul(size) != Some(end - start)
+            {
+                return Err(bad(format!(
+                    "tensor `{k}` of shape {shape:?} takes {} bytes in the header: its dtype and \
+                     shape say otherwise",
+                    end - start
+                )));
+            }
+            Ok(HeaderTensor {
+                name: k,
+                shape,
+                dtype,
+            })
         })
         .collect()
+}
+
+/// Bytes per element of a safetensors dtype name (`None` for ones we never read).
+fn dtype_bytes(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
 }
 
 /// One named tensor of a safetensors file.

@@ -201,3 +201,117 @@ fn a_shard_index_cannot_point_outside_its_folder() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Broken weight files are refused with the file (and the tensor, where one is at fault) named,
+/// never a panic: cut short, a header that claims more bytes than the file has, a header of
+/// 200 MB, a tensor of the wrong shape or dtype, a single file of an unknown layout.
+#[test]
+fn broken_weight_files_are_refused_by_name() {
+    use engine::tensor_io::read_safetensors;
+    let dir = scratch_copy("broken-weights");
+    let unet_file = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let original = std::fs::read(&unet_file).unwrap();
+    let load = || {
+        let loaded = std::panic::catch_unwind(|| {
+            StableDiffusionPipeline::<Cpu>::load(&dir, &LoadOptions::default(), &Default::default())
+                .map(drop)
+        });
+        loaded
+            .expect("a broken file is an error, not a panic")
+            .expect_err("a broken file is refused")
+            .to_string()
+    };
+    let header_len = |claimed: u64| {
+        let mut bytes = claimed.to_le_bytes().to_vec();
+        bytes.extend(b"{}");
+        bytes
+    };
+    for (what, bytes, needles) in [
+        (
+            "cut short",
+            original[..original.len() / 2].to_vec(),
+            vec!["diffusion_pytorch_model.safetensors"],
+        ),
+        (
+            "a header longer than the file",
+            header_len(1 << 20),
+            vec!["diffusion_pytorch_model.safetensors", "header"],
+        ),
+        (
+            "a 200 MB header",
+            header_len(200 << 20),
+            vec!["diffusion_pytorch_model.safetensors", "header of"],
+        ),
+    ] {
+        std::fs::write(&unet_file, &bytes).unwrap();
+        let err = load();
+        for needle in needles {
+            assert!(err.contains(needle), "{what}: `{needle}` not in: {err}");
+        }
+    }
+
+    // The wrong shape, and the wrong dtype, for `conv_in.weight`.
+    std::fs::write(&unet_file, &original).unwrap();
+    let unet = read_safetensors(&unet_file).unwrap();
+    let rewrite = |dtype: safetensors::Dtype, shape: Vec<usize>| {
+        let raw: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = unet
+            .iter()
+            .map(|(name, t)| {
+                if name == "conv_in.weight" {
+                    let n: usize = shape.iter().product();
+                    let width = if dtype == safetensors::Dtype::I64 {
+                        8
+                    } else {
+                        4
+                    };
+                    (name.clone(), vec![0u8; n * width], shape.clone(), dtype)
+                } else {
+                    let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    (
+                        name.clone(),
+                        bytes,
+                        t.shape.clone(),
+                        safetensors::Dtype::F32,
+                    )
+                }
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = raw
+            .iter()
+            .map(|(n, d, s, t)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &unet_file).unwrap();
+    };
+    let shape = unet["conv_in.weight"].shape.clone();
+    rewrite(safetensors::Dtype::F32, vec![shape[0], shape[1] + 1, 3, 3]);
+    let err = load();
+    assert!(
+        err.contains("conv_in.weight") && err.contains("shape"),
+        "{err}"
+    );
+    rewrite(safetensors::Dtype::I64, shape);
+    let err = load();
+    assert!(err.contains("conv_in.weight"), "wrong dtype: {err}");
+
+    // A single file whose tensors are no Stable Diffusion layout Brushfire knows.
+    let single = dir.join("mystery.safetensors");
+    std::fs::copy(dir.join("vae/diffusion_pytorch_model.safetensors"), &single).unwrap();
+    let err = StableDiffusionPipeline::<Cpu>::load_path(
+        &single,
+        &LoadOptions::default(),
+        &Default::default(),
+    )
+    .map(drop)
+    .expect_err("an unknown single-file layout")
+    .to_string();
+    assert!(
+        err.contains("mystery.safetensors") && err.contains("not a Stable Diffusion"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

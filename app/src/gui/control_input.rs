@@ -58,6 +58,16 @@ impl std::fmt::Debug for ControlSource {
     }
 }
 
+/// Where restored parameters come from, which decides whether a ControlNet path in them is
+/// followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A gallery image of this app (made here, or read back from its own output folder).
+    Gallery,
+    /// A picture opened or dropped from anywhere: its metadata names hub ids only.
+    File,
+}
+
 /// A canvas for drawing over control maps: thin white lines, an eraser that blacks out.
 fn map_canvas(width: usize, height: usize) -> PaintCanvas {
     let mut canvas = PaintCanvas::new(width, height);
@@ -240,10 +250,11 @@ impl ControlInputs {
     }
 
     /// Takes a restored unit's settings: the map (canny with its thresholds, or the image as it
-    /// is), weight, guidance window, control mode, and the ControlNet when it names a folder,
-    /// file or hub id (A1111 names its models `name [hash]`). Returns a note on what was not
-    /// taken. The source image and the strokes stay as they are.
-    pub fn apply_unit(&mut self, unit: &ControlNetParameters) -> Vec<String> {
+    /// is), weight, guidance window, control mode, and the ControlNet when it names a hub id, or
+    /// (from a gallery image made here) a folder or file that exists (A1111 names its models
+    /// `name [hash]`). Returns a note on what was not taken. The source image and the strokes
+    /// stay as they are.
+    pub fn apply_unit(&mut self, unit: &ControlNetParameters, origin: Origin) -> Vec<String> {
         let mut notes = Vec::new();
         match unit.canny {
             Some((low, high)) => match (Canny { low, high }).check() {
@@ -269,8 +280,12 @@ impl ControlInputs {
         if model.is_empty() || model == self.controlnet_spec {
             return notes;
         }
-        // The unit comes from a picture's metadata: a hub id only, never a path it names.
-        if engine::loading::ModelSource::parse_untrusted(model).is_ok() {
+        // A picture from elsewhere names a hub id only, never a path to follow.
+        let usable = match origin {
+            Origin::Gallery => Path::new(model).exists(),
+            Origin::File => false,
+        } || engine::loading::ModelSource::parse_untrusted(model).is_ok();
+        if usable {
             self.controlnet_spec = model.to_string();
             if self.loaded.as_deref() != Some(model) {
                 notes.push(format!("ControlNet {model} restored: load it to use it"));
@@ -337,7 +352,7 @@ mod tests {
             guess_mode: true,
         };
         assert_eq!(
-            c.apply_unit(&unit),
+            c.apply_unit(&unit, Origin::File),
             ["ControlNet someone/their-canny-controlnet restored: load it to use it"]
         );
         assert_eq!(c.controlnet_spec, "someone/their-canny-controlnet");
@@ -353,7 +368,7 @@ mod tests {
             guidance_end: 1.5,
             ..unit
         };
-        let notes = c.apply_unit(&bad);
+        let notes = c.apply_unit(&bad, Origin::File);
         assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(
             notes[0].starts_with("ControlNet canny thresholds not taken: "),
@@ -371,7 +386,7 @@ mod tests {
         assert_eq!((c.canny.low, c.canny.high), (50.0, 150.0));
         assert_eq!((c.guidance_start, c.guidance_end), (0.2, 0.9));
         // `none`: the image as it is.
-        c.apply_unit(&ControlNetParameters { canny: None, ..bad });
+        c.apply_unit(&ControlNetParameters { canny: None, ..bad }, Origin::File);
         assert_eq!(c.map_source, MapSource::AsIs);
     }
 

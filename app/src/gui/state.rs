@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bench::BenchState;
 use super::cascade::{CascadeState, STAGES, StageSettings};
-use super::control_input::{ControlInputs, MapSource};
+use super::control_input::{ControlInputs, MapSource, Origin};
 use super::image_input::{ImageInputs, SizeFit};
 use super::work::{Picture, SavedPicture, read_picture, remove_picture, write_picture};
 use crate::image_files::to_u8;
@@ -1357,7 +1357,7 @@ impl AppState {
         match read_parameters_text(path) {
             Ok(Some(text)) => {
                 let parsed = ParsedParameters::parse(&text);
-                let notes = self.restore_parameters(&parsed);
+                let notes = self.restore_parameters(&parsed, Origin::File);
                 let mut status = format!("restored the parameters of {}", path.display());
                 if let Some(model) = &parsed.model
                     && model != &model_label(&self.model_spec)
@@ -1392,7 +1392,7 @@ impl AppState {
     pub fn reuse_parameters(&mut self, index: usize) {
         if let Some(img) = self.gallery.get(index) {
             let parsed = ParsedParameters::parse(&img.params.to_a1111());
-            let notes = self.restore_parameters(&parsed);
+            let notes = self.restore_parameters(&parsed, Origin::Gallery);
             self.status = std::iter::once("restored the image's parameters".to_string())
                 .chain(notes)
                 .collect::<Vec<_>>()
@@ -1402,8 +1402,9 @@ impl AppState {
 
     /// Fills the form from a `parameters` text, and what the pages take from it: the strength
     /// (of the inpainting page when it is shown, else of img2img) and the ControlNet unit.
-    /// Returns notes on what could not be used.
-    pub fn restore_parameters(&mut self, parsed: &ParsedParameters) -> Vec<String> {
+    /// Returns notes on what could not be used. `origin` says whether a ControlNet path in them
+    /// may be followed.
+    pub fn restore_parameters(&mut self, parsed: &ParsedParameters, origin: Origin) -> Vec<String> {
         let mut notes = self.form.apply_parameters(parsed);
         if let Some(strength) = parsed.denoising_strength() {
             if (0.0..=1.0).contains(&strength) {
@@ -1416,7 +1417,7 @@ impl AppState {
             }
         }
         match parsed.controlnet() {
-            Some(Ok(unit)) => notes.extend(self.control.apply_unit(&unit)),
+            Some(Ok(unit)) => notes.extend(self.control.apply_unit(&unit, origin)),
             Some(Err(why)) => notes.push(why),
             None => {}
         }

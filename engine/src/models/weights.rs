@@ -18,7 +18,7 @@ use burn_store::{
 };
 
 use crate::error::{EngineError, Result};
-use crate::tensor_io::read_safetensors_keys;
+use crate::tensor_io::{read_safetensors_header, read_safetensors_keys};
 
 /// File extensions of PyTorch pickle checkpoints: loading one runs Python's unpickler, which can
 /// execute arbitrary code, so Brushfire never reads them.
@@ -240,6 +240,9 @@ fn load_part<B: Backend, M: ModuleSnapshot<B>>(
             std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
         ));
     }
+    // The header checked against the file before burn-store maps it: a file cut short would
+    // otherwise be read past its end.
+    let header = read_safetensors_header(file)?;
     // Burn path → (key in the file, shape in the file) for every parameter of the module.
     let file_names: HashMap<String, (String, Vec<usize>)> = module
         .collect(None, None, true)
@@ -272,6 +275,18 @@ fn load_part<B: Backend, M: ModuleSnapshot<B>>(
         file: file.to_path_buf(),
         message,
     };
+    // A weight stored as integers or booleans would make Burn panic while loading it (it casts
+    // float tensors only): refused by name first.
+    let wanted: std::collections::HashSet<String> =
+        file_names.values().map(|(key, _)| in_file(key)).collect();
+    if let Some(t) = header.iter().find(|t| {
+        wanted.contains(&t.name) && !matches!(t.dtype.as_str(), "F16" | "BF16" | "F32" | "F64")
+    }) {
+        return Err(safetensors_error(format!(
+            "tensor `{}` has dtype {}, expected a float (F32, F16 or BF16)",
+            t.name, t.dtype
+        )));
+    }
 
     // Weights take the module's float dtype whatever the file stores (an `fp16` variant loads
     // into an f32 model and the reverse); burn-store alone would keep the file's dtype.

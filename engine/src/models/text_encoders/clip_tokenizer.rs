@@ -66,6 +66,8 @@ pub struct TokenizedPrompts {
     /// Per prompt: `Some(text cut off)` when it was longer than `max_length` tokens, as
     /// diffusers' warning shows it, else `None`.
     pub truncated: Vec<Option<String>>,
+    /// Per prompt: how many of its tokens were dropped (0 when it fit).
+    pub dropped: Vec<usize>,
     /// The padded length of every row (the tokenizer's `model_max_length`).
     pub max_length: usize,
 }
@@ -233,6 +235,7 @@ impl CLIPTokenizer {
         let max_length = self.model_max_length;
         let mut input_ids = Vec::with_capacity(prompts.len());
         let mut truncated = Vec::with_capacity(prompts.len());
+        let mut dropped = Vec::with_capacity(prompts.len());
         for prompt in prompts {
             let encoding = self
                 .tokenizer
@@ -245,7 +248,8 @@ impl CLIPTokenizer {
                 // beyond what fits, without the closing eos.
                 let removed = &ids[max_length - 1..ids.len() - 1];
                 let removed_text = self.decode_with(removed, false)?;
-                tracing::warn!(
+                // The pipelines tell the user (a note with the images, `prompt_notes`).
+                tracing::debug!(
                     "{} tokens of the prompt were dropped because CLIP can only handle \
                      sequences up to {max_length} tokens: {}",
                     removed.len(),
@@ -256,6 +260,7 @@ impl CLIPTokenizer {
                 ids.push(last);
                 cut = Some(removed_text);
             }
+            dropped.push(encoding.get_ids().len().saturating_sub(max_length));
             ids.resize(max_length, self.pad_token_id);
             input_ids.push(ids);
             truncated.push(cut);
@@ -263,6 +268,7 @@ impl CLIPTokenizer {
         Ok(TokenizedPrompts {
             input_ids,
             truncated,
+            dropped,
             max_length,
         })
     }

@@ -735,7 +735,8 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             None => &mut generator,
         };
         cancel.check()?;
-        match request.pipeline {
+        let prompt_notes = self.prompt_notes(request)?;
+        let mut out = match request.pipeline {
             PipelineKind::Txt2Img => self.txt2img(request, noise, cancel, observer, None),
             PipelineKind::Img2Img => self.img2img(request, noise, cancel, observer),
             PipelineKind::Inpaint => self.inpaint(request, noise, cancel, observer),
@@ -749,7 +750,32 @@ impl<B: Backend> StableDiffusionPipeline<B> {
                 "pipeline",
                 "IF runs on DeepFloyd IF models",
             )),
+        }?;
+        out.notes.splice(0..0, prompt_notes);
+        Ok(out)
+    }
+
+    /// What the user should know about the prompts before the images: a prompt longer than the
+    /// text encoder reads loses its end (diffusers truncates with a warning), and says how much.
+    fn prompt_notes(&self, request: &GenerationRequest) -> Result<Vec<String>> {
+        if request.prompt_embeds.is_some() {
+            return Ok(Vec::new());
         }
+        let tokens = self
+            .tokenizer
+            .encode(&[&request.prompt, &request.negative_prompt])?;
+        Ok(["prompt", "negative prompt"]
+            .into_iter()
+            .zip(&tokens.dropped)
+            .filter(|(_, dropped)| **dropped > 0)
+            .map(|(which, dropped)| {
+                format!(
+                    "the {which}'s last {dropped} tokens were dropped: the text encoder reads {} \
+                     (long prompts are not split into chunks yet)",
+                    tokens.max_length
+                )
+            })
+            .collect())
     }
 
     /// Diffusers' `StableDiffusionPipeline.__call__` after `check_inputs`; with `control`, its
