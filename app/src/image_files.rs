@@ -6,6 +6,18 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use engine::tensor_io::HostTensor;
 
+/// Writes `image` as a PNG at `path`, whole or not at all (a temporary file renamed into place):
+/// what the "Save mask…" and "Save map…" buttons write.
+pub fn save_png(path: &Path, image: impl Into<image::DynamicImage>) -> Result<()> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .into()
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .with_context(|| format!("encoding {}", path.display()))?;
+    engine::atomic_file::write_atomic(path, bytes.get_ref())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// The largest side of a picture Brushfire reads: a ×4 upscale of 4096² is 16384².
 pub const MAX_IMAGE_SIDE: u32 = 16384;
 /// The most pixels it reads, 128 megapixels (a 16384 × 8192 picture; 0.4 GB as RGB8, 1.5 GB as
@@ -105,10 +117,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let rgb: Vec<u8> = (0..4 * 3 * 3).map(|i| (i * 7) as u8).collect();
         let path = dir.join("rgb.png");
-        image::RgbImage::from_raw(4, 3, rgb.clone())
-            .unwrap()
-            .save(&path)
-            .unwrap();
+        save_png(&path, image::RgbImage::from_raw(4, 3, rgb.clone()).unwrap()).unwrap();
         let host = read_rgb(&path).unwrap();
         assert_eq!(host.shape, vec![3, 4, 3]);
         assert_eq!(to_u8(&host.values), rgb);

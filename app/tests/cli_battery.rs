@@ -3,22 +3,11 @@
 //! clear message naming what is wrong, the exit code (2 bad arguments, 1 failures), no panic, no
 //! backtrace, and that no output is lost. Runs on the tiny fixture with the CPU backend.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(rel)
-}
-
-/// A fresh folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("brushfire-battery-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod support;
+use support::{copy_dir, fixture, png_header_only, scratch};
 
 /// Runs `brushfire generate` on the tiny model (one 64² image, 2 steps) with `extra` flags and
 /// the cache (for fallbacks) in `cache`.
@@ -28,9 +17,10 @@ fn generate(extra: &[&str], cache: &Path) -> Output {
 
 fn generate_with(extra: &[&str], cache: &Path, env: &[(&str, &str)]) -> Output {
     let model = fixture("tiny-sd");
-    let mut args = vec!["generate", "--model", model.to_str().unwrap()];
+    let mut args = vec!["generate"];
     // The defaults, unless `extra` gives the flag itself.
     for (flag, value) in [
+        ("--model", model.to_str().unwrap()),
         ("--prompt", "a castle"),
         ("--steps", "2"),
         ("--width", "64"),
@@ -159,6 +149,22 @@ fn a_user_error_is_one_line_without_a_backtrace() {
     let text = stderr(&model_missing);
     assert_eq!(text.trim().lines().count(), 1, "{text}");
     assert!(text.starts_with("error: "), "{text}");
+    // A folder missing a component: named once (the reason is not repeated by the error chain).
+    let no_unet = dir.join("no-unet");
+    copy_dir(&fixture("tiny-sd"), &no_unet);
+    std::fs::remove_dir_all(no_unet.join("unet")).unwrap();
+    let missing = generate(&["--model", no_unet.to_str().unwrap()], &dir);
+    let text = stderr(&missing);
+    assert!(!missing.status.success(), "{text}");
+    assert_eq!(
+        text.matches("the `unet` component is missing").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.trim().lines().last().map(|l| l.starts_with("error: ")),
+        Some(true)
+    );
     // An invalid value found by the engine's request check is a bad argument too.
     let width = generate_with(&["--width", "100"], &dir, &[("RUST_BACKTRACE", "full")]);
     assert_refused(&width, 2, &["width"]);
@@ -360,43 +366,6 @@ fn a_full_disk_keeps_the_image_in_the_fallback_folder() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// CRC-32 (PNG's chunk checksum), for hand-made headers.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// A PNG that claims `width × height` (8-bit RGB) and holds no pixels: its header, an empty
-/// `IDAT` and `IEND`.
-fn png_header_only(width: u32, height: u32) -> Vec<u8> {
-    let mut ihdr = width.to_be_bytes().to_vec();
-    ihdr.extend(height.to_be_bytes());
-    ihdr.extend([8, 2, 0, 0, 0]);
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, data) in [
-        (b"IHDR", ihdr),
-        (b"IDAT", Vec::new()),
-        (b"IEND", Vec::new()),
-    ] {
-        let mut body = kind.to_vec();
-        body.extend(&data);
-        out.extend((data.len() as u32).to_be_bytes());
-        out.extend(&body);
-        out.extend(crc32(&body).to_be_bytes());
-    }
-    out
-}
-
 /// Pictures that are not pictures, have no pixels or are too large are refused by name before
 /// any work; every colour type and depth a PNG can have is read; a mask of another size than
 /// its image is refused.
@@ -579,5 +548,80 @@ fn bad_numbers_are_refused_by_name_and_a_huge_prompt_is_truncated() {
     );
     let saved = app::png_meta::read_parameters_text(&png).unwrap().unwrap();
     assert!(saved.starts_with(&huge), "the PNG keeps the whole prompt");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A stand-in hub on 127.0.0.1 that counts the connections made to it and closes each at once.
+struct CountingHub {
+    endpoint: String,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingHub {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&connections);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        Self {
+            endpoint,
+            connections,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Nothing is asked of the network unless a model has to be downloaded: not for a local folder,
+/// not for a hub id already in the HF cache (online mode, `HF_HUB_OFFLINE` unset). A hub id that
+/// is not cached does reach the (stand-in) hub, which shows the count would see a connection.
+#[test]
+fn no_network_unless_a_download_is_needed() {
+    let dir = scratch("network");
+    let hub = CountingHub::start();
+    let home = dir.join("hf-home");
+    let repo = home.join("hub/models--brushfire-test--tiny-sd");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    copy_dir(&fixture("tiny-sd"), &repo.join("snapshots").join(rev));
+    let online = |model: &str, output: &Path| {
+        generate_with(
+            &["--model", model, "--output", output.to_str().unwrap()],
+            &dir,
+            &[
+                ("HF_HUB_OFFLINE", "0"),
+                ("HF_HOME", home.to_str().unwrap()),
+                ("HF_ENDPOINT", &hub.endpoint),
+            ],
+        )
+    };
+
+    let local = online(fixture("tiny-sd").to_str().unwrap(), &dir.join("local.png"));
+    assert!(local.status.success(), "{}", stderr(&local));
+    let cached = online("brushfire-test/tiny-sd", &dir.join("cached.png"));
+    assert!(cached.status.success(), "{}", stderr(&cached));
+    assert!(dir.join("local.png").is_file() && dir.join("cached.png").is_file());
+    assert_eq!(
+        hub.connections(),
+        0,
+        "a local or cached model touched the network"
+    );
+
+    let missing = online("brushfire-test/not-cached", &dir.join("missing.png"));
+    assert_refused(&missing, 1, &["brushfire-test/not-cached"]);
+    assert!(
+        hub.connections() > 0,
+        "the stand-in hub saw no download attempt"
+    );
+    assert!(!dir.join("missing.png").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -241,10 +241,10 @@ mod tests {
         let dir = scratch("new");
         let path = dir.join("00001-1-0.png");
         write_atomic_new(&path, b"first").unwrap();
-        let EngineError::Io { source, .. } = write_atomic_new(&path, b"second").unwrap_err() else {
+        let EngineError::Io { error, .. } = write_atomic_new(&path, b"second").unwrap_err() else {
             panic!("an I/O error")
         };
-        assert_eq!(source.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(error.kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&path).unwrap(), b"first");
         assert!(leftovers(&dir).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -95,6 +95,44 @@ fn if_stage_i_matches_diffusers() {
     );
     // T5 is freed after encoding by default.
     assert!(!pipe.t5_loaded());
+    assert!(
+        out.notes.iter().all(|n| !n.contains("dropped")),
+        "{:?}",
+        out.notes
+    );
+}
+
+/// A prompt longer than T5's 77 tokens loses its end, as in diffusers, and the images come with a
+/// note saying how many tokens were dropped (the negative prompt fits: no note for it).
+#[test]
+fn an_if_prompt_too_long_for_t5_says_how_much_was_dropped() {
+    let pipe = load("tiny-if");
+    let mut request = stage1_request();
+    request.prompt = "a fox in the snow, ".repeat(30);
+    request.steps = 1;
+    request.batch = 1;
+    let tokenizer = engine::models::text_encoders::t5_tokenizer::T5Tokenizer::load(&fixture(
+        "tiny-if/tokenizer",
+    ))
+    .unwrap();
+    let dropped = tokenizer.encode(&[&request.prompt]).unwrap().dropped[0];
+    assert!(dropped > 100, "{dropped}");
+    let out = pipe
+        .generate(
+            &request,
+            None,
+            &CancelToken::new(),
+            &mut |_: &StepProgress| {},
+        )
+        .expect("generate");
+    let notes: Vec<&String> = out.notes.iter().filter(|n| n.contains("dropped")).collect();
+    assert_eq!(
+        notes,
+        [&format!(
+            "the prompt's last {dropped} tokens were dropped: the text encoder reads 77 (long \
+             prompts are not split into chunks yet)"
+        )]
+    );
 }
 
 #[test]

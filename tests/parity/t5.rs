@@ -45,6 +45,15 @@ fn t5_tokenizer_matches_transformers_on_if_prompts() {
     // Prompt 3 is longer than 77 tokens: cut, ending in </s> (id 1).
     assert_eq!(tokens.truncated, vec![false, false, false, true, false]);
     assert_eq!(tokens.input_ids[3][76], 1);
+    // What was cut, counted as transformers counts the untruncated prompt (76 kept + `</s>`).
+    let dropped: Vec<usize> = meta["untruncated_lengths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n.as_u64().unwrap() as usize).saturating_sub(tokens.max_length))
+        .collect();
+    assert_eq!(tokens.dropped, dropped);
+    assert!(dropped[3] > 0);
     for (given, expected) in prompts.iter().zip(meta["preprocessed"].as_array().unwrap()) {
         assert_eq!(T5Tokenizer::preprocess(given), expected.as_str().unwrap());
     }

@@ -401,3 +401,52 @@ fn a_controlnet_attaches_and_survives_a_model_reload() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A panic on the worker thread in the middle of a job (here raised by the waker the UI passes in,
+/// from inside the denoising loop's progress callback) fails that job with its message; the worker,
+/// its loaded model and the queue behind the job carry on.
+#[test]
+fn a_panic_inside_a_job_fails_that_job_and_the_next_one_runs() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let armed = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (trigger, counter) = (Arc::clone(&armed), Arc::clone(&calls));
+    let mut engine = EngineHandle::spawn(settings(), move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        if trigger.swap(false, Ordering::SeqCst) {
+            panic!("the waker broke");
+        }
+    })
+    .unwrap();
+    engine.load_model(fixture("tiny-sd").to_str().unwrap());
+    let events = until(&engine, |e| matches!(e, EngineEvent::ModelLoaded { .. }));
+    // Each event is sent, then the waker called: once it has been called for every event
+    // received, the worker is idle and the next event it emits belongs to the first job.
+    let start = Instant::now();
+    while calls.load(Ordering::SeqCst) < events.len() {
+        assert!(start.elapsed() < TIMEOUT, "the waker was not called");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    armed.store(true, Ordering::SeqCst);
+    let first = engine.generate(request());
+    let second = engine.generate(request());
+    let events = until(&engine, is_end_of(first));
+    assert!(
+        matches!(
+            events.last(),
+            Some(EngineEvent::Failed { job: Some(j), error })
+                if *j == first && error.contains("internal error") && error.contains("the waker broke")
+        ),
+        "{events:?}"
+    );
+    assert!(!armed.load(Ordering::SeqCst), "the panic was raised");
+    let events = until(&engine, is_end_of(second));
+    match events.last() {
+        Some(EngineEvent::Finished { job, images, .. }) => {
+            assert_eq!(*job, second);
+            assert_eq!(images.shape[0], 1);
+        }
+        other => panic!("the job after the panic did not finish: {other:?} in {events:?}"),
+    }
+}

@@ -328,10 +328,9 @@ impl ControlInputs {
     pub fn save_map(&mut self, path: &Path) -> Result<()> {
         let rgb = self.control_map()?;
         let s = self.source.as_ref().context("no image is loaded")?;
-        image::RgbImage::from_raw(s.width as u32, s.height as u32, rgb)
-            .context("map buffer")?
-            .save(path)
-            .with_context(|| format!("writing {}", path.display()))
+        let map = image::RgbImage::from_raw(s.width as u32, s.height as u32, rgb)
+            .context("map buffer")?;
+        crate::image_files::save_png(path, map)
     }
 }
 

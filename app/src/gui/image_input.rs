@@ -179,10 +179,10 @@ impl ImageInputs {
     /// Saves the mask as a grey PNG (white = repaint).
     pub fn save_mask(&self, path: &Path) -> Result<()> {
         let s = self.source.as_ref().context("no image is loaded")?;
-        image::GrayImage::from_raw(s.width as u32, s.height as u32, s.canvas.layer().to_vec())
-            .context("mask buffer")?
-            .save(path)
-            .with_context(|| format!("writing {}", path.display()))
+        let mask =
+            image::GrayImage::from_raw(s.width as u32, s.height as u32, s.canvas.layer().to_vec())
+                .context("mask buffer")?;
+        crate::image_files::save_png(path, mask)
     }
 
     /// Loads a mask PNG (grey levels ≥ 128 are painted) into the canvas, as one undo step.

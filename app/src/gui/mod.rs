@@ -12,6 +12,7 @@ pub mod control_input;
 mod control_page;
 pub mod image_input;
 mod image_pages;
+pub mod session;
 mod state;
 pub mod work;
 
@@ -47,6 +48,8 @@ const EVENT_BUDGET: Duration = Duration::from_millis(8);
 /// The eframe application.
 pub struct BrushfireApp {
     pub state: AppState,
+    /// Where [`Self::save_session`] writes (none in tests that do not ask for it).
+    pub session: Option<session::SessionFile>,
 }
 
 impl BrushfireApp {
@@ -54,13 +57,34 @@ impl BrushfireApp {
     pub fn new(model: String) -> Self {
         Self {
             state: AppState::new(model),
+            session: None,
         }
     }
 
-    /// The app as it was left (eframe storage); `model` from the command line wins.
+    /// The app as it was left (the session file); `model` from the command line wins.
     pub fn restored(persisted: &Persisted, model: Option<String>) -> Self {
         Self {
             state: AppState::restore(persisted, model),
+            session: None,
+        }
+    }
+
+    /// Writes the pictures being worked on, then the session that names them (eframe's autosave
+    /// and the window closing call this). A failure is said in the window; the session file
+    /// keeps its last whole version.
+    pub fn save_session(&mut self) {
+        // First, so the session names the pictures as written.
+        if let Err(e) = self.state.save_work() {
+            tracing::warn!("the pictures being worked on were not saved: {e:#}");
+            self.state.error = Some(format!(
+                "the pictures being worked on were not saved: {e:#}"
+            ));
+        }
+        if let Some(file) = &self.session
+            && let Err(e) = file.save(&self.state.to_persisted())
+        {
+            tracing::warn!("{e:#}");
+            self.state.error = Some(format!("{e:#}"));
         }
     }
 
@@ -681,15 +705,10 @@ impl eframe::App for BrushfireApp {
         self.root_ui(ui);
     }
 
-    fn save(&mut self, storage: &mut dyn eframe::Storage) {
-        // First, so the stored settings name the pictures as written.
-        if let Err(e) = self.state.save_work() {
-            tracing::warn!("the pictures being worked on were not saved: {e:#}");
-            self.state.error = Some(format!(
-                "the pictures being worked on were not saved: {e:#}"
-            ));
-        }
-        eframe::set_value(storage, STORAGE_KEY, &self.state.to_persisted());
+    fn save(&mut self, _storage: &mut dyn eframe::Storage) {
+        // The session goes to its own file, written atomically (`session`); eframe's storage
+        // keeps the window's geometry only.
+        self.save_session();
     }
 }
 
@@ -763,7 +782,8 @@ pub fn restart_requested() -> bool {
     RESTART.load(Ordering::SeqCst)
 }
 
-/// eframe's settings file: `app.ron` in its storage folder (`~/.local/share/brushfire` on Linux).
+/// eframe's settings file: `app.ron` in its storage folder (`~/.local/share/brushfire` on Linux):
+/// the window's geometry and egui's memory, and the session of Brushfire before `session.ron`.
 fn settings_file() -> Option<PathBuf> {
     eframe::storage_dir("brushfire").map(|d| d.join("app.ron"))
 }
@@ -793,14 +813,14 @@ pub fn set_aside_unreadable_settings(path: &Path) -> Option<String> {
     let backup = path.with_extension("ron.bak");
     Some(match std::fs::rename(path, &backup) {
         Ok(()) => format!(
-            "the settings file {} could not be read ({problem}); it was moved aside as {} and \
-             Brushfire starts with default settings",
+            "the window settings file {} could not be read ({problem}); it was moved aside as {} \
+             and the window starts from its defaults",
             path.display(),
             backup.display()
         ),
         Err(e) => format!(
-            "the settings file {} could not be read ({problem}) nor moved aside ({e}); Brushfire \
-             starts with default settings",
+            "the window settings file {} could not be read ({problem}) nor moved aside ({e}); \
+             the window starts from its defaults",
             path.display()
         ),
     })
@@ -827,8 +847,16 @@ pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
         "Brushfire",
         options,
         Box::new(move |cc| {
-            let persisted: Option<Persisted> =
-                cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY));
+            let session =
+                eframe::storage_dir("brushfire").map(|d| session::SessionFile::in_dir(&d));
+            let loaded = session
+                .as_ref()
+                .map(session::SessionFile::load)
+                .unwrap_or_default();
+            // Brushfire before the session file kept the session in eframe's storage.
+            let persisted: Option<Persisted> = loaded
+                .persisted
+                .or_else(|| cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY)));
             let mut app = match persisted {
                 Some(p) if !p.model_spec.is_empty() || model.is_some() => {
                     BrushfireApp::restored(&p, model)
@@ -836,10 +864,11 @@ pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
                 Some(p) => BrushfireApp::restored(&p, Some(HUB_MODELS[0].to_string())),
                 None => BrushfireApp::new(model.unwrap_or_else(|| HUB_MODELS[0].to_string())),
             };
+            app.session = session;
             // Beside eframe's own storage (`~/.local/share/brushfire` on Linux).
             app.state.work_dir = eframe::storage_dir("brushfire").map(|d| d.join("work"));
             app.state.open_files(&files);
-            if let Some(notice) = settings_notice {
+            if let Some(notice) = settings_notice.or(loaded.notice) {
                 app.state.error = Some(notice);
             }
             Ok(Box::new(app))
@@ -892,7 +921,7 @@ mod tests {
             std::fs::write(&path, &broken).unwrap();
             let notice = set_aside_unreadable_settings(&path).expect("a notice");
             assert!(
-                notice.contains("app.ron.bak") && notice.contains("default settings"),
+                notice.contains("app.ron.bak") && notice.contains("defaults"),
                 "{notice}"
             );
             assert!(!path.exists());

@@ -878,16 +878,20 @@ impl AppState {
         if self.engine.is_none() {
             let ctx = ctx.clone();
             match EngineHandle::spawn(self.settings, move || ctx.request_repaint()) {
-                Ok(engine) => {
-                    self.engine = Some(engine);
-                    if !self.model_spec.is_empty() {
-                        self.load_model();
-                    }
-                }
+                Ok(engine) => self.use_engine(engine),
                 Err(e) => self.error = Some(e.to_string()),
             }
         }
         self.engine.as_mut()
+    }
+
+    /// Drives `engine` (spawned with this state's settings) from now on, loading the model; the
+    /// app otherwise starts its own on the first frame, waking the UI after every event.
+    pub fn use_engine(&mut self, engine: EngineHandle) {
+        self.engine = Some(engine);
+        if !self.model_spec.is_empty() {
+            self.load_model();
+        }
     }
 
     /// Whether the engine runs on a GPU backend (CUDA or wgpu).
@@ -1197,8 +1201,8 @@ impl AppState {
                     let path = free_path(&dir, number, seed, index);
                     match engine::atomic_file::write_atomic_new(&path, &bytes) {
                         Ok(()) => return Ok((path, metadata)),
-                        Err(engine::EngineError::Io { source, .. })
-                            if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                        Err(engine::EngineError::Io { error, .. })
+                            if error.kind() == std::io::ErrorKind::AlreadyExists =>
                         {
                             number += 1;
                         }

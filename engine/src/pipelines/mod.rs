@@ -153,6 +153,23 @@ pub(crate) fn request_scheduler<B: burn::tensor::backend::Backend>(
     crate::schedulers::from_config_json::<B>(config, request.scheduler)
 }
 
+/// What the user should know before the images when a prompt is longer than the text encoder
+/// reads: its end was dropped (diffusers truncates with a warning), and how much. `dropped` holds
+/// the prompt's then the negative prompt's count of cut tokens.
+pub(crate) fn truncation_notes(dropped: &[usize], max_length: usize) -> Vec<String> {
+    ["prompt", "negative prompt"]
+        .into_iter()
+        .zip(dropped)
+        .filter(|(_, dropped)| **dropped > 0)
+        .map(|(which, dropped)| {
+            format!(
+                "the {which}'s last {dropped} tokens were dropped: the text encoder reads \
+                 {max_length} (long prompts are not split into chunks yet)"
+            )
+        })
+        .collect()
+}
+
 /// One Gaussian draw of `shape` from `noise`, on `device`.
 pub(crate) fn randn_tensor<B: burn::tensor::backend::Backend>(
     noise: &mut dyn crate::noise::NoiseSource,

@@ -23,6 +23,8 @@ pub struct T5Tokens {
     pub attention_mask: Vec<Vec<u32>>,
     /// Per prompt: whether it was cut to fit.
     pub truncated: Vec<bool>,
+    /// Per prompt: how many of its tokens were cut off (0 when it fit).
+    pub dropped: Vec<usize>,
     pub max_length: usize,
 }
 
@@ -111,6 +113,7 @@ impl T5Tokenizer {
             input_ids: Vec::with_capacity(prompts.len()),
             attention_mask: Vec::with_capacity(prompts.len()),
             truncated: Vec::with_capacity(prompts.len()),
+            dropped: Vec::with_capacity(prompts.len()),
             max_length: self.max_length,
         };
         for prompt in prompts {
@@ -120,6 +123,21 @@ impl T5Tokenizer {
                 .encode(text.as_str(), true)
                 .map_err(|e| EngineError::Tokenizer(format!("encoding {prompt:?}: {e}")))?;
             out.truncated.push(!encoding.get_overflowing().is_empty());
+            // The overflow comes back as further (padded, `</s>`-closed) encodings: count their
+            // real tokens.
+            out.dropped.push(
+                encoding
+                    .get_overflowing()
+                    .iter()
+                    .map(|o| {
+                        o.get_attention_mask()
+                            .iter()
+                            .zip(o.get_special_tokens_mask())
+                            .filter(|&(&attended, &special)| attended == 1 && special == 0)
+                            .count()
+                    })
+                    .sum(),
+            );
             out.input_ids.push(encoding.get_ids().to_vec());
             out.attention_mask
                 .push(encoding.get_attention_mask().to_vec());

@@ -390,6 +390,31 @@ impl<B: Backend> IFPipeline<B> {
         })
     }
 
+    /// Notes for prompts T5 reads only the start of (as the SD pipeline's): none for prompts
+    /// given as embeddings, nor for the negative prompt when guidance is off.
+    fn prompt_notes(&self, request: &GenerationRequest) -> Result<Vec<String>> {
+        let Some(tokenizer) = &self.tokenizer else {
+            return Ok(Vec::new());
+        };
+        let cfg = request.do_classifier_free_guidance();
+        let embeds = request.prompt_embeds.as_ref();
+        let prompt = if embeds.is_some() {
+            ""
+        } else {
+            &request.prompt
+        };
+        let negative = match embeds {
+            _ if !cfg => "",
+            Some(e) if e.negative_prompt_embeds.is_some() => "",
+            _ => &request.negative_prompt,
+        };
+        let tokens = tokenizer.encode(&[prompt, negative])?;
+        Ok(crate::pipelines::truncation_notes(
+            &tokens.dropped,
+            tokens.max_length,
+        ))
+    }
+
     /// Runs the request (stage I or II, whichever this folder is). The seed feeds a
     /// torch-compatible generator for every draw not given; `noise` replaces it when given.
     pub fn generate(
@@ -421,6 +446,7 @@ impl<B: Backend> IFPipeline<B> {
         let mut scheduler = self.scheduler_for(request)?;
         let cfg = request.do_classifier_free_guidance();
         let batch = request.batch;
+        let prompt_notes = self.prompt_notes(request)?;
 
         // 3. Encode the prompt.
         let (positive, negative) = self.prompt_pair(request)?;
@@ -493,7 +519,7 @@ impl<B: Backend> IFPipeline<B> {
         Ok(GenerationOutput {
             images: HostTensor::from_tensor(shown)?,
             scheduler: scheduler.name(),
-            notes: collector.notes,
+            notes: prompt_notes.into_iter().chain(collector.notes).collect(),
             raw: Some(raw),
             prompt_embeds: Some(prompt_embeds),
         })

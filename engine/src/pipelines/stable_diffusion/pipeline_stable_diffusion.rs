@@ -231,6 +231,18 @@ fn check_pipeline_class(dir: &Path) -> Result<()> {
 impl Components {
     fn read(dir: &Path) -> Result<Self> {
         check_pipeline_class(dir)?;
+        const PARTS: [&str; 5] = ["tokenizer", "text_encoder", "unet", "vae", "scheduler"];
+        if !dir.join("model_index.json").is_file() && !PARTS.iter().any(|p| dir.join(p).is_dir()) {
+            let empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none());
+            return Err(EngineError::Unsupported(format!(
+                "{}: {}not a diffusers folder (no model_index.json and none of {}); give a \
+                 pipeline folder as `save_pretrained` writes it, or a single-file .safetensors \
+                 checkpoint",
+                dir.display(),
+                if empty { "the folder is empty: " } else { "" },
+                PARTS.map(|p| format!("{p}/")).join(", ")
+            )));
+        }
         let component = |name: &str| -> Result<PathBuf> {
             let path = dir.join(name);
             if path.is_dir() {
@@ -764,18 +776,10 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let tokens = self
             .tokenizer
             .encode(&[&request.prompt, &request.negative_prompt])?;
-        Ok(["prompt", "negative prompt"]
-            .into_iter()
-            .zip(&tokens.dropped)
-            .filter(|(_, dropped)| **dropped > 0)
-            .map(|(which, dropped)| {
-                format!(
-                    "the {which}'s last {dropped} tokens were dropped: the text encoder reads {} \
-                     (long prompts are not split into chunks yet)",
-                    tokens.max_length
-                )
-            })
-            .collect())
+        Ok(crate::pipelines::truncation_notes(
+            &tokens.dropped,
+            tokens.max_length,
+        ))
     }
 
     /// Diffusers' `StableDiffusionPipeline.__call__` after `check_inputs`; with `control`, its
