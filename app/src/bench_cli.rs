@@ -1,4 +1,4 @@
-//! `brushfire bench`: the seed's benchmark table (DESIGN.md §1) from the command line.
+//! `brushfire bench`: the seed's benchmark table (docs/architecture.md §1) from the command line.
 
 use std::io::Write as _;
 use std::path::PathBuf;

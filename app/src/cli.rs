@@ -1,4 +1,4 @@
-//! The headless CLI: `brushfire generate` (DESIGN.md §5, a public contract: keep flags stable).
+//! The headless CLI: `brushfire generate` (docs/cli.md, a public contract: keep flags stable).
 
 use std::path::{Path, PathBuf};
 
@@ -370,7 +370,7 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         _ => args.batch,
     };
     let tape = args.noise_tape.as_ref().map(NoiseTape::load).transpose()?;
-    let seed = args.seed.unwrap_or_else(random_seed);
+    let seed = args.seed.unwrap_or_else(engine::noise::random_seed);
     let mut progress = crate::progress::TerminalDownload::default();
     let variant = match args.dtype {
         Precision::F32 => backend::Precision::F32,
@@ -450,12 +450,6 @@ fn model_name(spec: &str) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| spec.to_string())
-}
-
-pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    // 32 bits, like A1111's seeds, so users can type them back.
-    RandomState::new().hash_one(std::time::SystemTime::now()) & 0xffff_ffff
 }
 
 /// Runs `brushfire generate`.

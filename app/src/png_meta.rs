@@ -1,4 +1,4 @@
-//! PNG files with A1111's `parameters` text chunk (DESIGN.md §4), so other tools (and a later
+//! PNG files with A1111's `parameters` text chunk (docs/architecture.md §4), so other tools (and a later
 //! Brushfire) can read back how an image was made.
 
 use std::io::BufWriter;

@@ -1,5 +1,5 @@
 //! `brushfire generate` end to end on the tiny fixture: `--latents … --save-array …` equals
-//! diffusers' `output_type="np"` image (DESIGN.md §5), and bad flags fail with a clear message.
+//! diffusers' `output_type="np"` image (docs/cli.md), and bad flags fail with a clear message.
 
 use std::path::PathBuf;
 use std::process::Command;

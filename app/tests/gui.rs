@@ -31,7 +31,13 @@ fn app() -> BrushfireApp {
 fn harness(app: BrushfireApp) -> Harness<'static, BrushfireApp> {
     Harness::builder()
         .with_size(egui::vec2(1200.0, 800.0))
-        .build_ui_state(|ui, app: &mut BrushfireApp| app.root_ui(ui), app)
+        .build_ui_state(
+            |ui, app: &mut BrushfireApp| {
+                app.logic(ui.ctx());
+                app.root_ui(ui);
+            },
+            app,
+        )
 }
 
 /// Steps the UI until `done` holds (the engine works on its own thread meanwhile).
@@ -1669,5 +1675,50 @@ fn the_bad_input_battery_through_the_app() {
     h.state_mut().state.view = View::Generate;
     h.state_mut().state.queue_generation();
     wait(&mut h, "the image", |a| !a.state.gallery.is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A minimised window draws no UI; eframe still calls `App::logic` whenever the engine wakes it.
+/// Through `logic` alone, a finished image is saved to the output folder and "Run all stages"
+/// goes through all three IF stages.
+#[test]
+fn a_minimised_window_still_saves_images_and_advances_the_if_chain() {
+    let dir = scratch("minimised");
+    let mut a = app();
+    a.state.output_dir = Some(dir.clone());
+    a.state.form.prompt = "a corgi in a red hat".into();
+    a.state.cascade.stage1_side = 16;
+    for (i, folder) in ["tiny-if", "tiny-if-ii", "tiny-sd-x4"].iter().enumerate() {
+        a.state.cascade.stages[i].model = fixture(folder).to_string_lossy().into_owned();
+        a.state.cascade.stages[i].steps = 2;
+    }
+    let ctx = egui::Context::default();
+    let logic_until = |a: &mut BrushfireApp, what: &str, done: &dyn Fn(&BrushfireApp) -> bool| {
+        let start = Instant::now();
+        while !done(a) {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "timed out waiting for {what}; error: {:?}",
+                a.state.error
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            a.logic(&ctx);
+        }
+    };
+    logic_until(&mut a, "the model", &|a| a.state.model_ready());
+    a.state.queue_generation();
+    logic_until(&mut a, "the image", &|a| !a.state.gallery.is_empty());
+    let saved = a.state.gallery[0]
+        .path
+        .clone()
+        .expect("saved while minimised");
+    assert!(saved.starts_with(&dir) && saved.is_file());
+    a.state.run_all_stages();
+    logic_until(&mut a, "the three stages", &|a| {
+        a.state.cascade.results[2].is_some() || a.state.error.is_some()
+    });
+    assert!(a.state.error.is_none(), "{:?}", a.state.error);
+    assert!(!a.state.cascade.chain && a.state.cascade.running.is_none());
+    assert_eq!(a.state.gallery.len(), 4, "one image, then one per stage");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -33,19 +33,43 @@ pub enum BackendRequest {
     Cpu,
 }
 
+impl BackendRequest {
+    /// Every choice, in the order the CLI and the settings panel list them.
+    pub const ALL: [BackendRequest; 4] = [Self::Auto, Self::Cuda, Self::Wgpu, Self::Cpu];
+
+    /// The `--backend` name (also what the app's session file stores).
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Cuda => "cuda",
+            Self::Wgpu => "wgpu",
+            Self::Cpu => "cpu",
+        }
+    }
+
+    /// The name the settings panel shows.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Auto => "Auto",
+            Self::Cuda => "CUDA",
+            Self::Wgpu => "wgpu",
+            Self::Cpu => "CPU",
+        }
+    }
+}
+
 impl FromStr for BackendRequest {
     type Err = EngineError;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "cuda" => Ok(Self::Cuda),
-            "wgpu" => Ok(Self::Wgpu),
-            "cpu" => Ok(Self::Cpu),
-            other => Err(EngineError::invalid(
-                "backend",
-                format!("`{other}` is not one of auto, cuda, wgpu, cpu"),
-            )),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|b| b.cli_name() == s)
+            .ok_or_else(|| {
+                EngineError::invalid(
+                    "backend",
+                    format!("`{s}` is not one of auto, cuda, wgpu, cpu"),
+                )
+            })
     }
 }
 

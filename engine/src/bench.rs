@@ -1,4 +1,4 @@
-//! The seed's benchmark (DESIGN.md §1): UNet evaluations per second in the denoising loop of each
+//! The seed's benchmark (docs/architecture.md §1): UNet evaluations per second in the denoising loop of each
 //! pipeline, per batch size, image size and settings column, warm run of several, with the peak
 //! memory the device pool held. `brushfire bench` and the app's benchmark panel both run this.
 //!
@@ -27,12 +27,10 @@ use crate::models::controlnets::ControlNetConfig;
 use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
-use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::{
-    SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG,
-};
 use crate::pipelines::stable_diffusion::{
     ControlConditioning, DenoiseOptions, InpaintConditioning, PreviewKind, denoise,
 };
+use crate::pipelines::stable_diffusion::{SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG};
 use crate::pipelines::{CancelToken, StepProgress, strength_schedule};
 use crate::schedulers;
 use crate::tensor_io::HostTensor;
@@ -586,10 +584,7 @@ fn run_cell(
 
 /// Burn reports out-of-memory and kernel failures by panicking; the cell shows the message.
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
+    let text = crate::error::panic_message(panic.as_ref())
         .unwrap_or_else(|| "the backend panicked".into());
     let lower = text.to_lowercase();
     if lower.contains("out of memory") || lower.contains("outofmemory") || lower.contains("oom") {
@@ -795,7 +790,7 @@ impl LoopResult {
 }
 
 /// Runs the loop `runs` times from fresh noise and times each run, synchronising the device
-/// at both ends of the timed region (STYLE.md #12).
+/// at both ends of the timed region (the benchmark syncs the device inside the timed region).
 #[allow(clippy::too_many_arguments)]
 fn measure_loop<B: Backend>(
     spec: &LoopSpec<'_, B>,
@@ -872,7 +867,7 @@ fn measure_loop<B: Backend>(
     })
 }
 
-/// The IF row (DESIGN.md §1): stage I at its native 64² with the plan's batch, then stage II
+/// The IF row (docs/architecture.md §1): stage I at its native 64² with the plan's batch, then stage II
 /// (256², noise level 250) and the x4 upscaler (a 256² input, noise level 100) at batch 1, as
 /// the seed ran them; steps ×2 / ×1 / ×1.5 of the plan's (100 / 50 / 75 for its 50); CFG
 /// 7 / 4 / 9; random (·, 2, 4096) prompt embeddings in place of T5 (77 CLIP-wide tokens for the

@@ -95,3 +95,11 @@ impl EngineError {
         }
     }
 }
+
+/// The message a caught panic carries (`panic!("…")` gives a `&str` or a `String`), if any.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+}

@@ -1,5 +1,5 @@
 //! Host tensors in safetensors files: the CLI's `--latents`, `--prompt-embeds`, `--image-array`
-//! inputs and `--save-array` output (DESIGN.md §5), and test references.
+//! inputs and `--save-array` output (docs/cli.md), and test references.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The engine on its own thread (STYLE.md #8): the UI sends [`EngineCommand`]s and drains
+//! The engine on its own thread (docs/architecture.md §2): the UI sends [`EngineCommand`]s and drains
 //! [`EngineEvent`]s each frame; a waker (the UI's `request_repaint`) is called after every
 //! event. Jobs run one at a time in the order they were queued; each has a cancel token the UI
 //! can set at any moment, so a queued job can be dropped and a running one stops within a step.
@@ -489,7 +489,11 @@ impl Worker {
                     None
                 }
                 Ok(Err(e)) => Some(e.to_string()),
-                Err(panic) => Some(format!("internal error: {}", panic_message(&panic))),
+                Err(panic) => Some(format!(
+                    "internal error: {}",
+                    crate::error::panic_message(panic.as_ref())
+                        .unwrap_or_else(|| "a panic without a message".into())
+                )),
             };
             if let Some(error) = error {
                 self.emit(EngineEvent::Failed { job, error });
@@ -823,15 +827,5 @@ impl StepObserver for JobObserver<'_> {
             image,
         });
         (self.waker)();
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic without a message".into()
     }
 }

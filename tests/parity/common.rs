@@ -50,8 +50,8 @@ pub fn assert_close(actual: &HostTensor, expected: &HostTensor, atol: f32, rtol:
     eprintln!("{what}: max |diff| {:.3e} at {}", worst.1, worst.0);
 }
 
-/// The parity bound for f32 when the reference itself is more accurate than it (DESIGN: Rust
-/// tests compare within 1e-4, f32): no parity test allows less.
+/// The parity bound for f32 when the reference itself is more accurate than it (the project's
+/// rule, docs/architecture.md §5: within 1e-4 in f32): no parity test allows less.
 pub const PARITY_FLOOR: f32 = 1e-4;
 
 /// How many times the reference's own float32 error a parity test allows. Two float32

@@ -446,7 +446,7 @@ fn unknown_keys_warn_but_do_not_fail() {
 
 #[test]
 fn euler_init_noise_sigma_follows_the_spacing() {
-    // DESIGN.md §4: sqrt(σmax² + 1) with leading spacing; σmax with SD 1.5's file as is
+    // docs/architecture.md §4: sqrt(σmax² + 1) with leading spacing; σmax with SD 1.5's file as is
     // (no timestep_spacing there, so Euler's own default, linspace).
     let mut config = sd15_config();
     let mut linspace = from_config_json::<B>(&config, Some(SchedulerKind::Euler)).expect("euler");

@@ -24,7 +24,7 @@ use engine::pipelines::{CancelToken, StepProgress};
 type WgpuUnfused = CubeBackend<WgpuRuntime, f32, i32, u32>;
 /// f16 bound (absolute + relative) for the UNet's output (|out| ≈ 1 on the tiny model): f16
 /// keeps ~3 significant digits and the UNet chains a few dozen roundings; GroupNorm statistics
-/// are f32 (DESIGN.md §1). Measured on lavapipe: max |diff| 1.8e-2.
+/// are f32 (docs/architecture.md §1). Measured on lavapipe: max |diff| 1.8e-2.
 const F16_UNET_TOLERANCE: f32 = 3e-2;
 /// f16 bound for the final image in [0, 1] after 6 PNDM steps (the VAE runs in f32).
 /// Measured on lavapipe: max |diff| 2.6e-2.

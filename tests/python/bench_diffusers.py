@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The seed's benchmark protocol in diffusers, to run beside `brushfire bench` on one machine.
 
-Same as Brushfire's (engine/src/bench.rs, DESIGN.md §1): every model built from its real config
+Same as Brushfire's (engine/src/bench.rs, docs/architecture.md §1): every model built from its real config
 (assets/models/) with random weights, the scheduler from its config, CFG batch of 2 × batch,
 random text embeddings in place of the text encoder, it/s = UNet evaluations per second of the
 denoising loop (the pipeline's progress-bar rate), device synchronised inside the timed region,

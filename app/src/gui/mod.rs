@@ -88,9 +88,16 @@ impl BrushfireApp {
         }
     }
 
-    /// The whole window (also what the UI tests drive).
+    /// What runs before every frame's UI, and also while the window is hidden or minimised
+    /// (eframe's `App::logic`, called whenever the engine's waker asks for a repaint): engine
+    /// events are applied, so finished images are saved and "Run all stages" goes on to the next
+    /// stage with no window on screen; restored gallery images arrive.
+    pub fn logic(&mut self, ctx: &egui::Context) {
+        self.state.poll_engine(ctx, EVENT_BUDGET);
+    }
+
+    /// The whole window (what the UI tests drive, after [`Self::logic`], as eframe does).
     pub fn root_ui(&mut self, ui: &mut egui::Ui) {
-        self.state.poll_engine(ui.ctx(), EVENT_BUDGET);
         self.dropped_files_ui(ui);
         egui::Panel::bottom("status").show(ui, |ui| self.status_ui(ui));
         egui::Panel::bottom("gallery")
@@ -182,11 +189,14 @@ impl BrushfireApp {
             ui.end_row();
             ui.label("Scheduler");
             egui::ComboBox::from_id_salt("scheduler")
-                .selected_text(form.scheduler.map_or("model default", scheduler_name))
+                .selected_text(
+                    form.scheduler
+                        .map_or("model default", SchedulerKind::sampler_name),
+                )
                 .show_ui(ui, |ui| {
                     ui.selectable_value(&mut form.scheduler, None, "model default");
                     for kind in SchedulerKind::ALL {
-                        ui.selectable_value(&mut form.scheduler, Some(kind), scheduler_name(kind));
+                        ui.selectable_value(&mut form.scheduler, Some(kind), kind.sampler_name());
                     }
                 });
             ui.end_row();
@@ -260,15 +270,10 @@ impl BrushfireApp {
         let mut settings = self.state.settings;
         ui.label("Backend");
         egui::ComboBox::from_id_salt("backend")
-            .selected_text(backend_name(settings.backend))
+            .selected_text(settings.backend.label())
             .show_ui(ui, |ui| {
-                for b in [
-                    BackendRequest::Auto,
-                    BackendRequest::Cuda,
-                    BackendRequest::Wgpu,
-                    BackendRequest::Cpu,
-                ] {
-                    ui.selectable_value(&mut settings.backend, b, backend_name(b));
+                for b in BackendRequest::ALL {
+                    ui.selectable_value(&mut settings.backend, b, b.label());
                 }
             });
         if let Some(b) = &self.state.backend {
@@ -701,6 +706,10 @@ impl BrushfireApp {
 }
 
 impl eframe::App for BrushfireApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        BrushfireApp::logic(self, ctx);
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.root_ui(ui);
     }
@@ -750,26 +759,6 @@ fn ellipsis(text: &str, max: usize) -> String {
     } else {
         let cut: String = line.chars().take(max.saturating_sub(1)).collect();
         format!("{cut}…")
-    }
-}
-
-fn scheduler_name(kind: SchedulerKind) -> &'static str {
-    match kind {
-        SchedulerKind::Pndm => "PNDM",
-        SchedulerKind::Ddim => "DDIM",
-        SchedulerKind::Euler => "Euler",
-        SchedulerKind::EulerAncestral => "Euler a",
-        SchedulerKind::DpmPlusPlus2M => "DPM++ 2M",
-        SchedulerKind::Ddpm => "DDPM",
-    }
-}
-
-fn backend_name(b: BackendRequest) -> &'static str {
-    match b {
-        BackendRequest::Auto => "Auto",
-        BackendRequest::Cuda => "CUDA",
-        BackendRequest::Wgpu => "wgpu",
-        BackendRequest::Cpu => "CPU",
     }
 }
 

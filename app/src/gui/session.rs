@@ -37,23 +37,34 @@ impl SessionFile {
         &self.path
     }
 
-    /// Reads the saved session. A file that cannot be read back (edited by hand, written by an
-    /// incompatible Brushfire, not text) is moved aside as `session.ron.bak`, the app starts with
-    /// defaults, and [`Loaded::notice`] says so; the next read finds nothing to say.
+    /// Reads the saved session. A setting that is missing (an older Brushfire wrote the file)
+    /// takes its default in silence; one this Brushfire cannot read (the wrong type, an edit by
+    /// hand) takes its default too, the rest are kept, and [`Loaded::notice`] names what was
+    /// reset. A file that cannot be read at all (cut short, not text) is moved aside as
+    /// `session.ron.bak` and the app starts with defaults, saying so; the next read finds
+    /// nothing to say.
     pub fn load(&self) -> Loaded {
         let problem = match std::fs::read(&self.path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::default(),
             Err(e) => e.to_string(),
             Ok(bytes) => match std::str::from_utf8(&bytes) {
                 Err(e) => format!("not UTF-8 text: {e}"),
-                Ok(text) => match ron::from_str::<Persisted>(text) {
-                    Ok(persisted) => {
+                Ok(text) => match read_settings(text) {
+                    Ok((persisted, reset)) => {
+                        let notice = (!reset.is_empty()).then(|| {
+                            format!(
+                                "the session file {} had settings this Brushfire cannot read \
+                                 ({}): they are back to their defaults; everything else was kept",
+                                self.path.display(),
+                                reset.join(", ")
+                            )
+                        });
                         return Loaded {
                             persisted: Some(persisted),
-                            notice: None,
+                            notice,
                         };
                     }
-                    Err(e) => e.to_string(),
+                    Err(e) => e,
                 },
             },
         };
@@ -88,6 +99,37 @@ impl SessionFile {
         engine::atomic_file::write_atomic(&self.path, text.as_bytes())
             .with_context(|| format!("saving the session to {}", self.path.display()))
     }
+}
+
+/// The session in `text`, and the settings that could not be read and took their defaults.
+/// Each setting is tried on its own (the others at their defaults, as `#[serde(default)]` on
+/// [`Persisted`] gives them), so one bad value costs only itself.
+fn read_settings(text: &str) -> Result<(Persisted, Vec<String>), String> {
+    if let Ok(persisted) = ron::from_str::<Persisted>(text) {
+        return Ok((persisted, Vec::new()));
+    }
+    let ron::Value::Map(fields) = ron::from_str::<ron::Value>(text).map_err(|e| e.to_string())?
+    else {
+        return Err("not a table of settings".into());
+    };
+    let mut kept = ron::Map::new();
+    let mut reset = Vec::new();
+    for (key, value) in fields {
+        let mut alone = ron::Map::new();
+        alone.insert(key.clone(), value.clone());
+        if ron::Value::Map(alone).into_rust::<Persisted>().is_ok() {
+            kept.insert(key, value);
+        } else {
+            reset.push(match key {
+                ron::Value::String(name) => name,
+                other => format!("{other:?}"),
+            });
+        }
+    }
+    let persisted = ron::Value::Map(kept)
+        .into_rust::<Persisted>()
+        .map_err(|e| e.to_string())?;
+    Ok((persisted, reset))
 }
 
 #[cfg(test)]
@@ -137,7 +179,7 @@ mod tests {
         for broken in [
             good.as_bytes()[..good.len() / 2].to_vec(),
             vec![0xff, 0xfe, 0x00],
-            b"(steps: \"many\")".to_vec(),
+            b"[1, 2, 3]".to_vec(),
         ] {
             std::fs::write(file.path(), &broken).unwrap();
             let loaded = file.load();
@@ -169,6 +211,45 @@ mod tests {
             .unwrap_err();
         assert!(format!("{err:#}").contains("session.ron"), "{err:#}");
         assert!(dir.join("session.ron").is_dir());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_setting_of_the_wrong_type_is_reset_and_the_rest_kept() {
+        let dir = scratch("one-bad");
+        let file = SessionFile::in_dir(&dir);
+        let mut state = AppState::new("org/model".into());
+        state.form.prompt = "keep me".into();
+        state.form.steps = 42;
+        state.form.guidance = 5.0;
+        let good = ron::to_string(&state.to_persisted()).unwrap();
+        assert!(
+            good.contains("steps:42") && good.contains("guidance:5.0"),
+            "{good}"
+        );
+        // An older build knew fewer settings; a hand edit broke two; one is from a newer build.
+        let edited = good
+            .replace("steps:42", "steps:\"many\"")
+            .replace("guidance:5.0", "guidance:[1]")
+            .replacen('(', "(from_the_future:true,", 1);
+        std::fs::write(file.path(), &edited).unwrap();
+        let loaded = file.load();
+        let persisted = loaded.persisted.expect("the rest is kept");
+        assert_eq!(persisted.prompt, "keep me");
+        assert_eq!(persisted.model_spec, "org/model");
+        let defaults = Persisted::default();
+        assert_eq!(persisted.steps, defaults.steps);
+        assert_eq!(persisted.guidance, defaults.guidance);
+        let notice = loaded.notice.expect("a notice");
+        assert!(
+            notice.contains("steps") && notice.contains("guidance"),
+            "{notice}"
+        );
+        assert!(
+            !notice.contains("from_the_future") && !notice.contains("prompt"),
+            "{notice}"
+        );
+        assert!(file.path().exists(), "not moved aside");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

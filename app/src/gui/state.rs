@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use eframe::egui;
-use engine::backend::{BackendKind, BackendRequest, Precision, SelectedBackend};
+use engine::backend::{BackendKind, Precision, SelectedBackend};
 use engine::loading::{ModelAvailability, model_availability};
 use engine::models::{AttnProcessor, MemoryFormat};
 use engine::pipelines::{GenerationRequest, PipelineKind, StepProgress};
@@ -59,7 +59,7 @@ impl Default for PromptForm {
             width: 512,
             height: 512,
             batch: 1,
-            seed: crate::cli::random_seed(),
+            seed: engine::noise::random_seed(),
             seed_locked: false,
             scheduler: None,
         }
@@ -69,7 +69,7 @@ impl Default for PromptForm {
 impl PromptForm {
     /// A new random seed.
     pub fn randomise_seed(&mut self) {
-        self.seed = crate::cli::random_seed();
+        self.seed = engine::noise::random_seed();
     }
 
     /// Fills the fields a `parameters` text gives; returns notes on what could not be used.
@@ -93,27 +93,13 @@ impl PromptForm {
             self.height = h;
         }
         if let Some(sampler) = &p.sampler {
-            match scheduler_from_sampler(sampler) {
+            match SchedulerKind::from_sampler_name(sampler) {
                 Some(kind) => self.scheduler = Some(kind),
                 None => notes.push(format!("sampler `{sampler}` is not available here")),
             }
         }
         notes
     }
-}
-
-/// A1111 sampler names (and Brushfire's, which use them) → scheduler.
-pub fn scheduler_from_sampler(name: &str) -> Option<SchedulerKind> {
-    let base = name.trim().trim_end_matches(" Karras");
-    Some(match base {
-        "PLMS" | "PNDM" => SchedulerKind::Pndm,
-        "DDIM" => SchedulerKind::Ddim,
-        "Euler" => SchedulerKind::Euler,
-        "Euler a" => SchedulerKind::EulerAncestral,
-        "DPM++ 2M" => SchedulerKind::DpmPlusPlus2M,
-        "DDPM" => SchedulerKind::Ddpm,
-        _ => return None,
-    })
 }
 
 /// Where a queued job is.
@@ -497,16 +483,6 @@ pub fn attention_name(a: AttnProcessor) -> &'static str {
     a.name()
 }
 
-/// `--backend` names.
-pub fn backend_request_name(b: BackendRequest) -> &'static str {
-    match b {
-        BackendRequest::Auto => "auto",
-        BackendRequest::Cuda => "cuda",
-        BackendRequest::Wgpu => "wgpu",
-        BackendRequest::Cpu => "cpu",
-    }
-}
-
 impl AppState {
     /// State that will load `model` once the engine starts.
     pub fn new(model: String) -> Self {
@@ -706,7 +682,7 @@ impl AppState {
             seed: f.seed,
             seed_locked: f.seed_locked,
             scheduler: f.scheduler.map(|k| k.cli_name().to_string()),
-            backend: backend_request_name(self.settings.backend).into(),
+            backend: self.settings.backend.cli_name().into(),
             attention: attention_name(self.settings.attention).into(),
             // A change that waits for a restart is what the next start runs.
             fusion: self.next_start_execution().fusion,

@@ -1,7 +1,7 @@
 //! Single-file checkpoints (aka diffusers' `loaders/single_file_utils.py`): the original LDM /
 //! A1111 `.safetensors` layout, one file holding the UNet (`model.diffusion_model.`), the VAE
 //! (`first_stage_model.`) and the CLIP text encoder (`cond_stage_model.transformer.`). This is the
-//! one remap table of the engine (STYLE.md #4): every LDM key gets its diffusers name here and the
+//! one remap table of the engine (docs/architecture.md §3): every LDM key gets its diffusers name here and the
 //! weights load through the same code as a diffusers folder.
 
 use std::path::Path;

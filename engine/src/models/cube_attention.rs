@@ -5,7 +5,7 @@
 //! fallback (and goes straight to the fallback when given an explicit scale, and in f32): the
 //! fastest on a given shape wins, which at SD sizes can be the one that materialises
 //! `[heads, hw, hw]` scores — the very thing diffusers' SDPA processor exists to avoid
-//! (DESIGN.md §1). Here a flash kernel is called directly:
+//! (docs/architecture.md §1). Here a flash kernel is called directly:
 //! - f16/bf16 at the default scale `1/√d`: CubeCL's tensor-core flash kernel where the device has
 //!   tensor cores, else its unit variant (f32 accumulation in both);
 //! - everything else (f32, any other scale, or a problem CubeCL's kernels decline): our own

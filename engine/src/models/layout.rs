@@ -1,5 +1,5 @@
 //! The memory format of the UNet's feature maps: diffusers'
-//! `unet.to(memory_format=torch.channels_last)` (DESIGN.md §1).
+//! `unet.to(memory_format=torch.channels_last)` (docs/architecture.md §1).
 //!
 //! With [`MemoryFormat::ChannelsLast`] the UNet keeps its activations as contiguous
 //! `[batch, h, w, channels]` tensors between its first and last convolution, and its conv

@@ -54,7 +54,7 @@ pub fn conv2d<B: Backend>(
 }
 
 /// GroupNorm forward over `[batch, channels, …]`, statistics computed in f32 whatever the
-/// tensor's dtype (DESIGN.md §1: f16 keeps GroupNorm statistics in f32).
+/// tensor's dtype (docs/architecture.md §1: f16 keeps GroupNorm statistics in f32).
 pub fn group_norm_forward<B: Backend, const D: usize>(
     norm: &GroupNorm<B>,
     x: Tensor<B, D>,

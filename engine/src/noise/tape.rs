@@ -1,4 +1,4 @@
-//! A recorded noise tape (DESIGN.md §5, `--noise-tape`): the Gaussian draws of a diffusers run,
+//! A recorded noise tape (docs/cli.md, `--noise-tape`): the Gaussian draws of a diffusers run,
 //! saved as tensors `rng.tape.0`, `rng.tape.1`, … and replayed in order in place of every draw
 //! the pipeline makes. Diffusers has no such file; it is how a run there is reproduced here.
 

@@ -1,5 +1,5 @@
 //! Live preview without the VAE: SD 1.x latents map to RGB through a fixed linear map
-//! (DESIGN.md §4; the factors ComfyUI's `latent_formats.py` publishes for SD 1.5), at latent
+//! (docs/architecture.md §4; the factors ComfyUI's `latent_formats.py` publishes for SD 1.5), at latent
 //! resolution. Cheap enough to run every step; only `[h, w, 3]` floats come back to the host.
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};

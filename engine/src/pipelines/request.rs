@@ -1,4 +1,4 @@
-//! The one request type every generation goes through (STYLE.md #7), validated by
+//! The one request type every generation goes through (docs/architecture.md §2), validated by
 //! [`GenerationRequest::check_inputs`] before any tensor work.
 
 use crate::error::{EngineError, Result};

@@ -149,6 +149,29 @@ impl SchedulerKind {
     pub fn from_class_name(class: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.class_name() == class)
     }
+
+    /// The sampler's name as A1111 writes it in a PNG's `Sampler:` field, and as the app lists
+    /// it. (A run's own name, [`Scheduler::name`], adds what its config changes: `Karras`, PLMS
+    /// for PNDM without its Runge-Kutta warm-up.)
+    pub fn sampler_name(self) -> &'static str {
+        match self {
+            Self::Pndm => "PNDM",
+            Self::Ddim => "DDIM",
+            Self::Euler => "Euler",
+            Self::EulerAncestral => "Euler a",
+            Self::DpmPlusPlus2M => "DPM++ 2M",
+            Self::Ddpm => "DDPM",
+        }
+    }
+
+    /// The kind for an A1111 sampler name (or one [`Scheduler::name`] wrote), ignoring the
+    /// `Karras` sigma choice; `None` for a sampler Brushfire does not run.
+    pub fn from_sampler_name(name: &str) -> Option<Self> {
+        match name.trim().trim_end_matches(" Karras") {
+            "PLMS" => Some(Self::Pndm),
+            base => Self::ALL.into_iter().find(|k| k.sampler_name() == base),
+        }
+    }
 }
 
 impl std::fmt::Display for SchedulerKind {
@@ -328,5 +351,29 @@ mod tests {
             assert_eq!(kind.cli_name().parse::<SchedulerKind>().ok(), Some(kind));
         }
         assert!("heun".parse::<SchedulerKind>().is_err());
+    }
+
+    #[test]
+    fn sampler_names_round_trip_with_a1111_spellings() {
+        for kind in SchedulerKind::ALL {
+            assert_eq!(
+                SchedulerKind::from_sampler_name(kind.sampler_name()),
+                Some(kind)
+            );
+        }
+        for (a1111, kind) in [
+            ("PLMS", SchedulerKind::Pndm),
+            ("Euler a", SchedulerKind::EulerAncestral),
+            ("DPM++ 2M Karras", SchedulerKind::DpmPlusPlus2M),
+            (" Euler Karras ", SchedulerKind::Euler),
+        ] {
+            assert_eq!(
+                SchedulerKind::from_sampler_name(a1111),
+                Some(kind),
+                "{a1111}"
+            );
+        }
+        assert_eq!(SchedulerKind::from_sampler_name("Heun"), None);
+        assert_eq!(SchedulerKind::from_sampler_name("DPM++ 2M SDE"), None);
     }
 }

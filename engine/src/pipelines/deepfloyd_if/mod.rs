@@ -31,12 +31,10 @@ use crate::models::unets::{ClassLabels, UNet2DConditionConfig, UNet2DConditionMo
 use crate::models::weights::same_keys;
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::image_processor::image_size;
-use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::{
-    diffusers_weights, read_json_file,
-};
 use crate::pipelines::stable_diffusion::{
     DenoiseOptions, GenerationOutput, InpaintConditioning, LoadOptions, PreviewKind, denoise,
 };
+use crate::pipelines::stable_diffusion::{diffusers_weights, read_json_file};
 use crate::pipelines::{
     CancelToken, GenerationRequest, ModelLimits, NoteCollector, PipelineKind, StepObserver,
     image_to_nchw, randn_tensor,

@@ -8,7 +8,7 @@ use burn::tensor::{DType, Tensor, backend::Backend};
 use crate::error::Result;
 use crate::models::autoencoders::VaeTiling;
 use crate::noise::NoiseSource;
-use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::Conditioning;
+use crate::pipelines::stable_diffusion::Conditioning;
 use crate::pipelines::stable_diffusion::{GenerationOutput, StableDiffusionPipeline};
 use crate::pipelines::{CancelToken, GenerationRequest, StepObserver};
 use crate::tensor_io::HostTensor;

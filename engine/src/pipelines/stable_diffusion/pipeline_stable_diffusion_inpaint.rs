@@ -14,7 +14,7 @@ use crate::noise::NoiseSource;
 use crate::pipelines::image_processor::{
     CropRegion, binarize, blur_mask, crop, crop_region, mask_to_latent_grid, overlay, resize,
 };
-use crate::pipelines::stable_diffusion::pipeline_stable_diffusion::Conditioning;
+use crate::pipelines::stable_diffusion::Conditioning;
 use crate::pipelines::stable_diffusion::{
     GenerationOutput, InpaintConditioning, StableDiffusionPipeline,
 };
