@@ -1,6 +1,8 @@
 //! Soak: 100 queued jobs with the tiny model through the engine worker (as the app drives it),
 //! every tenth cancelled while it runs. No job is lost or doubled, and resident memory stays
 //! flat. Its own test binary, so no other test shares the process whose memory it reads.
+// Test code: a failed unwrap is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

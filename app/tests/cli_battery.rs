@@ -2,6 +2,8 @@
 //! The bad-input battery against `brushfire generate` (docs/reliability.md): each case asserts a
 //! clear message naming what is wrong, the exit code (2 bad arguments, 1 failures), no panic, no
 //! backtrace, and that no output is lost. Runs on the tiny fixture with the CPU backend.
+// Test code: a failed unwrap is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,5 +1,7 @@
 //! `brushfire generate` end to end on the tiny fixture: `--latents … --save-array …` equals
 //! diffusers' `output_type="np"` image (docs/cli.md), and bad flags fail with a clear message.
+// Test code: a failed unwrap is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::process::Command;

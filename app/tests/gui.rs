@@ -1,5 +1,7 @@
 //! The desktop app driven through egui_kittest: the real app state and engine worker, on the
 //! tiny fixture model and the CPU backend.
+// Test code: a failed unwrap is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 

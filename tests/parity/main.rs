@@ -1,6 +1,8 @@
 //! Parity tests: every model, scheduler and pipeline of the engine against diffusers/torch
 //! references made by `tests/fixtures/generate.py` (committed, so no Python is needed here).
 //! One test binary, so the engine is compiled and linked into tests once.
+// Test code: a failed unwrap is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

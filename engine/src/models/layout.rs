@@ -139,6 +139,16 @@ fn ohwi_axes<const D: usize>() -> [isize; D] {
 }
 
 /// Applies `mapper` to `module` in place (one child at a time keeps the transient copy small).
+/// Stores every convolution weight of `module` in `format`'s order: every rank-4 parameter,
+/// which in these models are exactly the convolutions' weights (linear layers are rank 2, norms
+/// rank 1).
+pub(crate) fn set_conv_weight_layout<B: Backend, M: Module<B>>(
+    module: &mut M,
+    format: MemoryFormat,
+) {
+    map_in_place(module, &mut ConvWeightLayout(format));
+}
+
 pub(crate) fn map_in_place<B: Backend, M: Module<B>>(
     module: &mut M,
     mapper: &mut impl ModuleMapper<B>,

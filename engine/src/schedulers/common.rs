@@ -552,6 +552,51 @@ pub fn timestep_at(timesteps: &[f64], step_index: usize) -> Result<f64> {
     })
 }
 
+/// The sigma at step `index` of a sigma schedule (diffusers' `self.sigmas[step_index]`); past
+/// the end, the last one (0).
+pub fn sigma_at(sigmas: &[f64], index: usize) -> f64 {
+    sigmas.get(index).or(sigmas.last()).copied().unwrap_or(0.0)
+}
+
+/// `init_noise_sigma` of the Euler schedulers: σmax, or sqrt(σmax² + 1) with leading spacing.
+pub fn sigma_init_noise(sigmas: &[f64], spacing: TimestepSpacing) -> f64 {
+    let max = sigmas.iter().copied().fold(0.0, f64::max);
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
+        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+    }
+}
+
+/// The Euler schedulers' `scale_model_input`: the sample divided by sqrt(σ² + 1).
+///
+/// # Shapes
+/// - sample: `[batch, channels, height, width]`
+pub fn scale_by_sigma<B: Backend>(sample: Tensor<B, 4>, sigma: f64) -> Tensor<B, 4> {
+    sample.div_scalar((sigma * sigma + 1.0).sqrt())
+}
+
+/// The Euler schedulers' `pred_original_sample` (x₀) at `sigma`: from ε as `x − σ·ε`, from v as
+/// `v·(−σ/√(σ²+1)) + x/(σ²+1)`; a `sample` model's output is x₀ itself.
+///
+/// # Shapes
+/// - model_output, sample: `[batch, channels, height, width]`
+pub fn sigma_pred_original<B: Backend>(
+    prediction: PredictionType,
+    model_output: Tensor<B, 4>,
+    sample: &Tensor<B, 4>,
+    sigma: f64,
+) -> Tensor<B, 4> {
+    match prediction {
+        PredictionType::Sample => model_output,
+        PredictionType::VPrediction => model_output
+            .mul_scalar(-sigma / (sigma * sigma + 1.0).sqrt())
+            .add(sample.clone().div_scalar(sigma * sigma + 1.0)),
+        PredictionType::Epsilon | PredictionType::FlowPrediction => {
+            sample.clone().sub(model_output.mul_scalar(sigma))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::Scheduler;
 use super::common::{
     BetaConfig, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing, config_error,
-    float_timesteps, np_interp_index, randn_like, timestep_at,
+    float_timesteps, np_interp_index, randn_like, scale_by_sigma, sigma_at, sigma_init_noise,
+    sigma_pred_original, timestep_at,
 };
 use crate::error::{EngineError, Result};
 use crate::noise::NoiseSource;
@@ -113,11 +114,7 @@ impl EulerAncestralDiscreteScheduler {
     }
 
     fn sigma(&self, index: usize) -> f64 {
-        self.sigmas
-            .get(index)
-            .or(self.sigmas.last())
-            .copied()
-            .unwrap_or(0.0)
+        sigma_at(&self.sigmas, index)
     }
 }
 
@@ -145,16 +142,11 @@ impl<B: Backend> Scheduler<B> for EulerAncestralDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        let max = self.sigmas.iter().copied().fold(0.0, f64::max);
-        match self.config.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-            TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
-        }
+        sigma_init_noise(&self.sigmas, self.config.timestep_spacing)
     }
 
     fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Tensor<B, 4> {
-        let sigma = self.sigma(step_index);
-        sample.div_scalar((sigma * sigma + 1.0).sqrt())
+        scale_by_sigma(sample, self.sigma(step_index))
     }
 
     fn step(
@@ -167,13 +159,12 @@ impl<B: Backend> Scheduler<B> for EulerAncestralDiscreteScheduler {
         timestep_at(&self.timesteps, step_index)?;
         let sigma = self.sigma(step_index);
         let sigma_to = self.sigma(step_index + 1);
-        let pred_original = match self.config.prediction_type {
-            PredictionType::VPrediction => model_output
-                .clone()
-                .mul_scalar(-sigma / (sigma * sigma + 1.0).sqrt())
-                .add(sample.clone().div_scalar(sigma * sigma + 1.0)),
-            _ => sample.clone().sub(model_output.clone().mul_scalar(sigma)),
-        };
+        let pred_original = sigma_pred_original(
+            self.config.prediction_type,
+            model_output.clone(),
+            &sample,
+            sigma,
+        );
         let sigma_up =
             (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).max(0.0).sqrt();

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::Scheduler;
 use super::common::{
     BetaConfig, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing, config_error,
-    float_timesteps, karras_sigmas, np_interp_index, np_linspace, sigma_to_t, timestep_at,
+    float_timesteps, karras_sigmas, np_interp_index, np_linspace, scale_by_sigma, sigma_at,
+    sigma_init_noise, sigma_pred_original, sigma_to_t, timestep_at,
 };
 use crate::error::{EngineError, Result};
 use crate::noise::NoiseSource;
@@ -168,11 +169,7 @@ impl EulerDiscreteScheduler {
     }
 
     fn sigma(&self, index: usize) -> f64 {
-        self.sigmas
-            .get(index)
-            .or(self.sigmas.last())
-            .copied()
-            .unwrap_or(0.0)
+        sigma_at(&self.sigmas, index)
     }
 }
 
@@ -253,16 +250,11 @@ impl<B: Backend> Scheduler<B> for EulerDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        let max = self.sigmas.iter().copied().fold(0.0, f64::max);
-        match self.config.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-            TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
-        }
+        sigma_init_noise(&self.sigmas, self.config.timestep_spacing)
     }
 
     fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Tensor<B, 4> {
-        let sigma = self.sigma(step_index);
-        sample.div_scalar((sigma * sigma + 1.0).sqrt())
+        scale_by_sigma(sample, self.sigma(step_index))
     }
 
     fn step(
@@ -276,13 +268,8 @@ impl<B: Backend> Scheduler<B> for EulerDiscreteScheduler {
         let sigma = self.sigma(step_index);
         let sigma_next = self.sigma(step_index + 1);
         // No churn: sigma_hat = sigma.
-        let pred_original = match self.config.prediction_type {
-            PredictionType::Sample => model_output,
-            PredictionType::VPrediction => model_output
-                .mul_scalar(-sigma / (sigma * sigma + 1.0).sqrt())
-                .add(sample.clone().div_scalar(sigma * sigma + 1.0)),
-            _ => sample.clone().sub(model_output.mul_scalar(sigma)),
-        };
+        let pred_original =
+            sigma_pred_original(self.config.prediction_type, model_output, &sample, sigma);
         let derivative = sample.clone().sub(pred_original).div_scalar(sigma);
         Ok(sample.add(derivative.mul_scalar(sigma_next - sigma)))
     }

@@ -20,7 +20,7 @@ use crate::models::attention_processor::AttnProcessor;
 use crate::models::config::{ModelConfig, read_config};
 use crate::models::conv::conv2d_forward_in;
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
-use crate::models::layout::{ConvWeightLayout, MemoryFormat, map_in_place};
+use crate::models::layout::{MemoryFormat, set_conv_weight_layout};
 use crate::models::normalization::conv2d;
 use crate::models::resnet::conv_channels;
 use crate::models::unets::unet_2d_blocks::{
@@ -287,19 +287,7 @@ impl<B: Backend> ControlNetModel<B> {
         if format == self.memory_format {
             return;
         }
-        let mut mapper = ConvWeightLayout(format);
-        map_in_place(&mut self.conv_in, &mut mapper);
-        map_in_place(&mut self.controlnet_cond_embedding, &mut mapper);
-        for block in &mut self.down_blocks {
-            map_in_place(block, &mut mapper);
-        }
-        if let Some(mid) = self.mid_block.as_mut() {
-            map_in_place(mid, &mut mapper);
-        }
-        for conv in &mut self.controlnet_down_blocks {
-            map_in_place(conv, &mut mapper);
-        }
-        map_in_place(&mut self.controlnet_mid_block, &mut mapper);
+        set_conv_weight_layout(self, format);
         self.memory_format = format;
     }
 

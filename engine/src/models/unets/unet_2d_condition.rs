@@ -7,7 +7,7 @@
 
 use crate::memory::{FeatureMap, ScoreShape};
 use crate::models::conv::{conv2d_forward_in, conv2d_output_size};
-use crate::models::layout::{ConvWeightLayout, MemoryFormat, map_in_place};
+use crate::models::layout::{MemoryFormat, set_conv_weight_layout};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -959,18 +959,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         if format == self.memory_format {
             return;
         }
-        let mut mapper = ConvWeightLayout(format);
-        map_in_place(&mut self.conv_in, &mut mapper);
-        for block in &mut self.down_blocks {
-            map_in_place(block, &mut mapper);
-        }
-        if let Some(mid) = self.mid_block.as_mut() {
-            map_in_place(mid, &mut mapper);
-        }
-        for block in &mut self.up_blocks {
-            map_in_place(block, &mut mapper);
-        }
-        map_in_place(&mut self.conv_out, &mut mapper);
+        set_conv_weight_layout(self, format);
         self.memory_format = format;
     }
 
