@@ -374,6 +374,9 @@ fn dropping_an_a1111_png_fills_the_form() {
 
     let mut h = harness(app());
     h.step();
+    // Loaded first: the engine's "ready" and "loaded" lines would otherwise replace the status
+    // line this test reads, whenever the load happens to end during the drop's frames.
+    wait(&mut h, "the model", |a| a.state.model_ready());
     h.input_mut().dropped_files.push(egui::DroppedFile {
         path: Some(png.clone()),
         ..Default::default()

@@ -143,6 +143,34 @@ impl PaintCanvas {
         self.layer.iter().filter(|&&v| v != 0).count()
     }
 
+    /// What every canvas toolbar has: the brush-size slider (labelled `size_label`; `[` and `]`
+    /// change it too), then Undo and Redo.
+    pub fn size_and_history_ui(&mut self, ui: &mut egui::Ui, size_label: &str) {
+        let label = ui.label(size_label);
+        ui.add(
+            egui::Slider::new(&mut self.brush_radius, BRUSH_RADIUS_RANGE)
+                .logarithmic(true)
+                .suffix(" px"),
+        )
+        .labelled_by(label.id)
+        .on_hover_text("Radius in image pixels; [ and ] change it.");
+        ui.separator();
+        if ui
+            .add_enabled(self.can_undo(), egui::Button::new("Undo"))
+            .on_hover_text("Ctrl+Z")
+            .clicked()
+        {
+            self.undo();
+        }
+        if ui
+            .add_enabled(self.can_redo(), egui::Button::new("Redo"))
+            .on_hover_text("Ctrl+Shift+Z")
+            .clicked()
+        {
+            self.redo();
+        }
+    }
+
     pub fn can_undo(&self) -> bool {
         !self.undo.is_empty()
     }

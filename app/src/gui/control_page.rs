@@ -5,7 +5,7 @@
 use eframe::egui;
 
 use super::BrushfireApp;
-use super::canvas::{BRUSH_RADIUS_RANGE, Tool};
+use super::canvas::Tool;
 use super::control_input::MapSource;
 use super::image_pages::IMAGE_EXTENSIONS;
 use super::state::model_label;
@@ -206,29 +206,7 @@ impl BrushfireApp {
                 .on_hover_text("Draws white lines over the map.");
             ui.selectable_value(&mut canvas.tool, Tool::Eraser, "Eraser")
                 .on_hover_text("Blacks out the map under it (edges included).");
-            let label = ui.label("Size");
-            ui.add(
-                egui::Slider::new(&mut canvas.brush_radius, BRUSH_RADIUS_RANGE)
-                    .logarithmic(true)
-                    .suffix(" px"),
-            )
-            .labelled_by(label.id)
-            .on_hover_text("Radius in image pixels; [ and ] change it.");
-            ui.separator();
-            if ui
-                .add_enabled(canvas.can_undo(), egui::Button::new("Undo"))
-                .on_hover_text("Ctrl+Z")
-                .clicked()
-            {
-                canvas.undo();
-            }
-            if ui
-                .add_enabled(canvas.can_redo(), egui::Button::new("Redo"))
-                .on_hover_text("Ctrl+Shift+Z")
-                .clicked()
-            {
-                canvas.redo();
-            }
+            canvas.size_and_history_ui(ui, "Size");
             if ui
                 .button("Clear strokes")
                 .on_hover_text("Removes what was drawn; the map stays (undoable).")

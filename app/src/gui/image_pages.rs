@@ -3,7 +3,7 @@
 
 use eframe::egui;
 
-use super::canvas::{BRUSH_RADIUS_RANGE, Tool};
+use super::canvas::Tool;
 use super::image_input::SizeFit;
 use super::{BrushfireApp, View};
 
@@ -93,29 +93,7 @@ impl BrushfireApp {
         ui.horizontal_wrapped(|ui| {
             ui.selectable_value(&mut canvas.tool, Tool::Brush, "Brush");
             ui.selectable_value(&mut canvas.tool, Tool::Eraser, "Eraser");
-            let label = ui.label("Brush size");
-            ui.add(
-                egui::Slider::new(&mut canvas.brush_radius, BRUSH_RADIUS_RANGE)
-                    .logarithmic(true)
-                    .suffix(" px"),
-            )
-            .labelled_by(label.id)
-            .on_hover_text("Radius in image pixels; [ and ] change it.");
-            ui.separator();
-            if ui
-                .add_enabled(canvas.can_undo(), egui::Button::new("Undo"))
-                .on_hover_text("Ctrl+Z")
-                .clicked()
-            {
-                canvas.undo();
-            }
-            if ui
-                .add_enabled(canvas.can_redo(), egui::Button::new("Redo"))
-                .on_hover_text("Ctrl+Shift+Z")
-                .clicked()
-            {
-                canvas.redo();
-            }
+            canvas.size_and_history_ui(ui, "Brush size");
             if ui.button("Clear").clicked() {
                 canvas.clear();
             }
