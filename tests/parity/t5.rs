@@ -43,7 +43,8 @@ fn t5_tokenizer_matches_transformers_on_if_prompts() {
     assert_eq!(tokens.input_ids, ids(&r["input_ids"]));
     assert_eq!(tokens.attention_mask, ids(&r["attention_mask"]));
     // Prompt 3 is longer than 77 tokens: cut, ending in </s> (id 1).
-    assert_eq!(tokens.truncated, vec![false, false, false, true, false]);
+    let cut: Vec<bool> = tokens.dropped.iter().map(|&n| n > 0).collect();
+    assert_eq!(cut, vec![false, false, false, true, false]);
     assert_eq!(tokens.input_ids[3][76], 1);
     // What was cut, counted as transformers counts the untruncated prompt (76 kept + `</s>`).
     let dropped: Vec<usize> = meta["untruncated_lengths"]

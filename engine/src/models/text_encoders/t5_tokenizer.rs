@@ -21,8 +21,6 @@ pub const IF_MAX_LENGTH: usize = 77;
 pub struct T5Tokens {
     pub input_ids: Vec<Vec<u32>>,
     pub attention_mask: Vec<Vec<u32>>,
-    /// Per prompt: whether it was cut to fit.
-    pub truncated: Vec<bool>,
     /// Per prompt: how many of its tokens were cut off (0 when it fit).
     pub dropped: Vec<usize>,
     pub max_length: usize,
@@ -112,7 +110,6 @@ impl T5Tokenizer {
         let mut out = T5Tokens {
             input_ids: Vec::with_capacity(prompts.len()),
             attention_mask: Vec::with_capacity(prompts.len()),
-            truncated: Vec::with_capacity(prompts.len()),
             dropped: Vec::with_capacity(prompts.len()),
             max_length: self.max_length,
         };
@@ -122,7 +119,6 @@ impl T5Tokenizer {
                 .tokenizer
                 .encode(text.as_str(), true)
                 .map_err(|e| EngineError::Tokenizer(format!("encoding {prompt:?}: {e}")))?;
-            out.truncated.push(!encoding.get_overflowing().is_empty());
             // The overflow comes back as further (padded, `</s>`-closed) encodings: count their
             // real tokens.
             out.dropped.push(
