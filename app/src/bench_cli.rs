@@ -5,13 +5,15 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use engine::backend::{BackendRequest, Precision, select_backend};
+use engine::backend::{BackendRequest, Precision};
 use engine::bench::{
     BenchCell, BenchColumn, BenchModels, BenchObserver, BenchPipeline, BenchPlan, CascadeModels,
-    CellOutcome, CellSpec, default_precision, run_bench,
+    CellOutcome, CellSpec, default_precision,
 };
 use engine::pipelines::{CancelToken, StepProgress};
+use engine::session::Session;
 use engine::tensor_io::write_atomic;
+use engine::worker::EngineSettings;
 
 use crate::exit::BadArgument;
 
@@ -192,17 +194,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         Ok((backend_request, bench_models(args)?))
     };
     let (backend_request, models) = checked().map_err(BadArgument::unless_download)?;
-    let selected = select_backend(backend_request)?;
+    let mut session = Session::new(EngineSettings {
+        backend: backend_request,
+        ..EngineSettings::default()
+    });
+    let selected = session.select_backend()?;
     let plan = plan_from_args(args, default_precision(selected.kind))?;
     eprintln!("backend: {selected}, {}", plan.precision);
     let mut observer = TerminalBench { total: 0 };
-    let report = run_bench(
-        &selected,
-        &plan,
-        &models,
-        &CancelToken::new(),
-        &mut observer,
-    )?;
+    let report = session.bench(&plan, &models, &CancelToken::new(), &mut observer)?;
     let markdown = report.to_markdown();
     println!("{markdown}");
     if let Some(path) = &args.markdown {

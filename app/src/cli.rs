@@ -3,23 +3,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
-use engine::backend::{
-    self, BackendRequest, BackendTask, ExecutionOptions, dispatch_with, memory_budget,
-    select_backend,
-};
-use engine::memory::MemoryBudget;
+use engine::backend::{self, BackendRequest, ExecutionOptions};
 use engine::models::{AttnProcessor, MemoryFormat};
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::control_preprocess::Canny;
-use engine::pipelines::deepfloyd_if::{IFPipeline, is_if_folder};
-use engine::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
-use engine::pipelines::{
-    CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepObserver, StepProgress,
-};
+use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepProgress};
 use engine::schedulers::SchedulerKind;
+use engine::session::Session;
 use engine::tensor_io::{HostTensor, read_safetensors, read_tensor, write_safetensors};
+use engine::worker::EngineSettings;
 
 use crate::exit::BadArgument;
 use crate::image_files::{read_mask, read_rgb, to_u8};
@@ -168,8 +161,6 @@ pub struct GenerateArgs {
 /// Everything validated from the flags, before any model is loaded.
 struct Job {
     model_dir: PathBuf,
-    /// The model's weights: `fp16` files where the model has them in f16 (`--dtype f16`).
-    load_options: LoadOptions,
     /// The ControlNet's folder (`--controlnet`), resolved.
     controlnet_dir: Option<PathBuf>,
     /// The ControlNet unit for the PNG's parameters.
@@ -417,11 +408,6 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
     Ok(Job {
         model_name: model_name(&args.model),
         model_dir,
-        load_options: LoadOptions {
-            variant: variant.map(String::from),
-            // Set once the backend is chosen (`GenerateTask`).
-            memory_budget: MemoryBudget::Unchecked,
-        },
         controlnet_params: controlnet_parameters(args, &request),
         request,
         controlnet_dir,
@@ -456,142 +442,128 @@ fn model_name(spec: &str) -> String {
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     let backend_request: BackendRequest = args.backend.parse().map_err(bad_argument)?;
     let job = prepare(args).map_err(BadArgument::unless_download)?;
-    let selected = select_backend(backend_request)?;
-    let options = ExecutionOptions {
-        fusion: args.fusion == Switch::On,
-        precision: match args.dtype {
-            Precision::F32 => backend::Precision::F32,
-            Precision::F16 => backend::Precision::F16,
+    let mut session = Session::new(EngineSettings {
+        backend: backend_request,
+        attention: job.attention,
+        memory_format: job.memory_format,
+        execution: ExecutionOptions {
+            fusion: args.fusion == Switch::On,
+            precision: match args.dtype {
+                Precision::F32 => backend::Precision::F32,
+                Precision::F16 => backend::Precision::F16,
+            },
         },
-    };
-    options.check(&selected)?;
+        preview: false,
+    });
+    let selected = session.check_settings()?;
+    let settings = session.settings();
     eprintln!(
         "backend: {selected}, {}, fusion {}, channels-last {}",
-        options.precision,
-        if options.fusion { "on" } else { "off" },
+        settings.execution.precision,
+        if settings.execution.fusion {
+            "on"
+        } else {
+            "off"
+        },
         if job.memory_format.is_channels_last() {
             "on"
         } else {
             "off"
         }
     );
-    let budget = memory_budget(&selected);
-    dispatch_with(&selected, options, GenerateTask { job, budget })
-}
-
-struct GenerateTask {
-    job: Job,
-    /// What the request's attention is checked against.
-    budget: MemoryBudget,
-}
-
-impl BackendTask for GenerateTask {
-    type Output = Result<()>;
-
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let Job {
-            model_dir,
-            mut load_options,
-            controlnet_dir,
-            controlnet_params,
-            model_name,
-            mut request,
-            attention,
-            memory_format,
-            mut tape,
-            output,
-            save_array,
-        } = self.job;
-        load_options.memory_budget = self.budget.clone();
-        let load_start = std::time::Instant::now();
-        let pipe = LoadedPipeline::<B>::load(
-            &model_dir,
-            &load_options,
-            controlnet_dir.as_deref(),
-            &device,
-        )?;
-        let pipe = pipe.with_speed(attention, memory_format, self.budget);
-        eprintln!(
-            "loaded {} in {:.1}s",
-            model_dir.display(),
-            load_start.elapsed().as_secs_f64()
-        );
-        let default_size = pipe.default_size(&request);
-        if request.width == 0 {
-            request.width = default_size.0;
-        }
-        if request.height == 0 {
-            request.height = default_size.1;
-        }
-        let cancel = CancelToken::new();
-        let mut observer = |p: &StepProgress| {
-            eprint!(
-                "\rstep {}/{}  {:.2} it/s  {:.1}s   ",
-                p.step, p.total, p.it_per_sec, p.elapsed_secs
-            );
-        };
-        let noise = tape.as_mut().map(|t| t as &mut dyn NoiseSource);
-        let out = pipe.generate(&request, noise, &cancel, &mut observer)?;
-        eprintln!();
-        for note in &out.notes {
-            eprintln!("note: {note}");
-        }
-        if let Some(t) = &tape
-            && t.remaining() > 0
-        {
-            eprintln!(
-                "warning: {} draws of the noise tape were not used",
-                t.remaining()
-            );
-        }
-        let mut saved = SavedOutputs::default();
-        if let Some(path) = &save_array {
-            let mut tensors = vec![("image", &out.images)];
-            if let Some(raw) = &out.raw {
-                tensors.push(("image_pt", raw));
-            }
-            if let Some(embeds) = &out.prompt_embeds {
-                tensors.push(("prompt_embeds", &embeds.prompt_embeds));
-                if let Some(neg) = &embeds.negative_prompt_embeds {
-                    tensors.push(("negative_prompt_embeds", neg));
-                }
-            }
-            saved.keep(path, |p| write_safetensors(p, &tensors).map_err(Into::into));
-        }
-        let output = output.or_else(|| {
-            save_array
-                .is_none()
-                .then(|| PathBuf::from(format!("brushfire-{}.png", request.seed)))
-        });
-        if let Some(path) = output {
-            // "Only masked" inpainting returns the original image's size.
-            let (height, width) = (out.images.shape[1], out.images.shape[2]);
-            let params = GenerationParameters {
-                prompt: request.prompt.clone(),
-                negative_prompt: request.negative_prompt.clone(),
-                steps: request.steps,
-                sampler: out.scheduler.to_string(),
-                cfg_scale: request.guidance_scale,
-                seed: request.seed,
-                width,
-                height,
-                model: model_name,
-                denoising_strength: request.denoising_strength(),
-                controlnet: controlnet_params,
-            };
-            for (i, rgb) in to_rgb8(&out.images).iter().enumerate() {
-                let file = numbered(&path, i, request.batch);
-                saved.keep(&file, |p| {
-                    let metadata = write_png(p, width, height, rgb, &params)?;
-                    if let Some(warning) = metadata.warning(p) {
-                        eprintln!("warning: {warning}");
-                    }
-                    Ok(())
-                });
-            }
-        }
-        saved.finish()
+    let Job {
+        model_dir,
+        controlnet_dir,
+        controlnet_params,
+        model_name,
+        request,
+        mut tape,
+        output,
+        save_array,
+        ..
+    } = job;
+    let load_start = std::time::Instant::now();
+    session
+        .load_dir(&args.model, model_dir.clone())
+        .with_context(|| format!("loading {}", model_dir.display()))?;
+    if let (Some(dir), Some(spec)) = (&controlnet_dir, &args.controlnet) {
+        session
+            .load_controlnet_path(spec, dir)
+            .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
     }
+    eprintln!(
+        "loaded {} in {:.1}s",
+        model_dir.display(),
+        load_start.elapsed().as_secs_f64()
+    );
+    let cancel = CancelToken::new();
+    let mut observer = |p: &StepProgress| {
+        eprint!(
+            "\rstep {}/{}  {:.2} it/s  {:.1}s   ",
+            p.step, p.total, p.it_per_sec, p.elapsed_secs
+        );
+    };
+    let noise = tape.as_mut().map(|t| t as &mut dyn NoiseSource);
+    let out = session.generate(None, &request, noise, &cancel, &mut observer)?;
+    eprintln!();
+    for note in &out.notes {
+        eprintln!("note: {note}");
+    }
+    if let Some(t) = &tape
+        && t.remaining() > 0
+    {
+        eprintln!(
+            "warning: {} draws of the noise tape were not used",
+            t.remaining()
+        );
+    }
+    let mut saved = SavedOutputs::default();
+    if let Some(path) = &save_array {
+        let mut tensors = vec![("image", &out.images)];
+        if let Some(raw) = &out.raw {
+            tensors.push(("image_pt", raw));
+        }
+        if let Some(embeds) = &out.prompt_embeds {
+            tensors.push(("prompt_embeds", &embeds.prompt_embeds));
+            if let Some(neg) = &embeds.negative_prompt_embeds {
+                tensors.push(("negative_prompt_embeds", neg));
+            }
+        }
+        saved.keep(path, |p| write_safetensors(p, &tensors).map_err(Into::into));
+    }
+    let output = output.or_else(|| {
+        save_array
+            .is_none()
+            .then(|| PathBuf::from(format!("brushfire-{}.png", request.seed)))
+    });
+    if let Some(path) = output {
+        // "Only masked" inpainting returns the original image's size.
+        let (height, width) = (out.images.shape[1], out.images.shape[2]);
+        let params = GenerationParameters {
+            prompt: request.prompt.clone(),
+            negative_prompt: request.negative_prompt.clone(),
+            steps: request.steps,
+            sampler: out.scheduler.to_string(),
+            cfg_scale: request.guidance_scale,
+            seed: request.seed,
+            width,
+            height,
+            model: model_name,
+            denoising_strength: request.denoising_strength(),
+            controlnet: controlnet_params,
+        };
+        for (i, rgb) in to_rgb8(&out.images).iter().enumerate() {
+            let file = numbered(&path, i, request.batch);
+            saved.keep(&file, |p| {
+                let metadata = write_png(p, width, height, rgb, &params)?;
+                if let Some(warning) = metadata.warning(p) {
+                    eprintln!("warning: {warning}");
+                }
+                Ok(())
+            });
+        }
+    }
+    saved.finish()
 }
 
 /// What a finished run wrote. An output that cannot be written where asked (the folder went
@@ -688,102 +660,6 @@ fn check_output(flag: &str, path: &Path) -> Result<()> {
 /// An error in the command line's values.
 fn bad_argument(error: impl Into<anyhow::Error>) -> anyhow::Error {
     BadArgument(error.into()).into()
-}
-
-/// The model a `generate` run loads: a Stable Diffusion folder (txt2img, img2img, inpaint,
-/// controlnet, the x4 upscaler) or a DeepFloyd IF stage.
-enum LoadedPipeline<B: Backend> {
-    Sd(Box<StableDiffusionPipeline<B>>),
-    If(Box<IFPipeline<B>>),
-}
-
-impl<B: Backend> LoadedPipeline<B> {
-    fn load(
-        model_dir: &Path,
-        options: &LoadOptions,
-        controlnet_dir: Option<&Path>,
-        device: &B::Device,
-    ) -> Result<Self> {
-        let loading = || format!("loading {}", model_dir.display());
-        if is_if_folder(model_dir) {
-            if controlnet_dir.is_some() {
-                bail!("a ControlNet does not fit a DeepFloyd IF model");
-            }
-            let pipe = IFPipeline::<B>::load(model_dir, options, device).with_context(loading)?;
-            return Ok(Self::If(Box::new(pipe)));
-        }
-        let mut pipe = StableDiffusionPipeline::<B>::load_path(model_dir, options, device)
-            .with_context(loading)?;
-        if let Some(dir) = controlnet_dir {
-            pipe.load_controlnet(dir)
-                .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
-        }
-        Ok(Self::Sd(Box::new(pipe)))
-    }
-
-    fn with_speed(
-        mut self,
-        attention: AttnProcessor,
-        format: MemoryFormat,
-        budget: MemoryBudget,
-    ) -> Self {
-        match &mut self {
-            Self::Sd(p) => {
-                p.set_attn_processor(attention);
-                p.set_memory_format(format);
-                p.set_memory_budget(budget);
-            }
-            Self::If(p) => {
-                p.set_attn_processor(attention);
-                p.set_memory_format(format);
-                p.set_memory_budget(budget);
-            }
-        }
-        self
-    }
-
-    /// The size a request without --width/--height runs at: img2img at the image's size
-    /// rounded down to the VAE factor (diffusers' preprocess), the x4 upscaler at four times
-    /// its input's, IF at its UNet's native size, txt2img and inpaint at the model's default.
-    fn default_size(&self, request: &GenerationRequest) -> (usize, usize) {
-        match self {
-            Self::If(p) => (p.native_size(), p.native_size()),
-            Self::Sd(p) => {
-                let factor = p.vae_config.scale_factor();
-                let input = match (&request.image, &request.image_array) {
-                    (Some(image), _) if image.shape.len() == 3 => {
-                        Some((image.shape[1], image.shape[0]))
-                    }
-                    (None, Some(array)) if array.shape.len() == 4 => {
-                        Some((array.shape[3], array.shape[2]))
-                    }
-                    _ => None,
-                };
-                let round = |v: usize| (v / factor * factor).max(factor);
-                match (input, request.pipeline) {
-                    (Some((w, h)), PipelineKind::Img2Img) => (round(w), round(h)),
-                    (Some((w, h)), PipelineKind::Upscale) => (round(w) * factor, round(h) * factor),
-                    _ => {
-                        let side = p.unet_config.sample_size.unwrap_or(64) * factor;
-                        (side, side)
-                    }
-                }
-            }
-        }
-    }
-
-    fn generate(
-        &self,
-        request: &GenerationRequest,
-        noise: Option<&mut dyn NoiseSource>,
-        cancel: &CancelToken,
-        observer: &mut dyn StepObserver,
-    ) -> engine::Result<GenerationOutput> {
-        match self {
-            Self::Sd(p) => p.generate(request, noise, cancel, observer),
-            Self::If(p) => p.generate(request, noise, cancel, observer),
-        }
-    }
 }
 
 /// `[b, h, w, 3]` floats in [0, 1] → one RGB8 buffer per image (rounded as diffusers' `numpy_to_pil`).

@@ -103,7 +103,10 @@ fn unicode_prompts_save_and_no_image_is_overwritten_or_lost() {
     h.step();
     wait(&mut h, "the model", |a| a.state.model_ready());
     h.get_by_label("Generate").click();
-    wait(&mut h, "the image", |a| !a.state.gallery.is_empty());
+    // Written on the saver thread: the gallery shows the image first, then learns its file.
+    wait(&mut h, "the image, saved", |a| {
+        a.state.gallery.first().is_some_and(|g| !g.saving())
+    });
     let saved = h.state().state.gallery[0].path.clone().expect("saved");
     assert_ne!(saved, taken);
     assert_eq!(std::fs::read(&taken).unwrap(), b"not ours");
@@ -123,7 +126,9 @@ fn unicode_prompts_save_and_no_image_is_overwritten_or_lost() {
     std::fs::write(&blocked, b"x").unwrap();
     h.state_mut().state.output_dir = Some(blocked);
     h.get_by_label("Generate").click();
-    wait(&mut h, "the second image", |a| a.state.gallery.len() == 2);
+    wait(&mut h, "the second image's save", |a| {
+        a.state.gallery.get(1).is_some_and(|g| !g.saving())
+    });
     let state = &h.state().state;
     assert!(state.gallery[1].path.is_none());
     assert_eq!(state.gallery[1].params.prompt, prompt);
@@ -492,7 +497,8 @@ fn the_form_and_settings_survive_a_restart() {
     // A model named on the command line wins; unknown stored values fall back to defaults.
     let restored = BrushfireApp::restored(&back, Some("org/other".into()));
     assert_eq!(restored.state.model_spec, "org/other");
-    let odd: Persisted = serde_json::from_str(r#"{"attention": "warp", "steps": 0}"#).unwrap();
+    let odd: Persisted =
+        serde_json::from_str(r#"{"engine": {"attention": "warp"}, "form": {"steps": 0}}"#).unwrap();
     let restored = BrushfireApp::restored(&odd, None);
     assert_eq!(restored.state.settings.attention, AttnProcessor::default());
     assert_eq!(restored.state.form.steps, 1);
@@ -1528,7 +1534,7 @@ fn a_precision_waiting_for_a_restart_offers_restart_now() {
         "the window closes and Brushfire starts again"
     );
     assert_eq!(
-        h.state().state.to_persisted().precision,
+        h.state().state.to_persisted().engine.precision,
         "f16",
         "what the next start reads"
     );
@@ -1712,7 +1718,9 @@ fn a_minimised_window_still_saves_images_and_advances_the_if_chain() {
     };
     logic_until(&mut a, "the model", &|a| a.state.model_ready());
     a.state.queue_generation();
-    logic_until(&mut a, "the image", &|a| !a.state.gallery.is_empty());
+    logic_until(&mut a, "the image, saved", &|a| {
+        a.state.gallery.first().is_some_and(|g| !g.saving())
+    });
     let saved = a.state.gallery[0]
         .path
         .clone()

@@ -1,22 +1,24 @@
 //! Choosing where tensors live: CUDA when a device answers, else wgpu on a hardware adapter,
 //! else Burn's CPU backend (flex). A software wgpu adapter (lavapipe) is used only when asked for.
 //!
-//! Code that runs models is generic over `B: Backend`; [`dispatch`] calls it with the concrete
-//! backend type the selection made.
+//! Code that runs models is generic over `B: Backend`; [`crate::session`] calls it with the
+//! concrete backend type the selection made, in one place.
 
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use burn::backend::flex::{Flex, FlexDevice};
+use burn::backend::Wgpu;
 use burn::backend::wgpu::{
-    CubeBackend, RuntimeOptions, WgpuDevice, WgpuRuntime, graphics::AutoGraphicsApi, init_setup,
+    RuntimeOptions, WgpuDevice, WgpuRuntime, graphics::AutoGraphicsApi, init_setup,
 };
-use burn::backend::{Cuda, Wgpu, cuda::CudaDevice};
+#[cfg(feature = "cuda")]
+use burn::backend::{Cuda, cuda::CudaDevice};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, IntDType, f16, get_device_settings, set_default_dtypes};
 use cubecl::Runtime;
+#[cfg(feature = "cuda")]
 use cubecl::cuda::CudaRuntime;
 
 use crate::error::{EngineError, Result};
@@ -157,9 +159,11 @@ pub fn select_backend(request: BackendRequest) -> Result<SelectedBackend> {
     match request {
         BackendRequest::Cpu => Ok(cpu()),
         BackendRequest::Cuda => probe_cuda().ok_or_else(|| {
-            EngineError::Backend(
-                "no CUDA driver or device found (is the NVIDIA driver installed?)".into(),
-            )
+            EngineError::Backend(if CUDA_BUILT {
+                "no CUDA driver or device found (is the NVIDIA driver installed?)".into()
+            } else {
+                "this build has no CUDA backend (it was built without the `cuda` feature)".into()
+            })
         }),
         BackendRequest::Wgpu => probe_wgpu().ok_or_else(|| {
             EngineError::Backend(
@@ -193,11 +197,23 @@ fn cpu() -> SelectedBackend {
 
 /// CUDA is probed through the driver library before burn-cuda is touched: without a driver,
 /// burn-cuda 0.21 panics in a device thread.
+#[cfg(feature = "cuda")]
 fn probe_cuda() -> Option<SelectedBackend> {
     static PROBE: OnceLock<Option<SelectedBackend>> = OnceLock::new();
     PROBE.get_or_init(probe_cuda_once).clone()
 }
 
+/// A build without the `cuda` feature (`--no-default-features --features wgpu`) has no CUDA
+/// backend: `auto` goes on to wgpu, `--backend cuda` says so.
+#[cfg(not(feature = "cuda"))]
+fn probe_cuda() -> Option<SelectedBackend> {
+    None
+}
+
+/// Whether this build has the CUDA backend (the `cuda` cargo feature, on by default).
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+#[cfg(feature = "cuda")]
 fn probe_cuda_once() -> Option<SelectedBackend> {
     // SAFETY: these only try to dlopen the driver and NVRTC libraries.
     let present = unsafe {
@@ -348,10 +364,12 @@ fn claim_precision(kind: BackendKind, precision: Precision) -> Result<()> {
         Precision::F16 => FloatDType::F16,
     };
     match kind {
+        #[cfg(feature = "cuda")]
         BackendKind::Cuda => claim_float_dtype::<Cuda>(&CudaDevice::default(), dtype),
         BackendKind::Wgpu => claim_float_dtype::<Wgpu>(&WgpuDevice::DefaultDevice, dtype),
-        // flex computes in f32 only (f16 is refused before this).
-        BackendKind::Cpu => Ok(()),
+        // flex computes in f32 only (f16 is refused before this); a build without CUDA never
+        // selects it.
+        _ => Ok(()),
     }
 }
 
@@ -389,9 +407,10 @@ pub struct DeviceMemory {
 /// The memory pool of the selected device; `None` on the CPU backend.
 pub fn device_memory(selected: &SelectedBackend) -> Option<DeviceMemory> {
     let usage = match selected.kind {
+        #[cfg(feature = "cuda")]
         BackendKind::Cuda => CudaRuntime::client(&CudaDevice::default()).memory_usage(),
         BackendKind::Wgpu => WgpuRuntime::client(&WgpuDevice::DefaultDevice).memory_usage(),
-        BackendKind::Cpu => return None,
+        _ => return None,
     }
     .ok()?;
     Some(DeviceMemory {
@@ -405,7 +424,7 @@ pub fn device_memory(selected: &SelectedBackend) -> Option<DeviceMemory> {
 /// of the device's memory pool on a GPU.
 pub fn memory_budget(selected: &SelectedBackend) -> MemoryBudget {
     let max_allocation = match selected.kind {
-        BackendKind::Cpu => return MemoryBudget::Host,
+        #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             CudaRuntime::client(&CudaDevice::default())
                 .properties()
@@ -418,6 +437,7 @@ pub fn memory_budget(selected: &SelectedBackend) -> MemoryBudget {
                 .memory
                 .max_page_size
         }
+        _ => return MemoryBudget::Host,
     };
     MemoryBudget::Device { max_allocation }
 }
@@ -438,46 +458,9 @@ pub fn peak_process_memory() -> Option<u64> {
 /// Returns unused pool memory to the device (between benchmark cells, after unloading).
 pub fn release_device_memory(selected: &SelectedBackend) {
     match selected.kind {
+        #[cfg(feature = "cuda")]
         BackendKind::Cuda => <Cuda as Backend>::memory_cleanup(&CudaDevice::default()),
         BackendKind::Wgpu => <Wgpu as Backend>::memory_cleanup(&WgpuDevice::DefaultDevice),
-        BackendKind::Cpu => {}
-    }
-}
-
-/// Burn's CUDA backend without fusion.
-type CudaUnfused<F> = CubeBackend<CudaRuntime, F, i32, u8>;
-/// Burn's wgpu backend without fusion.
-type WgpuUnfused<F> = CubeBackend<WgpuRuntime, F, i32, u32>;
-
-/// Code generic over the backend, called by [`dispatch`] with the selected one.
-pub trait BackendTask {
-    type Output;
-    /// Runs on backend `B` with its device.
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
-}
-
-/// Runs `task` on the selected backend with the default options (fusion on, f32).
-pub fn dispatch<T: BackendTask>(selected: &SelectedBackend, task: T) -> T::Output {
-    dispatch_with(selected, ExecutionOptions::default(), task)
-}
-
-/// Runs `task` on the selected backend with `options`; call [`ExecutionOptions::check`] first
-/// (f16 on the CPU backend runs in f32).
-pub fn dispatch_with<T: BackendTask>(
-    selected: &SelectedBackend,
-    options: ExecutionOptions,
-    task: T,
-) -> T::Output {
-    use Precision::{F16, F32};
-    match (selected.kind, options.fusion, options.precision) {
-        (BackendKind::Cuda, true, F32) => task.run::<Cuda<f32>>(CudaDevice::default()),
-        (BackendKind::Cuda, true, F16) => task.run::<Cuda<f16>>(CudaDevice::default()),
-        (BackendKind::Cuda, false, F32) => task.run::<CudaUnfused<f32>>(CudaDevice::default()),
-        (BackendKind::Cuda, false, F16) => task.run::<CudaUnfused<f16>>(CudaDevice::default()),
-        (BackendKind::Wgpu, true, F32) => task.run::<Wgpu<f32>>(WgpuDevice::DefaultDevice),
-        (BackendKind::Wgpu, true, F16) => task.run::<Wgpu<f16>>(WgpuDevice::DefaultDevice),
-        (BackendKind::Wgpu, false, F32) => task.run::<WgpuUnfused<f32>>(WgpuDevice::DefaultDevice),
-        (BackendKind::Wgpu, false, F16) => task.run::<WgpuUnfused<f16>>(WgpuDevice::DefaultDevice),
-        (BackendKind::Cpu, _, _) => task.run::<Flex>(FlexDevice),
+        _ => {}
     }
 }

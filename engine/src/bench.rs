@@ -16,9 +16,8 @@ use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use serde::Serialize;
 
 use crate::backend::{
-    BackendKind, BackendTask, ExecutionOptions, Precision, SelectedBackend, device_memory,
-    dispatch_with, memory_budget, peak_process_memory, release_device_memory,
-    reset_peak_process_memory,
+    BackendKind, ExecutionOptions, Precision, SelectedBackend, device_memory, memory_budget,
+    peak_process_memory, release_device_memory, reset_peak_process_memory,
 };
 use crate::error::{EngineError, Result};
 use crate::memory::{ModelCalls, check_attention};
@@ -33,6 +32,7 @@ use crate::pipelines::stable_diffusion::{
 use crate::pipelines::stable_diffusion::{SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG};
 use crate::pipelines::{CancelToken, StepProgress, strength_schedule};
 use crate::schedulers;
+use crate::session::{Done, Work, run_on_backend};
 use crate::tensor_io::HostTensor;
 
 const SD15_UNET_CONFIG_PATH: &str = "assets/models/stable-diffusion-v1-5/unet/config.json";
@@ -494,9 +494,10 @@ pub trait BenchObserver {
 /// An observer that ignores everything.
 impl BenchObserver for () {}
 
-/// Runs every cell of `plan` on `selected`. A cell that fails (unsupported, out of memory)
-/// is recorded as failed and the run goes on; only cancellation stops it early.
-pub fn run_bench(
+/// Runs every cell of `plan` on `selected` ([`crate::session::Session::bench`]). A cell that
+/// fails (unsupported, out of memory) is recorded as failed and the run goes on; only
+/// cancellation stops it early.
+pub(crate) fn run_bench(
     selected: &SelectedBackend,
     plan: &BenchPlan,
     models: &BenchModels,
@@ -563,7 +564,9 @@ fn run_cell(
             cancel,
             observer,
         };
-        catch_unwind(AssertUnwindSafe(|| dispatch_with(selected, options, task)))
+        catch_unwind(AssertUnwindSafe(|| {
+            run_on_backend(selected, options, Work::Cascade(task))
+        }))
     } else {
         let task = UnetLoopTask {
             spec,
@@ -574,10 +577,16 @@ fn run_cell(
             cancel,
             observer,
         };
-        catch_unwind(AssertUnwindSafe(|| dispatch_with(selected, options, task)))
+        catch_unwind(AssertUnwindSafe(|| {
+            run_on_backend(selected, options, Work::UnetLoop(task))
+        }))
     };
     match outcome {
-        Ok(outcome) => outcome,
+        Ok(Ok(Done::Cell(outcome))) => Ok(outcome),
+        Ok(Ok(Done::Pipeline(_))) => Err(EngineError::Backend(
+            "internal error: a benchmark cell returned a pipeline".into(),
+        )),
+        Ok(Err(e)) => Err(e),
         Err(panic) => Err(EngineError::Backend(panic_text(&panic))),
     }
 }
@@ -600,7 +609,7 @@ fn first_line(text: &str) -> &str {
 
 /// The SD txt2img denoising loop on random weights: PNDM from SD 1.5's scheduler config, CFG
 /// batch, random text embeddings in place of CLIP's.
-struct UnetLoopTask<'a> {
+pub(crate) struct UnetLoopTask<'a> {
     spec: &'a CellSpec,
     models: &'a BenchModels,
     steps: usize,
@@ -610,10 +619,8 @@ struct UnetLoopTask<'a> {
     observer: &'a mut dyn BenchObserver,
 }
 
-impl BackendTask for UnetLoopTask<'_> {
-    type Output = Result<CellOutcome>;
-
-    fn run<B: Backend>(self, device: B::Device) -> Result<CellOutcome> {
+impl UnetLoopTask<'_> {
+    pub(crate) fn run<B: Backend>(self, device: B::Device) -> Result<CellOutcome> {
         let spec = self.spec;
         // On the CPU the device memory is the process's: its peak from here on is this cell's
         // (the model, the activations, and whatever else the process holds).
@@ -872,7 +879,7 @@ fn measure_loop<B: Backend>(
 /// the seed ran them; steps ×2 / ×1 / ×1.5 of the plan's (100 / 50 / 75 for its 50); CFG
 /// 7 / 4 / 9; random (·, 2, 4096) prompt embeddings in place of T5 (77 CLIP-wide tokens for the
 /// upscaler). The models are built one after another, each dropped before the next.
-struct CascadeTask<'a> {
+pub(crate) struct CascadeTask<'a> {
     spec: &'a CellSpec,
     cascade: &'a CascadeModels,
     steps: usize,
@@ -916,10 +923,8 @@ const CASCADE: [StagePlan; 3] = [
     },
 ];
 
-impl BackendTask for CascadeTask<'_> {
-    type Output = Result<CellOutcome>;
-
-    fn run<B: Backend>(self, device: B::Device) -> Result<CellOutcome> {
+impl CascadeTask<'_> {
+    pub(crate) fn run<B: Backend>(self, device: B::Device) -> Result<CellOutcome> {
         let cpu_peak = self.selected.kind == BackendKind::Cpu && reset_peak_process_memory();
         let models = [
             &self.cascade.stage1,

@@ -13,6 +13,7 @@ pub mod models;
 pub mod noise;
 pub mod pipelines;
 pub mod schedulers;
+pub mod session;
 pub mod tensor_io;
 pub mod worker;
 

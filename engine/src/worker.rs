@@ -6,57 +6,23 @@
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use burn::tensor::backend::Backend;
-
-use crate::backend::{
-    BackendRequest, BackendTask, ExecutionOptions, SelectedBackend, dispatch_with, memory_budget,
-    select_backend,
-};
-use crate::bench::{
-    BenchCell, BenchModels, BenchObserver, BenchPlan, BenchReport, CellSpec, run_bench,
-};
+use crate::backend::SelectedBackend;
+use crate::bench::{BenchCell, BenchModels, BenchObserver, BenchPlan, BenchReport, CellSpec};
 use crate::error::{EngineError, Result};
-use crate::loading::{DownloadProgress, resolve_controlnet, resolve_model};
-use crate::models::{AttnProcessor, MemoryFormat};
-use crate::pipelines::deepfloyd_if::{IFPipeline, is_if_folder};
-use crate::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
+use crate::loading::DownloadProgress;
 use crate::pipelines::{CancelToken, GenerationRequest, PromptEmbeds, StepObserver, StepProgress};
+pub use crate::session::EngineSettings;
+use crate::session::Session;
 use crate::tensor_io::HostTensor;
 
 /// Identifies a queued generation.
 pub type JobId = u64;
-
-/// Settings that change how the engine runs (not what it computes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EngineSettings {
-    pub backend: BackendRequest,
-    pub attention: AttnProcessor,
-    /// The UNet's memory format (the channels-last switch); applied to the loaded model.
-    pub memory_format: MemoryFormat,
-    /// Fusion and precision: each combination is its own backend type, so changing them
-    /// rebuilds the loaded model.
-    pub execution: ExecutionOptions,
-    /// Decode a live preview from the latents after every step.
-    pub preview: bool,
-}
-
-impl Default for EngineSettings {
-    fn default() -> Self {
-        Self {
-            backend: BackendRequest::Auto,
-            attention: AttnProcessor::default(),
-            memory_format: MemoryFormat::default(),
-            execution: ExecutionOptions::default(),
-            preview: true,
-        }
-    }
-}
 
 /// What the UI asks of the engine.
 #[derive(Debug, Clone)]
@@ -194,12 +160,7 @@ impl EngineHandle {
             events: event_tx,
             waker: Box::new(waker),
             cancels: cancels.clone(),
-            settings,
-            backend: None,
-            model: None,
-            side_models: Vec::new(),
-            reload_spec: None,
-            controlnet: None,
+            session: Session::new(settings),
         };
         let thread = std::thread::Builder::new()
             .name("brushfire-engine".into())
@@ -313,118 +274,41 @@ impl Drop for EngineHandle {
     }
 }
 
-/// A loaded pipeline on whichever backend was selected.
-trait PipelineRunner: Send {
-    fn generate(
-        &self,
-        request: &GenerationRequest,
-        cancel: &CancelToken,
-        observer: &mut dyn StepObserver,
-    ) -> Result<GenerationOutput>;
-    fn set_attn_processor(&mut self, processor: AttnProcessor);
-    fn set_memory_format(&mut self, format: MemoryFormat);
-    fn load_controlnet(&mut self, path: &Path) -> Result<()>;
-}
-
-impl<B: Backend> PipelineRunner for IFPipeline<B> {
-    fn generate(
-        &self,
-        request: &GenerationRequest,
-        cancel: &CancelToken,
-        observer: &mut dyn StepObserver,
-    ) -> Result<GenerationOutput> {
-        IFPipeline::generate(self, request, None, cancel, observer)
-    }
-
-    fn set_attn_processor(&mut self, processor: AttnProcessor) {
-        IFPipeline::set_attn_processor(self, processor);
-    }
-
-    fn set_memory_format(&mut self, format: MemoryFormat) {
-        IFPipeline::set_memory_format(self, format);
-    }
-
-    fn load_controlnet(&mut self, _path: &Path) -> Result<()> {
-        Err(EngineError::Unsupported(
-            "a ControlNet on a DeepFloyd IF model".into(),
-        ))
-    }
-}
-
-impl<B: Backend> PipelineRunner for StableDiffusionPipeline<B> {
-    fn generate(
-        &self,
-        request: &GenerationRequest,
-        cancel: &CancelToken,
-        observer: &mut dyn StepObserver,
-    ) -> Result<GenerationOutput> {
-        StableDiffusionPipeline::generate(self, request, None, cancel, observer)
-    }
-
-    fn set_attn_processor(&mut self, processor: AttnProcessor) {
-        StableDiffusionPipeline::set_attn_processor(self, processor);
-    }
-
-    fn set_memory_format(&mut self, format: MemoryFormat) {
-        StableDiffusionPipeline::set_memory_format(self, format);
-    }
-
-    fn load_controlnet(&mut self, path: &Path) -> Result<()> {
-        StableDiffusionPipeline::load_controlnet(self, path)
-    }
-}
-
-struct LoadTask<'a> {
-    dir: &'a Path,
-    options: LoadOptions,
-    attention: AttnProcessor,
-    memory_format: MemoryFormat,
-}
-
-impl BackendTask for LoadTask<'_> {
-    type Output = Result<Box<dyn PipelineRunner>>;
-
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        if is_if_folder(self.dir) {
-            let mut pipe = IFPipeline::<B>::load(self.dir, &self.options, &device)?;
-            pipe.set_attn_processor(self.attention);
-            pipe.set_memory_format(self.memory_format);
-            return Ok(Box::new(pipe));
-        }
-        let mut pipe = StableDiffusionPipeline::<B>::load_path(self.dir, &self.options, &device)?;
-        pipe.set_attn_processor(self.attention);
-        pipe.set_memory_format(self.memory_format);
-        Ok(Box::new(pipe))
-    }
-}
-
-struct LoadedModel {
-    /// What the user asked for, to reload it on another backend.
-    spec: String,
-    runner: Box<dyn PipelineRunner>,
-}
-
 struct Worker {
     events: Sender<EngineEvent>,
     waker: Box<dyn Fn() + Send>,
     cancels: Arc<Mutex<HashMap<JobId, CancelToken>>>,
-    settings: EngineSettings,
-    backend: Option<SelectedBackend>,
-    model: Option<LoadedModel>,
-    /// Models jobs name beside the main one (IF stages, the x4 upscaler), by spec.
-    side_models: Vec<LoadedModel>,
-    /// The model to load back if a settings change fails after unloading it.
-    reload_spec: Option<String>,
-    /// The ControlNet the user picked, attached again whenever the model is (re)loaded.
-    controlnet: Option<String>,
+    session: Session,
 }
 
 /// Forwards download progress as events.
 struct DownloadEvents<'a> {
-    worker: &'a Worker,
+    events: &'a Sender<EngineEvent>,
+    waker: &'a (dyn Fn() + Send),
     file: String,
     done: usize,
     total: usize,
+}
+
+impl<'a> DownloadEvents<'a> {
+    fn new(events: &'a Sender<EngineEvent>, waker: &'a (dyn Fn() + Send)) -> Self {
+        Self {
+            events,
+            waker,
+            file: String::new(),
+            done: 0,
+            total: 0,
+        }
+    }
+
+    fn emit(&self) {
+        let _ = self.events.send(EngineEvent::Download {
+            file: self.file.clone(),
+            done_bytes: self.done,
+            total_bytes: self.total,
+        });
+        (self.waker)();
+    }
 }
 
 impl DownloadProgress for DownloadEvents<'_> {
@@ -441,16 +325,6 @@ impl DownloadProgress for DownloadEvents<'_> {
     fn finish(&mut self) {
         self.done = self.total;
         self.emit();
-    }
-}
-
-impl DownloadEvents<'_> {
-    fn emit(&self) {
-        self.worker.emit(EngineEvent::Download {
-            file: self.file.clone(),
-            done_bytes: self.done,
-            total_bytes: self.total,
-        });
     }
 }
 
@@ -515,7 +389,7 @@ impl Worker {
                     self.emit(EngineEvent::ControlNetFailed {
                         spec,
                         error: e.to_string(),
-                        attached: self.controlnet.clone(),
+                        attached: self.session.controlnet().map(String::from),
                     });
                 }
                 Ok(())
@@ -531,64 +405,39 @@ impl Worker {
         }
     }
 
+    /// The backend in use, announced with a `Backend` event when it is chosen now.
     fn selected_backend(&mut self) -> Result<SelectedBackend> {
-        if let Some(b) = &self.backend {
+        if let Some(b) = self.session.backend() {
             return Ok(b.clone());
         }
-        let selected = select_backend(self.settings.backend)?;
+        let selected = self.session.select_backend()?;
         self.emit(EngineEvent::Backend(selected.clone()));
-        self.backend = Some(selected.clone());
         Ok(selected)
-    }
-
-    /// Resolves (downloading if needed) and loads a model on the current backend.
-    fn load_runner(&mut self, spec: &str) -> Result<(PathBuf, Box<dyn PipelineRunner>)> {
-        let mut progress = DownloadEvents {
-            worker: self,
-            file: String::new(),
-            done: 0,
-            total: 0,
-        };
-        let variant = self.settings.execution.precision.weights_variant();
-        let dir = resolve_model(spec, variant, &mut progress)?;
-        let backend = self.selected_backend()?;
-        self.settings.execution.check(&backend)?;
-        let runner = dispatch_with(
-            &backend,
-            self.settings.execution,
-            LoadTask {
-                dir: &dir,
-                options: LoadOptions {
-                    variant: variant.map(String::from),
-                    memory_budget: memory_budget(&backend),
-                },
-                attention: self.settings.attention,
-                memory_format: self.settings.memory_format,
-            },
-        )?;
-        Ok((dir, runner))
     }
 
     fn load(&mut self, spec: String) -> Result<()> {
         let start = Instant::now();
-        let (dir, runner) = self.load_runner(&spec)?;
-        self.model = Some(LoadedModel {
-            spec: spec.clone(),
-            runner,
-        });
+        self.selected_backend()?;
+        let mut progress = DownloadEvents::new(&self.events, self.waker.as_ref());
+        let loaded = self.session.load(&spec, &mut progress)?;
         self.emit(EngineEvent::ModelLoaded {
             spec,
-            dir,
+            dir: loaded.dir,
             elapsed_secs: start.elapsed().as_secs_f64(),
         });
-        if let Some(controlnet) = self.controlnet.take()
-            && let Err(e) = self.load_controlnet(controlnet.clone())
-        {
-            // The model stands; a ControlNet that does not fit it is dropped, saying why.
-            self.emit(EngineEvent::ControlNetFailed {
-                spec: controlnet,
-                error: format!("unloaded with the new model: {e}"),
-                attached: None,
+        if let Some(controlnet) = loaded.controlnet {
+            self.emit(match controlnet.outcome {
+                Ok(elapsed_secs) => EngineEvent::ControlNetLoaded {
+                    spec: controlnet.spec,
+                    path: controlnet.path,
+                    elapsed_secs,
+                },
+                // The model stands; a ControlNet that does not fit it is dropped, saying why.
+                Err(e) => EngineEvent::ControlNetFailed {
+                    spec: controlnet.spec,
+                    error: format!("unloaded with the new model: {e}"),
+                    attached: None,
+                },
             });
         }
         Ok(())
@@ -596,46 +445,14 @@ impl Worker {
 
     fn load_controlnet(&mut self, spec: String) -> Result<()> {
         let start = Instant::now();
-        let variant = self.settings.execution.precision.weights_variant();
-        let mut progress = DownloadEvents {
-            worker: self,
-            file: String::new(),
-            done: 0,
-            total: 0,
-        };
-        let path = resolve_controlnet(&spec, variant, &mut progress)?;
-        let model = self.model.as_mut().ok_or_else(|| {
-            EngineError::invalid("controlnet", "load a model before its ControlNet")
-        })?;
-        model.runner.load_controlnet(&path)?;
-        self.controlnet = Some(spec.clone());
+        let mut progress = DownloadEvents::new(&self.events, self.waker.as_ref());
+        let path = self.session.load_controlnet(&spec, &mut progress)?;
         self.emit(EngineEvent::ControlNetLoaded {
             spec,
             path,
             elapsed_secs: start.elapsed().as_secs_f64(),
         });
         Ok(())
-    }
-
-    /// The side model `spec`, loaded on first use (with a `ModelLoaded` event).
-    fn side_model(&mut self, spec: &str) -> Result<&LoadedModel> {
-        if let Some(i) = self.side_models.iter().position(|m| m.spec == spec) {
-            return Ok(&self.side_models[i]);
-        }
-        let start = Instant::now();
-        let (dir, runner) = self.load_runner(spec)?;
-        self.side_models.push(LoadedModel {
-            spec: spec.to_string(),
-            runner,
-        });
-        self.emit(EngineEvent::ModelLoaded {
-            spec: spec.to_string(),
-            dir,
-            elapsed_secs: start.elapsed().as_secs_f64(),
-        });
-        self.side_models
-            .last()
-            .ok_or_else(|| EngineError::invalid("model", "the model did not stay loaded"))
     }
 
     fn generate(
@@ -647,22 +464,30 @@ impl Worker {
         let cancel = self.cancel_token(job);
         cancel.check()?;
         if let Some(spec) = &model {
-            self.side_model(spec)?;
+            let start = Instant::now();
+            self.selected_backend()?;
+            let mut progress = DownloadEvents::new(&self.events, self.waker.as_ref());
+            if let Some(dir) = self.session.load_side_model(spec, &mut progress)? {
+                self.emit(EngineEvent::ModelLoaded {
+                    spec: spec.clone(),
+                    dir,
+                    elapsed_secs: start.elapsed().as_secs_f64(),
+                });
+            }
+        } else if self.session.model_spec().is_none() {
+            return Err(EngineError::invalid("model", "no model is loaded"));
         }
-        let model = match &model {
-            Some(spec) => self.side_models.iter().find(|m| &m.spec == spec),
-            None => self.model.as_ref(),
-        }
-        .ok_or_else(|| EngineError::invalid("model", "no model is loaded"))?;
         self.emit(EngineEvent::JobStarted { job });
         let start = Instant::now();
         let mut observer = JobObserver {
             job,
             events: &self.events,
-            waker: &self.waker,
-            preview: self.settings.preview,
+            waker: self.waker.as_ref(),
+            preview: self.session.settings().preview,
         };
-        let out = model.runner.generate(request, &cancel, &mut observer)?;
+        let out = self
+            .session
+            .generate(model.as_deref(), request, None, &cancel, &mut observer)?;
         self.emit(EngineEvent::Finished {
             job,
             images: out.images,
@@ -680,13 +505,13 @@ impl Worker {
     fn bench(&mut self, job: JobId, plan: &BenchPlan, models: &BenchModels) -> Result<()> {
         let cancel = self.cancel_token(job);
         cancel.check()?;
-        let backend = self.selected_backend()?;
+        self.selected_backend()?;
         let mut observer = BenchEvents {
             job,
             events: &self.events,
-            waker: &self.waker,
+            waker: self.waker.as_ref(),
         };
-        let report = run_bench(&backend, plan, models, &cancel, &mut observer)?;
+        let report = self.session.bench(plan, models, &cancel, &mut observer)?;
         self.emit(EngineEvent::BenchFinished { job, report });
         Ok(())
     }
@@ -701,23 +526,17 @@ impl Worker {
     }
 
     fn apply(&mut self, settings: EngineSettings) -> Result<()> {
-        let previous = self.settings;
-        let backend_changed = settings.backend != previous.backend;
-        let rebuild = backend_changed || settings.execution != previous.execution;
-        self.settings = settings;
-        if rebuild {
-            let previous_backend = self.backend.clone();
-            if backend_changed {
-                self.backend = None;
-            }
-            if let Err(e) = self.rebuild() {
+        let previous = self.session.settings();
+        let previous_backend = self.session.backend().cloned();
+        if self.session.set_settings(settings) {
+            let mut unloaded = None;
+            if let Err(e) = self.rebuild(&mut unloaded) {
                 // Back to what worked, so the UI and the engine agree on the settings.
-                self.settings = previous;
-                self.backend = previous_backend;
-                if let Some(b) = &self.backend {
+                self.session.restore(previous, previous_backend);
+                if let Some(b) = self.session.backend() {
                     self.emit(EngineEvent::Backend(b.clone()));
                 }
-                if let Some(spec) = self.reload_spec.take() {
+                if let Some(spec) = unloaded {
                     self.load(spec)?;
                 }
                 self.emit(EngineEvent::SettingsApplied(previous));
@@ -730,29 +549,22 @@ impl Worker {
                 }
                 return Err(e);
             }
-        } else {
-            for model in self.model.iter_mut().chain(self.side_models.iter_mut()) {
-                model.runner.set_attn_processor(settings.attention);
-                model.runner.set_memory_format(settings.memory_format);
-            }
         }
         self.emit(EngineEvent::SettingsApplied(settings));
         Ok(())
     }
 
-    /// Rebuilds the loaded model (if any) for the current backend and execution options,
-    /// freeing the old one first (two copies may not fit the device).
-    fn rebuild(&mut self) -> Result<()> {
-        let backend = self.selected_backend()?;
-        self.settings.execution.check(&backend)?;
-        // Side models load again on their next job, on the new backend.
-        self.side_models.clear();
-        if let Some(model) = self.model.take() {
-            self.reload_spec = Some(model.spec.clone());
-            drop(model);
-            let spec = self.reload_spec.clone().unwrap_or_default();
+    /// Loads the model again for the current backend and execution options, once they are
+    /// known to work, freeing the old one first (two copies may not fit the device). The
+    /// model's spec is in `unloaded` while it is not loaded. Side models load again on their
+    /// next job.
+    fn rebuild(&mut self, unloaded: &mut Option<String>) -> Result<()> {
+        self.selected_backend()?;
+        self.session.check_settings()?;
+        *unloaded = self.session.unload();
+        if let Some(spec) = unloaded.clone() {
             self.load(spec)?;
-            self.reload_spec = None;
+            *unloaded = None;
         }
         Ok(())
     }

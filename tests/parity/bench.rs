@@ -1,12 +1,13 @@
 //! The benchmark runs the real denoising loop on random weights, records failures per cell
 //! instead of aborting, and prints the seed's table shape.
 
-use engine::backend::{BackendRequest, Precision, select_backend};
+use engine::backend::{BackendRequest, Precision};
 use engine::bench::{
-    BenchColumn, BenchModels, BenchPipeline, BenchPlan, CascadeModels, CellOutcome, run_bench,
+    BenchColumn, BenchModels, BenchPipeline, BenchPlan, CascadeModels, CellOutcome,
 };
 use engine::pipelines::CancelToken;
 use engine::schedulers;
+use engine::session::{EngineSettings, Session};
 
 use crate::common::{Cpu, fixture};
 
@@ -34,11 +35,16 @@ fn tiny_plan() -> BenchPlan {
 
 #[test]
 fn bench_measures_every_runnable_cell_and_explains_the_rest() {
-    let selected = select_backend(BackendRequest::Cpu).unwrap();
+    let mut session = Session::new(EngineSettings {
+        backend: BackendRequest::Cpu,
+        ..EngineSettings::default()
+    });
     let mut models = BenchModels::from_dir(&fixture("tiny-sd")).unwrap();
     models.cascade = Some(tiny_cascade());
     let plan = tiny_plan();
-    let report = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).unwrap();
+    let report = session
+        .bench(&plan, &models, &CancelToken::new(), &mut ())
+        .unwrap();
     assert_eq!(report.cells.len(), 5 * 2 * 3);
 
     // PNDM with skip_prk_steps: the UNet count is the scheduler's timestep count.
@@ -149,7 +155,10 @@ fn bench_measures_every_runnable_cell_and_explains_the_rest() {
 
 #[test]
 fn bench_rejects_bad_plans_before_running() {
-    let selected = select_backend(BackendRequest::Cpu).unwrap();
+    let mut session = Session::new(EngineSettings {
+        backend: BackendRequest::Cpu,
+        ..EngineSettings::default()
+    });
     let models = BenchModels::sd15();
     for (plan, field) in [
         (
@@ -181,14 +190,19 @@ fn bench_rejects_bad_plans_before_running() {
             "columns",
         ),
     ] {
-        let err = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).unwrap_err();
+        let err = session
+            .bench(&plan, &models, &CancelToken::new(), &mut ())
+            .unwrap_err();
         assert!(err.to_string().contains(field), "{field}: {err}");
     }
 }
 
 #[test]
 fn f16_on_the_cpu_backend_is_a_failed_cell_not_a_panic() {
-    let selected = select_backend(BackendRequest::Cpu).unwrap();
+    let mut session = Session::new(EngineSettings {
+        backend: BackendRequest::Cpu,
+        ..EngineSettings::default()
+    });
     let models = BenchModels::from_dir(&fixture("tiny-sd")).unwrap();
     let plan = BenchPlan {
         pipelines: vec![BenchPipeline::SdTxt2Img],
@@ -197,7 +211,9 @@ fn f16_on_the_cpu_backend_is_a_failed_cell_not_a_panic() {
         precision: Precision::F16,
         ..tiny_plan()
     };
-    let report = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).unwrap();
+    let report = session
+        .bench(&plan, &models, &CancelToken::new(), &mut ())
+        .unwrap();
     match &report.cells[0].outcome {
         CellOutcome::Failed { reason } => assert!(reason.contains("GPU"), "{reason}"),
         other => panic!("expected a failed cell, got {other:?}"),

@@ -19,6 +19,7 @@ mod layouts;
 mod memory;
 mod noise;
 mod schedulers;
+mod session;
 mod t5;
 mod txt2img;
 mod unet_vae;

@@ -6,18 +6,19 @@
 use std::collections::HashSet;
 
 use burn::tensor::{Distribution, Tensor};
-use engine::backend::{BackendRequest, Precision, select_backend};
-use engine::bench::{BenchColumn, BenchModels, BenchPipeline, BenchPlan, CellOutcome, run_bench};
+use engine::backend::{BackendRequest, Precision};
+use engine::bench::{BenchColumn, BenchModels, BenchPipeline, BenchPlan, CellOutcome};
 use engine::memory::{
     AttentionNeed, FeatureMap, MemoryBudget, ModelCalls, ScoreShape, record_attention_calls,
 };
 use engine::models::AttnProcessor;
-use engine::models::autoencoders::{AutoencoderKLConfig, VaeTiling};
+use engine::models::autoencoders::AutoencoderKLConfig;
 use engine::models::text_encoders::t5::T5EncoderModel;
 use engine::models::unets::{ClassLabels, UNet2DConditionModel};
 use engine::pipelines::deepfloyd_if::IFPipeline;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
 use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
+use engine::session::{EngineSettings, Session};
 
 use crate::common::{Cpu, fixture, rgb_png};
 use crate::img2img_inpaint::{init_image, mask_image};
@@ -372,7 +373,10 @@ fn when_the_vae_does_not_fit_vae_tiling_is_offered_and_fits() {
 
 #[test]
 fn a_bench_cell_that_cannot_fit_says_so_and_the_run_goes_on() {
-    let selected = select_backend(BackendRequest::Cpu).expect("cpu");
+    let mut session = Session::new(EngineSettings {
+        backend: BackendRequest::Cpu,
+        ..EngineSettings::default()
+    });
     let models = BenchModels::from_dir(&fixture("tiny-sd")).expect("tiny configs");
     let plan = BenchPlan {
         pipelines: vec![BenchPipeline::SdTxt2Img],
@@ -383,7 +387,9 @@ fn a_bench_cell_that_cannot_fit_says_so_and_the_run_goes_on() {
         steps: 1,
         runs: 1,
     };
-    let report = run_bench(&selected, &plan, &models, &CancelToken::new(), &mut ()).expect("run");
+    let report = session
+        .bench(&plan, &models, &CancelToken::new(), &mut ())
+        .expect("run");
     match &report.cells[0].outcome {
         CellOutcome::Failed { reason } => {
             assert!(reason.contains("not enough memory"), "{reason}");
@@ -454,7 +460,7 @@ fn the_shipped_vaes_largest_feature_maps_whole_and_tiled() {
         let path = fixture(&format!("../../assets/models/{name}/vae/config.json"));
         let config: AutoencoderKLConfig =
             serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
-        let tiling = VaeTiling::of(&config).expect("tiling");
+        let tiling = config.tiling().expect("tiling");
         (
             config.init::<Cpu>(&Default::default()).expect("vae"),
             tiling,
@@ -507,7 +513,7 @@ fn a_vae_decode_too_large_for_the_gpu_pool_is_refused_and_tiling_offered() {
         &std::fs::read_to_string(fixture("tiny-sd-x4/vae/config.json")).expect("config"),
     )
     .expect("json");
-    let tiling = VaeTiling::of(&config).expect("tiling");
+    let tiling = config.tiling().expect("tiling");
     let bytes = |[c, h, w]: [usize; 3]| (c * h * w * 4) as u64;
     let whole = pipe.vae.decode_largest_activation([16, 32], None);
     let tiled = pipe.vae.decode_largest_activation([16, 32], Some(&tiling));

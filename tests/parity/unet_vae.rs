@@ -3,7 +3,7 @@
 use crate::common::{Cpu, assert_close, fixture, host, refs, tensor};
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use engine::EngineError;
-use engine::models::autoencoders::{AutoencoderKL, VaeTiling};
+use engine::models::autoencoders::AutoencoderKL;
 use engine::models::unets::{ClassLabels, UNet2DConditionModel};
 use engine::models::{AttnProcessor, MemoryFormat};
 
@@ -217,7 +217,7 @@ fn vae_encode_and_decode_match_diffusers() {
 fn vae_tiled_encode_and_decode_match_diffusers() {
     let device = Default::default();
     let (vae, config) = AutoencoderKL::<Cpu>::load(&fixture("tiny-sd/vae"), None, &device).unwrap();
-    let tiling = VaeTiling::of(&config).unwrap();
+    let tiling = config.tiling().unwrap();
     assert_eq!((tiling.sample_tile, tiling.latent_tile), (64, 8));
     // 104 × 152 px / 13 × 19 latents: 3 × 4 tiles, the last row and column one latent thin.
     let r = refs("vae_tiled");

@@ -14,8 +14,8 @@ use engine::tensor_io::HostTensor;
 use serde::{Deserialize, Serialize};
 
 use super::canvas::{ERASED, PAINTED, PaintCanvas};
+use super::download::DownloadState;
 use super::image_input::{SIDE_MULTIPLE, read_source};
-use super::state::DownloadState;
 use crate::image_files::rgb8_to_host;
 use crate::png_meta::ControlNetParameters;
 
@@ -78,20 +78,12 @@ fn map_canvas(width: usize, height: usize) -> PaintCanvas {
     canvas
 }
 
-/// The ControlNet page's state (AppState's `control`).
-#[derive(Debug)]
+/// The ControlNet page's state (AppState's `control`): the picture, the ControlNet's loading,
+/// and the settings ([`ControlSettings`], reached through `Deref`: `control.scale`).
+#[derive(Debug, Default)]
 pub struct ControlInputs {
     pub source: Option<ControlSource>,
-    pub map_source: MapSource,
-    pub canny: Canny,
-    /// `controlnet_conditioning_scale`.
-    pub scale: f64,
-    /// `control_guidance_start` / `_end`, fractions of the steps.
-    pub guidance_start: f64,
-    pub guidance_end: f64,
-    pub guess_mode: bool,
-    /// The ControlNet to load: a folder, a hub id or a single-file checkpoint.
-    pub controlnet_spec: String,
+    pub settings: ControlSettings,
     /// The ControlNet the engine has attached, once it said so.
     pub loaded: Option<String>,
     /// A ControlNet load is under way.
@@ -102,10 +94,40 @@ pub struct ControlInputs {
     pub pending_load: Option<String>,
 }
 
-impl Default for ControlInputs {
+impl std::ops::Deref for ControlInputs {
+    type Target = ControlSettings;
+    fn deref(&self) -> &ControlSettings {
+        &self.settings
+    }
+}
+
+impl std::ops::DerefMut for ControlInputs {
+    fn deref_mut(&mut self) -> &mut ControlSettings {
+        &mut self.settings
+    }
+}
+
+/// The ControlNet page's settings, saved with the session as they are: a field added here is
+/// saved and restored with no other edit (`#[serde(default)]`: a session without it takes the
+/// default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControlSettings {
+    pub map_source: MapSource,
+    pub canny: Canny,
+    /// `controlnet_conditioning_scale`.
+    pub scale: f64,
+    /// `control_guidance_start` / `_end`, fractions of the steps.
+    pub guidance_start: f64,
+    pub guidance_end: f64,
+    pub guess_mode: bool,
+    /// The ControlNet to load: a folder, a hub id or a single-file checkpoint.
+    pub controlnet_spec: String,
+}
+
+impl Default for ControlSettings {
     fn default() -> Self {
         Self {
-            source: None,
             map_source: MapSource::Canny,
             canny: Canny::default(),
             scale: 1.0,
@@ -113,10 +135,27 @@ impl Default for ControlInputs {
             guidance_end: 1.0,
             guess_mode: false,
             controlnet_spec: DEFAULT_CONTROLNET.into(),
-            loaded: None,
-            loading: false,
-            download: None,
-            pending_load: None,
+        }
+    }
+}
+
+impl ControlSettings {
+    /// What a stored value may not hold (a hand edit, an older build): back to the default.
+    pub fn sanitize(&mut self) {
+        let defaults = Self::default();
+        if self.controlnet_spec.trim().is_empty() {
+            self.controlnet_spec = defaults.controlnet_spec;
+        }
+        if !(0.0..=2.0).contains(&self.scale) {
+            self.scale = defaults.scale;
+        }
+        let (start, end) = (self.guidance_start, self.guidance_end);
+        if !((0.0..=1.0).contains(&start) && (0.0..=1.0).contains(&end) && start <= end) {
+            (self.guidance_start, self.guidance_end) =
+                (defaults.guidance_start, defaults.guidance_end);
+        }
+        if self.canny.check().is_err() {
+            self.canny = defaults.canny;
         }
     }
 }

@@ -79,10 +79,33 @@ pub fn read_source(path: &Path) -> Result<(String, usize, usize, Vec<u8>)> {
     Ok((label, w, h, img.into_raw()))
 }
 
-/// What img2img and inpainting run from (AppState's `inputs`).
-#[derive(Debug)]
+/// What img2img and inpainting run from (AppState's `inputs`): the picture, and the settings
+/// ([`ImageSettings`], reached through `Deref`: `inputs.strength`).
+#[derive(Debug, Default)]
 pub struct ImageInputs {
     pub source: Option<SourceImage>,
+    pub settings: ImageSettings,
+}
+
+impl std::ops::Deref for ImageInputs {
+    type Target = ImageSettings;
+    fn deref(&self) -> &ImageSettings {
+        &self.settings
+    }
+}
+
+impl std::ops::DerefMut for ImageInputs {
+    fn deref_mut(&mut self) -> &mut ImageSettings {
+        &mut self.settings
+    }
+}
+
+/// The image pages' settings, saved with the session as they are: a field added here is saved
+/// and restored with no other edit (`#[serde(default)]`: a session without it takes the
+/// default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImageSettings {
     /// img2img strength.
     pub strength: f64,
     /// Inpainting strength.
@@ -96,10 +119,9 @@ pub struct ImageInputs {
     pub padding: usize,
 }
 
-impl Default for ImageInputs {
+impl Default for ImageSettings {
     fn default() -> Self {
         Self {
-            source: None,
             strength: PipelineKind::Img2Img.default_strength(),
             inpaint_strength: PipelineKind::Inpaint.default_strength(),
             fit: SizeFit::Resize,
@@ -120,6 +142,23 @@ pub struct RequestImages {
     pub strength: f64,
     pub mask_blur: f64,
     pub padding_mask_crop: Option<usize>,
+}
+
+impl ImageSettings {
+    /// What a stored value may not hold (a hand edit, an older build): back to the default, or
+    /// to the nearest value the page allows.
+    pub fn sanitize(&mut self) {
+        let defaults = Self::default();
+        let unit = |v: f64, default: f64| if (0.0..=1.0).contains(&v) { v } else { default };
+        self.strength = unit(self.strength, defaults.strength);
+        self.inpaint_strength = unit(self.inpaint_strength, defaults.inpaint_strength);
+        self.mask_blur = if self.mask_blur.is_finite() {
+            self.mask_blur.clamp(0.0, 64.0)
+        } else {
+            defaults.mask_blur
+        };
+        self.padding = self.padding.min(1024);
+    }
 }
 
 impl ImageInputs {

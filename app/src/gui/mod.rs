@@ -10,8 +10,10 @@ pub mod cascade;
 mod cascade_page;
 pub mod control_input;
 mod control_page;
+mod download;
 pub mod image_input;
 mod image_pages;
+mod saver;
 pub mod session;
 mod state;
 pub mod work;
@@ -73,6 +75,8 @@ impl BrushfireApp {
     /// and the window closing call this). A failure is said in the window; the session file
     /// keeps its last whole version.
     pub fn save_session(&mut self) {
+        // The gallery's images being written: the session names their files.
+        self.state.finish_saves();
         // First, so the session names the pictures as written.
         if let Err(e) = self.state.save_work() {
             tracing::warn!("the pictures being worked on were not saved: {e:#}");
@@ -538,6 +542,11 @@ impl BrushfireApp {
             }
             if ui
                 .add_enabled(image.path.is_some(), egui::Button::new("Open folder"))
+                .on_disabled_hover_text(if image.saving() {
+                    "being saved…"
+                } else {
+                    "not saved: no output folder, or it could not be written"
+                })
                 .clicked()
             {
                 action = Some(GalleryAction::OpenFolder);
@@ -789,10 +798,7 @@ pub fn set_aside_unreadable_settings(path: &Path) -> Option<String> {
             Err(e) => format!("not UTF-8 text: {e}"),
             Ok(text) => match ron::from_str::<std::collections::HashMap<String, String>>(text) {
                 Err(e) => e.to_string(),
-                Ok(values) => match values
-                    .get(STORAGE_KEY)
-                    .map(|v| ron::from_str::<Persisted>(v))
-                {
+                Ok(values) => match values.get(STORAGE_KEY).map(|v| session::read_settings(v)) {
                     Some(Err(e)) => format!("`{STORAGE_KEY}`: {e}"),
                     None | Some(Ok(_)) => return None,
                 },
@@ -843,9 +849,10 @@ pub fn run(model: Option<String>, files: Vec<PathBuf>) -> anyhow::Result<()> {
                 .map(session::SessionFile::load)
                 .unwrap_or_default();
             // Brushfire before the session file kept the session in eframe's storage.
-            let persisted: Option<Persisted> = loaded
-                .persisted
-                .or_else(|| cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY)));
+            let persisted: Option<Persisted> = loaded.persisted.or_else(|| {
+                let text = cc.storage?.get_string(STORAGE_KEY)?;
+                session::read_settings(&text).ok().map(|(p, _)| p)
+            });
             let mut app = match persisted {
                 Some(p) if !p.model_spec.is_empty() || model.is_some() => {
                     BrushfireApp::restored(&p, model)
@@ -902,7 +909,8 @@ mod tests {
             vec![0xff, 0xfe, 0x00],
             ron::to_string(&std::collections::HashMap::from([(
                 STORAGE_KEY.to_string(),
-                "(steps: \"many\")".to_string(),
+                // Cut short: one bad setting alone is reset, not the file (`session`).
+                "(steps: \"many\"".to_string(),
             )]))
             .unwrap()
             .into_bytes(),

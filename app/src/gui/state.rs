@@ -5,9 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use eframe::egui;
-use engine::backend::{BackendKind, Precision, SelectedBackend};
+use engine::backend::{BackendKind, ExecutionOptions, Precision, SelectedBackend};
 use engine::loading::{ModelAvailability, model_availability};
 use engine::models::{AttnProcessor, MemoryFormat};
 use engine::pipelines::{GenerationRequest, PipelineKind, StepProgress};
@@ -18,13 +17,14 @@ use serde::{Deserialize, Serialize};
 
 use super::bench::BenchState;
 use super::cascade::{CascadeState, STAGES, StageSettings};
-use super::control_input::{ControlInputs, MapSource, Origin};
-use super::image_input::{ImageInputs, SizeFit};
+use super::control_input::{ControlInputs, ControlSettings, MapSource, Origin};
+pub use super::download::DownloadState;
+use super::image_input::{ImageInputs, ImageSettings};
+use super::saver::{ImageSaver, SaveRequest, Saved, free_path};
 use super::work::{Picture, SavedPicture, read_picture, remove_picture, write_picture};
 use crate::image_files::to_u8;
 use crate::png_meta::{
-    ControlNetParameters, GenerationParameters, ParsedParameters, png_bytes, read_parameters_text,
-    write_png,
+    ControlNetParameters, GenerationParameters, ParsedParameters, read_parameters_text, write_png,
 };
 
 /// How many recently used models the picker remembers.
@@ -33,8 +33,11 @@ const RECENT_MODELS: usize = 8;
 /// as RGB, like every gallery image: 48 at 1024² is ~150 MB).
 const GALLERY_KEPT: usize = 48;
 
-/// The prompt panel's fields.
-#[derive(Debug, Clone, PartialEq)]
+/// The prompt panel's fields, saved with the session as they are: a field added here is saved
+/// and restored with no other edit (`#[serde(default)]`: a session without it takes the
+/// default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PromptForm {
     pub prompt: String,
     pub negative_prompt: String,
@@ -46,7 +49,23 @@ pub struct PromptForm {
     pub seed: u64,
     /// Keep the seed between generations (else a new random one each time).
     pub seed_locked: bool,
+    /// Stored by its `--scheduler` name; a name this build does not know is the model's own.
+    #[serde(with = "scheduler_name")]
     pub scheduler: Option<SchedulerKind>,
+}
+
+/// [`PromptForm::scheduler`] as its CLI name.
+mod scheduler_name {
+    use engine::schedulers::SchedulerKind;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(kind: &Option<SchedulerKind>, s: S) -> Result<S::Ok, S::Error> {
+        kind.map(SchedulerKind::cli_name).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SchedulerKind>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.and_then(|name| name.parse().ok()))
+    }
 }
 
 impl Default for PromptForm {
@@ -67,6 +86,13 @@ impl Default for PromptForm {
 }
 
 impl PromptForm {
+    /// What a stored form may not hold (a hand edit, an older build): fixed to the nearest
+    /// value the panel allows.
+    pub fn sanitize(&mut self) {
+        self.steps = self.steps.max(1);
+        self.batch = self.batch.max(1);
+    }
+
     /// A new random seed.
     pub fn randomise_seed(&mut self) {
         self.seed = engine::noise::random_seed();
@@ -197,6 +223,8 @@ pub struct GalleryImage {
     /// How it was made (what its PNG says).
     pub params: GenerationParameters,
     pub path: Option<PathBuf>,
+    /// Set while the saver thread writes it (the outcome names it).
+    save_id: Option<u64>,
     texture: OnceLock<egui::TextureHandle>,
 }
 
@@ -217,8 +245,14 @@ impl GalleryImage {
                 height,
             ),
             path: Some(path.to_path_buf()),
+            save_id: None,
             texture: OnceLock::new(),
         })
+    }
+
+    /// Whether its PNG is being written right now.
+    pub fn saving(&self) -> bool {
+        self.save_id.is_some()
     }
 
     /// The image as a texture (uploaded on first use).
@@ -237,37 +271,6 @@ impl GalleryImage {
     /// The pixels for the clipboard.
     pub fn color_image(&self) -> egui::ColorImage {
         egui::ColorImage::from_rgb([self.width, self.height], &self.rgb)
-    }
-}
-
-/// A download in progress.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DownloadState {
-    pub file: String,
-    pub done_bytes: usize,
-    pub total_bytes: usize,
-    /// When this file started.
-    pub started: Instant,
-}
-
-impl DownloadState {
-    /// Bytes per second so far.
-    pub fn rate(&self) -> f64 {
-        self.done_bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-3)
-    }
-
-    /// Seconds left at the current rate.
-    pub fn eta_secs(&self) -> f64 {
-        self.total_bytes.saturating_sub(self.done_bytes) as f64 / self.rate().max(1.0)
-    }
-
-    /// Fraction done.
-    pub fn fraction(&self) -> f32 {
-        if self.total_bytes == 0 {
-            0.0
-        } else {
-            self.done_bytes as f32 / self.total_bytes as f32
-        }
     }
 }
 
@@ -356,6 +359,10 @@ pub struct AppState {
     /// Saved images being read back at start, on a thread (decoding PNGs takes a while), and
     /// how many have arrived (they go before anything made since).
     gallery_loader: Option<(std::sync::mpsc::Receiver<GalleryImage>, usize)>,
+    /// Writes finished images off the UI thread (started on first use).
+    saver: Option<ImageSaver>,
+    /// The id of the next image handed to the saver.
+    next_save_id: u64,
     /// Where the pictures being worked on (the inpainting and ControlNet sources with what was
     /// painted on them) are written with the settings; `None`: not written. The window sets it.
     pub work_dir: Option<PathBuf>,
@@ -418,52 +425,32 @@ impl View {
     }
 }
 
-/// What survives a restart (eframe storage). Strings, so an older or newer Brushfire reads it.
+/// The session's format: 2, each page's settings under its own name. Files without a version
+/// are the flat format of builds before it (`session::LegacyPersisted`), still read.
+pub const SESSION_VERSION: u32 = 2;
+
+/// What survives a restart (`session.ron`). Each page's settings are stored as the page keeps
+/// them ([`PromptForm`], [`ImageSettings`], [`ControlSettings`], [`StageSettings`]): a setting
+/// added to one of those is saved and restored with no other edit. Engine settings are stored
+/// by name, so an older or newer Brushfire reads them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Persisted {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub steps: usize,
-    pub guidance: f64,
-    pub width: usize,
-    pub height: usize,
-    pub batch: usize,
-    pub seed: u64,
-    pub seed_locked: bool,
-    pub scheduler: Option<String>,
-    pub backend: String,
-    pub attention: String,
-    pub fusion: bool,
-    pub channels_last: bool,
-    pub precision: String,
-    pub preview: bool,
-    pub vae_tiling: bool,
+    pub version: u32,
+    pub form: PromptForm,
+    pub engine: EngineChoices,
+    pub image: ImageSettings,
+    pub control: ControlSettings,
+    /// The ControlNet attached when the app closed (attached again after the model loads).
+    pub controlnet_loaded: Option<String>,
+    /// The IF page's stages (model, steps, guidance, noise level).
+    pub if_stages: Vec<StageSettings>,
     pub model_spec: String,
     pub recent_models: Vec<String>,
     pub output_dir: Option<PathBuf>,
-    pub strength: f64,
-    pub inpaint_strength: f64,
-    pub size_fit: SizeFit,
-    pub mask_blur: f64,
-    pub only_masked: bool,
-    pub mask_padding: usize,
-    /// The ControlNet field.
-    pub controlnet_spec: String,
-    /// The ControlNet attached when the app closed (attached again after the model loads).
-    pub controlnet_loaded: Option<String>,
-    pub controlnet_scale: f64,
-    pub control_guidance_start: f64,
-    pub control_guidance_end: f64,
-    pub guess_mode: bool,
-    pub canny_low: f32,
-    pub canny_high: f32,
-    /// `canny` or `as-is`.
-    pub control_map_source: String,
+    pub vae_tiling: bool,
     /// The page shown when the app closed (`View::name`).
     pub view: String,
-    /// The IF page's stages (model, steps, guidance, noise level).
-    pub if_stages: Vec<StageSettings>,
     /// The gallery's images on disk, oldest first (read back at the next start).
     pub gallery: Vec<PathBuf>,
     /// The img2img/inpainting source and its mask, as last written (`work.rs`).
@@ -475,6 +462,56 @@ pub struct Persisted {
 impl Default for Persisted {
     fn default() -> Self {
         AppState::new(String::new()).to_persisted()
+    }
+}
+
+/// The engine settings by name (`--backend`, `--attention`, `--dtype` names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineChoices {
+    pub backend: String,
+    pub attention: String,
+    pub fusion: bool,
+    pub channels_last: bool,
+    pub precision: String,
+    pub preview: bool,
+}
+
+impl Default for EngineChoices {
+    fn default() -> Self {
+        let settings = EngineSettings::default();
+        Self::of(&settings, settings.execution)
+    }
+}
+
+impl EngineChoices {
+    /// `settings`, with the execution options the next start runs (a change that waits for a
+    /// restart).
+    pub fn of(settings: &EngineSettings, next_start: ExecutionOptions) -> Self {
+        Self {
+            backend: settings.backend.cli_name().into(),
+            attention: attention_name(settings.attention).into(),
+            fusion: next_start.fusion,
+            channels_last: settings.memory_format.is_channels_last(),
+            precision: next_start.precision.to_string(),
+            preview: settings.preview,
+        }
+    }
+
+    /// Applies the names this build knows to `settings`; an unknown name keeps the default.
+    pub fn apply(&self, settings: &mut EngineSettings) {
+        if let Ok(b) = self.backend.parse() {
+            settings.backend = b;
+        }
+        if let Ok(a) = AttnProcessor::from_name(&self.attention) {
+            settings.attention = a;
+        }
+        settings.execution.fusion = self.fusion;
+        settings.memory_format = MemoryFormat::from_channels_last(self.channels_last);
+        if let Ok(precision) = self.precision.parse() {
+            settings.execution.precision = precision;
+        }
+        settings.preview = self.preview;
     }
 }
 
@@ -509,6 +546,8 @@ impl AppState {
             cascade: CascadeState::new(),
             restart_for: None,
             gallery_loader: None,
+            saver: None,
+            next_save_id: 1,
             work_dir: None,
             saved_work: [None, None],
         }
@@ -644,6 +683,7 @@ impl AppState {
     /// Before a restart: writes the gallery's unsaved images (no save folder, or a failed save)
     /// where the next start reads them back, so nothing made in this session is lost.
     pub fn keep_unsaved_images(&mut self) -> anyhow::Result<()> {
+        self.finish_saves();
         if self.gallery.iter().all(|g| g.path.is_some()) {
             return Ok(());
         }
@@ -655,6 +695,7 @@ impl AppState {
 
     /// [`Self::keep_unsaved_images`] into `dir`.
     pub fn keep_unsaved_images_in(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.finish_saves();
         std::fs::create_dir_all(dir)?;
         for (i, img) in self.gallery.iter_mut().enumerate() {
             if img.path.is_some() {
@@ -670,50 +711,19 @@ impl AppState {
 
     /// What to store for the next start.
     pub fn to_persisted(&self) -> Persisted {
-        let f = &self.form;
         Persisted {
-            prompt: f.prompt.clone(),
-            negative_prompt: f.negative_prompt.clone(),
-            steps: f.steps,
-            guidance: f.guidance,
-            width: f.width,
-            height: f.height,
-            batch: f.batch,
-            seed: f.seed,
-            seed_locked: f.seed_locked,
-            scheduler: f.scheduler.map(|k| k.cli_name().to_string()),
-            backend: self.settings.backend.cli_name().into(),
-            attention: attention_name(self.settings.attention).into(),
-            // A change that waits for a restart is what the next start runs.
-            fusion: self.next_start_execution().fusion,
-            channels_last: self.settings.memory_format.is_channels_last(),
-            precision: self.next_start_execution().precision.to_string(),
-            preview: self.settings.preview,
-            vae_tiling: self.vae_tiling,
+            version: SESSION_VERSION,
+            form: self.form.clone(),
+            engine: EngineChoices::of(&self.settings, self.next_start_execution()),
+            image: self.inputs.settings.clone(),
+            control: self.control.settings.clone(),
+            controlnet_loaded: self.control.loaded.clone(),
+            if_stages: self.cascade.stages.to_vec(),
             model_spec: self.model_spec.clone(),
             recent_models: self.recent_models.clone(),
             output_dir: self.output_dir.clone(),
-            strength: self.inputs.strength,
-            inpaint_strength: self.inputs.inpaint_strength,
-            size_fit: self.inputs.fit,
-            mask_blur: self.inputs.mask_blur,
-            only_masked: self.inputs.only_masked,
-            mask_padding: self.inputs.padding,
-            controlnet_spec: self.control.controlnet_spec.clone(),
-            controlnet_loaded: self.control.loaded.clone(),
-            controlnet_scale: self.control.scale,
-            control_guidance_start: self.control.guidance_start,
-            control_guidance_end: self.control.guidance_end,
-            guess_mode: self.control.guess_mode,
-            canny_low: self.control.canny.low,
-            canny_high: self.control.canny.high,
-            control_map_source: match self.control.map_source {
-                MapSource::Canny => "canny",
-                MapSource::AsIs => "as-is",
-            }
-            .into(),
+            vae_tiling: self.vae_tiling,
             view: self.view.name().into(),
-            if_stages: self.cascade.stages.to_vec(),
             gallery: {
                 let saved: Vec<PathBuf> =
                     self.gallery.iter().filter_map(|g| g.path.clone()).collect();
@@ -728,63 +738,17 @@ impl AppState {
     /// command line) wins over the stored model when given.
     pub fn restore(p: &Persisted, model: Option<String>) -> Self {
         let mut s = Self::new(model.unwrap_or_else(|| p.model_spec.clone()));
-        let f = &mut s.form;
-        f.prompt.clone_from(&p.prompt);
-        f.negative_prompt.clone_from(&p.negative_prompt);
-        f.steps = p.steps.max(1);
-        f.guidance = p.guidance;
-        f.width = p.width;
-        f.height = p.height;
-        f.batch = p.batch.max(1);
-        f.seed = p.seed;
-        f.seed_locked = p.seed_locked;
-        f.scheduler = p.scheduler.as_deref().and_then(|n| n.parse().ok());
-        if let Ok(b) = p.backend.parse() {
-            s.settings.backend = b;
-        }
-        if let Ok(a) = AttnProcessor::from_name(&p.attention) {
-            s.settings.attention = a;
-        }
-        s.settings.execution.fusion = p.fusion;
-        s.settings.memory_format = MemoryFormat::from_channels_last(p.channels_last);
-        if let Ok(precision) = p.precision.parse() {
-            s.settings.execution.precision = precision;
-        }
-        s.settings.preview = p.preview;
+        s.form = p.form.clone();
+        s.form.sanitize();
+        p.engine.apply(&mut s.settings);
         s.vae_tiling = p.vae_tiling;
         s.recent_models.clone_from(&p.recent_models);
         s.output_dir.clone_from(&p.output_dir);
-        let i = &mut s.inputs;
-        let unit = |v: f64, default: f64| if (0.0..=1.0).contains(&v) { v } else { default };
-        i.strength = unit(p.strength, i.strength);
-        i.inpaint_strength = unit(p.inpaint_strength, i.inpaint_strength);
-        i.fit = p.size_fit;
-        i.mask_blur = p.mask_blur.clamp(0.0, 64.0);
-        i.only_masked = p.only_masked;
-        i.padding = p.mask_padding.min(1024);
-        let c = &mut s.control;
-        if !p.controlnet_spec.trim().is_empty() {
-            c.controlnet_spec.clone_from(&p.controlnet_spec);
-        }
-        c.pending_load.clone_from(&p.controlnet_loaded);
-        if (0.0..=2.0).contains(&p.controlnet_scale) {
-            c.scale = p.controlnet_scale;
-        }
-        let (start, end) = (p.control_guidance_start, p.control_guidance_end);
-        if (0.0..=1.0).contains(&start) && (0.0..=1.0).contains(&end) && start <= end {
-            (c.guidance_start, c.guidance_end) = (start, end);
-        }
-        c.guess_mode = p.guess_mode;
-        let canny = engine::pipelines::control_preprocess::Canny {
-            low: p.canny_low,
-            high: p.canny_high,
-        };
-        if canny.check().is_ok() {
-            c.canny = canny;
-        }
-        if p.control_map_source == "as-is" {
-            c.map_source = MapSource::AsIs;
-        }
+        s.inputs.settings = p.image.clone();
+        s.inputs.settings.sanitize();
+        s.control.settings = p.control.clone();
+        s.control.settings.sanitize();
+        s.control.pending_load.clone_from(&p.controlnet_loaded);
         s.view = View::ALL
             .into_iter()
             .find(|v| v.name() == p.view)
@@ -881,6 +845,14 @@ impl AppState {
     pub fn poll_engine(&mut self, ctx: &egui::Context, budget: Duration) {
         if self.receive_gallery(false) {
             ctx.request_repaint_after(Duration::from_millis(100));
+        }
+        if self.saver.is_none() {
+            let ctx = ctx.clone();
+            self.saver = Some(ImageSaver::spawn(move || ctx.request_repaint()));
+        }
+        let saved = self.saver.as_mut().map(ImageSaver::try_results);
+        for saved in saved.into_iter().flatten() {
+            self.apply_saved(saved);
         }
         let events = match self.engine(ctx) {
             Some(engine) => engine.drain(budget),
@@ -1149,56 +1121,85 @@ impl AppState {
         };
         for (i, chunk) in images.values.chunks(per).take(batch).enumerate() {
             let rgb = to_u8(chunk);
-            let path = self.save(&params, i, &rgb);
+            let save_id = self.queue_save(&params, i, &rgb);
             self.gallery.push(GalleryImage {
                 width,
                 height,
                 rgb,
                 params: params.clone(),
-                path,
+                path: None,
+                save_id,
                 texture: OnceLock::new(),
             });
         }
         self.selected = Some(self.gallery.len().saturating_sub(1));
     }
 
-    /// Saves a finished image into the output folder under a fresh name (an existing file is
-    /// never replaced, even by another Brushfire writing the same folder). When it cannot be
-    /// written the image stays in the gallery, in memory, and the error says so.
-    fn save(&mut self, params: &GenerationParameters, index: usize, rgb: &[u8]) -> Option<PathBuf> {
+    /// Hands a finished image to the saver thread, to be written into the output folder under
+    /// a fresh name (an existing file is never replaced, even by another Brushfire writing the
+    /// same folder); `None` when there is no output folder. The outcome arrives in
+    /// [`Self::poll_engine`]: an image that cannot be written stays in the gallery, in memory,
+    /// and the error says so.
+    fn queue_save(
+        &mut self,
+        params: &GenerationParameters,
+        index: usize,
+        rgb: &[u8],
+    ) -> Option<u64> {
         let dir = self.output_dir.clone()?;
-        let (width, height, seed) = (params.width, params.height, params.seed);
-        let written = std::fs::create_dir_all(&dir)
-            .with_context(|| format!("creating {}", dir.display()))
-            .and_then(|()| png_bytes(width, height, rgb, params))
-            .and_then(|(bytes, metadata)| {
-                let mut number = self.gallery.len();
-                loop {
-                    let path = free_path(&dir, number, seed, index);
-                    match engine::atomic_file::write_atomic_new(&path, &bytes) {
-                        Ok(()) => return Ok((path, metadata)),
-                        Err(engine::EngineError::Io { error, .. })
-                            if error.kind() == std::io::ErrorKind::AlreadyExists =>
-                        {
-                            number += 1;
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+        let id = self.next_save_id;
+        self.next_save_id += 1;
+        let number = self.gallery.len();
+        self.saver
+            .get_or_insert_with(|| ImageSaver::spawn(|| {}))
+            .save(SaveRequest {
+                id,
+                dir,
+                number,
+                index,
+                width: params.width,
+                height: params.height,
+                rgb: rgb.to_vec(),
+                params: params.clone(),
             });
-        match written {
-            Ok((path, metadata)) => {
-                if let Some(warning) = metadata.warning(&path) {
+        Some(id)
+    }
+
+    /// Waits for the images being written (before a restart, and before the session names
+    /// the gallery's files).
+    pub fn finish_saves(&mut self) {
+        let saved = self.saver.as_mut().map(ImageSaver::finish);
+        for saved in saved.into_iter().flatten() {
+            self.apply_saved(saved);
+        }
+    }
+
+    /// Images still being written.
+    pub fn saves_pending(&self) -> usize {
+        self.saver.as_ref().map_or(0, ImageSaver::pending)
+    }
+
+    fn apply_saved(&mut self, saved: Saved) {
+        let Some(image) = self
+            .gallery
+            .iter_mut()
+            .find(|g| g.save_id == Some(saved.id))
+        else {
+            return;
+        };
+        image.save_id = None;
+        match saved.result {
+            Ok((path, warning)) => {
+                image.path = Some(path);
+                if let Some(warning) = warning {
                     self.error = Some(warning);
                 }
-                Some(path)
             }
             Err(e) => {
                 self.error = Some(format!(
-                    "could not save the image: {e:#}. It stays in the gallery, unsaved: \
+                    "could not save the image: {e}. It stays in the gallery, unsaved: \
                      \"Save as…\" writes it elsewhere"
                 ));
-                None
             }
         }
     }
@@ -1651,19 +1652,6 @@ impl AppState {
     }
 }
 
-/// `dir/NNNNN-seed-index.png` from `number` up, the first name not taken: a new session's
-/// numbering starts again at the gallery's size and must not overwrite an earlier image.
-fn free_path(dir: &Path, number: usize, seed: u64, index: usize) -> PathBuf {
-    let mut n = number;
-    loop {
-        let path = dir.join(format!("{n:05}-{seed}-{index}.png"));
-        if !path.exists() {
-            return path;
-        }
-        n += 1;
-    }
-}
-
 /// A setting the panel may grey out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setting {
@@ -1738,6 +1726,7 @@ mod tests {
                 controlnet: None,
             },
             path,
+            save_id: None,
             texture: OnceLock::new(),
         }
     }
@@ -1749,8 +1738,10 @@ mod tests {
         state.output_dir = Some(dir.clone());
         for seed in [42, 42] {
             let img = image(seed, None);
-            let path = state.save(&img.params, 0, &img.rgb);
-            state.gallery.push(GalleryImage { path, ..img });
+            let save_id = state.queue_save(&img.params, 0, &img.rgb);
+            state.gallery.push(GalleryImage { save_id, ..img });
+            // Written in order: the second finds the first's name taken.
+            state.finish_saves();
         }
         // Same seed and position as a file from an earlier session: a new name, not an overwrite.
         let paths: Vec<PathBuf> = state
@@ -1762,7 +1753,10 @@ mod tests {
         let mut fresh = AppState::new("tiny-sd".into());
         fresh.output_dir = Some(dir.clone());
         let again = image(42, None);
-        let third = fresh.save(&again.params, 0, &again.rgb).unwrap();
+        let save_id = fresh.queue_save(&again.params, 0, &again.rgb);
+        fresh.gallery.push(GalleryImage { save_id, ..again });
+        fresh.finish_saves();
+        let third = fresh.gallery[0].path.clone().unwrap();
         assert!(
             !paths.contains(&third),
             "{third:?} overwrote an earlier image"
@@ -1824,7 +1818,10 @@ mod tests {
             state.status
         );
         let persisted = state.to_persisted();
-        assert_eq!(persisted.precision, wanted.execution.precision.to_string());
+        assert_eq!(
+            persisted.engine.precision,
+            wanted.execution.precision.to_string()
+        );
         assert_eq!(
             AppState::restore(&persisted, None).settings.execution,
             wanted.execution,
@@ -1841,7 +1838,7 @@ mod tests {
         state.apply_settings(running);
         assert_eq!(state.restart_for, None);
         assert_eq!(
-            state.to_persisted().precision,
+            state.to_persisted().engine.precision,
             running.execution.precision.to_string()
         );
     }

@@ -35,6 +35,7 @@ use burn_cubecl::{CubeBackend, CubeRuntime};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr, TensorStatus};
+#[cfg(feature = "cuda")]
 use cubecl::cuda::CudaRuntime;
 use cubek::attention::routines::blackbox_accelerated::BlackboxAcceleratedStrategy;
 
@@ -103,9 +104,13 @@ pub fn forced_flash_attention<B: Backend>(
     scale: f64,
 ) -> Option<Tensor<B, 4>> {
     let [q, k, v] = [q, k, v].map(|t| primitive::<B>(t.clone()));
-    let out = fused::<B, CudaRuntime>(&q, &k, &v, scale)
+    #[cfg(feature = "cuda")]
+    let on_cuda = fused::<B, CudaRuntime>(&q, &k, &v, scale)
+        .or_else(|| unfused::<B, CudaRuntime>(&q, &k, &v, scale));
+    #[cfg(not(feature = "cuda"))]
+    let on_cuda = None;
+    let out = on_cuda
         .or_else(|| fused::<B, WgpuRuntime>(&q, &k, &v, scale))
-        .or_else(|| unfused::<B, CudaRuntime>(&q, &k, &v, scale))
         .or_else(|| unfused::<B, WgpuRuntime>(&q, &k, &v, scale))?;
     Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }

@@ -82,6 +82,11 @@ impl AutoencoderKLConfig {
         1 << self.block_out_channels.len().saturating_sub(1)
     }
 
+    /// Diffusers' tile geometry for this VAE (`enable_tiling`).
+    pub fn tiling(&self) -> Result<VaeTiling> {
+        VaeTiling::new(self.sample_size, self.scale_factor())
+    }
+
     /// Builds the model with freshly initialised (random) weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<AutoencoderKL<B>> {
         let n = self.block_out_channels.len();

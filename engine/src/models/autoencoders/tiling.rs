@@ -6,7 +6,6 @@
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
-use super::autoencoder_kl::AutoencoderKLConfig;
 use crate::error::{EngineError, Result};
 
 /// The tile geometry of one VAE (diffusers' `tile_sample_min_size`, `tile_latent_min_size`
@@ -22,18 +21,19 @@ pub struct VaeTiling {
 }
 
 impl VaeTiling {
-    /// Diffusers' geometry for `config`: tiles of `sample_size`, overlap 0.25.
-    pub fn of(config: &AutoencoderKLConfig) -> Result<Self> {
+    /// Diffusers' geometry for a VAE whose config has `sample_size` and whose image is
+    /// `scale_factor` times its latents: tiles of `sample_size`, overlap 0.25
+    /// (`AutoencoderKLConfig::tiling`).
+    pub fn new(sample_size: usize, scale_factor: usize) -> Result<Self> {
         let tiling = Self {
-            sample_tile: config.sample_size,
-            latent_tile: config.sample_size / config.scale_factor().max(1),
+            sample_tile: sample_size,
+            latent_tile: sample_size / scale_factor.max(1),
             overlap: 0.25,
         };
         for grid in [tiling.encode_grid(), tiling.decode_grid()] {
             if grid.stride == 0 || grid.keep == 0 {
                 return Err(EngineError::Unsupported(format!(
-                    "VAE tiling with a sample_size of {} (tiles would not advance)",
-                    config.sample_size
+                    "VAE tiling with a sample_size of {sample_size} (tiles would not advance)"
                 )));
             }
         }
@@ -176,17 +176,14 @@ fn blend<B: Backend>(
 mod tests {
     use super::*;
 
-    fn sd15() -> AutoencoderKLConfig {
-        AutoencoderKLConfig {
-            block_out_channels: vec![128, 256, 512, 512],
-            sample_size: 512,
-            ..Default::default()
-        }
+    /// SD 1.5's VAE: `sample_size` 512, four blocks (a factor of 8).
+    fn sd15() -> VaeTiling {
+        VaeTiling::new(512, 8).expect("geometry")
     }
 
     #[test]
     fn sd15_geometry_is_diffusers() {
-        let tiling = VaeTiling::of(&sd15()).expect("geometry");
+        let tiling = sd15();
         assert_eq!((tiling.sample_tile, tiling.latent_tile), (512, 64));
         assert_eq!(
             tiling.decode_grid(),
@@ -214,7 +211,7 @@ mod tests {
 
     #[test]
     fn spans_cover_the_axis_with_thin_last_tiles() {
-        let grid = VaeTiling::of(&sd15()).expect("geometry").decode_grid();
+        let grid = sd15().decode_grid();
         // 96 latents (768 px): tiles at 0 and 48, the second one 48 long.
         assert_eq!(grid.spans(96), vec![(0, 64), (48, 48)]);
         // 97: a third tile of one latent.
@@ -224,12 +221,7 @@ mod tests {
 
     #[test]
     fn a_sample_size_too_small_to_advance_is_refused() {
-        let config = AutoencoderKLConfig {
-            block_out_channels: vec![8, 8, 8, 8],
-            sample_size: 8,
-            ..Default::default()
-        };
-        let err = VaeTiling::of(&config).expect_err("1-latent tiles");
+        let err = VaeTiling::new(8, 8).expect_err("1-latent tiles");
         assert!(err.to_string().contains("sample_size of 8"), "{err}");
     }
 }

@@ -83,7 +83,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// `sample_size` cannot be tiled).
     pub fn vae_tiling(&self, request: &GenerationRequest) -> Result<Option<VaeTiling>> {
         if request.vae_tiling {
-            VaeTiling::of(&self.vae_config).map(Some)
+            self.vae_config.tiling().map(Some)
         } else {
             Ok(None)
         }
@@ -97,7 +97,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             return Ok(());
         }
         // `generate` has refused a tiling the VAE's config cannot have.
-        let geometry = VaeTiling::of(&self.vae_config).ok();
+        let geometry = self.vae_config.tiling().ok();
         // The tiling the request runs with, or the one to offer when it asks for none.
         let (tiling, untiled) = if request.vae_tiling {
             (geometry, None)
