@@ -1503,7 +1503,7 @@ fn if_page_runs_the_cascade_and_a_gallery_image_upscales_x4() {
 
     // "Upscale ×4" on stage I's first image (16²) gives a 64² image from the x4 upscaler.
     h.state_mut().state.view = View::Generate;
-    h.state_mut().state.selected = Some(0);
+    h.state_mut().state.gallery.selected = Some(0);
     h.run_steps(2);
     h.get_by_label("Upscale ×4").click();
     h.run_steps(2);

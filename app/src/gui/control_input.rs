@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use eframe::egui::{self, Color32};
 use engine::pipelines::control_preprocess::Canny;
 use engine::tensor_io::HostTensor;
+use engine::worker::EngineEvent;
 use serde::{Deserialize, Serialize};
 
 use super::canvas::{ERASED, PAINTED, PaintCanvas};
@@ -172,7 +173,65 @@ pub struct ControlRequest {
     pub guess_mode: bool,
 }
 
+/// What an engine event meant to the ControlNet page.
+#[derive(Debug)]
+#[must_use]
+pub enum ControlEvent {
+    /// Not the page's: the event, handed back for the rest of the app.
+    NotMine(Box<EngineEvent>),
+    /// Taken in; nothing to say.
+    Quiet,
+    /// Taken in; the status line says this.
+    Status(String),
+    /// Taken in; the user must read this.
+    Error(String),
+}
+
 impl ControlInputs {
+    /// The page's reducer: a ControlNet's download progress, its load finishing or failing.
+    /// Everything else is handed back.
+    pub fn apply_event(&mut self, event: EngineEvent) -> ControlEvent {
+        match event {
+            EngineEvent::Download {
+                file,
+                done_bytes,
+                total_bytes,
+            } if self.loading => {
+                let started = match &self.download {
+                    Some(d) if d.file == file => d.started,
+                    _ => std::time::Instant::now(),
+                };
+                self.download = Some(DownloadState {
+                    file,
+                    done_bytes,
+                    total_bytes,
+                    started,
+                });
+                ControlEvent::Quiet
+            }
+            EngineEvent::ControlNetLoaded {
+                spec, elapsed_secs, ..
+            } => {
+                let status = format!("loaded the ControlNet {spec} in {elapsed_secs:.1}s");
+                self.loaded = Some(spec);
+                self.loading = false;
+                self.download = None;
+                ControlEvent::Status(status)
+            }
+            EngineEvent::ControlNetFailed {
+                spec,
+                error,
+                attached,
+            } => {
+                self.loaded = attached;
+                self.loading = false;
+                self.download = None;
+                ControlEvent::Error(format!("ControlNet {spec}: {error}"))
+            }
+            other => ControlEvent::NotMine(Box::new(other)),
+        }
+    }
+
     /// Makes `rgb` the source. Strokes over a map of the same size are kept (a new version of
     /// the same picture keeps them); another size starts a clean layer.
     pub fn set_source(&mut self, label: String, width: usize, height: usize, rgb: Vec<u8>) {
@@ -505,5 +564,41 @@ mod tests {
         assert_eq!(r.control_image.shape, vec![17, 20, 3]);
         assert!(r.control_image.values.iter().all(|&v| v == 0.0), "blank");
         assert_eq!(r.scale, 0.6);
+    }
+
+    #[test]
+    fn the_page_takes_its_own_events_and_hands_back_the_rest() {
+        let mut c = ControlInputs::default();
+        let download = |file: &str| EngineEvent::Download {
+            file: file.into(),
+            done_bytes: 1,
+            total_bytes: 4,
+        };
+        // Not loading a ControlNet: a download is the model's.
+        assert!(matches!(
+            c.apply_event(download("unet.safetensors")),
+            ControlEvent::NotMine(e) if matches!(*e, EngineEvent::Download { .. })
+        ));
+        c.loading = true;
+        assert!(matches!(
+            c.apply_event(download("cn.safetensors")),
+            ControlEvent::Quiet
+        ));
+        assert_eq!(c.download.as_ref().map(|d| d.done_bytes), Some(1));
+        let failed = c.apply_event(EngineEvent::ControlNetFailed {
+            spec: "org/cn".into(),
+            error: "does not fit".into(),
+            attached: Some("org/old".into()),
+        });
+        assert!(
+            matches!(&failed, ControlEvent::Error(e) if e.contains("org/cn") && e.contains("does not fit")),
+            "{failed:?}"
+        );
+        assert_eq!(c.loaded.as_deref(), Some("org/old"));
+        assert!(!c.loading && c.download.is_none());
+        assert!(matches!(
+            c.apply_event(EngineEvent::JobStarted { job: 3 }),
+            ControlEvent::NotMine(e) if matches!(*e, EngineEvent::JobStarted { job: 3 })
+        ));
     }
 }

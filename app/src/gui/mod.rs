@@ -11,6 +11,7 @@ mod cascade_page;
 pub mod control_input;
 mod control_page;
 mod download;
+mod gallery;
 pub mod image_input;
 mod image_pages;
 mod saver;
@@ -517,7 +518,7 @@ impl BrushfireApp {
             });
             return;
         }
-        let Some(index) = self.state.selected else {
+        let Some(index) = self.state.gallery.selected else {
             ui.centered_and_justified(|ui| {
                 ui.label(if self.state.view == View::Generate {
                     "Type a prompt and press Generate. Drop a PNG here to reuse its parameters."
@@ -646,7 +647,7 @@ impl BrushfireApp {
                 let mut clicked = None;
                 for (i, image) in self.state.gallery.iter().enumerate() {
                     let texture = image.texture(ui.ctx());
-                    let selected = self.state.selected == Some(i);
+                    let selected = self.state.gallery.selected == Some(i);
                     let button = egui::Button::image(egui::Image::new(&texture).max_height(90.0))
                         .selected(selected);
                     if ui.add(button).on_hover_text(&image.params.prompt).clicked() {
@@ -654,7 +655,7 @@ impl BrushfireApp {
                     }
                 }
                 if let Some(i) = clicked {
-                    self.state.selected = Some(i);
+                    self.state.gallery.selected = Some(i);
                 }
             });
         });

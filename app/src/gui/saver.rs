@@ -90,11 +90,6 @@ impl ImageSaver {
         }
     }
 
-    /// Images queued and not yet collected.
-    pub fn pending(&self) -> usize {
-        self.pending + self.direct.len()
-    }
-
     /// The outcomes that arrived since the last call, without waiting.
     pub fn try_results(&mut self) -> Vec<Saved> {
         let mut out = std::mem::take(&mut self.direct);
@@ -233,7 +228,7 @@ mod tests {
         saver.save(request(2, &dir));
         saver.save(request(3, &blocked.join("inside")));
         let mut saved = saver.finish();
-        assert_eq!(saver.pending(), 0);
+        assert!(saver.try_results().is_empty(), "all collected");
         saved.sort_by_key(|s| s.id);
         assert_eq!(saved.iter().map(|s| s.id).collect::<Vec<_>>(), [1, 2, 3]);
         let first = saved[0].result.as_ref().unwrap().0.clone();

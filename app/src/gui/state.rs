@@ -2,7 +2,6 @@
 //! behaviour can be tested on its own.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use eframe::egui;
@@ -17,21 +16,18 @@ use serde::{Deserialize, Serialize};
 
 use super::bench::BenchState;
 use super::cascade::{CascadeState, STAGES, StageSettings};
-use super::control_input::{ControlInputs, ControlSettings, MapSource, Origin};
+use super::control_input::{ControlEvent, ControlInputs, ControlSettings, MapSource, Origin};
 pub use super::download::DownloadState;
+pub use super::gallery::{Gallery, GalleryImage};
 use super::image_input::{ImageInputs, ImageSettings};
-use super::saver::{ImageSaver, SaveRequest, Saved, free_path};
 use super::work::{Picture, SavedPicture, read_picture, remove_picture, write_picture};
 use crate::image_files::to_u8;
 use crate::png_meta::{
-    ControlNetParameters, GenerationParameters, ParsedParameters, read_parameters_text, write_png,
+    ControlNetParameters, GenerationParameters, ParsedParameters, read_parameters_text,
 };
 
 /// How many recently used models the picker remembers.
 const RECENT_MODELS: usize = 8;
-/// How many of the gallery's newest saved images come back at the next start (held in memory
-/// as RGB, like every gallery image: 48 at 1024² is ~150 MB).
-const GALLERY_KEPT: usize = 48;
 
 /// The prompt panel's fields, saved with the session as they are: a field added here is saved
 /// and restored with no other edit (`#[serde(default)]`: a session without it takes the
@@ -215,65 +211,6 @@ impl Job {
     }
 }
 
-/// One finished image.
-pub struct GalleryImage {
-    pub width: usize,
-    pub height: usize,
-    pub rgb: Vec<u8>,
-    /// How it was made (what its PNG says).
-    pub params: GenerationParameters,
-    pub path: Option<PathBuf>,
-    /// Set while the saver thread writes it (the outcome names it).
-    save_id: Option<u64>,
-    texture: OnceLock<egui::TextureHandle>,
-}
-
-impl GalleryImage {
-    /// A saved image read back (its pixels and its `parameters`), for a gallery restored at
-    /// start.
-    pub fn from_png(path: &Path) -> anyhow::Result<Self> {
-        let img = crate::image_files::open_image(path, "image")?.to_rgb8();
-        let (width, height) = (img.width() as usize, img.height() as usize);
-        let text = read_parameters_text(path)?.unwrap_or_default();
-        Ok(Self {
-            width,
-            height,
-            rgb: img.into_raw(),
-            params: GenerationParameters::from_parsed(
-                &ParsedParameters::parse(&text),
-                width,
-                height,
-            ),
-            path: Some(path.to_path_buf()),
-            save_id: None,
-            texture: OnceLock::new(),
-        })
-    }
-
-    /// Whether its PNG is being written right now.
-    pub fn saving(&self) -> bool {
-        self.save_id.is_some()
-    }
-
-    /// The image as a texture (uploaded on first use).
-    pub fn texture(&self, ctx: &egui::Context) -> egui::TextureHandle {
-        self.texture
-            .get_or_init(|| {
-                ctx.load_texture(
-                    format!("image-{}-{}", self.params.seed, self.rgb.len()),
-                    egui::ColorImage::from_rgb([self.width, self.height], &self.rgb),
-                    egui::TextureOptions::LINEAR,
-                )
-            })
-            .clone()
-    }
-
-    /// The pixels for the clipboard.
-    pub fn color_image(&self) -> egui::ColorImage {
-        egui::ColorImage::from_rgb([self.width, self.height], &self.rgb)
-    }
-}
-
 /// The model's state as the UI shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelStatus {
@@ -334,8 +271,8 @@ pub struct AppState {
     /// The settings the engine last confirmed (it may refuse a change and keep the old ones).
     pub engine_settings: Option<EngineSettings>,
     pub jobs: Vec<Job>,
-    pub gallery: Vec<GalleryImage>,
-    pub selected: Option<usize>,
+    /// The finished images, the one selected, and their saving.
+    pub gallery: Gallery,
     /// The last error, shown once until dismissed.
     pub error: Option<String>,
     pub status: String,
@@ -356,13 +293,6 @@ pub struct AppState {
     /// Settings the engine could not apply in this process (a GPU's precision is fixed at its
     /// first tensor): what the next start runs with.
     pub restart_for: Option<EngineSettings>,
-    /// Saved images being read back at start, on a thread (decoding PNGs takes a while), and
-    /// how many have arrived (they go before anything made since).
-    gallery_loader: Option<(std::sync::mpsc::Receiver<GalleryImage>, usize)>,
-    /// Writes finished images off the UI thread (started on first use).
-    saver: Option<ImageSaver>,
-    /// The id of the next image handed to the saver.
-    next_save_id: u64,
     /// Where the pictures being worked on (the inpainting and ControlNet sources with what was
     /// painted on them) are written with the settings; `None`: not written. The window sets it.
     pub work_dir: Option<PathBuf>,
@@ -533,8 +463,7 @@ impl AppState {
             backend: None,
             engine_settings: None,
             jobs: Vec::new(),
-            gallery: Vec::new(),
-            selected: None,
+            gallery: Gallery::default(),
             error: None,
             status: "starting…".into(),
             output_dir: dirs_output(),
@@ -545,9 +474,6 @@ impl AppState {
             control: ControlInputs::default(),
             cascade: CascadeState::new(),
             restart_for: None,
-            gallery_loader: None,
-            saver: None,
-            next_save_id: 1,
             work_dir: None,
             saved_work: [None, None],
         }
@@ -690,23 +616,7 @@ impl AppState {
         let Some(dir) = engine::backend::cache_dir().map(|c| c.join("unsaved")) else {
             anyhow::bail!("no cache folder ($XDG_CACHE_HOME or $HOME) to keep unsaved images in");
         };
-        self.keep_unsaved_images_in(&dir)
-    }
-
-    /// [`Self::keep_unsaved_images`] into `dir`.
-    pub fn keep_unsaved_images_in(&mut self, dir: &Path) -> anyhow::Result<()> {
-        self.finish_saves();
-        std::fs::create_dir_all(dir)?;
-        for (i, img) in self.gallery.iter_mut().enumerate() {
-            if img.path.is_some() {
-                continue;
-            }
-            let path = free_path(dir, i, img.params.seed, 0);
-            // Unsaved images keep their parameters when they can; the picture matters more.
-            let _metadata = write_png(&path, img.width, img.height, &img.rgb, &img.params)?;
-            img.path = Some(path);
-        }
-        Ok(())
+        self.gallery.keep_unsaved_in(&dir)
     }
 
     /// What to store for the next start.
@@ -724,11 +634,7 @@ impl AppState {
             output_dir: self.output_dir.clone(),
             vae_tiling: self.vae_tiling,
             view: self.view.name().into(),
-            gallery: {
-                let saved: Vec<PathBuf> =
-                    self.gallery.iter().filter_map(|g| g.path.clone()).collect();
-                saved[saved.len().saturating_sub(GALLERY_KEPT)..].to_vec()
-            },
+            gallery: self.gallery.kept_paths(),
             inpaint_picture: self.saved_work[0].as_ref().map(|(_, s)| s.clone()),
             control_picture: self.saved_work[1].as_ref().map(|(_, s)| s.clone()),
         }
@@ -755,63 +661,8 @@ impl AppState {
             .unwrap_or_default();
         s.cascade.stages = [0, 1, 2].map(|i| StageSettings::restored(i, p.if_stages.get(i)));
         s.restore_work(p);
-        // Read on a thread; images deleted or moved since are left out.
-        if !p.gallery.is_empty() {
-            let paths = p.gallery.clone();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let spawned = std::thread::Builder::new()
-                .name("gallery-restore".into())
-                .spawn(move || {
-                    for path in paths {
-                        match GalleryImage::from_png(&path) {
-                            Ok(img) => {
-                                if tx.send(img).is_err() {
-                                    break;
-                                }
-                            }
-                            Err(e) => tracing::info!("gallery image not restored: {e:#}"),
-                        }
-                    }
-                });
-            match spawned {
-                Ok(_) => s.gallery_loader = Some((rx, 0)),
-                Err(e) => tracing::warn!("the gallery is not restored: {e}"),
-            }
-        }
+        s.gallery = Gallery::restore(p.gallery.clone());
         s
-    }
-
-    /// Puts restored gallery images in place as they arrive (`wait`: until all have). Returns
-    /// whether more are coming.
-    pub fn receive_gallery(&mut self, wait: bool) -> bool {
-        let Some((rx, arrived)) = self.gallery_loader.as_mut() else {
-            return false;
-        };
-        loop {
-            let next = if wait {
-                rx.recv().ok()
-            } else {
-                match rx.try_recv() {
-                    Ok(img) => Some(img),
-                    Err(std::sync::mpsc::TryRecvError::Empty) => return true,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
-                }
-            };
-            let Some(img) = next else {
-                self.gallery_loader = None;
-                return false;
-            };
-            // Older than anything made since the start: before it, in saved order.
-            self.gallery.insert(*arrived, img);
-            // The newest restored image stays selected, unless something newer is.
-            self.selected = match self.selected {
-                None => Some(*arrived),
-                Some(i) if i + 1 == *arrived => Some(*arrived),
-                Some(i) if i >= *arrived => Some(i + 1),
-                Some(i) => Some(i),
-            };
-            *arrived += 1;
-        }
     }
 
     fn engine(&mut self, ctx: &egui::Context) -> Option<&mut EngineHandle> {
@@ -843,16 +694,11 @@ impl AppState {
 
     /// Applies waiting engine events within `budget` (and restored gallery images).
     pub fn poll_engine(&mut self, ctx: &egui::Context, budget: Duration) {
-        if self.receive_gallery(false) {
+        if self.gallery.receive(false) {
             ctx.request_repaint_after(Duration::from_millis(100));
         }
-        if self.saver.is_none() {
-            let ctx = ctx.clone();
-            self.saver = Some(ImageSaver::spawn(move || ctx.request_repaint()));
-        }
-        let saved = self.saver.as_mut().map(ImageSaver::try_results);
-        for saved in saved.into_iter().flatten() {
-            self.apply_saved(saved);
+        if let Some(message) = self.gallery.poll_saves(ctx).pop() {
+            self.error = Some(message);
         }
         let events = match self.engine(ctx) {
             Some(engine) => engine.drain(budget),
@@ -867,44 +713,22 @@ impl AppState {
         let Some(event) = self.bench.apply_event(event) else {
             return;
         };
+        let event = match self.control.apply_event(event) {
+            ControlEvent::NotMine(event) => *event,
+            ControlEvent::Quiet => return,
+            ControlEvent::Status(status) => {
+                self.status = status;
+                return;
+            }
+            ControlEvent::Error(error) => {
+                self.error = Some(error);
+                return;
+            }
+        };
         match event {
             EngineEvent::Backend(b) => {
                 self.status = format!("ready: {b}");
                 self.backend = Some(b);
-            }
-            EngineEvent::Download {
-                file,
-                done_bytes,
-                total_bytes,
-            } if self.control.loading => {
-                let started = match &self.control.download {
-                    Some(d) if d.file == file => d.started,
-                    _ => Instant::now(),
-                };
-                self.control.download = Some(DownloadState {
-                    file,
-                    done_bytes,
-                    total_bytes,
-                    started,
-                });
-            }
-            EngineEvent::ControlNetLoaded {
-                spec, elapsed_secs, ..
-            } => {
-                self.status = format!("loaded the ControlNet {spec} in {elapsed_secs:.1}s");
-                self.control.loaded = Some(spec);
-                self.control.loading = false;
-                self.control.download = None;
-            }
-            EngineEvent::ControlNetFailed {
-                spec,
-                error,
-                attached,
-            } => {
-                self.error = Some(format!("ControlNet {spec}: {error}"));
-                self.control.loaded = attached;
-                self.control.loading = false;
-                self.control.download = None;
             }
             EngineEvent::Download {
                 file,
@@ -1056,6 +880,8 @@ impl AppState {
                 self.cascade.stopped(job);
                 self.status = format!("#{job} cancelled");
             }
+            // Taken by the ControlNet page's reducer above.
+            EngineEvent::ControlNetLoaded { .. } | EngineEvent::ControlNetFailed { .. } => {}
             EngineEvent::BenchCellStarted { .. }
             | EngineEvent::BenchStep { .. }
             | EngineEvent::BenchCellFinished { .. }
@@ -1120,87 +946,16 @@ impl AppState {
             controlnet: job.controlnet.clone(),
         };
         for (i, chunk) in images.values.chunks(per).take(batch).enumerate() {
-            let rgb = to_u8(chunk);
-            let save_id = self.queue_save(&params, i, &rgb);
-            self.gallery.push(GalleryImage {
-                width,
-                height,
-                rgb,
-                params: params.clone(),
-                path: None,
-                save_id,
-                texture: OnceLock::new(),
-            });
+            self.gallery
+                .add(to_u8(chunk), params.clone(), i, self.output_dir.as_deref());
         }
-        self.selected = Some(self.gallery.len().saturating_sub(1));
-    }
-
-    /// Hands a finished image to the saver thread, to be written into the output folder under
-    /// a fresh name (an existing file is never replaced, even by another Brushfire writing the
-    /// same folder); `None` when there is no output folder. The outcome arrives in
-    /// [`Self::poll_engine`]: an image that cannot be written stays in the gallery, in memory,
-    /// and the error says so.
-    fn queue_save(
-        &mut self,
-        params: &GenerationParameters,
-        index: usize,
-        rgb: &[u8],
-    ) -> Option<u64> {
-        let dir = self.output_dir.clone()?;
-        let id = self.next_save_id;
-        self.next_save_id += 1;
-        let number = self.gallery.len();
-        self.saver
-            .get_or_insert_with(|| ImageSaver::spawn(|| {}))
-            .save(SaveRequest {
-                id,
-                dir,
-                number,
-                index,
-                width: params.width,
-                height: params.height,
-                rgb: rgb.to_vec(),
-                params: params.clone(),
-            });
-        Some(id)
     }
 
     /// Waits for the images being written (before a restart, and before the session names
-    /// the gallery's files).
+    /// the gallery's files); a failure is shown.
     pub fn finish_saves(&mut self) {
-        let saved = self.saver.as_mut().map(ImageSaver::finish);
-        for saved in saved.into_iter().flatten() {
-            self.apply_saved(saved);
-        }
-    }
-
-    /// Images still being written.
-    pub fn saves_pending(&self) -> usize {
-        self.saver.as_ref().map_or(0, ImageSaver::pending)
-    }
-
-    fn apply_saved(&mut self, saved: Saved) {
-        let Some(image) = self
-            .gallery
-            .iter_mut()
-            .find(|g| g.save_id == Some(saved.id))
-        else {
-            return;
-        };
-        image.save_id = None;
-        match saved.result {
-            Ok((path, warning)) => {
-                image.path = Some(path);
-                if let Some(warning) = warning {
-                    self.error = Some(warning);
-                }
-            }
-            Err(e) => {
-                self.error = Some(format!(
-                    "could not save the image: {e}. It stays in the gallery, unsaved: \
-                     \"Save as…\" writes it elsewhere"
-                ));
-            }
+        if let Some(message) = self.gallery.finish_saves().pop() {
+            self.error = Some(message);
         }
     }
 
@@ -1640,7 +1395,7 @@ impl AppState {
 
     /// The image shown in the centre.
     pub fn selected_image(&self) -> Option<&GalleryImage> {
-        self.selected.and_then(|i| self.gallery.get(i))
+        self.gallery.selected_image()
     }
 
     /// The running job's live preview, if any.
@@ -1694,103 +1449,6 @@ mod tests {
             last_event: Some(started),
         };
         (job, started + Duration::from_secs(quiet_secs))
-    }
-
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("brushfire-state-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    fn image(seed: u64, path: Option<PathBuf>) -> GalleryImage {
-        let (width, height) = (8, 4);
-        GalleryImage {
-            width,
-            height,
-            rgb: (0..width * height * 3)
-                .map(|i| (i * 7 + seed as usize) as u8)
-                .collect(),
-            params: GenerationParameters {
-                prompt: format!("a lighthouse {seed}"),
-                negative_prompt: "blurry".into(),
-                steps: 20,
-                sampler: "PNDM".into(),
-                cfg_scale: 7.5,
-                seed,
-                width,
-                height,
-                model: "tiny-sd".into(),
-                denoising_strength: Some(0.6),
-                controlnet: None,
-            },
-            path,
-            save_id: None,
-            texture: OnceLock::new(),
-        }
-    }
-
-    #[test]
-    fn the_gallery_comes_back_at_the_next_start_without_overwriting_anything() {
-        let dir = temp_dir("gallery");
-        let mut state = AppState::new("tiny-sd".into());
-        state.output_dir = Some(dir.clone());
-        for seed in [42, 42] {
-            let img = image(seed, None);
-            let save_id = state.queue_save(&img.params, 0, &img.rgb);
-            state.gallery.push(GalleryImage { save_id, ..img });
-            // Written in order: the second finds the first's name taken.
-            state.finish_saves();
-        }
-        // Same seed and position as a file from an earlier session: a new name, not an overwrite.
-        let paths: Vec<PathBuf> = state
-            .gallery
-            .iter()
-            .map(|g| g.path.clone().unwrap())
-            .collect();
-        assert_ne!(paths[0], paths[1]);
-        let mut fresh = AppState::new("tiny-sd".into());
-        fresh.output_dir = Some(dir.clone());
-        let again = image(42, None);
-        let save_id = fresh.queue_save(&again.params, 0, &again.rgb);
-        fresh.gallery.push(GalleryImage { save_id, ..again });
-        fresh.finish_saves();
-        let third = fresh.gallery[0].path.clone().unwrap();
-        assert!(
-            !paths.contains(&third),
-            "{third:?} overwrote an earlier image"
-        );
-
-        // One image never saved (no folder): kept in the cache before a restart.
-        state.gallery.push(image(7, None));
-        std::fs::remove_file(&paths[1]).unwrap(); // deleted by the user since
-        let cache = temp_dir("cache");
-        state.keep_unsaved_images_in(&cache).unwrap();
-        let kept = state.gallery[2]
-            .path
-            .clone()
-            .expect("written before the restart");
-        assert!(kept.starts_with(&cache), "{kept:?}");
-
-        let persisted = state.to_persisted();
-        assert_eq!(
-            persisted.gallery,
-            vec![paths[0].clone(), paths[1].clone(), kept.clone()]
-        );
-        let mut restored = AppState::restore(&persisted, None);
-        assert!(!restored.receive_gallery(true), "all arrived");
-        assert_eq!(restored.gallery.len(), 2, "the deleted image is left out");
-        for (got, want) in restored
-            .gallery
-            .iter()
-            .zip([&state.gallery[0], &state.gallery[2]])
-        {
-            assert_eq!((got.width, got.height), (want.width, want.height));
-            assert_eq!(got.rgb, want.rgb);
-            assert_eq!(got.params, want.params);
-        }
-        assert_eq!(restored.selected, Some(1));
     }
 
     #[test]
