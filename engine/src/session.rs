@@ -30,7 +30,6 @@ use crate::bench::{
 };
 use crate::error::{EngineError, Result};
 use crate::loading::{DownloadProgress, resolve_controlnet, resolve_model};
-use crate::memory::MemoryBudget;
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::NoiseSource;
 use crate::pipelines::deepfloyd_if::{IFPipeline, is_if_folder};
@@ -160,10 +159,9 @@ impl<B: Backend> LoadedPipeline for IFPipeline<B> {
     }
 }
 
-/// A model the session holds: what the user named, where it was found, the pipeline.
+/// A model the session holds: what the user named, and the pipeline.
 struct Resident {
     spec: String,
-    dir: PathBuf,
     pipeline: Box<dyn LoadedPipeline>,
 }
 
@@ -238,11 +236,6 @@ impl Session {
         Ok(backend)
     }
 
-    /// What requests are checked against before any tensor work on the backend in use.
-    pub fn memory_budget(&mut self) -> Result<MemoryBudget> {
-        Ok(memory_budget(&self.select_backend()?))
-    }
-
     /// The main model's spec (what the user named), if one is loaded.
     pub fn model_spec(&self) -> Option<&str> {
         self.model.as_ref().map(|m| m.spec.as_str())
@@ -272,7 +265,6 @@ impl Session {
         let pipeline = self.load_pipeline(&dir)?;
         self.model = Some(Resident {
             spec: spec.to_string(),
-            dir: dir.clone(),
             pipeline,
         });
         let controlnet = self.controlnet.take().map(|(spec, path)| {
@@ -324,15 +316,9 @@ impl Session {
         let pipeline = self.load_pipeline(&dir)?;
         self.side_models.push(Resident {
             spec: spec.to_string(),
-            dir: dir.clone(),
             pipeline,
         });
         Ok(Some(dir))
-    }
-
-    /// Where the main model was read from.
-    pub fn model_dir(&self) -> Option<&Path> {
-        self.model.as_ref().map(|m| m.dir.as_path())
     }
 
     /// Runs `request` on the main model, or on the side model `model` (loaded before with
