@@ -241,6 +241,8 @@ mod tests {
         assert!(text.starts_with("a fox"), "{text}");
         let error = saved[2].result.as_ref().unwrap_err();
         assert!(error.contains("blocked"), "{error}");
+        // The waker runs after each outcome is sent: join the thread before counting.
+        drop(saver);
         assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
