@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use engine::backend::BackendRequest;
-use engine::pipelines::GenerationRequest;
+use engine::pipelines::{CommonRequest, GenerationRequest, Task};
 use engine::worker::{EngineEvent, EngineHandle, EngineSettings, JobId};
 
 const JOBS: usize = 100;
@@ -51,12 +51,15 @@ fn a_hundred_jobs_with_cancels_lose_nothing_and_memory_stays_flat() {
     let mut ids: Vec<JobId> = Vec::with_capacity(JOBS);
     for i in 0..JOBS {
         ids.push(engine.generate(GenerationRequest {
-            prompt: format!("a castle, take {i}"),
-            steps: 2,
-            width: 64,
-            height: 64,
-            seed: i as u64,
-            ..Default::default()
+            common: CommonRequest {
+                prompt: format!("a castle, take {i}"),
+                steps: 2,
+                width: 64,
+                height: 64,
+                seed: i as u64,
+                ..Default::default()
+            },
+            task: Task::Txt2Img,
         }));
     }
     let index: BTreeMap<JobId, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();

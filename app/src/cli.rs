@@ -8,7 +8,10 @@ use engine::backend::{self, BackendRequest, ExecutionOptions};
 use engine::models::{AttnProcessor, MemoryFormat};
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::control_preprocess::Canny;
-use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepProgress};
+use engine::pipelines::{
+    CancelToken, CommonRequest, ControlNetInput, GenerationRequest, Img2ImgInput, InpaintInput,
+    PipelineKind, PromptEmbeds, StepProgress, Task, UpscaleInput, UpscaleSource,
+};
 use engine::schedulers::SchedulerKind;
 use engine::session::Session;
 use engine::tensor_io::{HostTensor, read_safetensors, read_tensor, write_safetensors};
@@ -174,79 +177,174 @@ struct Job {
     save_array: Option<PathBuf>,
 }
 
-fn reject_unused(args: &GenerateArgs, pipeline: PipelineKind) -> Result<()> {
-    let image_flags = matches!(pipeline, PipelineKind::Img2Img | PipelineKind::Inpaint);
-    let upscaler = pipeline.is_upscaler();
-    let inpaint = pipeline == PipelineKind::Inpaint;
-    let control = pipeline == PipelineKind::ControlNet;
-    let canny = args.control_preprocess.as_deref() == Some("canny");
-    let unused: [(&str, bool); 16] = [
-        ("--image", !image_flags && !upscaler && args.image.is_some()),
-        ("--strength", !image_flags && args.strength.is_some()),
-        ("--mask", !inpaint && args.mask.is_some()),
-        ("--mask-blur", !inpaint && args.mask_blur != 0.0),
-        (
-            "--padding-mask-crop",
-            !inpaint && args.padding_mask_crop.is_some(),
-        ),
-        (
-            "--latents",
-            pipeline == PipelineKind::Img2Img && args.latents.is_some(),
-        ),
-        ("--controlnet", !control && args.controlnet.is_some()),
-        ("--control-image", !control && args.control_image.is_some()),
-        (
-            "--control-preprocess",
-            !control && args.control_preprocess.is_some(),
-        ),
-        ("--canny-low", !canny && args.canny_low.is_some()),
-        ("--canny-high", !canny && args.canny_high.is_some()),
-        (
-            "--controlnet-scale",
-            !control && args.controlnet_scale.is_some(),
-        ),
-        (
-            "--control-guidance-start",
-            !control && args.control_guidance_start.is_some(),
-        ),
-        (
-            "--control-guidance-end",
-            !control && args.control_guidance_end.is_some(),
-        ),
-        ("--noise-level", !upscaler && args.noise_level.is_some()),
-        ("--image-array", !upscaler && args.image_array.is_some()),
-    ];
-    if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
-        if flag.starts_with("--canny") && control {
+/// Which pipeline-specific flags were given. Each pipeline's task takes the ones it uses
+/// ([`Flags::take`]); one given but taken by no part of the task is refused by name, so the
+/// refusals follow from what each task is built from, not from a table kept beside it.
+struct Flags<'a> {
+    args: &'a GenerateArgs,
+    taken: Vec<&'static str>,
+}
+
+impl<'a> Flags<'a> {
+    fn new(args: &'a GenerateArgs) -> Self {
+        Self {
+            args,
+            taken: Vec::new(),
+        }
+    }
+
+    /// The value of `flag`, marked as used by the pipeline.
+    fn take<T: Clone>(&mut self, flag: &'static str, value: &Option<T>) -> Option<T> {
+        self.taken.push(flag);
+        value.clone()
+    }
+
+    /// Marks a flag that has a default value (not an `Option`) as used by the pipeline.
+    fn mark(&mut self, flag: &'static str) {
+        self.taken.push(flag);
+    }
+
+    /// The value of a flag the pipeline cannot run without.
+    fn require<T: Clone>(&mut self, flag: &'static str, value: &Option<T>) -> Result<T> {
+        self.take(flag, value)
+            .with_context(|| format!("the {} pipeline needs {flag}", self.args.pipeline))
+    }
+
+    /// Refuses the first given flag no part of the task took.
+    fn refuse_the_rest(&self) -> Result<()> {
+        let a = self.args;
+        let given: [(&str, bool); 17] = [
+            ("--image", a.image.is_some()),
+            ("--strength", a.strength.is_some()),
+            ("--mask", a.mask.is_some()),
+            ("--mask-blur", a.mask_blur != 0.0),
+            ("--padding-mask-crop", a.padding_mask_crop.is_some()),
+            ("--latents", a.latents.is_some()),
+            ("--controlnet", a.controlnet.is_some()),
+            ("--control-image", a.control_image.is_some()),
+            ("--control-preprocess", a.control_preprocess.is_some()),
+            ("--canny-low", a.canny_low.is_some()),
+            ("--canny-high", a.canny_high.is_some()),
+            ("--controlnet-scale", a.controlnet_scale.is_some()),
+            (
+                "--control-guidance-start",
+                a.control_guidance_start.is_some(),
+            ),
+            ("--control-guidance-end", a.control_guidance_end.is_some()),
+            ("--guess-mode", a.guess_mode),
+            ("--noise-level", a.noise_level.is_some()),
+            ("--image-array", a.image_array.is_some()),
+        ];
+        let Some((flag, _)) = given
+            .iter()
+            .find(|(flag, given)| *given && !self.taken.contains(flag))
+        else {
+            return Ok(());
+        };
+        if flag.starts_with("--canny") && self.taken.contains(&"--control-preprocess") {
             bail!("{flag} needs --control-preprocess canny");
         }
-        bail!("{flag} is not used by the {} pipeline", args.pipeline);
+        bail!("{flag} is not used by the {} pipeline", a.pipeline);
     }
-    if image_flags && args.image.is_none() {
-        bail!("the {} pipeline needs --image", args.pipeline);
+}
+
+/// The task `--pipeline` names, built from the flags it uses (the files they name are read
+/// here); any other pipeline flag given is refused.
+fn task(args: &GenerateArgs, pipeline: PipelineKind) -> Result<Task> {
+    let mut flags = Flags::new(args);
+    // Every pipeline but img2img takes initial latents (img2img's are the noised image).
+    if pipeline != PipelineKind::Img2Img {
+        flags.take("--latents", &args.latents);
     }
-    if upscaler && args.image.is_some() == args.image_array.is_some() {
-        bail!(
-            "the {} pipeline needs its input as --image or as --image-array (one of them)",
-            args.pipeline
-        );
-    }
-    if inpaint && args.mask.is_none() {
-        bail!("the inpaint pipeline needs --mask");
-    }
-    // 0 stands for "the default size" inside a request; on the command line it is a mistake.
+    let task = match pipeline {
+        PipelineKind::Txt2Img => Task::Txt2Img,
+        PipelineKind::If => Task::If,
+        PipelineKind::Img2Img => Task::Img2Img(Img2ImgInput {
+            image: read_rgb(&flags.require("--image", &args.image)?)?,
+            strength: flags.take("--strength", &args.strength),
+        }),
+        PipelineKind::Inpaint => {
+            let image = flags.require("--image", &args.image)?;
+            let mask = flags.require("--mask", &args.mask)?;
+            flags.mark("--mask-blur");
+            Task::Inpaint(InpaintInput {
+                image: read_rgb(&image)?,
+                mask: read_mask(&mask)?,
+                strength: flags.take("--strength", &args.strength),
+                mask_blur: args.mask_blur,
+                padding_mask_crop: flags.take("--padding-mask-crop", &args.padding_mask_crop),
+            })
+        }
+        PipelineKind::ControlNet => {
+            let (Some(_), Some(path)) = (
+                flags.take("--controlnet", &args.controlnet),
+                flags.take("--control-image", &args.control_image),
+            ) else {
+                bail!("the controlnet pipeline needs --controlnet and --control-image");
+            };
+            let preprocess = flags.take("--control-preprocess", &args.control_preprocess);
+            let canny = match preprocess.as_deref() {
+                None | Some("none") => None,
+                Some("canny") => {
+                    let defaults = Canny::default();
+                    Some(Canny {
+                        low: flags
+                            .take("--canny-low", &args.canny_low)
+                            .unwrap_or(defaults.low),
+                        high: flags
+                            .take("--canny-high", &args.canny_high)
+                            .unwrap_or(defaults.high),
+                    })
+                }
+                Some(other) => bail!("--control-preprocess `{other}` is not one of: none, canny"),
+            };
+            let start = flags.take("--control-guidance-start", &args.control_guidance_start);
+            let end = flags.take("--control-guidance-end", &args.control_guidance_end);
+            flags.mark("--guess-mode");
+            Task::ControlNet(ControlNetInput {
+                image: control_map(&path, canny)?,
+                scale: flags
+                    .take("--controlnet-scale", &args.controlnet_scale)
+                    .unwrap_or(1.0),
+                guidance: (start.unwrap_or(0.0), end.unwrap_or(1.0)),
+                guess_mode: args.guess_mode,
+            })
+        }
+        PipelineKind::IfStage2 | PipelineKind::Upscale => {
+            let source = match (
+                flags.take("--image", &args.image),
+                flags.take("--image-array", &args.image_array),
+            ) {
+                (Some(path), None) => UpscaleSource::Image(read_rgb(&path)?),
+                (None, Some(path)) => UpscaleSource::Array(read_image_array(&path)?),
+                _ => bail!(
+                    "the {} pipeline needs its input as --image or as --image-array (one of them)",
+                    args.pipeline
+                ),
+            };
+            let input = UpscaleInput {
+                source,
+                noise_level: flags.take("--noise-level", &args.noise_level),
+            };
+            if pipeline == PipelineKind::IfStage2 {
+                Task::IfStage2(input)
+            } else {
+                Task::Upscale(input)
+            }
+        }
+    };
+    flags.refuse_the_rest()?;
+    Ok(task)
+}
+
+/// 0 stands for "the default size" inside a request; on the command line it is a mistake.
+fn reject_zero_size(args: &GenerateArgs) -> Result<()> {
     for (flag, value) in [("width", args.width), ("height", args.height)] {
         if value == Some(0) {
             bail!(
                 "invalid {flag}: 0 must be a positive multiple of 8 (leave --{flag} out for the default)"
             );
         }
-    }
-    if control && (args.controlnet.is_none() || args.control_image.is_none()) {
-        bail!("the controlnet pipeline needs --controlnet and --control-image");
-    }
-    if !control && args.guess_mode {
-        bail!("--guess-mode is not used by the {} pipeline", args.pipeline);
     }
     Ok(())
 }
@@ -257,6 +355,9 @@ fn controlnet_parameters(
     request: &GenerationRequest,
 ) -> Option<ControlNetParameters> {
     let model = args.controlnet.clone()?;
+    let Task::ControlNet(control) = &request.task else {
+        return None;
+    };
     let canny = (args.control_preprocess.as_deref() == Some("canny")).then(|| {
         let defaults = Canny::default();
         (
@@ -267,23 +368,18 @@ fn controlnet_parameters(
     Some(ControlNetParameters {
         model,
         canny,
-        weight: request.controlnet_scale,
-        guidance_start: request.control_guidance.0,
-        guidance_end: request.control_guidance.1,
-        guess_mode: request.guess_mode,
+        weight: control.scale,
+        guidance_start: control.guidance.0,
+        guidance_end: control.guidance.1,
+        guess_mode: control.guess_mode,
     })
 }
 
 /// The control image as the ControlNet gets it: as given, or its Canny edges.
-fn control_map(args: &GenerateArgs, path: &Path) -> Result<HostTensor> {
+fn control_map(path: &Path, canny: Option<Canny>) -> Result<HostTensor> {
     let image = read_rgb(path)?;
-    if args.control_preprocess.as_deref() != Some("canny") {
+    let Some(canny) = canny else {
         return Ok(image);
-    }
-    let defaults = Canny::default();
-    let canny = Canny {
-        low: args.canny_low.unwrap_or(defaults.low),
-        high: args.canny_high.unwrap_or(defaults.high),
     };
     canny
         .control_map(&image)
@@ -292,7 +388,8 @@ fn control_map(args: &GenerateArgs, path: &Path) -> Result<HostTensor> {
 
 fn prepare(args: &GenerateArgs) -> Result<Job> {
     let pipeline: PipelineKind = args.pipeline.parse()?;
-    reject_unused(args, pipeline)?;
+    reject_zero_size(args)?;
+    let task = task(args, pipeline)?;
     // Outputs are checked first: a run that could not write its result is refused before it
     // starts, not after.
     if let Some(path) = &args.save_array {
@@ -303,13 +400,6 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
             check_output("--output", &numbered(path, i, args.batch))?;
         }
     }
-    let image = args.image.as_deref().map(read_rgb).transpose()?;
-    let mask = args.mask.as_deref().map(read_mask).transpose()?;
-    let control_image = args
-        .control_image
-        .as_deref()
-        .map(|path| control_map(args, path))
-        .transpose()?;
     let attention = AttnProcessor::from_name(&args.attention)?;
     let scheduler = args
         .scheduler
@@ -350,14 +440,9 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         .as_ref()
         .map(|p| read_tensor(p, "latents"))
         .transpose()?;
-    let image_array = args
-        .image_array
-        .as_deref()
-        .map(read_image_array)
-        .transpose()?;
     // An array of several images is one output each.
-    let batch = match &image_array {
-        Some(a) if args.batch == 1 && a.shape.len() == 4 => a.shape[0].max(1),
+    let batch = match task.upscale_input().map(|input| &input.source) {
+        Some(UpscaleSource::Array(a)) if args.batch == 1 && a.shape.len() == 4 => a.shape[0].max(1),
         _ => args.batch,
     };
     let tape = args.noise_tape.as_ref().map(NoiseTape::load).transpose()?;
@@ -375,35 +460,23 @@ fn prepare(args: &GenerateArgs) -> Result<Job> {
         .map(|spec| engine::loading::resolve_controlnet(spec, variant, &mut progress))
         .transpose()?;
     let request = GenerationRequest {
-        pipeline,
-        prompt,
-        negative_prompt: args.negative_prompt.clone(),
-        prompt_embeds,
-        steps: args.steps,
-        guidance_scale: args.guidance,
-        // Filled from the model when absent (see `run`).
-        width: args.width.unwrap_or(0),
-        height: args.height.unwrap_or(0),
-        batch,
-        seed,
-        scheduler,
-        scheduler_config,
-        latents,
-        image,
-        mask,
-        strength: args.strength,
-        mask_blur: args.mask_blur,
-        padding_mask_crop: args.padding_mask_crop,
-        control_image,
-        controlnet_scale: args.controlnet_scale.unwrap_or(1.0),
-        control_guidance: (
-            args.control_guidance_start.unwrap_or(0.0),
-            args.control_guidance_end.unwrap_or(1.0),
-        ),
-        guess_mode: args.guess_mode,
-        image_array,
-        noise_level: args.noise_level,
-        vae_tiling: args.vae_tiling == Switch::On,
+        common: CommonRequest {
+            prompt,
+            negative_prompt: args.negative_prompt.clone(),
+            prompt_embeds,
+            steps: args.steps,
+            guidance_scale: args.guidance,
+            // Filled from the model when absent (see `Session::generate`).
+            width: args.width.unwrap_or(0),
+            height: args.height.unwrap_or(0),
+            batch,
+            seed,
+            scheduler,
+            scheduler_config,
+            latents,
+            vae_tiling: args.vae_tiling == Switch::On,
+        },
+        task,
     };
     Ok(Job {
         model_name: model_name(&args.model),

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use app::gui::command::Command;
 use app::gui::control_input::{DEFAULT_CONTROLNET, MapSource};
 use app::gui::{BenchForm, BrushfireApp, ModelStatus, Persisted, Setting, View};
 use eframe::egui;
@@ -14,6 +15,7 @@ use egui_kittest::kittest::{NodeT, Queryable};
 use engine::backend::{BackendRequest, Precision};
 use engine::bench::{BenchColumn, BenchModels, BenchPipeline, CellOutcome};
 use engine::models::{AttnProcessor, MemoryFormat};
+use engine::pipelines::Task;
 use engine::pipelines::control_preprocess::Canny;
 use engine::schedulers::SchedulerKind;
 
@@ -124,7 +126,9 @@ fn unicode_prompts_save_and_no_image_is_overwritten_or_lost() {
     // error says where it is.
     let blocked = dir.join("not-a-folder");
     std::fs::write(&blocked, b"x").unwrap();
-    h.state_mut().state.output_dir = Some(blocked);
+    h.state_mut()
+        .state
+        .apply(Command::SetOutputDir(Some(blocked)));
     h.get_by_label("Generate").click();
     wait(&mut h, "the second image's save", |a| {
         a.state.gallery.get(1).is_some_and(|g| !g.saving())
@@ -149,8 +153,14 @@ fn vae_tiling_reaches_every_request_and_the_tiled_image_comes_back() {
     h.run_steps(2);
     assert!(h.state().state.vae_tiling);
     // 128 px is two of the tiny VAE's 64 px tiles.
-    h.state_mut().state.form.width = 128;
-    h.state_mut().state.form.prompt = "a castle on a hill".into();
+    set_number(&h, "Width", 128.0);
+    h.get_by_role_and_label(Role::MultilineTextInput, "Prompt")
+        .focus();
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::MultilineTextInput, "Prompt")
+        .type_text("a castle on a hill");
+    h.run_steps(2);
+    assert_eq!(h.state().state.form.width, 128, "set through the field");
     h.get_by_label("Generate").click();
     h.run_steps(2);
     assert!(h.state().state.jobs[0].request.vae_tiling);
@@ -220,10 +230,10 @@ fn queue_two_jobs_and_cancel_one() {
     let mut h = harness(a);
     h.step();
     wait(&mut h, "the model", |a| a.state.model_ready());
-    h.state_mut().state.queue_generation();
-    h.state_mut().state.queue_generation();
+    h.state_mut().state.apply(Command::Generate);
+    h.state_mut().state.apply(Command::Generate);
     let second = h.state().state.jobs[1].id;
-    h.state_mut().state.cancel(second);
+    h.state_mut().state.apply(Command::Cancel(second));
     wait(&mut h, "the queue to empty", |a| a.state.jobs.is_empty());
     assert_eq!(
         h.state().state.gallery.len(),
@@ -272,8 +282,8 @@ fn a_panic_inside_a_job_fails_it_and_the_next_job_runs() {
         seen = now;
     }
     armed.store(true, Ordering::SeqCst);
-    h.state_mut().state.queue_generation();
-    h.state_mut().state.queue_generation();
+    h.state_mut().state.apply(Command::Generate);
+    h.state_mut().state.apply(Command::Generate);
     let first = h.state().state.jobs[0].id;
     wait(&mut h, "the first job to fail", |a| {
         a.state.jobs.iter().all(|j| j.id != first)
@@ -482,7 +492,7 @@ fn the_form_and_settings_survive_a_restart() {
     a.state.settings.preview = false;
     a.state.settings.memory_format = MemoryFormat::ChannelsLast;
     a.state.vae_tiling = true;
-    a.state.recent_models = vec!["org/a".into(), "org/b".into()];
+    a.state.model.recent = vec!["org/a".into(), "org/b".into()];
     let stored = serde_json::to_string(&a.state.to_persisted()).unwrap();
     let back: Persisted = serde_json::from_str(&stored).unwrap();
     let restored = BrushfireApp::restored(&back, None);
@@ -492,11 +502,11 @@ fn the_form_and_settings_survive_a_restart() {
         restored.state.settings.memory_format,
         MemoryFormat::ChannelsLast
     );
-    assert_eq!(restored.state.model_spec, a.state.model_spec);
+    assert_eq!(restored.state.model.spec, a.state.model.spec);
     assert!(restored.state.vae_tiling);
     // A model named on the command line wins; unknown stored values fall back to defaults.
     let restored = BrushfireApp::restored(&back, Some("org/other".into()));
-    assert_eq!(restored.state.model_spec, "org/other");
+    assert_eq!(restored.state.model.spec, "org/other");
     let odd: Persisted =
         serde_json::from_str(r#"{"engine": {"attention": "warp"}, "form": {"steps": 0}}"#).unwrap();
     let restored = BrushfireApp::restored(&odd, None);
@@ -664,11 +674,11 @@ fn a_model_not_downloaded_is_offered_not_fetched() {
         std::env::remove_var("HF_HUB_OFFLINE");
     }
     let mut a = app();
-    a.state.model_spec = "brushfire-test/not-downloaded".into();
+    a.state.model.spec = "brushfire-test/not-downloaded".into();
     let mut h = harness(a);
     h.run_steps(3);
     assert_eq!(
-        h.state().state.model_status,
+        h.state().state.model.status,
         ModelStatus::NeedsDownload {
             repo_id: "brushfire-test/not-downloaded".into()
         }
@@ -677,10 +687,10 @@ fn a_model_not_downloaded_is_offered_not_fetched() {
     assert!(!h.state().state.model_ready());
     // Offline it says so plainly instead.
     unsafe { std::env::set_var("HF_HUB_OFFLINE", "1") };
-    h.state_mut().state.load_model();
+    h.state_mut().state.apply(Command::LoadModel);
     h.run_steps(2);
     assert!(matches!(
-        h.state().state.model_status,
+        h.state().state.model.status,
         ModelStatus::Offline { .. }
     ));
     h.get_by_label_contains("HF_HUB_OFFLINE");
@@ -1077,7 +1087,7 @@ fn inpaint_and_img2img_generate_from_the_page_and_keep_the_mask() {
     let error = h.state().state.error.clone().unwrap_or_default();
     assert!(error.contains("mask is empty"), "{error}");
     assert!(h.state().state.jobs.is_empty());
-    h.state_mut().state.error = None;
+    h.state_mut().state.apply(Command::DismissError);
 
     h.state_mut()
         .state
@@ -1092,10 +1102,12 @@ fn inpaint_and_img2img_generate_from_the_page_and_keep_the_mask() {
     h.get_by_label("Generate").click();
     h.run_steps(2);
     let job = &h.state().state.jobs[0].request;
-    assert_eq!(job.pipeline, engine::pipelines::PipelineKind::Inpaint);
+    let Task::Inpaint(inpaint) = &job.task else {
+        panic!("{:?}", job.task)
+    };
     assert_eq!((job.width, job.height), (64, 48), "the image's size");
-    assert_eq!(job.strength, Some(1.0));
-    let sent = job.mask.as_ref().unwrap();
+    assert_eq!(inpaint.strength, Some(1.0));
+    let sent = &inpaint.mask;
     assert_eq!(
         sent.values.iter().filter(|&&v| v == 1.0).count(),
         mask.iter().filter(|&&v| v > 0).count()
@@ -1114,7 +1126,9 @@ fn inpaint_and_img2img_generate_from_the_page_and_keep_the_mask() {
 
     // A request the engine refuses (strength 0.1 of 3 steps leaves none) shows its error and
     // loses nothing.
-    h.state_mut().state.inputs.inpaint_strength = 0.1;
+    set_slider(&h, "Strength", 0.1);
+    h.run_steps(2);
+    assert_eq!(h.state().state.inputs.inpaint_strength, 0.1);
     h.get_by_label("Generate").click();
     wait(&mut h, "the refusal", |a| {
         a.state.error.is_some() && a.state.jobs.is_empty()
@@ -1123,8 +1137,11 @@ fn inpaint_and_img2img_generate_from_the_page_and_keep_the_mask() {
     assert!(error.contains("strength"), "{error}");
     assert_eq!(canvas(&h).layer(), &mask[..]);
     assert_eq!(h.state().state.gallery.len(), 1);
-    h.state_mut().state.error = None;
-    h.state_mut().state.inputs.inpaint_strength = 1.0;
+    h.get_by_label("Dismiss").click();
+    h.run_steps(2);
+    assert!(h.state().state.error.is_none());
+    set_slider(&h, "Strength", 1.0);
+    h.run_steps(2);
 
     // Another page and back: the mask is still there.
     h.get_by_label("🎨 Image to image").click();
@@ -1134,15 +1151,17 @@ fn inpaint_and_img2img_generate_from_the_page_and_keep_the_mask() {
     assert_eq!(canvas(&h).layer(), &mask[..]);
 
     // Send the result to img2img and run it at strength 0.5.
-    h.state_mut().state.send_to(0, View::Img2Img);
-    h.state_mut().state.inputs.strength = 0.5;
+    h.state_mut().state.apply(Command::SendTo(0, View::Img2Img));
+    h.run_steps(2);
+    set_slider(&h, "Strength", 0.5);
     h.run_steps(2);
     h.get_by_label("Generate").click();
     h.run_steps(2);
     let job = &h.state().state.jobs[0].request;
-    assert_eq!(job.pipeline, engine::pipelines::PipelineKind::Img2Img);
-    assert_eq!(job.strength, Some(0.5));
-    assert!(job.mask.is_none());
+    let Task::Img2Img(img2img) = &job.task else {
+        panic!("{:?}", job.task)
+    };
+    assert_eq!(img2img.strength, Some(0.5));
     wait(&mut h, "the img2img image", |a| a.state.gallery.len() == 2);
     assert!(
         h.state().state.error.is_none(),
@@ -1259,9 +1278,18 @@ fn control_canvas<'h>(h: &'h Harness<'static, BrushfireApp>) -> &'h app::gui::ca
 
 /// Sets a slider through accesskit, as a screen reader would.
 fn set_slider(h: &Harness<'static, BrushfireApp>, label: &str, value: f64) {
+    set_value(h, Role::Slider, label, value);
+}
+
+/// Sets the number field (a `DragValue`) labelled `label` as a screen reader would.
+fn set_number(h: &Harness<'static, BrushfireApp>, label: &str, value: f64) {
+    set_value(h, Role::SpinButton, label, value);
+}
+
+fn set_value(h: &Harness<'static, BrushfireApp>, role: Role, label: &str, value: f64) {
     use egui::accesskit::{Action, ActionData, ActionRequest};
     use egui_kittest::kittest::NodeT;
-    let node = h.get_by_role_and_label(Role::Slider, label);
+    let node = h.get_by_role_and_label(role, label);
     let (target_node, target_tree) = node.accesskit_node().locate();
     h.event(egui::Event::AccessKitActionRequest(ActionRequest {
         action: Action::SetValue,
@@ -1384,16 +1412,18 @@ fn controlnet_page_live_canny_drawing_and_the_request() {
     h.get_by_label("Generate").click();
     h.run_steps(2);
     let job = &h.state().state.jobs[0].request;
-    assert_eq!(job.pipeline, engine::pipelines::PipelineKind::ControlNet);
-    assert!((job.controlnet_scale - 0.6).abs() < 1e-9);
-    assert!((job.control_guidance.0 - 0.1).abs() < 1e-9);
-    assert!((job.control_guidance.1 - 0.9).abs() < 1e-9);
+    let Task::ControlNet(control) = &job.task else {
+        panic!("{:?}", job.task)
+    };
+    assert!((control.scale - 0.6).abs() < 1e-9);
+    assert!((control.guidance.0 - 0.1).abs() < 1e-9);
+    assert!((control.guidance.1 - 0.9).abs() < 1e-9);
     assert_eq!(
         (job.width, job.height),
         (320, 208),
         "the map's size, to multiples of 8"
     );
-    let sent = job.control_image.as_ref().unwrap();
+    let sent = &control.image;
     assert_eq!(sent.shape, vec![213, 320, 3]);
     let sent_u8: Vec<u8> = sent
         .values
@@ -1499,7 +1529,7 @@ fn if_page_runs_the_cascade_and_a_gallery_image_upscales_x4() {
     assert_eq!(app.state.gallery[2].params.model, "tiny-if-ii");
     assert_eq!(app.state.gallery[5].width, 256);
     // The main model is still the SD one.
-    assert!(matches!(&app.state.model_status, ModelStatus::Loaded(m) if m.ends_with("tiny-sd")));
+    assert!(matches!(&app.state.model.status, ModelStatus::Loaded(m) if m.ends_with("tiny-sd")));
 
     // "Upscale ×4" on stage I's first image (16²) gives a 64² image from the x4 upscaler.
     h.state_mut().state.view = View::Generate;
@@ -1545,15 +1575,15 @@ fn load_outcome(
     h: &mut Harness<'static, BrushfireApp>,
     spec: &std::path::Path,
 ) -> Result<(), String> {
-    h.state_mut().state.model_spec = spec.to_string_lossy().into_owned();
-    h.state_mut().state.load_model();
+    h.state_mut().state.model.spec = spec.to_string_lossy().into_owned();
+    h.state_mut().state.apply(Command::LoadModel);
     wait(h, "the load to end", |a| {
         matches!(
-            a.state.model_status,
+            a.state.model.status,
             ModelStatus::Loaded(_) | ModelStatus::Failed(_)
         )
     });
-    match &h.state().state.model_status {
+    match &h.state().state.model.status {
         ModelStatus::Failed(e) => Err(e.clone()),
         _ => Ok(()),
     }
@@ -1648,8 +1678,10 @@ fn the_bad_input_battery_through_the_app() {
         (&zero, "Invalid image dimensions"),
         (&huge, "20000×20000"),
     ] {
-        h.state_mut().state.error = None;
-        h.state_mut().state.open_source(file);
+        h.state_mut().state.apply(Command::DismissError);
+        h.state_mut()
+            .state
+            .apply(Command::OpenSource(file.to_path_buf()));
         let (error, _) = state(&h);
         let error = error.expect("refused");
         assert!(
@@ -1665,8 +1697,8 @@ fn the_bad_input_battery_through_the_app() {
     ] {
         let file = dir.join(name);
         picture.save(&file).unwrap();
-        h.state_mut().state.error = None;
-        h.state_mut().state.open_source(&file);
+        h.state_mut().state.apply(Command::DismissError);
+        h.state_mut().state.apply(Command::OpenSource(file.clone()));
         let (error, status) = state(&h);
         assert_eq!(error, None, "{name}");
         assert!(status.contains(name), "{status}");
@@ -1684,7 +1716,7 @@ fn the_bad_input_battery_through_the_app() {
 
     // Still working: an image from the good model.
     h.state_mut().state.view = View::Generate;
-    h.state_mut().state.queue_generation();
+    h.state_mut().state.apply(Command::Generate);
     wait(&mut h, "the image", |a| !a.state.gallery.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -1717,7 +1749,7 @@ fn a_minimised_window_still_saves_images_and_advances_the_if_chain() {
         }
     };
     logic_until(&mut a, "the model", &|a| a.state.model_ready());
-    a.state.queue_generation();
+    a.state.apply(Command::Generate);
     logic_until(&mut a, "the image, saved", &|a| {
         a.state.gallery.first().is_some_and(|g| !g.saving())
     });
@@ -1726,12 +1758,23 @@ fn a_minimised_window_still_saves_images_and_advances_the_if_chain() {
         .clone()
         .expect("saved while minimised");
     assert!(saved.starts_with(&dir) && saved.is_file());
-    a.state.run_all_stages();
+    a.state.apply(Command::RunAllStages);
     logic_until(&mut a, "the three stages", &|a| {
         a.state.cascade.results[2].is_some() || a.state.error.is_some()
     });
     assert!(a.state.error.is_none(), "{:?}", a.state.error);
     assert!(!a.state.cascade.chain && a.state.cascade.running.is_none());
     assert_eq!(a.state.gallery.len(), 4, "one image, then one per stage");
+    // The last stage's image may still be on the saver thread: every image ends up on disk.
+    logic_until(&mut a, "every image, saved", &|a| {
+        a.state.gallery.iter().all(|g| !g.saving())
+    });
+    assert!(
+        a.state
+            .gallery
+            .iter()
+            .all(|g| g.path.as_ref().is_some_and(|p| p.is_file())),
+        "every image saved while minimised"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

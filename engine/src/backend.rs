@@ -16,7 +16,7 @@ use burn::backend::wgpu::{
 #[cfg(feature = "cuda")]
 use burn::backend::{Cuda, cuda::CudaDevice};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType, IntDType, f16, get_device_settings, set_default_dtypes};
+use burn::tensor::{DType, FloatDType, IntDType, get_device_settings, set_default_dtypes};
 use cubecl::Runtime;
 #[cfg(feature = "cuda")]
 use cubecl::cuda::CudaRuntime;
@@ -332,10 +332,7 @@ impl ExecutionOptions {
                     .into(),
             )),
             (BackendKind::Wgpu, Precision::F16)
-                if !<Wgpu<f16, i32> as Backend>::supports_dtype(
-                    &WgpuDevice::DefaultDevice,
-                    DType::F16,
-                ) =>
+                if !<Wgpu as Backend>::supports_dtype(&WgpuDevice::DefaultDevice, DType::F16) =>
             {
                 Err(EngineError::Unsupported(format!(
                     "f16 is not supported by the wgpu adapter {}",
@@ -355,9 +352,11 @@ impl ExecutionOptions {
 /// Makes `precision` the device's float type, or says why it cannot be.
 ///
 /// Burn 0.21 keeps one default float type per device for the whole process, shared by every
-/// backend type on that device (`Cuda<f32>` and `Cuda<f16>` alike), and fixed by the first
-/// tensor created there. Params, `from_data` and `zeros` all follow it, so without this a
-/// second precision in one process would silently compute in the first one.
+/// backend type on that device, and fixed by the first tensor created there. Params,
+/// `from_data` and `zeros` all follow it. That is how f16 runs: on the f32 backend types
+/// (`session::run_on_backend`), with the device's float type claimed here, so no pipeline is
+/// compiled a second time for an f16 type parameter. Without the claim a second precision in
+/// one process would silently compute in the first one.
 fn claim_precision(kind: BackendKind, precision: Precision) -> Result<()> {
     let dtype = match precision {
         Precision::F32 => FloatDType::F32,

@@ -3,8 +3,9 @@
 //! one ([`crate::worker`]); `brushfire generate` and `brushfire bench` call one directly.
 //!
 //! This is also the one place where the backend is chosen as a type. Burn's backends are type
-//! parameters, and the nine the settings can pick (CUDA and wgpu, each fused or not, in f32 or
-//! f16, plus the CPU's flex) each compile a copy of whatever generic code runs on them. Every
+//! parameters, and each one compiles a copy of whatever generic code runs on it. The settings
+//! pick one of five (CUDA and wgpu, each fused or not, plus the CPU's flex); the precision is
+//! not a type but the device's float type, claimed at run time (`claim_precision`). Every
 //! entry path goes through [`run_on_backend`] with one [`Work`] type, so each pipeline and
 //! each benchmark loop exists once per backend in the binary, not once per entry path; a
 //! loaded model is kept behind `dyn` [`LoadedPipeline`], so generating needs no second choice.
@@ -17,12 +18,11 @@ use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 #[cfg(feature = "cuda")]
 use burn::backend::{Cuda, cuda::CudaDevice};
 use burn::tensor::backend::Backend;
-use burn::tensor::f16;
 #[cfg(feature = "cuda")]
 use cubecl::cuda::CudaRuntime;
 
 use crate::backend::{
-    BackendRequest, ExecutionOptions, Precision, SelectedBackend, memory_budget, select_backend,
+    BackendRequest, ExecutionOptions, SelectedBackend, memory_budget, select_backend,
 };
 use crate::bench::{
     BenchModels, BenchObserver, BenchPlan, BenchReport, CascadeTask, CellOutcome, UnetLoopTask,
@@ -34,7 +34,10 @@ use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::NoiseSource;
 use crate::pipelines::deepfloyd_if::{IFPipeline, is_if_folder};
 use crate::pipelines::stable_diffusion::{GenerationOutput, LoadOptions, StableDiffusionPipeline};
-use crate::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepObserver};
+use crate::pipelines::{
+    CancelToken, GenerationRequest, PipelineKind, StepObserver, Task, UpscaleSource,
+};
+use crate::tensor_io::HostTensor;
 
 /// Settings that change how the engine runs (not what it computes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,13 +103,21 @@ impl<B: Backend> LoadedPipeline for StableDiffusionPipeline<B> {
 
     fn default_size(&self, request: &GenerationRequest) -> (usize, usize) {
         let factor = self.vae_config.scale_factor();
-        let input = match (&request.image, &request.image_array) {
-            (Some(image), _) if image.shape.len() == 3 => Some((image.shape[1], image.shape[0])),
-            (None, Some(array)) if array.shape.len() == 4 => Some((array.shape[3], array.shape[2])),
+        // `(width, height)` of the input the output size follows: an image is `[h, w, 3]`, an
+        // array `[n, 3, h, w]`.
+        let image_size = |t: &HostTensor| (t.shape.len() == 3).then(|| (t.shape[1], t.shape[0]));
+        let input = match &request.task {
+            Task::Img2Img(input) => image_size(&input.image),
+            Task::Upscale(input) => match &input.source {
+                UpscaleSource::Image(image) => image_size(image),
+                UpscaleSource::Array(array) => {
+                    (array.shape.len() == 4).then(|| (array.shape[3], array.shape[2]))
+                }
+            },
             _ => None,
         };
         let round = |v: usize| (v / factor * factor).max(factor);
-        match (input, request.pipeline) {
+        match (input, request.pipeline()) {
             (Some((w, h)), PipelineKind::Img2Img) => (round(w), round(h)),
             (Some((w, h)), PipelineKind::Upscale) => (round(w) * factor, round(h) * factor),
             _ => {
@@ -473,31 +484,28 @@ type CudaUnfused<F> = CubeBackend<CudaRuntime, F, i32, u8>;
 type WgpuUnfused<F> = CubeBackend<WgpuRuntime, F, i32, u32>;
 
 /// Runs `work` on the selected backend with `options`: the single point where the backend
-/// becomes a type. Call [`ExecutionOptions::check`] first (f16 on the CPU backend runs in f32).
+/// becomes a type. Call [`ExecutionOptions::check`] first: it refuses f16 on the CPU backend and
+/// makes the precision the device's float type.
 pub(crate) fn run_on_backend(
     selected: &SelectedBackend,
     options: ExecutionOptions,
     work: Work<'_>,
 ) -> Result<Done> {
     use crate::backend::BackendKind;
-    use Precision::{F16, F32};
-    match (selected.kind, options.fusion, options.precision) {
+    // One backend type per (backend, fusion): the precision is the device's float type, which
+    // `ExecutionOptions::check` claimed (`claim_precision`), and every tensor the work makes
+    // follows it. An f16 type parameter would only compile every pipeline a second time.
+    match (selected.kind, options.fusion) {
         #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, true, F32) => work.run::<Cuda<f32>>(CudaDevice::default()),
+        (BackendKind::Cuda, true) => work.run::<Cuda<f32>>(CudaDevice::default()),
         #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, true, F16) => work.run::<Cuda<f16>>(CudaDevice::default()),
-        #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, false, F32) => work.run::<CudaUnfused<f32>>(CudaDevice::default()),
-        #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, false, F16) => work.run::<CudaUnfused<f16>>(CudaDevice::default()),
+        (BackendKind::Cuda, false) => work.run::<CudaUnfused<f32>>(CudaDevice::default()),
         #[cfg(not(feature = "cuda"))]
-        (BackendKind::Cuda, _, _) => Err(EngineError::Backend(
+        (BackendKind::Cuda, _) => Err(EngineError::Backend(
             "this build has no CUDA backend (it was built without the `cuda` feature)".into(),
         )),
-        (BackendKind::Wgpu, true, F32) => work.run::<Wgpu<f32>>(WgpuDevice::DefaultDevice),
-        (BackendKind::Wgpu, true, F16) => work.run::<Wgpu<f16>>(WgpuDevice::DefaultDevice),
-        (BackendKind::Wgpu, false, F32) => work.run::<WgpuUnfused<f32>>(WgpuDevice::DefaultDevice),
-        (BackendKind::Wgpu, false, F16) => work.run::<WgpuUnfused<f16>>(WgpuDevice::DefaultDevice),
-        (BackendKind::Cpu, _, _) => work.run::<Flex>(FlexDevice),
+        (BackendKind::Wgpu, true) => work.run::<Wgpu<f32>>(WgpuDevice::DefaultDevice),
+        (BackendKind::Wgpu, false) => work.run::<WgpuUnfused<f32>>(WgpuDevice::DefaultDevice),
+        (BackendKind::Cpu, _) => work.run::<Flex>(FlexDevice),
     }
 }

@@ -220,7 +220,9 @@ mod pipeline {
     use crate::common::{Cpu, assert_parity, fixture};
     use engine::noise::{NoiseSource, NoiseTape};
     use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
-    use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
+    use engine::pipelines::{
+        CancelToken, CommonRequest, ControlNetInput, GenerationRequest, StepProgress, Task,
+    };
     use engine::tensor_io::HostTensor;
 
     fn control_image() -> HostTensor {
@@ -245,27 +247,37 @@ mod pipeline {
         .unwrap();
         let c = &m["cases"][case];
         GenerationRequest {
-            pipeline: PipelineKind::ControlNet,
-            prompt: m["prompt"].as_str().unwrap().into(),
-            negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
-            steps: 5,
-            guidance_scale: c["guidance_scale"].as_f64().unwrap(),
-            width: 128,
-            height: 64,
-            batch: 2,
-            seed: 2468,
-            scheduler: Some(match c["scheduler"].as_str().unwrap() {
-                "PNDMScheduler" => engine::schedulers::SchedulerKind::Pndm,
-                _ => engine::schedulers::SchedulerKind::Ddim,
+            common: CommonRequest {
+                prompt: m["prompt"].as_str().unwrap().into(),
+                negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
+                steps: 5,
+                guidance_scale: c["guidance_scale"].as_f64().unwrap(),
+                width: 128,
+                height: 64,
+                batch: 2,
+                seed: 2468,
+                scheduler: Some(match c["scheduler"].as_str().unwrap() {
+                    "PNDMScheduler" => engine::schedulers::SchedulerKind::Pndm,
+                    _ => engine::schedulers::SchedulerKind::Ddim,
+                }),
+                ..Default::default()
+            },
+            task: Task::ControlNet(ControlNetInput {
+                image: control_image(),
+                scale: c["controlnet_conditioning_scale"].as_f64().unwrap(),
+                guidance: (
+                    c["control_guidance_start"].as_f64().unwrap(),
+                    c["control_guidance_end"].as_f64().unwrap(),
+                ),
+                guess_mode: c["guess_mode"].as_bool().unwrap(),
             }),
-            control_image: Some(control_image()),
-            controlnet_scale: c["controlnet_conditioning_scale"].as_f64().unwrap(),
-            control_guidance: (
-                c["control_guidance_start"].as_f64().unwrap(),
-                c["control_guidance_end"].as_f64().unwrap(),
-            ),
-            guess_mode: c["guess_mode"].as_bool().unwrap(),
-            ..Default::default()
+        }
+    }
+
+    fn control(req: &mut GenerationRequest) -> &mut ControlNetInput {
+        match &mut req.task {
+            Task::ControlNet(control) => control,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -326,13 +338,16 @@ mod pipeline {
         assert!(err.contains("load one first"), "{err}");
         let pipe = pipeline();
         let mut req = request("controlnet_pndm");
-        req.control_guidance = (0.8, 0.2);
+        control(&mut req).guidance = (0.8, 0.2);
         assert!(run(&pipe, &req).contains("control_guidance"));
         let mut req = request("controlnet_pndm");
-        req.control_image = None;
+        control(&mut req).image = HostTensor {
+            shape: vec![4, 4],
+            values: vec![0.0; 16],
+        };
         assert!(run(&pipe, &req).contains("control_image"));
         let mut req = request("controlnet_pndm");
-        req.controlnet_scale = f64::NAN;
+        control(&mut req).scale = f64::NAN;
         assert!(run(&pipe, &req).contains("controlnet_scale"));
     }
 }

@@ -7,7 +7,10 @@ use crate::common::{Cpu, assert_parity, fixture, refs};
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::deepfloyd_if::{IFPipeline, T5Residency, is_if_folder};
 use engine::pipelines::stable_diffusion::LoadOptions;
-use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, PromptEmbeds, StepProgress};
+use engine::pipelines::{
+    CancelToken, CommonRequest, GenerationRequest, PipelineKind, PromptEmbeds, StepProgress, Task,
+    UpscaleInput, UpscaleSource,
+};
 
 fn meta() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("refs/if.json")).unwrap()).unwrap()
@@ -26,16 +29,18 @@ fn stage1_request() -> GenerationRequest {
     let m = meta();
     let s = &m["stage1"];
     GenerationRequest {
-        pipeline: PipelineKind::If,
-        prompt: m["prompt"].as_str().unwrap().into(),
-        negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
-        steps: s["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: s["guidance_scale"].as_f64().unwrap(),
-        width: 16,
-        height: 16,
-        batch: 2,
-        seed: s["seed"].as_u64().unwrap(),
-        ..Default::default()
+        common: CommonRequest {
+            prompt: m["prompt"].as_str().unwrap().into(),
+            negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
+            steps: s["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: s["guidance_scale"].as_f64().unwrap(),
+            width: 16,
+            height: 16,
+            batch: 2,
+            seed: s["seed"].as_u64().unwrap(),
+            ..Default::default()
+        },
+        task: Task::If,
     }
 }
 
@@ -43,18 +48,28 @@ fn stage2_request() -> GenerationRequest {
     let m = meta();
     let s = &m["stage2"];
     GenerationRequest {
-        pipeline: PipelineKind::IfStage2,
-        prompt: m["prompt"].as_str().unwrap().into(),
-        negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
-        steps: s["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: s["guidance_scale"].as_f64().unwrap(),
-        width: 32,
-        height: 32,
-        batch: 2,
-        seed: s["seed"].as_u64().unwrap(),
-        noise_level: Some(s["noise_level"].as_u64().unwrap() as usize),
-        image_array: Some(refs("if_stage1")["image_pt"].clone()),
-        ..Default::default()
+        common: CommonRequest {
+            prompt: m["prompt"].as_str().unwrap().into(),
+            negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
+            steps: s["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: s["guidance_scale"].as_f64().unwrap(),
+            width: 32,
+            height: 32,
+            batch: 2,
+            seed: s["seed"].as_u64().unwrap(),
+            ..Default::default()
+        },
+        task: Task::IfStage2(UpscaleInput {
+            source: UpscaleSource::Array(refs("if_stage1")["image_pt"].clone()),
+            noise_level: Some(s["noise_level"].as_u64().unwrap() as usize),
+        }),
+    }
+}
+
+fn stage2_input(req: &mut GenerationRequest) -> &mut UpscaleInput {
+    match &mut req.task {
+        Task::IfStage2(input) => input,
+        other => panic!("{other:?}"),
     }
 }
 
@@ -207,30 +222,37 @@ fn if_requests_are_checked_before_any_tensor_work() {
         &CancelToken::new(),
         &mut |_: &StepProgress| {},
     ) {
-        Ok(_) => panic!("{:?} was accepted", req.pipeline),
+        Ok(_) => panic!("{:?} was accepted", req.pipeline()),
         Err(e) => e.to_string(),
     };
     let mut req = stage1_request();
-    req.pipeline = PipelineKind::Txt2Img;
+    req.task = Task::Txt2Img;
     assert!(
         err(&one, &req).contains("runs the if pipeline"),
         "{}",
         err(&one, &req)
     );
+    let mut req = stage1_request();
+    req.task = Task::If;
+    assert!(
+        err(&two, &req).contains("runs the if-stage2 pipeline"),
+        "{}",
+        err(&two, &req)
+    );
     let mut req = stage2_request();
-    req.image_array = None;
-    assert!(err(&two, &req).contains("needs an input image"));
+    stage2_input(&mut req).source = UpscaleSource::Image(engine::tensor_io::HostTensor {
+        shape: vec![32, 32],
+        values: vec![0.0; 32 * 32],
+    });
+    assert!(err(&two, &req).contains("image"), "{}", err(&two, &req));
     let mut req = stage2_request();
-    req.noise_level = Some(1000);
+    stage2_input(&mut req).noise_level = Some(1000);
     assert!(err(&two, &req).contains("noise_level"));
     let mut req = stage2_request();
-    if let Some(a) = req.image_array.as_mut() {
+    if let UpscaleSource::Array(a) = &mut stage2_input(&mut req).source {
         a.shape = vec![2, 4, 16, 12]; // as many values, but 4 channels
     }
     assert!(err(&two, &req).contains("image_array"));
-    let mut req = stage1_request();
-    req.noise_level = Some(10);
-    assert!(err(&one, &req).contains("noise_level"));
     let mut req = stage1_request();
     req.prompt_embeds = Some(PromptEmbeds {
         prompt_embeds: engine::tensor_io::HostTensor {

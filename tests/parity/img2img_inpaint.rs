@@ -8,7 +8,10 @@ use engine::models::MemoryFormat;
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::image_processor::crop_region;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
-use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
+use engine::pipelines::{
+    CancelToken, CommonRequest, GenerationRequest, Img2ImgInput, InpaintInput, PipelineKind,
+    StepProgress, Task,
+};
 use engine::tensor_io::HostTensor;
 
 fn load(model: &str) -> StableDiffusionPipeline<Cpu> {
@@ -57,21 +60,39 @@ fn request(meta: &str, case: &str, pipeline: PipelineKind) -> GenerationRequest 
         .trim_end_matches(')')
         .parse()
         .unwrap();
+    let strength = Some(c["strength"].as_f64().unwrap());
+    let task = match pipeline {
+        PipelineKind::Inpaint => Task::Inpaint(InpaintInput {
+            strength,
+            ..InpaintInput::new(init_image(), mask_image())
+        }),
+        PipelineKind::Img2Img => Task::Img2Img(Img2ImgInput {
+            image: init_image(),
+            strength,
+        }),
+        other => panic!("{other:?}"),
+    };
     GenerationRequest {
-        pipeline,
-        prompt: m["prompt"].as_str().unwrap().into(),
-        negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
-        steps: c["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: c["guidance_scale"].as_f64().unwrap(),
-        width: 128,
-        height: 64,
-        batch: c["num_images_per_prompt"].as_u64().unwrap() as usize,
-        seed,
-        scheduler: Some(scheduler.parse().unwrap()),
-        image: Some(init_image()),
-        mask: (pipeline == PipelineKind::Inpaint).then(mask_image),
-        strength: Some(c["strength"].as_f64().unwrap()),
-        ..Default::default()
+        common: CommonRequest {
+            prompt: m["prompt"].as_str().unwrap().into(),
+            negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
+            steps: c["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: c["guidance_scale"].as_f64().unwrap(),
+            width: 128,
+            height: 64,
+            batch: c["num_images_per_prompt"].as_u64().unwrap() as usize,
+            seed,
+            scheduler: Some(scheduler.parse().unwrap()),
+            ..Default::default()
+        },
+        task,
+    }
+}
+
+fn inpaint(req: &mut GenerationRequest) -> &mut InpaintInput {
+    match &mut req.task {
+        Task::Inpaint(input) => input,
+        other => panic!("{other:?}"),
     }
 }
 
@@ -208,7 +229,7 @@ fn only_masked_inpainting_changes_only_the_masked_pixels() {
     req.width = 64;
     req.height = 64;
     req.batch = 1;
-    req.padding_mask_crop = Some(4);
+    inpaint(&mut req).padding_mask_crop = Some(4);
     let out = pipe
         .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
         .unwrap();
@@ -251,55 +272,59 @@ fn bad_image_requests_are_rejected_before_any_work() {
     let base = request("inpaint.json", "inpaint_ddim", PipelineKind::Inpaint);
 
     let mut req = base.clone();
-    req.strength = Some(1.5);
+    inpaint(&mut req).strength = Some(1.5);
     assert_eq!(field_of(run(&pipe, &req)).0, "strength");
 
     let mut req = base.clone();
-    req.strength = Some(0.1); // int(5 · 0.1) = 0 steps
+    inpaint(&mut req).strength = Some(0.1); // int(5 · 0.1) = 0 steps
     let (field, message) = field_of(run(&pipe, &req));
     assert_eq!(field, "strength");
     assert!(message.contains("no step"), "{message}");
 
     let mut req = base.clone();
-    req.mask = Some(HostTensor {
+    inpaint(&mut req).mask = HostTensor {
         shape: vec![32, 32],
         values: vec![1.0; 32 * 32],
-    });
+    };
     assert_eq!(field_of(run(&pipe, &req)).0, "mask");
 
     let mut req = base.clone();
-    req.mask = None;
-    assert_eq!(field_of(run(&pipe, &req)).0, "mask");
-
-    let mut req = base.clone();
-    req.image = Some(HostTensor {
+    inpaint(&mut req).image = HostTensor {
         shape: vec![64, 128, 4],
         values: vec![0.5; 64 * 128 * 4],
-    });
+    };
     assert_eq!(field_of(run(&pipe, &req)).0, "image");
 
     let mut req = base.clone();
-    req.padding_mask_crop = Some(8);
-    req.mask = Some(HostTensor {
+    inpaint(&mut req).padding_mask_crop = Some(8);
+    inpaint(&mut req).mask = HostTensor {
         shape: vec![64, 128],
         values: vec![0.0; 64 * 128],
-    });
+    };
     let (field, message) = field_of(run(&pipe, &req));
     assert_eq!(field, "mask");
     assert!(message.contains("empty"), "{message}");
 
-    // An inpainting UNet cannot run txt2img/img2img, and img2img takes no mask.
+    // An inpainting UNet cannot run txt2img/img2img; img2img takes no latents (its latents
+    // are the noised image) and an RGB image only. (A mask given to img2img, or an inpainting
+    // without one, cannot be written down: the task types have no place for them.)
     let mut req = base.clone();
-    req.pipeline = PipelineKind::Txt2Img;
-    req.image = None;
-    req.mask = None;
-    req.strength = None;
+    req.task = Task::Txt2Img;
     assert_eq!(field_of(run(&pipe, &req)).0, "pipeline");
-    let mut req = base.clone();
-    req.pipeline = PipelineKind::Img2Img;
-    assert_eq!(field_of(run(&plain, &req)).0, "mask");
-    req.mask = None;
-    req.image = None;
+    let mut req = request("img2img.json", "ddim", PipelineKind::Img2Img);
+    req.latents = Some(HostTensor {
+        shape: vec![req.batch, 4, 8, 16],
+        values: vec![0.0; req.batch * 4 * 8 * 16],
+    });
+    assert_eq!(field_of(run(&plain, &req)).0, "latents");
+    let mut req = request("img2img.json", "ddim", PipelineKind::Img2Img);
+    req.task = Task::Img2Img(Img2ImgInput {
+        image: HostTensor {
+            shape: vec![64, 128],
+            values: vec![0.5; 64 * 128],
+        },
+        strength: None,
+    });
     assert_eq!(field_of(run(&plain, &req)).0, "image");
 }
 
@@ -311,7 +336,10 @@ fn img2img_resizes_an_image_of_another_size() {
     let mut req = request("img2img.json", "ddim", PipelineKind::Img2Img);
     req.batch = 1;
     let original = init_image();
-    req.image = Some(engine::pipelines::image_processor::resize(&original, 100, 50).unwrap());
+    let Task::Img2Img(input) = &mut req.task else {
+        panic!("{:?}", req.task)
+    };
+    input.image = engine::pipelines::image_processor::resize(&original, 100, 50).unwrap();
     let out = pipe
         .generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
         .unwrap();

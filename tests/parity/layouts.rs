@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::{Cpu, assert_close, fixture};
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
-use engine::pipelines::{CancelToken, GenerationRequest, StepProgress};
+use engine::pipelines::{CancelToken, CommonRequest, GenerationRequest, StepProgress, Task};
 use engine::tensor_io::HostTensor;
 
 fn load(folder: &Path, variant: Option<&str>) -> StableDiffusionPipeline<Cpu> {
@@ -22,13 +22,16 @@ fn load(folder: &Path, variant: Option<&str>) -> StableDiffusionPipeline<Cpu> {
 
 fn images(pipe: &StableDiffusionPipeline<Cpu>) -> HostTensor {
     let request = GenerationRequest {
-        prompt: "a fox’s den, ghibli style".into(),
-        negative_prompt: "blurry".into(),
-        steps: 3,
-        width: 64,
-        height: 64,
-        seed: 7,
-        ..Default::default()
+        common: CommonRequest {
+            prompt: "a fox’s den, ghibli style".into(),
+            negative_prompt: "blurry".into(),
+            steps: 3,
+            width: 64,
+            height: 64,
+            seed: 7,
+            ..Default::default()
+        },
+        task: Task::Txt2Img,
     };
     pipe.generate(
         &request,

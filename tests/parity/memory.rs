@@ -17,7 +17,10 @@ use engine::models::text_encoders::t5::T5EncoderModel;
 use engine::models::unets::{ClassLabels, UNet2DConditionModel};
 use engine::pipelines::deepfloyd_if::IFPipeline;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
-use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
+use engine::pipelines::{
+    CancelToken, CommonRequest, ControlNetInput, GenerationRequest, Img2ImgInput, InpaintInput,
+    StepProgress, Task, UpscaleInput, UpscaleSource,
+};
 use engine::session::{EngineSettings, Session};
 
 use crate::common::{Cpu, fixture, rgb_png};
@@ -32,19 +35,38 @@ fn sd(folder: &str) -> StableDiffusionPipeline<Cpu> {
     .expect("load fixture")
 }
 
-fn request(pipeline: PipelineKind, width: usize, height: usize) -> GenerationRequest {
+fn request(task: Task, width: usize, height: usize) -> GenerationRequest {
     GenerationRequest {
-        pipeline,
-        prompt: "a red fox in the snow".into(),
-        negative_prompt: "blurry".into(),
-        steps: 2,
-        guidance_scale: 7.5,
-        width,
-        height,
-        batch: 2,
-        seed: 7,
-        ..Default::default()
+        common: CommonRequest {
+            prompt: "a red fox in the snow".into(),
+            negative_prompt: "blurry".into(),
+            steps: 2,
+            guidance_scale: 7.5,
+            width,
+            height,
+            batch: 2,
+            seed: 7,
+            ..Default::default()
+        },
+        task,
     }
+}
+
+fn img2img() -> Task {
+    Task::Img2Img(Img2ImgInput {
+        image: init_image(),
+        strength: Some(0.9),
+    })
+}
+
+fn upscale() -> Task {
+    Task::Upscale(UpscaleInput::new(UpscaleSource::Image(rgb_png(
+        "refs/lowres.png",
+    ))))
+}
+
+fn control_task() -> Task {
+    Task::ControlNet(ControlNetInput::new(rgb_png("refs/control.png")))
 }
 
 /// Everything `predicted` lists is what the processors were given: each model's list appears
@@ -118,7 +140,7 @@ fn the_unet_lists_the_calls_of_its_forward_pass_in_order() {
 #[test]
 fn every_sd_pipeline_lists_the_calls_it_makes() {
     let txt2img = sd("tiny-sd");
-    let req = request(PipelineKind::Txt2Img, 128, 64);
+    let req = request(Task::Txt2Img, 128, 64);
     let calls = generate_sd(&txt2img, &req);
     let listed = txt2img.attention_calls(&req);
     assert_eq!(
@@ -137,9 +159,7 @@ fn every_sd_pipeline_lists_the_calls_it_makes() {
     );
 
     // img2img at a size whose latents are odd (the encoder's downsampling rounds down).
-    let mut req = request(PipelineKind::Img2Img, 72, 40);
-    req.image = Some(init_image());
-    req.strength = Some(0.9);
+    let mut req = request(img2img(), 72, 40);
     let listed = txt2img.attention_calls(&req);
     assert_eq!(listed[0].model, "VAE encoder");
     assert_recorded(&listed, &generate_sd(&txt2img, &req), "img2img");
@@ -154,14 +174,16 @@ fn every_sd_pipeline_lists_the_calls_it_makes() {
     assert_eq!((encoder.len(), decoder.len()), (12, 12));
     assert_eq!(
         encoder[0],
-        txt2img.attention_calls(&request(PipelineKind::Img2Img, 64, 64))[0].calls[0]
+        txt2img.attention_calls(&request(img2img(), 64, 64))[0].calls[0]
     );
     assert_recorded(&listed, &generate_sd(&txt2img, &req), "img2img, VAE tiling");
 
     let inpaint = sd("tiny-sd-inpaint");
-    let mut req = request(PipelineKind::Inpaint, 128, 64);
-    req.image = Some(init_image());
-    req.mask = Some(mask_image());
+    let req = request(
+        Task::Inpaint(InpaintInput::new(init_image(), mask_image())),
+        128,
+        64,
+    );
     assert_recorded(
         &inpaint.attention_calls(&req),
         &generate_sd(&inpaint, &req),
@@ -173,9 +195,14 @@ fn every_sd_pipeline_lists_the_calls_it_makes() {
         .load_controlnet(&fixture("tiny-controlnet"))
         .expect("load controlnet");
     for guess_mode in [false, true] {
-        let mut req = request(PipelineKind::ControlNet, 128, 64);
-        req.control_image = Some(rgb_png("refs/control.png"));
-        req.guess_mode = guess_mode;
+        let req = request(
+            Task::ControlNet(ControlNetInput {
+                guess_mode,
+                ..ControlNetInput::new(rgb_png("refs/control.png"))
+            }),
+            128,
+            64,
+        );
         let listed = controlnet.attention_calls(&req);
         assert_eq!(listed[0].model, "ControlNet");
         // Guess mode runs the ControlNet on the conditional half only.
@@ -188,9 +215,14 @@ fn every_sd_pipeline_lists_the_calls_it_makes() {
     }
 
     let upscaler = sd("tiny-sd-x4");
-    let mut req = request(PipelineKind::Upscale, 128, 64);
-    req.image = Some(rgb_png("refs/lowres.png"));
-    req.noise_level = Some(20);
+    let mut req = request(
+        Task::Upscale(UpscaleInput {
+            source: UpscaleSource::Image(rgb_png("refs/lowres.png")),
+            noise_level: Some(20),
+        }),
+        128,
+        64,
+    );
     let listed = upscaler.attention_calls(&req);
     // The x4 VAE decodes at a quarter of the output's side.
     assert_eq!(listed[1].calls[0].queries, (128 / 4) * (64 / 4));
@@ -222,7 +254,7 @@ fn if_lists_the_calls_it_makes() {
         &Default::default(),
     )
     .expect("load IF");
-    let req = request(PipelineKind::If, 16, 16);
+    let req = request(Task::If, 16, 16);
     let (out, calls) = record_attention_calls(|| {
         pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
     });
@@ -241,7 +273,7 @@ fn kib(kib: u64) -> MemoryBudget {
 #[test]
 fn a_request_whose_attention_cannot_fit_is_refused_before_any_work() {
     let mut pipe = sd("tiny-sd");
-    let req = request(PipelineKind::Txt2Img, 128, 64);
+    let req = request(Task::Txt2Img, 128, 64);
     // The UNet's first level: 4 (CFG) × 4 heads of 128 × 128 scores, 1 MiB, and softmax's copy.
     pipe.set_attn_processor(AttnProcessor::Vanilla);
     pipe.set_memory_budget(kib(64));
@@ -310,7 +342,7 @@ fn a_request_whose_attention_cannot_fit_is_refused_before_any_work() {
     .expect("load IF");
     stage1.set_attn_processor(AttnProcessor::Vanilla);
     stage1.set_memory_budget(kib(1));
-    let req = request(PipelineKind::If, 16, 16);
+    let req = request(Task::If, 16, 16);
     let (out, calls) = record_attention_calls(|| {
         stage1.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})
     });
@@ -324,8 +356,7 @@ fn when_the_vae_does_not_fit_vae_tiling_is_offered_and_fits() {
     // decoder, at the full latent size, holds the largest scores: 512 × 512 at 128 × 64 px out.
     let mut pipe = sd("tiny-sd-x4");
     pipe.set_attn_processor(AttnProcessor::Vanilla);
-    let mut req = request(PipelineKind::Upscale, 128, 64);
-    req.image = Some(rgb_png("refs/lowres.png"));
+    let mut req = request(upscale(), 128, 64);
     req.guidance_scale = 1.0;
     req.batch = 1;
     let whole = AttentionNeed::of(AttnProcessor::Vanilla, &pipe.attention_calls(&req));
@@ -507,8 +538,7 @@ fn a_vae_decode_too_large_for_the_gpu_pool_is_refused_and_tiling_offered() {
     // Fused attention holds no scores: only the decoder's feature maps are at stake.
     let mut pipe = sd("tiny-sd-x4");
     pipe.set_attn_processor(AttnProcessor::Fused);
-    let mut req = request(PipelineKind::Upscale, 128, 64);
-    req.image = Some(rgb_png("refs/lowres.png"));
+    let mut req = request(upscale(), 128, 64);
     let config: AutoencoderKLConfig = serde_json::from_str(
         &std::fs::read_to_string(fixture("tiny-sd-x4/vae/config.json")).expect("config"),
     )
@@ -634,7 +664,7 @@ fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
     }
     let mut pipe = sd("tiny-sd");
     pipe.set_attn_processor(AttnProcessor::Fused);
-    let req = request(PipelineKind::Txt2Img, 128, 64);
+    let req = request(Task::Txt2Img, 128, 64);
     // Batch 2 with CFG: the UNet sees 4 latents of 8 × 16.
     let map = pipe.unet.feature_map(4, [8, 16]);
     expect_refused(&map, |budget| {
@@ -650,8 +680,7 @@ fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
     let controlnet = pipe.controlnet.as_ref().expect("loaded");
     let per_image = controlnet.residual_elements([8, 16]);
     let held = per_image * 4 * 4;
-    let mut control = request(PipelineKind::ControlNet, 128, 64);
-    control.control_image = Some(rgb_png("refs/control.png"));
+    let control = request(control_task(), 128, 64);
     let with_residuals = map.holding_control_residuals(per_image);
     assert_eq!(with_residuals.pass_peak(), map.pass_peak() + held as u64);
     // The budget, one byte short, admits the UNet's own maps.
@@ -676,7 +705,7 @@ fn a_unet_pass_too_large_for_the_memory_left_is_refused_before_any_work() {
         &Default::default(),
     )
     .expect("load IF");
-    let req = request(PipelineKind::If, 16, 16);
+    let req = request(Task::If, 16, 16);
     let map = pipe.unet.feature_map(4, [16, 16]);
     expect_refused(&map, |budget| {
         pipe.set_memory_budget(budget);
@@ -752,7 +781,7 @@ fn a_model_too_large_for_the_memory_left_is_refused_before_its_weights_are_read(
     assert!(pipe.controlnet.is_some());
 
     pipe.set_attn_processor(AttnProcessor::Vanilla);
-    let mut req = request(PipelineKind::Txt2Img, 1024, 1024);
+    let mut req = request(Task::Txt2Img, 1024, 1024);
     req.batch = 4;
     let (out, calls) = record_attention_calls(|| {
         pipe.generate(&req, None, &CancelToken::new(), &mut |_: &StepProgress| {})

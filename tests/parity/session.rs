@@ -4,7 +4,9 @@
 
 use engine::backend::{BackendRequest, ExecutionOptions};
 use engine::models::AttnProcessor;
-use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
+use engine::pipelines::{
+    CancelToken, CommonRequest, GenerationRequest, Img2ImgInput, StepProgress, Task,
+};
 use engine::session::{EngineSettings, Session};
 use engine::tensor_io::HostTensor;
 
@@ -41,12 +43,15 @@ fn run(session: &Session, request: &GenerationRequest) -> HostTensor {
 /// A request that names no size (0 × 0): the model's default.
 fn request() -> GenerationRequest {
     GenerationRequest {
-        prompt: "a castle".into(),
-        steps: 2,
-        seed: 5,
-        width: 0,
-        height: 0,
-        ..Default::default()
+        common: CommonRequest {
+            prompt: "a castle".into(),
+            steps: 2,
+            seed: 5,
+            width: 0,
+            height: 0,
+            ..Default::default()
+        },
+        task: Task::Txt2Img,
     }
 }
 
@@ -62,9 +67,12 @@ fn a_request_without_a_size_runs_at_the_models_default() {
     let sized = run(
         &session,
         &GenerationRequest {
-            width: w,
-            height: h,
-            ..request()
+            common: CommonRequest {
+                width: w,
+                height: h,
+                ..request().common
+            },
+            task: Task::Txt2Img,
         },
     );
     assert_eq!(sized, unsized_run, "the default size is the explicit one");
@@ -78,8 +86,10 @@ fn a_request_without_a_size_runs_at_the_models_default() {
     let out = run(
         &session,
         &GenerationRequest {
-            pipeline: PipelineKind::Img2Img,
-            image: Some(image),
+            task: Task::Img2Img(Img2ImgInput {
+                image,
+                strength: None,
+            }),
             ..request()
         },
     );
@@ -96,9 +106,12 @@ fn a_failed_load_keeps_the_model_that_was_loaded() {
     let out = run(
         &session,
         &GenerationRequest {
-            width: 16,
-            height: 16,
-            ..request()
+            common: CommonRequest {
+                width: 16,
+                height: 16,
+                ..request().common
+            },
+            task: Task::Txt2Img,
         },
     );
     assert_eq!(out.shape, vec![1, 16, 16, 3]);

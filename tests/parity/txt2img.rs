@@ -7,7 +7,7 @@ use engine::EngineError;
 use engine::models::MemoryFormat;
 use engine::noise::NoiseTape;
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
-use engine::pipelines::{CancelToken, GenerationRequest, StepProgress};
+use engine::pipelines::{CancelToken, CommonRequest, GenerationRequest, StepProgress, Task};
 
 fn pipeline() -> StableDiffusionPipeline<Cpu> {
     pipeline_on(&Default::default())
@@ -23,16 +23,19 @@ pub(crate) fn request(scheduler: Option<&str>) -> GenerationRequest {
         serde_json::from_str(&std::fs::read_to_string(fixture("refs/txt2img.json")).unwrap())
             .unwrap();
     GenerationRequest {
-        prompt: params["prompt"].as_str().unwrap().into(),
-        negative_prompt: params["negative_prompt"].as_str().unwrap().into(),
-        steps: params["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: params["guidance_scale"].as_f64().unwrap(),
-        width: params["width"].as_u64().unwrap() as usize,
-        height: params["height"].as_u64().unwrap() as usize,
-        batch: params["num_images_per_prompt"].as_u64().unwrap() as usize,
-        seed: 1234,
-        scheduler: scheduler.map(|s| s.parse().unwrap()),
-        ..Default::default()
+        common: CommonRequest {
+            prompt: params["prompt"].as_str().unwrap().into(),
+            negative_prompt: params["negative_prompt"].as_str().unwrap().into(),
+            steps: params["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: params["guidance_scale"].as_f64().unwrap(),
+            width: params["width"].as_u64().unwrap() as usize,
+            height: params["height"].as_u64().unwrap() as usize,
+            batch: params["num_images_per_prompt"].as_u64().unwrap() as usize,
+            seed: 1234,
+            scheduler: scheduler.map(|s| s.parse().unwrap()),
+            ..Default::default()
+        },
+        task: Task::Txt2Img,
     }
 }
 

@@ -4,7 +4,10 @@
 use crate::common::{Cpu, assert_parity, fixture, rgb_png};
 use engine::noise::{NoiseSource, NoiseTape};
 use engine::pipelines::stable_diffusion::{LoadOptions, StableDiffusionPipeline};
-use engine::pipelines::{CancelToken, GenerationRequest, PipelineKind, StepProgress};
+use engine::pipelines::{
+    CancelToken, CommonRequest, GenerationRequest, PipelineKind, StepProgress, Task, UpscaleInput,
+    UpscaleSource,
+};
 
 fn pipeline() -> StableDiffusionPipeline<Cpu> {
     StableDiffusionPipeline::load(
@@ -20,18 +23,21 @@ fn request() -> GenerationRequest {
         serde_json::from_str(&std::fs::read_to_string(fixture("refs/upscale.json")).unwrap())
             .unwrap();
     GenerationRequest {
-        pipeline: PipelineKind::Upscale,
-        prompt: m["prompt"].as_str().unwrap().into(),
-        negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
-        steps: m["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: m["guidance_scale"].as_f64().unwrap(),
-        width: 128,
-        height: 64,
-        batch: 2,
-        seed: m["seed"].as_u64().unwrap(),
-        noise_level: Some(m["noise_level"].as_u64().unwrap() as usize),
-        image: Some(rgb_png("refs/lowres.png")),
-        ..Default::default()
+        common: CommonRequest {
+            prompt: m["prompt"].as_str().unwrap().into(),
+            negative_prompt: m["negative_prompt"].as_str().unwrap().into(),
+            steps: m["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: m["guidance_scale"].as_f64().unwrap(),
+            width: 128,
+            height: 64,
+            batch: 2,
+            seed: m["seed"].as_u64().unwrap(),
+            ..Default::default()
+        },
+        task: Task::Upscale(UpscaleInput {
+            source: UpscaleSource::Image(rgb_png("refs/lowres.png")),
+            noise_level: Some(m["noise_level"].as_u64().unwrap() as usize),
+        }),
     }
 }
 
@@ -72,11 +78,12 @@ fn x4_upscaler_takes_an_image_array() {
         values[c * h * w + pixel] = v * 2.0 - 1.0;
     }
     let mut req = request();
-    req.image = None;
-    req.image_array = Some(engine::tensor_io::HostTensor {
-        shape: vec![1, 3, h, w],
-        values,
-    });
+    if let Task::Upscale(input) = &mut req.task {
+        input.source = UpscaleSource::Array(engine::tensor_io::HostTensor {
+            shape: vec![1, 3, h, w],
+            values,
+        });
+    }
     let out = generate(&pipe, &req).expect("upscale");
     assert_parity(&out.images, "upscale", "image", "from an array");
 }
@@ -89,15 +96,15 @@ fn x4_upscaler_requests_are_checked() {
         Err(e) => e.to_string(),
     };
     let mut req = request();
-    req.noise_level = Some(351);
+    if let Task::Upscale(input) = &mut req.task {
+        input.noise_level = Some(351);
+    }
     assert!(err(&req).contains("noise_level"), "{}", err(&req));
     let mut req = request();
     req.width = 120;
     assert!(err(&req).contains("width"), "{}", err(&req));
     let mut req = request();
-    req.pipeline = PipelineKind::Txt2Img;
-    req.image = None;
-    req.noise_level = None;
+    req.task = Task::Txt2Img;
     assert!(err(&req).contains("upscale pipeline"), "{}", err(&req));
     // An SD model cannot upscale.
     let sd = StableDiffusionPipeline::<Cpu>::load(

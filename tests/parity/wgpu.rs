@@ -6,7 +6,7 @@
 use burn::backend::Wgpu;
 use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType, IntDType, Tensor, TensorData, f16, set_default_dtypes};
+use burn::tensor::{DType, FloatDType, IntDType, Tensor, TensorData, set_default_dtypes};
 use engine::backend::{BackendKind, BackendRequest, select_backend};
 use engine::models::MemoryFormat;
 use engine::models::cube_attention::{
@@ -154,7 +154,7 @@ fn unfused_and_f16_match_diffusers_on_wgpu() {
     // f16 gets a device of its own: the software adapter by its other name (lavapipe in CI).
     let software = select_backend(BackendRequest::Wgpu).is_ok_and(|s| s.software);
     let f16_device = WgpuDevice::Cpu;
-    if !software || !<Wgpu<f16, i32> as Backend>::supports_dtype(&f16_device, DType::F16) {
+    if !software || !<Wgpu as Backend>::supports_dtype(&f16_device, DType::F16) {
         // Not a pass: say so loudly. Mesa's lavapipe has shaderFloat16, so CI runs this part.
         assert!(
             std::env::var_os("BRUSHFIRE_REQUIRE_WGPU_F16").is_none(),
@@ -163,9 +163,11 @@ fn unfused_and_f16_match_diffusers_on_wgpu() {
         eprintln!("NOTICE: no f16 software wgpu adapter; the f16 comparison did not run");
         return;
     }
-    set_default_dtypes::<Wgpu<f16, i32>>(&f16_device, FloatDType::F16, IntDType::I32)
+    // The engine's own way (`ExecutionOptions::check`): the f32 backend type on a device whose
+    // float type is f16, so no pipeline is compiled a second time for an f16 type parameter.
+    set_default_dtypes::<Wgpu>(&f16_device, FloatDType::F16, IntDType::I32)
         .expect("a fresh device takes f16");
-    let pipe = pipeline_on::<Wgpu<f16, i32>>(&f16_device);
+    let pipe = pipeline_on::<Wgpu>(&f16_device);
     assert_eq!(
         pipe.unet.conv_in.weight.val().dtype(),
         DType::F16,

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use engine::backend::BackendRequest;
-use engine::pipelines::GenerationRequest;
+use engine::pipelines::{CommonRequest, ControlNetInput, GenerationRequest, Task};
 use engine::worker::{EngineEvent, EngineHandle, EngineSettings, JobId};
 
 use crate::common::fixture;
@@ -19,12 +19,15 @@ fn settings() -> EngineSettings {
 
 fn request() -> GenerationRequest {
     GenerationRequest {
-        prompt: "a castle".into(),
-        steps: 3,
-        width: 64,
-        height: 64,
-        seed: 3,
-        ..Default::default()
+        common: CommonRequest {
+            prompt: "a castle".into(),
+            steps: 3,
+            width: 64,
+            height: 64,
+            seed: 3,
+            ..Default::default()
+        },
+        task: Task::Txt2Img,
     }
 }
 
@@ -353,11 +356,10 @@ fn a_controlnet_attaches_and_survives_a_model_reload() {
         "{events:?}"
     );
     let control = GenerationRequest {
-        pipeline: engine::pipelines::PipelineKind::ControlNet,
-        control_image: Some(engine::tensor_io::HostTensor {
+        task: Task::ControlNet(ControlNetInput::new(engine::tensor_io::HostTensor {
             shape: vec![64, 64, 3],
             values: (0..64 * 64 * 3).map(|i| (i % 7) as f32 / 6.0).collect(),
-        }),
+        })),
         ..request()
     };
     let job = engine.generate(control.clone());

@@ -8,6 +8,7 @@ use engine::bench::{BenchCell, BenchColumn, BenchPipeline, CellOutcome};
 
 use super::BrushfireApp;
 use super::bench::{BENCH_BATCHES, BENCH_SIZES, BenchForm, it_per_sec};
+use super::command::Command;
 
 /// Bar colours per settings column (baseline, fused, fusion, channels-last).
 const COLUMN_COLOURS: [egui::Color32; 4] = [
@@ -31,7 +32,7 @@ impl BrushfireApp {
         ui.horizontal(|ui| {
             if running {
                 if ui.button("Cancel benchmark").clicked() {
-                    self.state.cancel_bench();
+                    self.command(Command::CancelBench);
                 }
             } else {
                 let ready = self.state.backend.is_some();
@@ -39,7 +40,7 @@ impl BrushfireApp {
                     .add_enabled(ready, egui::Button::new("▶ Run benchmark"))
                     .on_disabled_hover_text("The engine is still starting.");
                 if run.clicked() {
-                    self.state.start_bench();
+                    self.command(Command::StartBench);
                 }
             }
             if let Some(backend) = &self.state.backend {

@@ -96,6 +96,16 @@ impl std::fmt::Debug for PaintCanvas {
     }
 }
 
+/// What a page calls its canvas' tools (the inpaint mask is brushed, the control map penned).
+pub struct ToolLabels {
+    pub brush: &'static str,
+    pub brush_hint: Option<&'static str>,
+    pub eraser_hint: Option<&'static str>,
+    pub size: &'static str,
+    pub clear: &'static str,
+    pub clear_hint: Option<&'static str>,
+}
+
 impl PaintCanvas {
     /// An empty layer of `width × height` pixels.
     pub fn new(width: usize, height: usize) -> Self {
@@ -141,6 +151,42 @@ impl PaintCanvas {
     /// How many pixels are painted.
     pub fn painted_pixels(&self) -> usize {
         self.layer.iter().filter(|&&v| v != 0).count()
+    }
+
+    /// The toolbar both canvases share, in a row the caller opens: brush and eraser, the size,
+    /// undo and redo, clear, then `extra` (the page's own tools), then "Fit view" and the zoom.
+    pub fn tools_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        labels: &ToolLabels,
+        extra: impl FnOnce(&mut Self, &mut egui::Ui),
+    ) {
+        let hint = |response: egui::Response, hint: Option<&str>| match hint {
+            Some(text) => response.on_hover_text(text),
+            None => response,
+        };
+        hint(
+            ui.selectable_value(&mut self.tool, Tool::Brush, labels.brush),
+            labels.brush_hint,
+        );
+        hint(
+            ui.selectable_value(&mut self.tool, Tool::Eraser, "Eraser"),
+            labels.eraser_hint,
+        );
+        self.size_and_history_ui(ui, labels.size);
+        if hint(ui.button(labels.clear), labels.clear_hint).clicked() {
+            self.clear();
+        }
+        extra(self, ui);
+        ui.separator();
+        if ui
+            .button("Fit view")
+            .on_hover_text("Wheel zooms; space + drag or the middle button pans.")
+            .clicked()
+        {
+            self.fit();
+        }
+        ui.label(format!("{:.0}%", self.zoom * 100.0));
     }
 
     /// What every canvas toolbar has: the brush-size slider (labelled `size_label`; `[` and `]`

@@ -9,7 +9,9 @@ use std::sync::OnceLock;
 
 use anyhow::{Result, bail};
 use eframe::egui;
-use engine::pipelines::{GenerationRequest, PipelineKind, PromptEmbeds};
+use engine::pipelines::{
+    CommonRequest, GenerationRequest, PromptEmbeds, Task, UpscaleInput, UpscaleSource,
+};
 use engine::tensor_io::HostTensor;
 use engine::worker::JobId;
 use serde::{Deserialize, Serialize};
@@ -177,35 +179,31 @@ impl CascadeState {
         self.running.is_none() && (i == 0 || self.results[i - 1].is_some())
     }
 
-    /// The request for stage `i` and the model it runs on. `prompt`, `negative`, `seed` and
-    /// `batch` come from the prompt panel (the batch only matters to stage I: later stages
-    /// make one image per input image).
-    pub fn request(
-        &self,
-        i: usize,
-        prompt: &str,
-        negative: &str,
-        seed: u64,
-        batch: usize,
-    ) -> Result<(GenerationRequest, String)> {
+    /// The request for stage `i` and the model it runs on. `base` comes from the prompt panel
+    /// (prompt, seed, batch; the batch only matters to stage I: later stages make one image
+    /// per input image); the stage sets its own steps, guidance and size.
+    pub fn request(&self, i: usize, base: CommonRequest) -> Result<(GenerationRequest, String)> {
         let Some(s) = self.stages.get(i) else {
             bail!("there is no stage {i}");
         };
         if s.model.trim().is_empty() {
             bail!("{}: choose a model first", STAGE_NAMES[i]);
         }
-        let mut request = GenerationRequest {
-            prompt: prompt.to_string(),
-            negative_prompt: negative.to_string(),
+        let common = CommonRequest {
             steps: s.steps,
             guidance_scale: s.guidance,
-            seed,
-            ..Default::default()
+            ..base
         };
-        if i == 0 {
-            request.pipeline = PipelineKind::If;
+        let request = if i == 0 {
             let side = self.stage1_side;
-            (request.width, request.height, request.batch) = (side, side, batch);
+            GenerationRequest {
+                common: CommonRequest {
+                    width: side,
+                    height: side,
+                    ..common
+                },
+                task: Task::If,
+            }
         } else {
             let Some(previous) = &self.results[i - 1] else {
                 bail!(
@@ -214,22 +212,33 @@ impl CascadeState {
                     STAGE_NAMES[i - 1]
                 );
             };
-            let input = previous.next_input();
+            let array = previous.next_input();
             let (w, h) = previous.size();
-            request.pipeline = if i == 1 {
-                PipelineKind::IfStage2
-            } else {
-                PipelineKind::Upscale
-            };
-            (request.width, request.height) = (4 * w, 4 * h);
-            request.batch = input.shape[0];
-            request.noise_level = Some(s.noise_level);
-            request.image_array = Some(input);
-            if i == 1 {
+            let common = CommonRequest {
+                width: 4 * w,
+                height: 4 * h,
+                batch: array.shape[0],
                 // Stage I's T5 embeddings (IF-II's folder need not hold T5).
-                request.prompt_embeds.clone_from(&previous.prompt_embeds);
+                prompt_embeds: if i == 1 {
+                    previous.prompt_embeds.clone()
+                } else {
+                    common.prompt_embeds
+                },
+                ..common
+            };
+            let input = UpscaleInput {
+                source: UpscaleSource::Array(array),
+                noise_level: Some(s.noise_level),
+            };
+            GenerationRequest {
+                common,
+                task: if i == 1 {
+                    Task::IfStage2(input)
+                } else {
+                    Task::Upscale(input)
+                },
             }
-        }
+        };
         Ok((request, s.model.trim().to_string()))
     }
 
@@ -272,6 +281,7 @@ impl CascadeState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use engine::pipelines::PipelineKind;
 
     fn images(b: usize, side: usize) -> HostTensor {
         HostTensor {
@@ -286,11 +296,18 @@ mod tests {
     fn stages_chain_their_outputs_and_refuse_to_run_without_input() {
         let mut c = CascadeState::new();
         assert!(c.can_run(0) && !c.can_run(1) && !c.can_run(2));
-        let err = c.request(1, "p", "", 1, 2).unwrap_err().to_string();
+        let base = CommonRequest {
+            prompt: "a corgi".into(),
+            negative_prompt: "blurry".into(),
+            seed: 7,
+            batch: 2,
+            ..Default::default()
+        };
+        let err = c.request(1, base.clone()).unwrap_err().to_string();
         assert!(err.contains("run Stage I first"), "{err}");
-        let (r, model) = c.request(0, "a corgi", "blurry", 7, 2).unwrap();
+        let (r, model) = c.request(0, base.clone()).unwrap();
         assert_eq!(
-            (r.pipeline, r.width, r.batch, r.steps),
+            (r.pipeline(), r.width, r.batch, r.steps),
             (PipelineKind::If, 64, 2, 100)
         );
         assert_eq!(model, "DeepFloyd/IF-I-M-v1.0");
@@ -315,23 +332,33 @@ mod tests {
             1.0,
         );
         assert!(c.running.is_none() && c.can_run(1));
-        let (r, _) = c.request(1, "a corgi", "blurry", 7, 2).unwrap();
+        let (r, _) = c.request(1, base.clone()).unwrap();
         assert_eq!(
-            (r.pipeline, r.width, r.height, r.batch, r.noise_level),
-            (PipelineKind::IfStage2, 256, 256, 2, Some(250))
+            (r.pipeline(), r.width, r.height, r.batch, r.noise_level()),
+            (PipelineKind::IfStage2, 256, 256, 2, 250)
         );
-        assert_eq!(r.image_array.as_ref(), Some(&raw), "stage I's raw output");
+        assert_eq!(
+            r.task.upscale_input().map(|input| &input.source),
+            Some(&UpscaleSource::Array(raw)),
+            "stage I's raw output"
+        );
         assert_eq!(r.prompt_embeds, Some(embeds), "stage I's T5 embeddings");
         assert_eq!(r.prompt, "a corgi", "kept for the images' parameters");
         // A result without raw images (the x4 input from shown pixels) maps [0, 1] → [-1, 1].
         c.finished(1, images(1, 4), (None, None), 2.0, 1.0);
-        let (r, _) = c.request(2, "p", "", 7, 2).unwrap();
-        let input = r.image_array.unwrap();
+        let (r, _) = c.request(2, base).unwrap();
+        let Task::Upscale(UpscaleInput {
+            source: UpscaleSource::Array(input),
+            ..
+        }) = &r.task
+        else {
+            panic!("{:?}", r.task)
+        };
         assert_eq!(input.shape, vec![1, 3, 4, 4]);
         // Pixel 1's red is NHWC value 3: (3 % 7) / 6 = 0.5 → 0.
         assert_eq!(input.values[1], 0.0);
         assert_eq!(input.values[0], -1.0);
-        assert_eq!((r.pipeline, r.width), (PipelineKind::Upscale, 16));
+        assert_eq!((r.pipeline(), r.width), (PipelineKind::Upscale, 16));
         // Re-running stage I drops what was made from its old output.
         c.finished(0, images(2, 64), (None, None), 3.0, 1.0);
         assert!(c.results[1].is_none() && c.results[2].is_none());

@@ -6,6 +6,7 @@ use eframe::egui;
 
 use super::BrushfireApp;
 use super::cascade::{MAX_NOISE, STAGE_NAMES, STAGES};
+use super::command::Command;
 use super::state::{AppState, JobState};
 
 /// What a click asked for.
@@ -44,12 +45,12 @@ impl BrushfireApp {
             }
         });
         match action {
-            Some(StageAction::Run(i)) => self.state.queue_stage(i),
-            Some(StageAction::RunAll) => self.state.run_all_stages(),
+            Some(StageAction::Run(i)) => self.command(Command::RunStage(i)),
+            Some(StageAction::RunAll) => self.command(Command::RunAllStages),
             Some(StageAction::Cancel) => {
                 if let Some((_, job)) = self.state.cascade.running {
                     self.state.cascade.chain = false;
-                    self.state.cancel(job);
+                    self.command(Command::Cancel(job));
                 }
             }
             None => {}
@@ -100,12 +101,7 @@ fn stage_ui(ui: &mut egui::Ui, state: &mut AppState, i: usize) -> Option<StageAc
         action = Some(StageAction::Run(i));
     }
     if let Some((_, job)) = running {
-        if let Some(preview) = state
-            .jobs
-            .iter_mut()
-            .find(|j| j.id == job)
-            .and_then(|j| j.preview.as_mut())
-        {
+        if let Some(preview) = state.jobs.preview_of(job) {
             // IF denoises pixels: the preview is the image itself.
             let texture = preview.texture(ui.ctx());
             let room = ui.available_width();

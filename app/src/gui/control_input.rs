@@ -10,13 +10,13 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use eframe::egui::{self, Color32};
 use engine::pipelines::control_preprocess::Canny;
-use engine::tensor_io::HostTensor;
+use engine::pipelines::{ControlNetInput, Task};
 use engine::worker::EngineEvent;
 use serde::{Deserialize, Serialize};
 
 use super::canvas::{ERASED, PAINTED, PaintCanvas};
 use super::download::DownloadState;
-use super::image_input::{SIDE_MULTIPLE, read_source};
+use super::image_input::{PageTask, SIDE_MULTIPLE, read_source};
 use crate::image_files::rgb8_to_host;
 use crate::png_meta::ControlNetParameters;
 
@@ -159,18 +159,6 @@ impl ControlSettings {
             self.canny = defaults.canny;
         }
     }
-}
-
-/// What a ControlNet request takes from the page.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ControlRequest {
-    /// The control map, `[h, w, 3]` in [0, 1].
-    pub control_image: HostTensor,
-    pub width: usize,
-    pub height: usize,
-    pub scale: f64,
-    pub guidance: (f64, f64),
-    pub guess_mode: bool,
 }
 
 /// What an engine event meant to the ControlNet page.
@@ -399,7 +387,7 @@ impl ControlInputs {
     }
 
     /// What a ControlNet request takes. Errors say what the user must do first.
-    pub fn request(&mut self) -> Result<ControlRequest> {
+    pub fn task(&mut self) -> Result<PageTask> {
         if self.source.is_none() {
             bail!(
                 "load a control image first: Open image…, drop one here, a blank map, or send one \
@@ -412,13 +400,15 @@ impl ControlInputs {
         let rgb = self.control_map()?;
         let (width, height) = self.working_size().context("no image is loaded")?;
         let s = self.source.as_ref().context("no image is loaded")?;
-        Ok(ControlRequest {
-            control_image: rgb8_to_host(s.width, s.height, &rgb),
+        Ok(PageTask {
+            task: Task::ControlNet(ControlNetInput {
+                image: rgb8_to_host(s.width, s.height, &rgb),
+                scale: self.scale,
+                guidance: (self.guidance_start, self.guidance_end),
+                guess_mode: self.guess_mode,
+            }),
             width,
             height,
-            scale: self.scale,
-            guidance: (self.guidance_start, self.guidance_end),
-            guess_mode: self.guess_mode,
         })
     }
 
@@ -552,18 +542,21 @@ mod tests {
     #[test]
     fn a_request_needs_an_image_and_a_controlnet() {
         let mut i = ControlInputs::default();
-        let err = i.request().unwrap_err();
+        let err = i.task().unwrap_err();
         assert!(err.to_string().contains("load a control image"), "{err}");
         i.new_blank(20, 17);
-        let err = i.request().unwrap_err();
+        let err = i.task().unwrap_err();
         assert!(err.to_string().contains("load a ControlNet"), "{err}");
         i.loaded = Some("cn".into());
         i.scale = 0.6;
-        let r = i.request().unwrap();
+        let r = i.task().unwrap();
         assert_eq!((r.width, r.height), (16, 16));
-        assert_eq!(r.control_image.shape, vec![17, 20, 3]);
-        assert!(r.control_image.values.iter().all(|&v| v == 0.0), "blank");
-        assert_eq!(r.scale, 0.6);
+        let Task::ControlNet(control) = r.task else {
+            panic!("{:?}", r.task)
+        };
+        assert_eq!(control.image.shape, vec![17, 20, 3]);
+        assert!(control.image.values.iter().all(|&v| v == 0.0), "blank");
+        assert_eq!(control.scale, 0.6);
     }
 
     #[test]

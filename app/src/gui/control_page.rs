@@ -5,7 +5,8 @@
 use eframe::egui;
 
 use super::BrushfireApp;
-use super::canvas::Tool;
+use super::canvas::ToolLabels;
+use super::command::Command;
 use super::control_input::MapSource;
 use super::image_pages::IMAGE_EXTENSIONS;
 use super::state::model_label;
@@ -103,7 +104,7 @@ impl BrushfireApp {
             }
         }
         if load {
-            self.state.load_controlnet();
+            self.command(Command::LoadControlNet);
         }
     }
 
@@ -190,7 +191,7 @@ impl BrushfireApp {
                 .add_filter("Images", IMAGE_EXTENSIONS)
                 .pick_file()
         {
-            self.state.open_control(&path);
+            self.command(Command::OpenControl(path));
         }
     }
 
@@ -202,23 +203,15 @@ impl BrushfireApp {
         };
         let canvas = &mut source.canvas;
         ui.horizontal_wrapped(|ui| {
-            ui.selectable_value(&mut canvas.tool, Tool::Brush, "Pen")
-                .on_hover_text("Draws white lines over the map.");
-            ui.selectable_value(&mut canvas.tool, Tool::Eraser, "Eraser")
-                .on_hover_text("Blacks out the map under it (edges included).");
-            canvas.size_and_history_ui(ui, "Size");
-            if ui
-                .button("Clear strokes")
-                .on_hover_text("Removes what was drawn; the map stays (undoable).")
-                .clicked()
-            {
-                canvas.clear();
-            }
-            ui.separator();
-            if ui.button("Fit view").clicked() {
-                canvas.fit();
-            }
-            ui.label(format!("{:.0}%", canvas.zoom * 100.0));
+            let labels = ToolLabels {
+                brush: "Pen",
+                brush_hint: Some("Draws white lines over the map."),
+                eraser_hint: Some("Blacks out the map under it (edges included)."),
+                size: "Size",
+                clear: "Clear strokes",
+                clear_hint: Some("Removes what was drawn; the map stays (undoable)."),
+            };
+            canvas.tools_ui(ui, &labels, |_, _| {});
             ui.separator();
             save = ui.button("Save map…").clicked();
         });

@@ -7,8 +7,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 use eframe::egui;
-use engine::pipelines::PipelineKind;
-use engine::tensor_io::HostTensor;
+use engine::pipelines::{Img2ImgInput, InpaintInput, PipelineKind, Task};
 use serde::{Deserialize, Serialize};
 
 use super::canvas::{PAINTED, PaintCanvas};
@@ -132,16 +131,12 @@ impl Default for ImageSettings {
     }
 }
 
-/// What a generation request takes from the inputs.
+/// What a page adds to a generation request: its task, and the size it works at.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RequestImages {
-    pub image: HostTensor,
-    pub mask: Option<HostTensor>,
+pub struct PageTask {
+    pub task: Task,
     pub width: usize,
     pub height: usize,
-    pub strength: f64,
-    pub mask_blur: f64,
-    pub padding_mask_crop: Option<usize>,
 }
 
 impl ImageSettings {
@@ -251,11 +246,7 @@ impl ImageInputs {
     /// The image (and mask) a request of `pipeline` takes, at the size it works at;
     /// `form_size` is the prompt panel's size ("only masked" works at that size). Errors say
     /// what the user must do first.
-    pub fn request_images(
-        &self,
-        pipeline: PipelineKind,
-        form_size: (usize, usize),
-    ) -> Result<RequestImages> {
+    pub fn task(&self, pipeline: PipelineKind, form_size: (usize, usize)) -> Result<PageTask> {
         let Some(s) = &self.source else {
             bail!(
                 "load an image first: Open image…, drop a file here, or send one from the gallery"
@@ -279,18 +270,25 @@ impl ImageInputs {
         }
         let only_masked = inpaint && self.only_masked;
         let (width, height) = if only_masked { form_size } else { (w8, h8) };
-        Ok(RequestImages {
-            image: rgb8_to_host(cw, ch, &rgb),
-            mask: inpaint.then(|| luma8_to_host(cw, ch, &mask)),
+        let image = rgb8_to_host(cw, ch, &rgb);
+        let task = if inpaint {
+            Task::Inpaint(InpaintInput {
+                image,
+                mask: luma8_to_host(cw, ch, &mask),
+                strength: Some(self.inpaint_strength),
+                mask_blur: self.mask_blur,
+                padding_mask_crop: only_masked.then_some(self.padding),
+            })
+        } else {
+            Task::Img2Img(Img2ImgInput {
+                image,
+                strength: Some(self.strength),
+            })
+        };
+        Ok(PageTask {
+            task,
             width,
             height,
-            strength: if inpaint {
-                self.inpaint_strength
-            } else {
-                self.strength
-            },
-            mask_blur: if inpaint { self.mask_blur } else { 0.0 },
-            padding_mask_crop: only_masked.then_some(self.padding),
         })
     }
 }
@@ -310,34 +308,41 @@ mod tests {
         let mut i = inputs(21, 17);
         assert_eq!(i.working_size(), Some((16, 16)));
         assert_eq!(i.size_note().unwrap(), "21×17, works at 16×16 (resized)");
-        let r = i.request_images(PipelineKind::Img2Img, (512, 512)).unwrap();
-        assert_eq!(r.image.shape, vec![17, 21, 3], "the engine resizes");
+        let r = i.task(PipelineKind::Img2Img, (512, 512)).unwrap();
+        let Task::Img2Img(input) = &r.task else {
+            panic!("{:?}", r.task)
+        };
+        assert_eq!(input.image.shape, vec![17, 21, 3], "the engine resizes");
         assert_eq!((r.width, r.height), (16, 16));
-        assert!(r.mask.is_none());
+        assert_eq!(input.strength, Some(0.8));
         i.fit = SizeFit::Crop;
-        let r = i.request_images(PipelineKind::Img2Img, (512, 512)).unwrap();
-        assert_eq!(r.image.shape, vec![16, 16, 3]);
+        let r = i.task(PipelineKind::Img2Img, (512, 512)).unwrap();
+        let image = r.task.init_image().unwrap();
+        assert_eq!(image.shape, vec![16, 16, 3]);
         // centred: starts at column 2, row 0
-        assert_eq!(r.image.values[0], (2.0 * 3.0) / 255.0);
+        assert_eq!(image.values[0], (2.0 * 3.0) / 255.0);
     }
 
     #[test]
     fn inpainting_needs_a_mask_and_keeps_it_across_a_same_size_image() {
         let mut i = inputs(16, 16);
-        let err = i.request_images(PipelineKind::Inpaint, (8, 8)).unwrap_err();
+        let err = i.task(PipelineKind::Inpaint, (8, 8)).unwrap_err();
         assert!(err.to_string().contains("mask is empty"), "{err}");
         let s = i.source.as_mut().unwrap();
         s.canvas.begin_stroke(egui::pos2(8.0, 8.0));
         s.canvas.finish_stroke();
         i.only_masked = true;
-        let r = i.request_images(PipelineKind::Inpaint, (8, 8)).unwrap();
+        let r = i.task(PipelineKind::Inpaint, (8, 8)).unwrap();
         assert_eq!(
             (r.width, r.height),
             (8, 8),
             "only masked works at the form's size"
         );
-        assert_eq!(r.padding_mask_crop, Some(32));
-        assert!(r.mask.unwrap().values.contains(&1.0));
+        let Task::Inpaint(input) = r.task else {
+            panic!("{:?}", r.task)
+        };
+        assert_eq!(input.padding_mask_crop, Some(32));
+        assert!(input.mask.values.contains(&1.0));
         i.set_source("y".into(), 16, 16, vec![0; 16 * 16 * 3]);
         assert!(!i.source.as_ref().unwrap().canvas.is_empty(), "mask kept");
         i.set_source("z".into(), 24, 16, vec![0; 24 * 16 * 3]);
@@ -350,7 +355,7 @@ mod tests {
     #[test]
     fn no_image_is_a_clear_error() {
         let i = ImageInputs::default();
-        let err = i.request_images(PipelineKind::Img2Img, (8, 8)).unwrap_err();
+        let err = i.task(PipelineKind::Img2Img, (8, 8)).unwrap_err();
         assert!(err.to_string().contains("load an image first"), "{err}");
     }
 }

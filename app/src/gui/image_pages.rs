@@ -3,7 +3,8 @@
 
 use eframe::egui;
 
-use super::canvas::Tool;
+use super::canvas::ToolLabels;
+use super::command::Command;
 use super::image_input::SizeFit;
 use super::{BrushfireApp, View};
 
@@ -78,7 +79,7 @@ impl BrushfireApp {
                 .add_filter("Images", IMAGE_EXTENSIONS)
                 .pick_file()
         {
-            self.state.open_source(&path);
+            self.command(Command::OpenSource(path));
         }
     }
 
@@ -91,24 +92,19 @@ impl BrushfireApp {
         let canvas = &mut source.canvas;
         let (mut save, mut load) = (false, false);
         ui.horizontal_wrapped(|ui| {
-            ui.selectable_value(&mut canvas.tool, Tool::Brush, "Brush");
-            ui.selectable_value(&mut canvas.tool, Tool::Eraser, "Eraser");
-            canvas.size_and_history_ui(ui, "Brush size");
-            if ui.button("Clear").clicked() {
-                canvas.clear();
-            }
-            if ui.button("Invert").clicked() {
-                canvas.invert();
-            }
-            ui.separator();
-            if ui
-                .button("Fit view")
-                .on_hover_text("Wheel zooms; space + drag or the middle button pans.")
-                .clicked()
-            {
-                canvas.fit();
-            }
-            ui.label(format!("{:.0}%", canvas.zoom * 100.0));
+            let labels = ToolLabels {
+                brush: "Brush",
+                brush_hint: None,
+                eraser_hint: None,
+                size: "Brush size",
+                clear: "Clear",
+                clear_hint: None,
+            };
+            canvas.tools_ui(ui, &labels, |canvas, ui| {
+                if ui.button("Invert").clicked() {
+                    canvas.invert();
+                }
+            });
         });
         ui.horizontal_wrapped(|ui| {
             let label = ui.label("Mask blur");

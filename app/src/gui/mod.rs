@@ -8,38 +8,38 @@ mod bench_panel;
 pub mod canvas;
 pub mod cascade;
 mod cascade_page;
+pub mod command;
 pub mod control_input;
 mod control_page;
 mod download;
 mod gallery;
+mod gallery_panel;
 pub mod image_input;
 mod image_pages;
+pub mod model;
+mod persisted;
+pub mod prompt_form;
+mod prompt_panel;
+pub mod queue;
 mod saver;
 pub mod session;
+mod settings_panel;
 mod state;
 pub mod work;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use eframe::egui;
-use engine::backend::{BackendRequest, Precision};
-use engine::models::{AttnProcessor, MemoryFormat};
-use engine::schedulers::SchedulerKind;
-use engine::worker::EngineSettings;
 
 pub use bench::{BenchForm, BenchState};
+use command::Command;
+use settings_panel::HUB_MODELS;
 pub use state::{AppState, JobState, ModelStatus, Persisted, Setting, View};
 
-/// Hub models offered in the picker (those this build's pipelines can run).
-const HUB_MODELS: &[&str] = &[
-    "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "stable-diffusion-v1-5/stable-diffusion-inpainting",
-    "stabilityai/stable-diffusion-2-1-base",
-];
 /// Where eframe's storage keeps our state.
 const STORAGE_KEY: &str = "brushfire";
 /// The window icon (also the .desktop entry's).
@@ -53,6 +53,8 @@ pub struct BrushfireApp {
     pub state: AppState,
     /// Where [`Self::save_session`] writes (none in tests that do not ask for it).
     pub session: Option<session::SessionFile>,
+    /// What this frame's UI asked for, applied once after it is drawn.
+    commands: Vec<Command>,
 }
 
 impl BrushfireApp {
@@ -61,6 +63,7 @@ impl BrushfireApp {
         Self {
             state: AppState::new(model),
             session: None,
+            commands: Vec::new(),
         }
     }
 
@@ -69,6 +72,7 @@ impl BrushfireApp {
         Self {
             state: AppState::restore(persisted, model),
             session: None,
+            commands: Vec::new(),
         }
     }
 
@@ -101,8 +105,20 @@ impl BrushfireApp {
         self.state.poll_engine(ctx, EVENT_BUDGET);
     }
 
+    /// Asks for `command`; it is applied once this frame's UI is drawn.
+    pub fn command(&mut self, command: Command) {
+        self.commands.push(command);
+    }
+
     /// The whole window (what the UI tests drive, after [`Self::logic`], as eframe does).
     pub fn root_ui(&mut self, ui: &mut egui::Ui) {
+        self.draw(ui);
+        for command in std::mem::take(&mut self.commands) {
+            self.state.apply(command);
+        }
+    }
+
+    fn draw(&mut self, ui: &mut egui::Ui) {
         self.dropped_files_ui(ui);
         egui::Panel::bottom("status").show(ui, |ui| self.status_ui(ui));
         egui::Panel::bottom("gallery")
@@ -143,524 +159,6 @@ impl BrushfireApp {
         });
     }
 
-    fn prompt_ui(&mut self, ui: &mut egui::Ui) {
-        let form = &mut self.state.form;
-        let label = ui.label("Prompt");
-        ui.add(
-            egui::TextEdit::multiline(&mut form.prompt)
-                .desired_rows(4)
-                .hint_text("ghibli style, a fantasy landscape with castles"),
-        )
-        .labelled_by(label.id);
-        let label = ui.label("Negative prompt");
-        ui.add(egui::TextEdit::multiline(&mut form.negative_prompt).desired_rows(2))
-            .labelled_by(label.id);
-        egui::Grid::new("params").num_columns(2).show(ui, |ui| {
-            ui.label("Steps");
-            ui.add(egui::DragValue::new(&mut form.steps).range(1..=1000));
-            ui.end_row();
-            ui.label("Guidance");
-            ui.add(
-                egui::DragValue::new(&mut form.guidance)
-                    .range(0.0..=30.0)
-                    .speed(0.1),
-            );
-            ui.end_row();
-            ui.label("Width");
-            ui.add(
-                egui::DragValue::new(&mut form.width)
-                    .range(8..=4096)
-                    .speed(8),
-            );
-            ui.end_row();
-            ui.label("Height");
-            ui.add(
-                egui::DragValue::new(&mut form.height)
-                    .range(8..=4096)
-                    .speed(8),
-            );
-            ui.end_row();
-            ui.label("Batch");
-            ui.add(egui::DragValue::new(&mut form.batch).range(1..=16));
-            ui.end_row();
-            ui.label("Seed");
-            ui.horizontal(|ui| {
-                ui.add(egui::DragValue::new(&mut form.seed));
-                ui.checkbox(&mut form.seed_locked, "Lock");
-                if ui.button("🎲").on_hover_text("Random seed").clicked() {
-                    form.randomise_seed();
-                }
-            });
-            ui.end_row();
-            ui.label("Scheduler");
-            egui::ComboBox::from_id_salt("scheduler")
-                .selected_text(
-                    form.scheduler
-                        .map_or("model default", SchedulerKind::sampler_name),
-                )
-                .show_ui(ui, |ui| {
-                    ui.selectable_value(&mut form.scheduler, None, "model default");
-                    for kind in SchedulerKind::ALL {
-                        ui.selectable_value(&mut form.scheduler, Some(kind), kind.sampler_name());
-                    }
-                });
-            ui.end_row();
-        });
-        ui.separator();
-        let generate = ui
-            .add_enabled(self.state.model_ready(), egui::Button::new("Generate"))
-            .on_disabled_hover_text("Load a model first (settings panel, right).");
-        if generate.clicked() {
-            self.state.queue_generation();
-        }
-        self.queue_ui(ui);
-    }
-
-    fn queue_ui(&mut self, ui: &mut egui::Ui) {
-        let mut cancel = None;
-        for job in &self.state.jobs {
-            ui.horizontal(|ui| {
-                let queued = job.state == JobState::Queued;
-                match &job.state {
-                    JobState::Queued => ui.label(format!(
-                        "#{} queued: {}",
-                        job.id,
-                        ellipsis(&job.request.prompt, 28)
-                    )),
-                    JobState::Running(Some(p)) => ui.label(format!(
-                        "#{} step {}/{} · {:.2} it/s · {:.0}s, ETA {:.0}s",
-                        job.id,
-                        p.step,
-                        p.total,
-                        job.smoothed_it_per_sec,
-                        p.elapsed_secs,
-                        job.eta_secs().unwrap_or(0.0)
-                    )),
-                    JobState::Running(None) => ui.label(format!("#{} starting", job.id)),
-                };
-                let (label, tip) = if queued {
-                    ("Remove", "Take this job out of the queue")
-                } else {
-                    ("Cancel", "Stop after the current step")
-                };
-                if ui.small_button(label).on_hover_text(tip).clicked() {
-                    cancel = Some(job.id);
-                }
-            });
-            if let JobState::Running(Some(p)) = &job.state {
-                ui.add(egui::ProgressBar::new(
-                    p.step as f32 / p.total.max(1) as f32,
-                ));
-            }
-            if matches!(job.state, JobState::Running(_)) && self.state.on_gpu() {
-                if let Some(note) = job.quiet_note(true, Instant::now()) {
-                    ui.horizontal(|ui| {
-                        ui.spinner();
-                        ui.label(egui::RichText::new(note).weak());
-                    });
-                }
-                // The note appears without an engine event: look again in a second.
-                ui.ctx().request_repaint_after(Duration::from_secs(1));
-            }
-        }
-        if let Some(id) = cancel {
-            self.state.cancel(id);
-        }
-    }
-
-    fn settings_ui(&mut self, ui: &mut egui::Ui) {
-        ui.heading("Settings");
-        self.model_ui(ui);
-        ui.separator();
-        let mut settings = self.state.settings;
-        ui.label("Backend");
-        egui::ComboBox::from_id_salt("backend")
-            .selected_text(settings.backend.label())
-            .show_ui(ui, |ui| {
-                for b in BackendRequest::ALL {
-                    ui.selectable_value(&mut settings.backend, b, b.label());
-                }
-            });
-        if let Some(b) = &self.state.backend {
-            ui.small(b.to_string());
-        }
-        ui.label("Attention");
-        ui.horizontal(|ui| {
-            for (value, label, tip) in [
-                (
-                    AttnProcessor::Vanilla,
-                    "Vanilla",
-                    "softmax(QKᵀ)V with the score matrix in memory (diffusers' AttnProcessor)",
-                ),
-                (
-                    AttnProcessor::Fused,
-                    "Fused",
-                    "Flash attention, the score matrix never held in memory (diffusers' SDPA processor)",
-                ),
-                (
-                    AttnProcessor::Sliced { slice_size: 1 },
-                    "Sliced",
-                    "One head at a time: least memory, slowest (diffusers' attention slicing)",
-                ),
-            ] {
-                ui.selectable_value(&mut settings.attention, value, label)
-                    .on_hover_text(tip);
-            }
-        });
-        let fusion_reason = self.state.unavailable_reason(Setting::Fusion);
-        ui.add_enabled_ui(fusion_reason.is_none(), |ui| {
-            // Where the backend has no fusion it shows off; the choice is kept for a backend
-            // that has.
-            let mut off = false;
-            let shown = if fusion_reason.is_some() {
-                &mut off
-            } else {
-                &mut settings.execution.fusion
-            };
-            ui.checkbox(shown, "Kernel fusion (\"compile\")")
-                .on_hover_text("Burn's fusion backend: fuses element-wise kernels and autotunes")
-                .on_disabled_hover_text(fusion_reason.unwrap_or_default());
-        });
-        let channels_last_reason = self.state.unavailable_reason(Setting::ChannelsLast);
-        ui.add_enabled_ui(channels_last_reason.is_none(), |ui| {
-            let mut on = settings.memory_format.is_channels_last();
-            if ui
-                .checkbox(&mut on, "Channels-last")
-                .on_hover_text(
-                    "UNet conv weights stored OHWI and activations kept NHWC between convs \
-                     (torch.channels_last); same images, different kernels",
-                )
-                .on_disabled_hover_text(channels_last_reason.unwrap_or_default())
-                .changed()
-            {
-                settings.memory_format = MemoryFormat::from_channels_last(on);
-            }
-        });
-        ui.horizontal(|ui| {
-            ui.label("Precision");
-            for (value, label) in [(Precision::F32, "f32"), (Precision::F16, "f16")] {
-                let reason = self.state.unavailable_reason(Setting::Precision(value));
-                ui.add_enabled_ui(reason.is_none(), |ui| {
-                    ui.selectable_value(&mut settings.execution.precision, value, label)
-                        .on_disabled_hover_text(reason.unwrap_or_default());
-                });
-            }
-        });
-        if let Some(wanted) = self.state.restart_for {
-            self.restart_ui(ui, wanted);
-        }
-        ui.checkbox(&mut settings.preview, "Live preview")
-            .on_hover_text("Show the image forming at every step (a cheap decode of the latents)");
-        ui.checkbox(&mut self.state.vae_tiling, "VAE tiling")
-            .on_hover_text(
-                "Encode and decode pictures larger than the VAE's tile (512 px for SD 1.5, \
-                 256 px for the x4 upscaler) in overlapping, blended tiles, as diffusers' \
-                 enable_vae_tiling: far less memory for large pictures and ×4 upscales; the \
-                 pixels differ slightly from an untiled decode",
-            );
-        if settings != self.state.settings {
-            self.state.apply_settings(settings);
-        }
-        ui.separator();
-        self.output_ui(ui);
-    }
-
-    /// A precision (or fusion) change the engine could not make in this process: it waits for
-    /// the next start, which "Restart now" brings about (the session is saved first).
-    fn restart_ui(&mut self, ui: &mut egui::Ui, wanted: EngineSettings) {
-        ui.horizontal_wrapped(|ui| {
-            ui.label(
-                egui::RichText::new(format!(
-                    "{} from the next start",
-                    wanted.execution.precision
-                ))
-                .weak(),
-            )
-            .on_hover_text(
-                "Burn fixes a GPU's float type at its first tensor, so another precision needs \
-                 a new process. Restarting keeps the prompt, the settings, the gallery and the \
-                 pictures being worked on (masks and strokes included).",
-            );
-            let blocker = self.state.restart_blocker();
-            let restart = ui
-                .add_enabled(blocker.is_none(), egui::Button::new("Restart now"))
-                .on_disabled_hover_text(blocker.unwrap_or_default());
-            if restart.clicked() {
-                match self.state.keep_unsaved_images() {
-                    Ok(()) => {
-                        RESTART.store(true, Ordering::SeqCst);
-                        ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
-                    }
-                    Err(e) => {
-                        self.state.error = Some(format!(
-                            "not restarting: unsaved images could not be kept: {e:#}"
-                        ))
-                    }
-                }
-            }
-        });
-    }
-
-    fn model_ui(&mut self, ui: &mut egui::Ui) {
-        ui.label("Model");
-        let mut load = false;
-        ui.horizontal(|ui| {
-            let edit = ui.add(
-                egui::TextEdit::singleline(&mut self.state.model_spec)
-                    .desired_width(150.0)
-                    .hint_text("org/name or a folder"),
-            );
-            if edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
-                load = true;
-            }
-            egui::ComboBox::from_id_salt("model-picker")
-                .selected_text("")
-                .width(20.0)
-                .show_ui(ui, |ui| {
-                    let recent = self.state.recent_models.clone();
-                    let mut picks: Vec<String> = recent.clone();
-                    for m in HUB_MODELS {
-                        if !picks.iter().any(|p| p == m) {
-                            picks.push((*m).to_string());
-                        }
-                    }
-                    for m in picks {
-                        let label = if recent.contains(&m) {
-                            format!("🕘 {m}")
-                        } else {
-                            m.clone()
-                        };
-                        if ui
-                            .selectable_label(self.state.model_spec == m, label)
-                            .clicked()
-                        {
-                            self.state.model_spec = m;
-                            load = true;
-                        }
-                    }
-                });
-        });
-        ui.horizontal(|ui| {
-            if ui.button("Load").clicked() {
-                load = true;
-            }
-            if ui
-                .button("Folder…")
-                .on_hover_text("A diffusers folder (model_index.json, unet/, vae/, …)")
-                .clicked()
-                && let Some(dir) = rfd::FileDialog::new().pick_folder()
-            {
-                self.state.model_spec = dir.display().to_string();
-                load = true;
-            }
-            if ui
-                .button("File…")
-                .on_hover_text("A single-file .safetensors checkpoint")
-                .clicked()
-                && let Some(file) = rfd::FileDialog::new()
-                    .add_filter("checkpoint", &["safetensors"])
-                    .pick_file()
-            {
-                self.state.model_spec = file.display().to_string();
-                load = true;
-            }
-        });
-        if load {
-            self.state.load_model();
-        }
-        match &self.state.model_status {
-            ModelStatus::NeedsDownload { repo_id } => {
-                ui.label(format!(
-                    "{repo_id} is not on this computer yet (Stable Diffusion 1.5 is about 4 GB)."
-                ));
-                if ui.button("Download").clicked() {
-                    self.state.download_model();
-                }
-            }
-            ModelStatus::Loading { download: Some(d) } => {
-                ui.add(egui::ProgressBar::new(d.fraction()).show_percentage());
-                ui.small(self.state.model_status.to_string());
-            }
-            other => {
-                ui.small(other.to_string());
-            }
-        }
-    }
-
-    fn output_ui(&mut self, ui: &mut egui::Ui) {
-        ui.label("Save images to");
-        ui.horizontal(|ui| {
-            let shown = self
-                .state
-                .output_dir
-                .as_ref()
-                .map_or_else(|| "(not saved)".to_string(), |d| d.display().to_string());
-            ui.small(shown);
-            if ui.small_button("Choose…").clicked()
-                && let Some(dir) = rfd::FileDialog::new().pick_folder()
-            {
-                self.state.output_dir = Some(dir);
-            }
-        });
-    }
-
-    fn image_ui(&mut self, ui: &mut egui::Ui) {
-        if let Some(preview) = self.state.running_preview() {
-            let step = preview.step;
-            let texture = preview.texture(ui.ctx());
-            ui.vertical_centered(|ui| {
-                ui.small(format!("live preview, step {step}"));
-                // Scale the latent-sized preview up to the view, keeping its aspect ratio.
-                let [w, h] = texture.size().map(|s| s.max(1) as f32);
-                let room = ui.available_size();
-                let scale = (room.x / w).min(room.y / h);
-                ui.add(egui::Image::new(&texture).fit_to_exact_size(egui::vec2(w, h) * scale));
-            });
-            return;
-        }
-        let Some(index) = self.state.gallery.selected else {
-            ui.centered_and_justified(|ui| {
-                ui.label(if self.state.view == View::Generate {
-                    "Type a prompt and press Generate. Drop a PNG here to reuse its parameters."
-                } else {
-                    "The result appears here."
-                });
-            });
-            return;
-        };
-        let Some(image) = self.state.gallery.get(index) else {
-            return;
-        };
-        let texture = image.texture(ui.ctx());
-        let mut action = None;
-        // Wrapped: in a half-width column (the image pages) the buttons take two rows.
-        ui.horizontal_wrapped(|ui| {
-            if ui.button("Save as…").clicked() {
-                action = Some(GalleryAction::SaveAs);
-            }
-            if ui.button("Copy").clicked() {
-                action = Some(GalleryAction::Copy);
-            }
-            if ui
-                .add_enabled(image.path.is_some(), egui::Button::new("Open folder"))
-                .on_disabled_hover_text(if image.saving() {
-                    "being saved…"
-                } else {
-                    "not saved: no output folder, or it could not be written"
-                })
-                .clicked()
-            {
-                action = Some(GalleryAction::OpenFolder);
-            }
-            if ui.button("Reuse seed").clicked() {
-                action = Some(GalleryAction::ReuseSeed);
-            }
-            if ui.button("Reuse parameters").clicked() {
-                action = Some(GalleryAction::ReuseParameters);
-            }
-            if ui.button("Send to img2img").clicked() {
-                action = Some(GalleryAction::SendTo(View::Img2Img));
-            }
-            if ui.button("Send to inpaint").clicked() {
-                action = Some(GalleryAction::SendTo(View::Inpaint));
-            }
-            if ui
-                .button("Send to ControlNet")
-                .on_hover_text("Its Canny edges become the control map.")
-                .clicked()
-            {
-                action = Some(GalleryAction::SendTo(View::ControlNet));
-            }
-            if ui
-                .button("Upscale ×4")
-                .on_hover_text(
-                    "The x4 upscaler (model and settings on the IF page), with this image's \
-                     prompt and seed.",
-                )
-                .clicked()
-            {
-                action = Some(GalleryAction::Upscale);
-            }
-        });
-        ui.small(format!(
-            "seed {} · {} steps · {} · CFG {}",
-            image.params.seed, image.params.steps, image.params.sampler, image.params.cfg_scale
-        ));
-        ui.add(egui::Image::new(&texture).shrink_to_fit());
-        if let Some(action) = action {
-            self.gallery_action(ui.ctx(), index, action);
-        }
-    }
-
-    fn gallery_action(&mut self, ctx: &egui::Context, index: usize, action: GalleryAction) {
-        let Some(image) = self.state.gallery.get(index) else {
-            return;
-        };
-        match action {
-            GalleryAction::SaveAs => {
-                let name = image.path.as_ref().and_then(|p| p.file_name()).map_or_else(
-                    || format!("brushfire-{}.png", image.params.seed),
-                    |n| n.to_string_lossy().into_owned(),
-                );
-                if let Some(path) = rfd::FileDialog::new()
-                    .add_filter("PNG", &["png"])
-                    .set_file_name(name)
-                    .save_file()
-                {
-                    let written = crate::png_meta::write_png(
-                        &path,
-                        image.width,
-                        image.height,
-                        &image.rgb,
-                        &image.params,
-                    );
-                    match written {
-                        Ok(metadata) => {
-                            self.state.status = format!("saved {}", path.display());
-                            self.state.error = metadata.warning(&path);
-                        }
-                        Err(e) => self.state.error = Some(format!("{e:#}")),
-                    }
-                }
-            }
-            GalleryAction::Copy => {
-                ctx.copy_image(image.color_image());
-                self.state.status = "image copied".into();
-            }
-            GalleryAction::OpenFolder => {
-                if let Some(dir) = image.path.as_deref().and_then(Path::parent)
-                    && let Err(e) = open_in_file_manager(dir)
-                {
-                    self.state.error = Some(format!("{e:#}"));
-                }
-            }
-            GalleryAction::ReuseSeed => self.state.reuse_seed(index),
-            GalleryAction::ReuseParameters => self.state.reuse_parameters(index),
-            GalleryAction::SendTo(view) => self.state.send_to(index, view),
-            GalleryAction::Upscale => self.state.upscale_image(index),
-        }
-    }
-
-    fn gallery_ui(&mut self, ui: &mut egui::Ui) {
-        egui::ScrollArea::horizontal().show(ui, |ui| {
-            ui.horizontal(|ui| {
-                let mut clicked = None;
-                for (i, image) in self.state.gallery.iter().enumerate() {
-                    let texture = image.texture(ui.ctx());
-                    let selected = self.state.gallery.selected == Some(i);
-                    let button = egui::Button::image(egui::Image::new(&texture).max_height(90.0))
-                        .selected(selected);
-                    if ui.add(button).on_hover_text(&image.params.prompt).clicked() {
-                        clicked = Some(i);
-                    }
-                }
-                if let Some(i) = clicked {
-                    self.state.gallery.selected = Some(i);
-                }
-            });
-        });
-    }
-
     /// PNGs dropped on the window restore their parameters; a hint shows while hovering.
     fn dropped_files_ui(&mut self, ui: &mut egui::Ui) {
         let (hovering, dropped): (bool, Vec<PathBuf>) = ui.ctx().input(|i| {
@@ -692,7 +190,7 @@ impl BrushfireApp {
                 });
         }
         if let Some(path) = dropped.last() {
-            self.state.drop_file(path);
+            self.command(Command::DropFile(path.clone()));
         }
     }
 
@@ -706,7 +204,7 @@ impl BrushfireApp {
                 let text = egui::RichText::new(error).color(ui.visuals().error_fg_color);
                 ui.add(egui::Label::new(text).wrap());
                 if dismiss {
-                    self.state.error = None;
+                    self.command(Command::DismissError);
                 }
             } else {
                 ui.add(egui::Label::new(&self.state.status).truncate());
@@ -728,47 +226,6 @@ impl eframe::App for BrushfireApp {
         // The session goes to its own file, written atomically (`session`); eframe's storage
         // keeps the window's geometry only.
         self.save_session();
-    }
-}
-
-/// What the buttons above the selected image do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum GalleryAction {
-    SaveAs,
-    Copy,
-    OpenFolder,
-    ReuseSeed,
-    ReuseParameters,
-    /// Make it the img2img/inpainting source and show that page.
-    SendTo(View),
-    /// Queue it on the x4 upscaler.
-    Upscale,
-}
-
-/// Opens `dir` in the system's file manager.
-fn open_in_file_manager(dir: &Path) -> anyhow::Result<()> {
-    let opener = if cfg!(target_os = "macos") {
-        "open"
-    } else if cfg!(target_os = "windows") {
-        "explorer"
-    } else {
-        "xdg-open"
-    };
-    std::process::Command::new(opener)
-        .arg(dir)
-        .spawn()
-        .map(drop)
-        .map_err(|e| anyhow::anyhow!("could not run {opener} to open {}: {e}", dir.display()))
-}
-
-/// `text` cut to `max` characters with an ellipsis.
-fn ellipsis(text: &str, max: usize) -> String {
-    let line = text.lines().next().unwrap_or_default();
-    if line.chars().count() <= max {
-        line.to_string()
-    } else {
-        let cut: String = line.chars().take(max.saturating_sub(1)).collect();
-        format!("{cut}…")
     }
 }
 

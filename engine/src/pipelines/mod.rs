@@ -8,7 +8,10 @@ pub mod preview;
 pub mod request;
 pub mod stable_diffusion;
 
-pub use request::{GenerationRequest, ModelLimits, PipelineKind, PromptEmbeds, strength_schedule};
+pub use request::{
+    CommonRequest, ControlNetInput, GenerationRequest, Img2ImgInput, InpaintInput, ModelLimits,
+    PipelineKind, PromptEmbeds, Task, UpscaleInput, UpscaleSource, strength_schedule,
+};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

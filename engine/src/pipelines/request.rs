@@ -93,16 +93,17 @@ pub struct PromptEmbeds {
     pub negative_prompt_embeds: Option<HostTensor>,
 }
 
-/// One generation job.
+/// What every pipeline takes: the prompt, the schedule, the size, the batch and the seed.
 #[derive(Debug, Clone, PartialEq)]
-pub struct GenerationRequest {
-    pub pipeline: PipelineKind,
+pub struct CommonRequest {
     pub prompt: String,
     pub negative_prompt: String,
     pub prompt_embeds: Option<PromptEmbeds>,
     pub steps: usize,
     pub guidance_scale: f64,
+    /// Output width; 0 = the model's default (filled by `Session::generate`).
     pub width: usize,
+    /// Output height; 0 = the model's default.
     pub height: usize,
     /// Images per prompt.
     pub batch: usize,
@@ -112,40 +113,9 @@ pub struct GenerationRequest {
     /// A diffusers scheduler config to use instead of the model's (`--scheduler-config`).
     pub scheduler_config: Option<serde_json::Value>,
     /// Initial latents before `init_noise_sigma` scaling (`--latents`), `[batch, c, h/f, w/f]`.
-    /// Inpainting takes them as its noise, as diffusers does; img2img has none.
+    /// Inpainting takes them as its noise, as diffusers does; img2img has none (its latents
+    /// are the noised image), and refuses them.
     pub latents: Option<HostTensor>,
-    /// The init image of img2img and inpainting, `[h, w, 3]` in [0, 1]. Resized to
-    /// `width × height` when its size differs (diffusers' preprocessing); with
-    /// `padding_mask_crop` the crop around the mask is.
-    pub image: Option<HostTensor>,
-    /// The inpainting mask, `[h, w]` in [0, 1], the size of `image`: white (≥ 0.5 after the
-    /// blur) is repainted, black kept.
-    pub mask: Option<HostTensor>,
-    /// How much of the schedule runs on the noised image (0–1); `None` = the pipeline's default.
-    pub strength: Option<f64>,
-    /// Gaussian blur radius (pixels) applied to the mask first (diffusers' `mask_processor.blur`);
-    /// 0 = none.
-    pub mask_blur: f64,
-    /// "Inpaint only masked": work on the mask's bounding box grown by this many pixels, at
-    /// `width × height`, and paste the result back through the mask (diffusers'
-    /// `padding_mask_crop`). The output then has the size of `image`.
-    pub padding_mask_crop: Option<usize>,
-    /// The ControlNet's control image, `[h, w, 3]` in [0, 1] (used as given, resized to
-    /// `width × height` if its size differs).
-    pub control_image: Option<HostTensor>,
-    /// `controlnet_conditioning_scale`.
-    pub controlnet_scale: f64,
-    /// `control_guidance_start` / `_end`: the fraction of the steps the ControlNet acts on.
-    pub control_guidance: (f64, f64),
-    /// Guess mode: the ControlNet sees only the conditional batch, its residuals scaled from
-    /// 0.1 (shallow) to 1 (deep).
-    pub guess_mode: bool,
-    /// The upscalers' input as a tensor, `[1 or batch, 3, h, w]` in [-1, 1] (`--image-array`,
-    /// like diffusers' `output_type="pt"` of the previous stage); `image` is the alternative.
-    pub image_array: Option<HostTensor>,
-    /// The noise added to the upscalers' input (IF stage II, x4 upscaler); `None` = the
-    /// pipeline's default.
-    pub noise_level: Option<usize>,
     /// Encode and decode with the VAE in overlapping tiles of its `sample_size` (diffusers'
     /// `vae.enable_tiling()`): memory stays that of one tile however large the picture, at the
     /// cost of slightly different pixels. Only pictures larger than one tile are tiled; IF has
@@ -153,10 +123,9 @@ pub struct GenerationRequest {
     pub vae_tiling: bool,
 }
 
-impl Default for GenerationRequest {
+impl Default for CommonRequest {
     fn default() -> Self {
         Self {
-            pipeline: PipelineKind::Txt2Img,
             prompt: String::new(),
             negative_prompt: String::new(),
             prompt_embeds: None,
@@ -169,19 +138,189 @@ impl Default for GenerationRequest {
             scheduler: None,
             scheduler_config: None,
             latents: None,
-            image: None,
-            mask: None,
+            vae_tiling: false,
+        }
+    }
+}
+
+/// img2img's input (`StableDiffusionImg2ImgPipeline`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Img2ImgInput {
+    /// The init image, `[h, w, 3]` in [0, 1]; resized to `width × height` when its size
+    /// differs (diffusers' preprocessing).
+    pub image: HostTensor,
+    /// How much of the schedule runs on the noised image (0–1); `None` = diffusers' 0.8.
+    pub strength: Option<f64>,
+}
+
+/// Inpainting's input (`StableDiffusionInpaintPipeline`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InpaintInput {
+    /// The init image, `[h, w, 3]` in [0, 1]; resized to `width × height` when its size
+    /// differs; with `padding_mask_crop` the crop around the mask is.
+    pub image: HostTensor,
+    /// `[h, w]` in [0, 1], the size of `image`: white (≥ 0.5 after the blur) is repainted,
+    /// black kept.
+    pub mask: HostTensor,
+    /// How much of the schedule runs on the noised image (0–1); `None` = diffusers' 1.0.
+    pub strength: Option<f64>,
+    /// Gaussian blur radius (pixels) applied to the mask first (diffusers'
+    /// `mask_processor.blur`); 0 = none.
+    pub mask_blur: f64,
+    /// "Inpaint only masked": work on the mask's bounding box grown by this many pixels, at
+    /// `width × height`, and paste the result back through the mask (diffusers'
+    /// `padding_mask_crop`). The output then has the size of `image`.
+    pub padding_mask_crop: Option<usize>,
+}
+
+impl InpaintInput {
+    /// An inpainting of `image` under `mask` with diffusers' defaults.
+    pub fn new(image: HostTensor, mask: HostTensor) -> Self {
+        Self {
+            image,
+            mask,
             strength: None,
             mask_blur: 0.0,
             padding_mask_crop: None,
-            control_image: None,
-            controlnet_scale: 1.0,
-            control_guidance: (0.0, 1.0),
-            guess_mode: false,
-            image_array: None,
-            noise_level: None,
-            vae_tiling: false,
         }
+    }
+}
+
+/// The ControlNet's input (`StableDiffusionControlNetPipeline`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlNetInput {
+    /// The control image, `[h, w, 3]` in [0, 1] (used as given, resized to `width × height`
+    /// if its size differs).
+    pub image: HostTensor,
+    /// `controlnet_conditioning_scale`.
+    pub scale: f64,
+    /// `control_guidance_start` / `_end`: the fraction of the steps the ControlNet acts on.
+    pub guidance: (f64, f64),
+    /// Guess mode: the ControlNet sees only the conditional batch, its residuals scaled from
+    /// 0.1 (shallow) to 1 (deep).
+    pub guess_mode: bool,
+}
+
+impl ControlNetInput {
+    /// A ControlNet run on `image` with diffusers' defaults.
+    pub fn new(image: HostTensor) -> Self {
+        Self {
+            image,
+            scale: 1.0,
+            guidance: (0.0, 1.0),
+            guess_mode: false,
+        }
+    }
+}
+
+/// What an upscaler starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpscaleSource {
+    /// An image, `[h, w, 3]` in [0, 1].
+    Image(HostTensor),
+    /// A tensor, `[1 or batch, 3, h, w]` in [-1, 1] (`--image-array`, like diffusers'
+    /// `output_type="pt"` of the previous stage).
+    Array(HostTensor),
+}
+
+/// The upscalers' input (IF stage II, the x4 upscaler).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpscaleInput {
+    pub source: UpscaleSource,
+    /// The noise added to the input; `None` = the pipeline's default.
+    pub noise_level: Option<usize>,
+}
+
+impl UpscaleInput {
+    /// An upscale of `source` at the pipeline's default noise level.
+    pub fn new(source: UpscaleSource) -> Self {
+        Self {
+            source,
+            noise_level: None,
+        }
+    }
+}
+
+/// Which pipeline runs, with what only that pipeline takes: an input a pipeline does not use
+/// cannot be given to it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Task {
+    /// `StableDiffusionPipeline`.
+    #[default]
+    Txt2Img,
+    /// `StableDiffusionImg2ImgPipeline`.
+    Img2Img(Img2ImgInput),
+    /// `StableDiffusionInpaintPipeline` (9-channel inpainting UNet, or a plain 4-channel one).
+    Inpaint(InpaintInput),
+    /// `StableDiffusionControlNetPipeline`.
+    ControlNet(ControlNetInput),
+    /// DeepFloyd IF stage I (`IFPipeline`).
+    If,
+    /// DeepFloyd IF stage II (`IFSuperResolutionPipeline`).
+    IfStage2(UpscaleInput),
+    /// `StableDiffusionUpscalePipeline` (the x4 upscaler).
+    Upscale(UpscaleInput),
+}
+
+impl Task {
+    /// The pipeline this task runs.
+    pub fn kind(&self) -> PipelineKind {
+        match self {
+            Self::Txt2Img => PipelineKind::Txt2Img,
+            Self::Img2Img(_) => PipelineKind::Img2Img,
+            Self::Inpaint(_) => PipelineKind::Inpaint,
+            Self::ControlNet(_) => PipelineKind::ControlNet,
+            Self::If => PipelineKind::If,
+            Self::IfStage2(_) => PipelineKind::IfStage2,
+            Self::Upscale(_) => PipelineKind::Upscale,
+        }
+    }
+
+    /// The init image of img2img and inpainting.
+    pub fn init_image(&self) -> Option<&HostTensor> {
+        match self {
+            Self::Img2Img(input) => Some(&input.image),
+            Self::Inpaint(input) => Some(&input.image),
+            _ => None,
+        }
+    }
+
+    /// The strength the task asked for, if it takes one.
+    fn own_strength(&self) -> Option<f64> {
+        match self {
+            Self::Img2Img(input) => input.strength,
+            Self::Inpaint(input) => input.strength,
+            _ => None,
+        }
+    }
+
+    /// The upscalers' input.
+    pub fn upscale_input(&self) -> Option<&UpscaleInput> {
+        match self {
+            Self::IfStage2(input) | Self::Upscale(input) => Some(input),
+            _ => None,
+        }
+    }
+}
+
+/// One generation job: what every pipeline takes, and the task with what only its pipeline
+/// takes. It derefs to [`CommonRequest`], so `request.steps` reads the common fields.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerationRequest {
+    pub common: CommonRequest,
+    pub task: Task,
+}
+
+impl std::ops::Deref for GenerationRequest {
+    type Target = CommonRequest;
+    fn deref(&self) -> &CommonRequest {
+        &self.common
+    }
+}
+
+impl std::ops::DerefMut for GenerationRequest {
+    fn deref_mut(&mut self) -> &mut CommonRequest {
+        &mut self.common
     }
 }
 
@@ -310,16 +449,26 @@ impl GenerationRequest {
         Ok(())
     }
 
+    /// A request for `task` with `common`.
+    pub fn new(common: CommonRequest, task: Task) -> Self {
+        Self { common, task }
+    }
+
+    /// The pipeline this request runs.
+    pub fn pipeline(&self) -> PipelineKind {
+        self.task.kind()
+    }
+
     /// The strength this request runs with (its own, else the pipeline's default).
     pub fn strength(&self) -> f64 {
-        self.strength
-            .unwrap_or_else(|| self.pipeline.default_strength())
+        self.task
+            .own_strength()
+            .unwrap_or_else(|| self.pipeline().default_strength())
     }
 
     /// The strength when the pipeline starts from an image (A1111's "Denoising strength").
     pub fn denoising_strength(&self) -> Option<f64> {
-        matches!(self.pipeline, PipelineKind::Img2Img | PipelineKind::Inpaint)
-            .then(|| self.strength())
+        self.task.init_image().map(|_| self.strength())
     }
 
     /// `(t_start, steps that run)` of diffusers' `get_timesteps`: strength keeps the last
@@ -330,32 +479,23 @@ impl GenerationRequest {
 
     /// The noise level this request runs with (its own, else the pipeline's default).
     pub fn noise_level(&self) -> usize {
-        self.noise_level
-            .or(self.pipeline.default_noise_level())
+        self.task
+            .upscale_input()
+            .and_then(|input| input.noise_level)
+            .or(self.pipeline().default_noise_level())
             .unwrap_or(0)
-    }
-
-    /// `Err` naming `field` when it is given to a pipeline that does not use it.
-    fn unused(&self, field: &'static str, given: bool) -> Result<()> {
-        if given {
-            Err(EngineError::invalid(
-                field,
-                format!("is not used by the {} pipeline", self.pipeline.cli_name()),
-            ))
-        } else {
-            Ok(())
-        }
     }
 
     /// The image-conditioning part of [`Self::check_inputs`].
     fn check_image_inputs(&self, limits: &ModelLimits) -> Result<()> {
-        let name = self.pipeline.cli_name();
+        let pipeline = self.pipeline();
+        let name = pipeline.cli_name();
         let cascade = matches!(
-            self.pipeline,
+            pipeline,
             PipelineKind::If | PipelineKind::IfStage2 | PipelineKind::Upscale
         );
         match limits.family {
-            Some(family) if family != self.pipeline => {
+            Some(family) if family != pipeline => {
                 return Err(EngineError::invalid(
                     "pipeline",
                     format!(
@@ -372,16 +512,11 @@ impl GenerationRequest {
             }
             _ => {}
         }
-        let unused = |field: &'static str, given: bool| self.unused(field, given);
-        if self.pipeline != PipelineKind::Upscale && self.pipeline != PipelineKind::IfStage2 {
-            unused("image_array", self.image_array.is_some())?;
-            unused("noise_level", self.noise_level.is_some())?;
-        }
         if cascade {
             return self.check_cascade_inputs(limits);
         }
         let inpainting_unet = limits.unet_in_channels == 2 * limits.latent_channels + 1;
-        if inpainting_unet && self.pipeline != PipelineKind::Inpaint {
+        if inpainting_unet && pipeline != PipelineKind::Inpaint {
             return Err(EngineError::invalid(
                 "pipeline",
                 format!(
@@ -397,32 +532,41 @@ impl GenerationRequest {
                 limits.unet_in_channels, limits.latent_channels
             )));
         }
-        if matches!(
-            self.pipeline,
-            PipelineKind::Txt2Img | PipelineKind::ControlNet
-        ) {
-            unused("image", self.image.is_some())?;
-            unused("strength", self.strength.is_some())?;
+        match &self.task {
+            Task::ControlNet(control) => check_control_inputs(control),
+            Task::Img2Img(input) => {
+                if self.latents.is_some() {
+                    return Err(EngineError::invalid(
+                        "latents",
+                        "are not used by the img2img pipeline (its latents are the noised image)",
+                    ));
+                }
+                self.check_init_image(&input.image).map(|_| ())
+            }
+            Task::Inpaint(input) => {
+                let (w, h) = self.check_init_image(&input.image)?;
+                let (mw, mh) = image_size(&input.mask, "mask", 1)?;
+                if (mw, mh) != (w, h) {
+                    return Err(EngineError::invalid(
+                        "mask",
+                        format!("is {mw}×{mh} but the image is {w}×{h}"),
+                    ));
+                }
+                if !input.mask_blur.is_finite() || !(0.0..=MAX_MASK_BLUR).contains(&input.mask_blur)
+                {
+                    return Err(EngineError::invalid(
+                        "mask_blur",
+                        format!("{} must be between 0 and {MAX_MASK_BLUR}", input.mask_blur),
+                    ));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        if self.pipeline == PipelineKind::ControlNet {
-            unused("mask", self.mask.is_some())?;
-            return self.check_control_inputs();
-        }
-        unused("control_image", self.control_image.is_some())?;
-        if self.pipeline != PipelineKind::Inpaint {
-            unused("mask", self.mask.is_some())?;
-            unused("mask_blur", self.mask_blur != 0.0)?;
-            unused("padding_mask_crop", self.padding_mask_crop.is_some())?;
-        }
-        if self.pipeline == PipelineKind::Img2Img {
-            unused("latents", self.latents.is_some())?;
-        }
-        if self.pipeline == PipelineKind::Txt2Img {
-            return Ok(());
-        }
-        let image = self.image.as_ref().ok_or_else(|| {
-            EngineError::invalid("image", format!("the {name} pipeline needs an init image"))
-        })?;
+    }
+
+    /// The init image and strength of img2img and inpainting; returns the image's size.
+    fn check_init_image(&self, image: &HostTensor) -> Result<(usize, usize)> {
         let (w, h) = image_size(image, "image", 3)?;
         if w > MAX_SIDE || h > MAX_SIDE {
             return Err(EngineError::invalid(
@@ -447,55 +591,18 @@ impl GenerationRequest {
                 ),
             ));
         }
-        if self.pipeline == PipelineKind::Inpaint {
-            let mask = self
-                .mask
-                .as_ref()
-                .ok_or_else(|| EngineError::invalid("mask", "the inpaint pipeline needs a mask"))?;
-            let (mw, mh) = image_size(mask, "mask", 1)?;
-            if (mw, mh) != (w, h) {
-                return Err(EngineError::invalid(
-                    "mask",
-                    format!("is {mw}×{mh} but the image is {w}×{h}"),
-                ));
-            }
-            if !self.mask_blur.is_finite() || !(0.0..=MAX_MASK_BLUR).contains(&self.mask_blur) {
-                return Err(EngineError::invalid(
-                    "mask_blur",
-                    format!("{} must be between 0 and {MAX_MASK_BLUR}", self.mask_blur),
-                ));
-            }
-        }
-        Ok(())
+        Ok((w, h))
     }
 
     /// The IF / x4-upscaler part of [`Self::check_inputs`].
     fn check_cascade_inputs(&self, limits: &ModelLimits) -> Result<()> {
-        let unused = |field: &'static str, given: bool| self.unused(field, given);
-        unused("mask", self.mask.is_some())?;
-        unused("mask_blur", self.mask_blur != 0.0)?;
-        unused("padding_mask_crop", self.padding_mask_crop.is_some())?;
-        unused("control_image", self.control_image.is_some())?;
-        unused("strength", self.strength.is_some())?;
-        if self.pipeline == PipelineKind::If {
-            return unused("image", self.image.is_some());
-        }
-        let name = self.pipeline.cli_name();
-        let (w, h) = match (&self.image, &self.image_array) {
-            (Some(_), Some(_)) => {
-                return Err(EngineError::invalid(
-                    "image_array",
-                    "give the input as an image or as an array, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(EngineError::invalid(
-                    "image",
-                    format!("the {name} pipeline needs an input image"),
-                ));
-            }
-            (Some(image), None) => image_size(image, "image", 3)?,
-            (None, Some(array)) => {
+        let Some(input) = self.task.upscale_input() else {
+            // IF stage I takes nothing but the common fields.
+            return Ok(());
+        };
+        let (w, h) = match &input.source {
+            UpscaleSource::Image(image) => image_size(image, "image", 3)?,
+            UpscaleSource::Array(array) => {
                 let ok = array.shape.len() == 4
                     && (array.shape[0] == 1 || array.shape[0] == self.batch)
                     && array.shape[1] == 3
@@ -535,7 +642,7 @@ impl GenerationRequest {
                 ),
             ));
         }
-        if self.pipeline == PipelineKind::Upscale {
+        if self.pipeline() == PipelineKind::Upscale {
             // The x4 upscaler's output is 4× its input, whose sides its VAE needs in multiples
             // of 4: the request names the output size.
             let f = 4 * limits.vae_scale_factor;
@@ -550,37 +657,6 @@ impl GenerationRequest {
                     ));
                 }
             }
-        }
-        Ok(())
-    }
-
-    /// The ControlNet part of [`Self::check_inputs`].
-    fn check_control_inputs(&self) -> Result<()> {
-        let image = self.control_image.as_ref().ok_or_else(|| {
-            EngineError::invalid(
-                "control_image",
-                "the controlnet pipeline needs a control image",
-            )
-        })?;
-        let (w, h) = image_size(image, "control_image", 3)?;
-        if w > MAX_SIDE || h > MAX_SIDE {
-            return Err(EngineError::invalid(
-                "control_image",
-                format!("{w}×{h} is larger than {MAX_SIDE} on a side"),
-            ));
-        }
-        if !self.controlnet_scale.is_finite() || self.controlnet_scale < 0.0 {
-            return Err(EngineError::invalid(
-                "controlnet_scale",
-                format!("{} must be a finite number ≥ 0", self.controlnet_scale),
-            ));
-        }
-        let (start, end) = self.control_guidance;
-        if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
-            return Err(EngineError::invalid(
-                "control_guidance",
-                format!("start {start} and end {end} must satisfy 0 ≤ start < end ≤ 1"),
-            ));
         }
         Ok(())
     }
@@ -602,6 +678,31 @@ impl GenerationRequest {
     }
 }
 
+/// The ControlNet part of [`GenerationRequest::check_inputs`].
+fn check_control_inputs(control: &ControlNetInput) -> Result<()> {
+    let (w, h) = image_size(&control.image, "control_image", 3)?;
+    if w > MAX_SIDE || h > MAX_SIDE {
+        return Err(EngineError::invalid(
+            "control_image",
+            format!("{w}×{h} is larger than {MAX_SIDE} on a side"),
+        ));
+    }
+    if !control.scale.is_finite() || control.scale < 0.0 {
+        return Err(EngineError::invalid(
+            "controlnet_scale",
+            format!("{} must be a finite number ≥ 0", control.scale),
+        ));
+    }
+    let (start, end) = control.guidance;
+    if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
+        return Err(EngineError::invalid(
+            "control_guidance",
+            format!("start {start} and end {end} must satisfy 0 ≤ start < end ≤ 1"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,16 +720,21 @@ mod tests {
             family: Some(PipelineKind::IfStage2),
         };
         let request = |width| GenerationRequest {
-            pipeline: PipelineKind::IfStage2,
-            width,
-            height: 256,
-            ..Default::default()
+            common: CommonRequest {
+                width,
+                height: 256,
+                ..Default::default()
+            },
+            task: Task::IfStage2(UpscaleInput::new(UpscaleSource::Array(HostTensor {
+                shape: vec![1, 3, 64, 64],
+                values: vec![0.0; 3 * 64 * 64],
+            }))),
         };
         let err = request(264).check_inputs(&limits).unwrap_err().to_string();
         assert_eq!(err, "invalid width: 264 must be a positive multiple of 16");
-        // 272 passes the sides (and fails later, on the missing input image).
-        let err = request(272).check_inputs(&limits).unwrap_err().to_string();
-        assert!(!err.contains("width"), "{err}");
+        request(272)
+            .check_inputs(&limits)
+            .expect("272 is a multiple of 16");
         // SD's UNet takes any latent size: the VAE's 8 is the multiple.
         let sd = ModelLimits {
             vae_scale_factor: 8,
@@ -640,7 +746,7 @@ mod tests {
             family: None,
         };
         let mut txt2img = request(264);
-        txt2img.pipeline = PipelineKind::Txt2Img;
+        txt2img.task = Task::Txt2Img;
         txt2img.check_inputs(&sd).expect("264 is a multiple of 8");
     }
 }

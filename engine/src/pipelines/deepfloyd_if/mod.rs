@@ -37,7 +37,7 @@ use crate::pipelines::stable_diffusion::{
 use crate::pipelines::stable_diffusion::{diffusers_weights, read_json_file};
 use crate::pipelines::{
     CancelToken, GenerationRequest, ModelLimits, NoteCollector, PipelineKind, StepObserver,
-    image_to_nchw, randn_tensor,
+    UpscaleSource, image_to_nchw, randn_tensor,
 };
 use crate::schedulers::{Scheduler, noising_scheduler};
 use crate::tensor_io::HostTensor;
@@ -571,16 +571,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The upscalers' input as `[n, 3, h, w]` f32 in [-1, 1]: the request's `image_array` as given,
-/// or its `image` (`[h, w, 3]` in [0, 1], as diffusers' PIL path: `x / 127.5 - 1`). With
+/// The upscalers' input as `[n, 3, h, w]` f32 in [-1, 1]: an array as given, or an `image` (`[h, w, 3]` in [0, 1], as diffusers' PIL path: `x / 127.5 - 1`). With
 /// `size`, a PNG is resized to it and an array must have it.
 pub(crate) fn cascade_input<B: Backend>(
     request: &GenerationRequest,
     size: Option<(usize, usize)>,
     device: &B::Device,
 ) -> Result<Tensor<B, 4>> {
-    match (&request.image_array, &request.image) {
-        (Some(array), _) => {
+    let input = request
+        .task
+        .upscale_input()
+        .ok_or_else(|| EngineError::invalid("image", "this pipeline needs an input image"))?;
+    match &input.source {
+        UpscaleSource::Array(array) => {
             let [_, _, h, w] = <[usize; 4]>::try_from(array.shape.as_slice()).map_err(|_| {
                 EngineError::invalid("image_array", "must be [n, 3, height, width]")
             })?;
@@ -596,13 +599,9 @@ pub(crate) fn cascade_input<B: Backend>(
                 .to_tensor::<B, 4>("image_array", device)?
                 .cast(DType::F32))
         }
-        (None, Some(image)) => {
+        UpscaleSource::Image(image) => {
             let (w, h) = size.map_or_else(|| image_size(image, "image", 3), Ok)?;
             image_to_nchw(image, w, h, device)
         }
-        (None, None) => Err(EngineError::invalid(
-            "image",
-            "this pipeline needs an input image",
-        )),
     }
 }

@@ -7,7 +7,7 @@ use super::pipeline_stable_diffusion::StableDiffusionPipeline;
 use crate::error::Result;
 use crate::memory::{AttentionNeed, FeatureMap, MemoryBudget, ModelCalls};
 use crate::models::autoencoders::VaeTiling;
-use crate::pipelines::{GenerationRequest, PipelineKind};
+use crate::pipelines::{GenerationRequest, Task};
 
 impl<B: Backend> StableDiffusionPipeline<B> {
     /// The attention calls one run of `request` makes, per model in the order they run (the
@@ -43,20 +43,17 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             calls,
         };
         let mut models = Vec::new();
-        if matches!(
-            request.pipeline,
-            PipelineKind::Img2Img | PipelineKind::Inpaint
-        ) {
+        if request.task.init_image().is_some() {
             // The source image is encoded once, then repeated per image.
             let calls = self
                 .vae
                 .encode_attention_calls(1, [request.height, request.width], tiling);
             models.push(vae("VAE encoder", calls));
         }
-        if let (PipelineKind::ControlNet, Some(controlnet)) =
-            (request.pipeline, self.controlnet.as_ref())
+        if let (Task::ControlNet(control), Some(controlnet)) =
+            (&request.task, self.controlnet.as_ref())
         {
-            let guess = request.guess_mode || controlnet.global_pool_conditions;
+            let guess = control.guess_mode || controlnet.global_pool_conditions;
             let batch = if cfg && guess {
                 request.batch
             } else {
@@ -124,9 +121,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let latent = [request.height / f, request.width / f];
         let unet_batch = request.unet_batch();
         let mut unet_map = self.unet.feature_map(unet_batch, latent);
-        if let (PipelineKind::ControlNet, Some(controlnet)) =
-            (request.pipeline, self.controlnet.as_ref())
-        {
+        if let (Task::ControlNet(_), Some(controlnet)) = (&request.task, self.controlnet.as_ref()) {
             // Its residuals, computed before each UNet pass, are held through it.
             unet_map = unet_map.holding_control_residuals(controlnet.residual_elements(latent));
         }
@@ -139,10 +134,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             float_bytes: 4,
             held: None,
         };
-        if matches!(
-            request.pipeline,
-            PipelineKind::Img2Img | PipelineKind::Inpaint
-        ) {
+        if request.task.init_image().is_some() {
             let size = [request.height, request.width];
             let encode = |t: Option<&VaeTiling>| {
                 map("VAE encoder", self.vae.encode_largest_activation(size, t))

@@ -23,7 +23,7 @@ use crate::models::weights::CastParams;
 use crate::models::{AttnProcessor, MemoryFormat};
 use crate::noise::{NoiseSource, TorchGenerator};
 use crate::pipelines::{
-    CancelToken, GenerationRequest, ModelLimits, NoteCollector, PipelineKind, StepObserver,
+    CancelToken, GenerationRequest, ModelLimits, NoteCollector, PipelineKind, StepObserver, Task,
 };
 use crate::schedulers::Scheduler;
 use crate::tensor_io::HostTensor;
@@ -261,17 +261,17 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         };
         cancel.check()?;
         let prompt_notes = self.prompt_notes(request)?;
-        let mut out = match request.pipeline {
-            PipelineKind::Txt2Img => self.txt2img(request, noise, cancel, observer, None),
-            PipelineKind::Img2Img => self.img2img(request, noise, cancel, observer),
-            PipelineKind::Inpaint => self.inpaint(request, noise, cancel, observer),
-            PipelineKind::ControlNet => {
-                let control = self.control_conditioning(request)?;
+        let mut out = match &request.task {
+            Task::Txt2Img => self.txt2img(request, noise, cancel, observer, None),
+            Task::Img2Img(input) => self.img2img(request, input, noise, cancel, observer),
+            Task::Inpaint(input) => self.inpaint(request, input, noise, cancel, observer),
+            Task::ControlNet(input) => {
+                let control = self.control_conditioning(request, input)?;
                 self.txt2img(request, noise, cancel, observer, Some(&control))
             }
-            PipelineKind::Upscale => self.upscale(request, noise, cancel, observer),
+            Task::Upscale(_) => self.upscale(request, noise, cancel, observer),
             // `check_inputs` sends these to the IF pipeline's models.
-            PipelineKind::If | PipelineKind::IfStage2 => Err(EngineError::invalid(
+            Task::If | Task::IfStage2(_) => Err(EngineError::invalid(
                 "pipeline",
                 "IF runs on DeepFloyd IF models",
             )),

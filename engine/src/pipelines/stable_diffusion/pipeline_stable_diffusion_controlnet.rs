@@ -6,9 +6,9 @@
 use burn::tensor::{DType, backend::Backend};
 
 use crate::error::{EngineError, Result};
-use crate::pipelines::GenerationRequest;
 use crate::pipelines::image_processor::resize;
 use crate::pipelines::stable_diffusion::{ControlConditioning, StableDiffusionPipeline};
+use crate::pipelines::{ControlNetInput, GenerationRequest};
 
 impl<B: Backend> StableDiffusionPipeline<B> {
     /// The loaded ControlNet with the request's control image (diffusers' `prepare_image`:
@@ -16,6 +16,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     pub(crate) fn control_conditioning(
         &self,
         request: &GenerationRequest,
+        input: &ControlNetInput,
     ) -> Result<ControlConditioning<'_, B>> {
         let model = self.controlnet.as_ref().ok_or_else(|| {
             EngineError::invalid(
@@ -23,16 +24,13 @@ impl<B: Backend> StableDiffusionPipeline<B> {
                 "the controlnet pipeline needs a ControlNet: load one first (--controlnet)",
             )
         })?;
-        let image = request.control_image.as_ref().ok_or_else(|| {
-            EngineError::invalid("control_image", "the controlnet pipeline needs one")
-        })?;
-        let image = resize(image, request.width, request.height)?
+        let image = resize(&input.image, request.width, request.height)?
             .to_tensor::<B, 3>("control_image", &self.device)?
             .cast(DType::F32)
             .permute([2, 0, 1])
             .unsqueeze_dim::<4>(0)
             .repeat_dim(0, request.batch);
-        let guess_mode = request.guess_mode || model.global_pool_conditions;
+        let guess_mode = input.guess_mode || model.global_pool_conditions;
         // Paired once here, not every step: the ControlNet sees the whole CFG batch unless in
         // guess mode (diffusers' `prepare_image`).
         let image = if request.do_classifier_free_guidance() && !guess_mode {
@@ -43,9 +41,9 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         Ok(ControlConditioning {
             model,
             image,
-            scale: request.controlnet_scale,
-            start: request.control_guidance.0,
-            end: request.control_guidance.1,
+            scale: input.scale,
+            start: input.guidance.0,
+            end: input.guidance.1,
             guess_mode,
         })
     }

@@ -10,7 +10,7 @@ use crate::models::autoencoders::VaeTiling;
 use crate::noise::NoiseSource;
 use crate::pipelines::stable_diffusion::Conditioning;
 use crate::pipelines::stable_diffusion::{GenerationOutput, StableDiffusionPipeline};
-use crate::pipelines::{CancelToken, GenerationRequest, StepObserver};
+use crate::pipelines::{CancelToken, GenerationRequest, Img2ImgInput, StepObserver};
 use crate::tensor_io::HostTensor;
 
 impl<B: Backend> StableDiffusionPipeline<B> {
@@ -20,6 +20,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     pub(crate) fn img2img(
         &self,
         request: &GenerationRequest,
+        input: &Img2ImgInput,
         noise: &mut dyn NoiseSource,
         cancel: &CancelToken,
         observer: &mut dyn StepObserver,
@@ -29,8 +30,8 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         // 3. Encode the prompt.
         let context = self.encode_prompt(request)?;
 
-        // 4. Preprocess the image (checked present by `check_inputs`).
-        let image = self.image_tensor(request.image.as_ref(), request.width, request.height)?;
+        // 4. Preprocess the image.
+        let image = self.image_tensor(&input.image, request.width, request.height)?;
 
         // 5. Timesteps: strength keeps the tail of the schedule.
         scheduler.set_timesteps(request.steps)?;
@@ -71,13 +72,10 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// input: `[1, 3, height, width]` f32 in [-1, 1] (diffusers' `preprocess` + normalise).
     pub(crate) fn image_tensor(
         &self,
-        image: Option<&HostTensor>,
+        image: &HostTensor,
         width: usize,
         height: usize,
     ) -> Result<Tensor<B, 4>> {
-        let image = image.ok_or_else(|| {
-            crate::error::EngineError::invalid("image", "this pipeline needs an init image")
-        })?;
         crate::pipelines::image_to_nchw(image, width, height, &self.device)
     }
 

@@ -18,7 +18,7 @@ use crate::pipelines::stable_diffusion::Conditioning;
 use crate::pipelines::stable_diffusion::{
     GenerationOutput, InpaintConditioning, StableDiffusionPipeline,
 };
-use crate::pipelines::{CancelToken, GenerationRequest, StepObserver};
+use crate::pipelines::{CancelToken, GenerationRequest, InpaintInput, StepObserver};
 use crate::tensor_io::HostTensor;
 
 /// The inputs of an inpainting run at the working size.
@@ -42,12 +42,13 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     pub(crate) fn inpaint(
         &self,
         request: &GenerationRequest,
+        input: &InpaintInput,
         noise: &mut dyn NoiseSource,
         cancel: &CancelToken,
         observer: &mut dyn StepObserver,
     ) -> Result<GenerationOutput> {
         let mut scheduler = self.scheduler_for(request)?;
-        let prepared = prepare_inputs(request)?;
+        let prepared = prepare_inputs(input, request.width, request.height)?;
 
         // 3. Encode the prompt.
         let context = self.encode_prompt(request)?;
@@ -60,7 +61,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
 
         // 5. Preprocess the image.
         let (width, height) = (request.width, request.height);
-        let init_image = self.image_tensor(Some(&prepared.image), width, height)?;
+        let init_image = self.image_tensor(&prepared.image, width, height)?;
 
         // 6. Latents.
         let shape = self.latent_shape(request);
@@ -158,8 +159,8 @@ impl<B: Backend> StableDiffusionPipeline<B> {
 
         // 9. Decode, and paste back when "only masked".
         let mut images = self.decode_latents(latents, self.vae_tiling(request)?.as_ref())?;
-        if let (Some(region), Some(original)) = (prepared.crop, request.image.as_ref()) {
-            images = paste_back(&images, &prepared.soft_mask, original, region)?;
+        if let Some(region) = prepared.crop {
+            images = paste_back(&images, &prepared.soft_mask, &input.image, region)?;
         }
         Ok(GenerationOutput {
             images,
@@ -174,15 +175,10 @@ impl<B: Backend> StableDiffusionPipeline<B> {
 /// The blurred mask, the crop box when "only masked", and the image and binarised mask at the
 /// working size (diffusers' `mask_processor.blur` by the caller, `get_crop_region`, then
 /// `preprocess` of image and mask with `crops_coords`).
-fn prepare_inputs(request: &GenerationRequest) -> Result<Prepared> {
-    let missing = |field: &'static str| {
-        crate::error::EngineError::invalid(field, "the inpaint pipeline needs one")
-    };
-    let image = request.image.as_ref().ok_or_else(|| missing("image"))?;
-    let mask = request.mask.as_ref().ok_or_else(|| missing("mask"))?;
-    let soft_mask = blur_mask(mask, request.mask_blur as f32)?;
-    let (width, height) = (request.width, request.height);
-    let (image, mask, crop_box) = match request.padding_mask_crop {
+fn prepare_inputs(input: &InpaintInput, width: usize, height: usize) -> Result<Prepared> {
+    let image = &input.image;
+    let soft_mask = blur_mask(&input.mask, input.mask_blur as f32)?;
+    let (image, mask, crop_box) = match input.padding_mask_crop {
         Some(pad) => {
             let region = crop_region(&soft_mask, width, height, pad)?;
             (
