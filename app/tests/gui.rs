@@ -24,7 +24,7 @@ use support::{copy_dir, fixture, png_header_only, scratch};
 
 fn app() -> BrushfireApp {
     let mut app = BrushfireApp::new(fixture("tiny-sd").to_string_lossy().into_owned());
-    app.state.settings.backend = BackendRequest::Cpu;
+    app.state.setup.settings.backend = BackendRequest::Cpu;
     app.state.output_dir = None;
     app.state.form.width = 64;
     app.state.form.height = 64;
@@ -62,12 +62,7 @@ fn type_a_prompt_press_generate_and_get_an_image() {
     let mut h = harness(app());
     h.step();
     wait(&mut h, "the model", |a| a.state.model_ready());
-    h.get_by_role_and_label(Role::MultilineTextInput, "Prompt")
-        .focus();
-    h.run_steps(2);
-    h.get_by_role_and_label(Role::MultilineTextInput, "Prompt")
-        .type_text("a castle on a hill");
-    h.run_steps(2);
+    type_prompt(&mut h, "a castle on a hill");
     assert_eq!(h.state().state.form.prompt, "a castle on a hill");
     h.get_by_label("Generate").click();
     h.run_steps(2);
@@ -151,15 +146,10 @@ fn vae_tiling_reaches_every_request_and_the_tiled_image_comes_back() {
     wait(&mut h, "the model", |a| a.state.model_ready());
     h.get_by_label("VAE tiling").click();
     h.run_steps(2);
-    assert!(h.state().state.vae_tiling);
+    assert!(h.state().state.setup.vae_tiling);
     // 128 px is two of the tiny VAE's 64 px tiles.
     set_number(&h, "Width", 128.0);
-    h.get_by_role_and_label(Role::MultilineTextInput, "Prompt")
-        .focus();
-    h.run_steps(2);
-    h.get_by_role_and_label(Role::MultilineTextInput, "Prompt")
-        .type_text("a castle on a hill");
-    h.run_steps(2);
+    type_prompt(&mut h, "a castle on a hill");
     assert_eq!(h.state().state.form.width, 128, "set through the field");
     h.get_by_label("Generate").click();
     h.run_steps(2);
@@ -197,7 +187,7 @@ fn an_invalid_size_shows_an_error_and_keeps_the_prompt() {
 #[test]
 fn a_request_too_big_for_memory_says_why_in_full_and_dismiss_stays_on_screen() {
     let mut a = app();
-    a.state.settings.attention = AttnProcessor::Vanilla;
+    a.state.setup.settings.attention = AttnProcessor::Vanilla;
     (a.state.form.width, a.state.form.height) = (8192, 8192);
     a.state.form.prompt = "keep me".into();
     let mut h = harness(a);
@@ -253,7 +243,7 @@ fn a_panic_inside_a_job_fails_it_and_the_next_job_runs() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (trigger, counter) = (Arc::clone(&armed), Arc::clone(&calls));
     let mut a = app();
-    let engine = engine::worker::EngineHandle::spawn(a.state.settings, move || {
+    let engine = engine::worker::EngineHandle::spawn(a.state.setup.settings, move || {
         counter.fetch_add(1, Ordering::SeqCst);
         if trigger.swap(false, Ordering::SeqCst) {
             panic!("the waker broke");
@@ -312,26 +302,29 @@ fn each_setting_reaches_the_engine_and_cpu_only_greys_out_the_rest() {
     h.run_steps(2);
     wait(&mut h, "vanilla attention in the engine", |a| {
         a.state
-            .engine_settings
+            .setup
+            .confirmed
             .is_some_and(|s| s.attention == AttnProcessor::Vanilla)
     });
     h.get_by_label("Sliced").click();
     h.run_steps(2);
     wait(&mut h, "sliced attention in the engine", |a| {
         a.state
-            .engine_settings
+            .setup
+            .confirmed
             .is_some_and(|s| matches!(s.attention, AttnProcessor::Sliced { .. }))
     });
     h.get_by_label("Live preview").click();
     h.run_steps(2);
     wait(&mut h, "previews off in the engine", |a| {
-        a.state.engine_settings.is_some_and(|s| !s.preview)
+        a.state.setup.confirmed.is_some_and(|s| !s.preview)
     });
     h.get_by_label("Channels-last").click();
     h.run_steps(2);
     wait(&mut h, "channels-last in the engine", |a| {
         a.state
-            .engine_settings
+            .setup
+            .confirmed
             .is_some_and(|s| s.memory_format == MemoryFormat::ChannelsLast)
     });
     // On the CPU backend fusion and f16 cannot be chosen.
@@ -339,7 +332,10 @@ fn each_setting_reaches_the_engine_and_cpu_only_greys_out_the_rest() {
     h.get_by_label("f16").click();
     h.run_steps(3);
     let state = &h.state().state;
-    assert!(state.settings.execution.fusion, "fusion stays as it was");
+    assert!(
+        state.setup.settings.execution.fusion,
+        "fusion stays as it was"
+    );
     // ... and shows off, as nothing is fused here.
     assert_eq!(
         h.get_by_label("Kernel fusion (\"compile\")")
@@ -347,7 +343,7 @@ fn each_setting_reaches_the_engine_and_cpu_only_greys_out_the_rest() {
             .toggled(),
         Some(egui::accesskit::Toggled::False)
     );
-    assert_eq!(state.settings.execution.precision, Precision::F32);
+    assert_eq!(state.setup.settings.execution.precision, Precision::F32);
     for setting in [Setting::Fusion, Setting::Precision(Precision::F16)] {
         assert!(state.unavailable_reason(setting).is_some(), "{setting:?}");
     }
@@ -488,10 +484,10 @@ fn the_form_and_settings_survive_a_restart() {
     a.state.form.prompt = "remember me".into();
     a.state.form.steps = 42;
     a.state.form.scheduler = Some(SchedulerKind::EulerAncestral);
-    a.state.settings.attention = AttnProcessor::Sliced { slice_size: 1 };
-    a.state.settings.preview = false;
-    a.state.settings.memory_format = MemoryFormat::ChannelsLast;
-    a.state.vae_tiling = true;
+    a.state.setup.settings.attention = AttnProcessor::Sliced { slice_size: 1 };
+    a.state.setup.settings.preview = false;
+    a.state.setup.settings.memory_format = MemoryFormat::ChannelsLast;
+    a.state.setup.vae_tiling = true;
     a.state.model.recent = vec!["org/a".into(), "org/b".into()];
     let stored = serde_json::to_string(&a.state.to_persisted()).unwrap();
     let back: Persisted = serde_json::from_str(&stored).unwrap();
@@ -499,18 +495,21 @@ fn the_form_and_settings_survive_a_restart() {
     assert_eq!(restored.state.to_persisted(), a.state.to_persisted());
     assert_eq!(restored.state.form.prompt, "remember me");
     assert_eq!(
-        restored.state.settings.memory_format,
+        restored.state.setup.settings.memory_format,
         MemoryFormat::ChannelsLast
     );
     assert_eq!(restored.state.model.spec, a.state.model.spec);
-    assert!(restored.state.vae_tiling);
+    assert!(restored.state.setup.vae_tiling);
     // A model named on the command line wins; unknown stored values fall back to defaults.
     let restored = BrushfireApp::restored(&back, Some("org/other".into()));
     assert_eq!(restored.state.model.spec, "org/other");
     let odd: Persisted =
         serde_json::from_str(r#"{"engine": {"attention": "warp"}, "form": {"steps": 0}}"#).unwrap();
     let restored = BrushfireApp::restored(&odd, None);
-    assert_eq!(restored.state.settings.attention, AttnProcessor::default());
+    assert_eq!(
+        restored.state.setup.settings.attention,
+        AttnProcessor::default()
+    );
     assert_eq!(restored.state.form.steps, 1);
 }
 
@@ -704,7 +703,7 @@ fn start_benchmark(form: BenchForm) -> Harness<'static, BrushfireApp> {
         Some(BenchModels::from_dir(&fixture("tiny-sd")).expect("tiny model configs"));
     let mut h = harness(a);
     h.step();
-    wait(&mut h, "the backend", |a| a.state.backend.is_some());
+    wait(&mut h, "the backend", |a| a.state.setup.backend.is_some());
     h.get_by_label("⏱ Benchmark").click();
     h.run_steps(2);
     assert_eq!(h.state().state.view, View::Benchmark);
@@ -1276,6 +1275,16 @@ fn control_canvas<'h>(h: &'h Harness<'static, BrushfireApp>) -> &'h app::gui::ca
     &h.state().state.control.source.as_ref().unwrap().canvas
 }
 
+/// Types `text` into the prompt field, as a user would.
+fn type_prompt(h: &mut Harness<'static, BrushfireApp>, text: &str) {
+    h.get_by_role_and_label(Role::MultilineTextInput, "Prompt")
+        .focus();
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::MultilineTextInput, "Prompt")
+        .type_text(text);
+    h.run_steps(2);
+}
+
 /// Sets a slider through accesskit, as a screen reader would.
 fn set_slider(h: &Harness<'static, BrushfireApp>, label: &str, value: f64) {
     set_value(h, Role::Slider, label, value);
@@ -1551,9 +1560,9 @@ fn a_precision_waiting_for_a_restart_offers_restart_now() {
     let mut h = harness(app());
     h.step();
     wait(&mut h, "the model", |a| a.state.model_ready());
-    let mut wanted = h.state().state.settings;
+    let mut wanted = h.state().state.setup.settings;
     wanted.execution.precision = Precision::F16;
-    h.state_mut().state.restart_for = Some(wanted);
+    h.state_mut().state.setup.restart_for = Some(wanted);
     h.run_steps(2);
     h.get_by_label("f16 from the next start");
     assert!(!app::gui::restart_requested());

@@ -35,7 +35,7 @@ impl BrushfireApp {
                     self.command(Command::CancelBench);
                 }
             } else {
-                let ready = self.state.backend.is_some();
+                let ready = self.state.setup.backend.is_some();
                 let run = ui
                     .add_enabled(ready, egui::Button::new("▶ Run benchmark"))
                     .on_disabled_hover_text("The engine is still starting.");
@@ -43,7 +43,7 @@ impl BrushfireApp {
                     self.command(Command::StartBench);
                 }
             }
-            if let Some(backend) = &self.state.backend {
+            if let Some(backend) = &self.state.setup.backend {
                 ui.small(format!("on {backend}"));
             }
         });
@@ -79,6 +79,7 @@ impl BrushfireApp {
     fn bench_form_ui(&mut self, ui: &mut egui::Ui) {
         let cpu = self
             .state
+            .setup
             .backend
             .as_ref()
             .is_some_and(|b| b.kind == engine::backend::BackendKind::Cpu);

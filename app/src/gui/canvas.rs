@@ -1,5 +1,7 @@
 //! The painting canvas: an image with a one-channel layer painted over it (the inpainting mask,
-//! and the strokes drawn over a ControlNet map). Brush and eraser with a round hard tip, strokes undoable
+//! and the strokes drawn over a ControlNet map). One widget (its geometry, strokes, history,
+//! view and toolbar, ~600 lines, then its tests), kept whole: both pages share all of it.
+//! Brush and eraser with a round hard tip, strokes undoable
 //! one by one, zoom about the cursor (wheel), pan (space + drag or the middle button), and the
 //! brush outline drawn wherever the pointer is, also past the image's edges.
 //!

@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use engine::backend::{BackendKind, Precision};
 use engine::loading::{ModelAvailability, model_availability};
 use engine::pipelines::{
     CommonRequest, GenerationRequest, PipelineKind, Task, UpscaleInput, UpscaleSource,
@@ -106,7 +105,7 @@ impl AppState {
     /// waits for the user to accept the download ([`Self::download_model`]).
     pub(super) fn load_model(&mut self) {
         let spec = self.model.spec.trim().to_string();
-        let variant = self.settings.execution.precision.weights_variant();
+        let variant = self.setup.settings.execution.precision.weights_variant();
         match model_availability(&spec, variant) {
             Ok(ModelAvailability::NeedsDownload { repo_id }) => {
                 self.model.status = ModelStatus::NeedsDownload { repo_id };
@@ -300,16 +299,7 @@ impl AppState {
 
     /// Why a setting cannot be chosen on the backend in use, if it cannot.
     pub fn unavailable_reason(&self, setting: Setting) -> Option<&'static str> {
-        let kind = self.backend.as_ref().map(|b| b.kind);
-        match setting {
-            Setting::Fusion if kind == Some(BackendKind::Cpu) => {
-                Some("The CPU backend (flex) has no kernel fusion: nothing to switch.")
-            }
-            Setting::Precision(Precision::F16) if kind == Some(BackendKind::Cpu) => {
-                Some("f16 runs on GPU backends only (CUDA, wgpu); the CPU backend computes in f32.")
-            }
-            _ => None,
-        }
+        self.setup.unavailable_reason(setting)
     }
 
     /// Queues a generation from the form, with the page's pipeline (the source image and its
@@ -344,7 +334,7 @@ impl AppState {
             common: CommonRequest {
                 width: page.width,
                 height: page.height,
-                ..self.form.common(self.vae_tiling)
+                ..self.form.common(self.setup.vae_tiling)
             },
             task: page.task,
         };
@@ -381,7 +371,7 @@ impl AppState {
     /// Queues the IF page's stage `i` (its input is the previous stage's last result).
     pub(super) fn queue_stage(&mut self, i: usize) {
         let f = &self.form;
-        let made = self.cascade.request(i, f.common(self.vae_tiling));
+        let made = self.cascade.request(i, f.common(self.setup.vae_tiling));
         match made {
             Ok((request, model)) => {
                 let id = self.submit(request, None, Some(model), Some(i));
@@ -431,7 +421,7 @@ impl AppState {
                 height: 4 * h,
                 batch: 1,
                 seed: image.params.seed,
-                vae_tiling: self.vae_tiling,
+                vae_tiling: self.setup.vae_tiling,
                 ..Default::default()
             },
             task: Task::Upscale(UpscaleInput {
@@ -449,11 +439,11 @@ impl AppState {
 
     /// Queues the benchmark panel's plan on the engine (behind any generation).
     pub(super) fn start_bench(&mut self) {
-        let current = self.engine_settings.map(|s| s.execution.precision);
+        let current = self.setup.confirmed.map(|s| s.execution.precision);
         let plan = self
             .bench
             .form
-            .plan(self.backend.as_ref().map(|b| b.kind), current);
+            .plan(self.setup.backend.as_ref().map(|b| b.kind), current);
         if let Err(e) = plan.validate() {
             self.error = Some(format!("benchmark: {e}"));
             return;
@@ -481,14 +471,7 @@ impl AppState {
 
     /// Sends new settings to the engine.
     pub(super) fn apply_settings(&mut self, settings: EngineSettings) {
-        // Back to what runs now: nothing waits for a restart any more.
-        if self
-            .engine_settings
-            .is_some_and(|e| e.execution == settings.execution && e.backend == settings.backend)
-        {
-            self.restart_for = None;
-        }
-        self.settings = settings;
+        self.setup.choose(settings);
         if let Some(engine) = &self.engine {
             engine.apply_settings(settings);
         }

@@ -24,6 +24,7 @@ pub mod queue;
 mod saver;
 pub mod session;
 mod settings_panel;
+pub mod setup;
 mod state;
 pub mod work;
 

@@ -242,7 +242,7 @@ impl AppState {
         Persisted {
             version: SESSION_VERSION,
             form: self.form.clone(),
-            engine: EngineChoices::of(&self.settings, self.next_start_execution()),
+            engine: EngineChoices::of(&self.setup.settings, self.next_start_execution()),
             image: self.inputs.settings.clone(),
             control: self.control.settings.clone(),
             controlnet_loaded: self.control.loaded.clone(),
@@ -250,7 +250,7 @@ impl AppState {
             model_spec: self.model.spec.clone(),
             recent_models: self.model.recent.clone(),
             output_dir: self.output_dir.clone(),
-            vae_tiling: self.vae_tiling,
+            vae_tiling: self.setup.vae_tiling,
             view: self.view.name().into(),
             gallery: self.gallery.kept_paths(),
             inpaint_picture: self.saved_work[0].as_ref().map(|(_, s)| s.clone()),
@@ -264,8 +264,8 @@ impl AppState {
         let mut s = Self::new(model.unwrap_or_else(|| p.model_spec.clone()));
         s.form = p.form.clone();
         s.form.sanitize();
-        p.engine.apply(&mut s.settings);
-        s.vae_tiling = p.vae_tiling;
+        p.engine.apply(&mut s.setup.settings);
+        s.setup.vae_tiling = p.vae_tiling;
         s.model.recent.clone_from(&p.recent_models);
         s.output_dir.clone_from(&p.output_dir);
         s.inputs.settings = p.image.clone();

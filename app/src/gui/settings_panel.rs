@@ -25,7 +25,7 @@ impl BrushfireApp {
         ui.heading("Settings");
         self.model_ui(ui);
         ui.separator();
-        let mut settings = self.state.settings;
+        let mut settings = self.state.setup.settings;
         ui.label("Backend");
         egui::ComboBox::from_id_salt("backend")
             .selected_text(settings.backend.label())
@@ -34,7 +34,7 @@ impl BrushfireApp {
                     ui.selectable_value(&mut settings.backend, b, b.label());
                 }
             });
-        if let Some(b) = &self.state.backend {
+        if let Some(b) = &self.state.setup.backend {
             ui.small(b.to_string());
         }
         ui.label("Attention");
@@ -99,19 +99,19 @@ impl BrushfireApp {
                 });
             }
         });
-        if let Some(wanted) = self.state.restart_for {
+        if let Some(wanted) = self.state.setup.restart_for {
             self.restart_ui(ui, wanted);
         }
         ui.checkbox(&mut settings.preview, "Live preview")
             .on_hover_text("Show the image forming at every step (a cheap decode of the latents)");
-        ui.checkbox(&mut self.state.vae_tiling, "VAE tiling")
+        ui.checkbox(&mut self.state.setup.vae_tiling, "VAE tiling")
             .on_hover_text(
                 "Encode and decode pictures larger than the VAE's tile (512 px for SD 1.5, \
                  256 px for the x4 upscaler) in overlapping, blended tiles, as diffusers' \
                  enable_vae_tiling: far less memory for large pictures and ×4 upscales; the \
                  pixels differ slightly from an untiled decode",
             );
-        if settings != self.state.settings {
+        if settings != self.state.setup.settings {
             self.command(Command::ApplySettings(settings));
         }
         ui.separator();

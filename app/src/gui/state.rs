@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use eframe::egui;
-use engine::backend::{BackendKind, Precision, SelectedBackend};
+
 use engine::pipelines::PipelineKind;
 use engine::tensor_io::HostTensor;
 use engine::worker::{EngineEvent, EngineHandle, EngineSettings};
@@ -17,10 +17,12 @@ pub use super::gallery::{Gallery, GalleryImage};
 use super::image_input::ImageInputs;
 pub use super::model::ModelStatus;
 use super::model::{ModelEvent, ModelSlot};
-pub use super::persisted::{Persisted, attention_name};
+pub use super::persisted::Persisted;
 pub use super::prompt_form::PromptForm;
 pub use super::queue::JobState;
 use super::queue::{FinishedJob, Job, Queue, QueueEvent};
+use super::setup::SetupEvent;
+pub use super::setup::{EngineSetup, Setting};
 use super::work::SavedPicture;
 use crate::image_files::to_u8;
 use crate::png_meta::GenerationParameters;
@@ -29,14 +31,10 @@ use crate::png_meta::GenerationParameters;
 pub struct AppState {
     pub(super) engine: Option<EngineHandle>,
     pub form: PromptForm,
-    pub settings: EngineSettings,
-    /// Every generation encodes and decodes with the VAE in tiles (the request's `vae_tiling`).
-    pub vae_tiling: bool,
+    /// How the engine runs: the settings chosen and confirmed, the backend, VAE tiling.
+    pub setup: EngineSetup,
     /// The model field, the main model's state and the models used lately.
     pub model: ModelSlot,
-    pub backend: Option<SelectedBackend>,
-    /// The settings the engine last confirmed (it may refuse a change and keep the old ones).
-    pub engine_settings: Option<EngineSettings>,
     pub jobs: Queue,
     /// The finished images, the one selected, and their saving.
     pub gallery: Gallery,
@@ -55,9 +53,6 @@ pub struct AppState {
     pub control: ControlInputs,
     /// The IF page: its three stages, their settings and last results.
     pub cascade: CascadeState,
-    /// Settings the engine could not apply in this process (a GPU's precision is fixed at its
-    /// first tensor): what the next start runs with.
-    pub restart_for: Option<EngineSettings>,
     /// Where the pictures being worked on (the inpainting and ControlNet sources with what was
     /// painted on them) are written with the settings; `None`: not written. The window sets it.
     pub work_dir: Option<PathBuf>,
@@ -122,11 +117,8 @@ impl AppState {
         Self {
             engine: None,
             form: PromptForm::default(),
-            settings: EngineSettings::default(),
-            vae_tiling: false,
+            setup: EngineSetup::new(EngineSettings::default()),
             model: ModelSlot::new(model),
-            backend: None,
-            engine_settings: None,
             jobs: Queue::default(),
             gallery: Gallery::default(),
             error: None,
@@ -137,7 +129,6 @@ impl AppState {
             inputs: ImageInputs::default(),
             control: ControlInputs::default(),
             cascade: CascadeState::new(),
-            restart_for: None,
             work_dir: None,
             saved_work: [None, None],
         }
@@ -145,8 +136,7 @@ impl AppState {
 
     /// Fusion and precision as the next start will have them.
     pub fn next_start_execution(&self) -> engine::backend::ExecutionOptions {
-        self.restart_for
-            .map_or(self.settings.execution, |s| s.execution)
+        self.setup.next_start_execution()
     }
 
     /// Why the app cannot restart right now, if it cannot: a restart would lose queued and
@@ -164,7 +154,7 @@ impl AppState {
     fn engine(&mut self, ctx: &egui::Context) -> Option<&mut EngineHandle> {
         if self.engine.is_none() {
             let ctx = ctx.clone();
-            match EngineHandle::spawn(self.settings, move || ctx.request_repaint()) {
+            match EngineHandle::spawn(self.setup.settings, move || ctx.request_repaint()) {
                 Ok(engine) => self.use_engine(engine),
                 Err(e) => self.error = Some(e.to_string()),
             }
@@ -183,9 +173,7 @@ impl AppState {
 
     /// Whether the engine runs on a GPU backend (CUDA or wgpu).
     pub fn on_gpu(&self) -> bool {
-        self.backend
-            .as_ref()
-            .is_some_and(|b| b.kind != BackendKind::Cpu)
+        self.setup.on_gpu()
     }
 
     /// Applies waiting engine events within `budget` (and restored gallery images).
@@ -262,40 +250,10 @@ impl AppState {
             }
             ModelEvent::Failed(error) => return self.error = Some(error),
         };
-        match event {
-            EngineEvent::Backend(b) => {
-                self.status = format!("ready: {b}");
-                self.backend = Some(b);
-            }
-            EngineEvent::SettingsApplied(s) => {
-                // The engine may have reverted a change it could not make.
-                self.settings = s;
-                self.engine_settings = Some(s);
-                self.status = format!(
-                    "settings in effect from the next job: {} attention, fusion {}, \
-                     channels-last {}, {}",
-                    attention_name(s.attention),
-                    if s.execution.fusion { "on" } else { "off" },
-                    if s.memory_format.is_channels_last() {
-                        "on"
-                    } else {
-                        "off"
-                    },
-                    s.execution.precision
-                );
-            }
-            EngineEvent::RestartNeeded { wanted, reason } => {
-                tracing::info!("{reason}");
-                self.restart_for = Some(wanted);
-                self.status = format!(
-                    "{} (fusion {}) takes effect when Brushfire restarts: a GPU's float type \
-                     is fixed for the life of the process",
-                    wanted.execution.precision,
-                    if wanted.execution.fusion { "on" } else { "off" }
-                );
-            }
+        match self.setup.apply_event(event) {
+            SetupEvent::Status(status) => self.status = status,
             // News of a job or a benchmark this window no longer tracks.
-            _ => {}
+            SetupEvent::NotMine(_) => {}
         }
     }
 
@@ -370,14 +328,6 @@ impl AppState {
     }
 }
 
-/// A setting the panel may grey out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Setting {
-    Fusion,
-    ChannelsLast,
-    Precision(Precision),
-}
-
 /// The short model name PNGs record (`stable-diffusion-v1-5` for the hub id, a folder's name).
 pub fn model_label(spec: &str) -> String {
     Path::new(spec.trim_end_matches(['/', '\\']))
@@ -397,13 +347,14 @@ fn dirs_output() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use engine::backend::Precision;
     use engine::pipelines::GenerationRequest;
 
     #[test]
     fn a_precision_the_gpu_cannot_switch_to_waits_for_the_next_start() {
         let mut state = AppState::new("tiny-sd".into());
         let running = EngineSettings::default();
-        state.engine_settings = Some(running);
+        state.setup.confirmed = Some(running);
         let mut wanted = running;
         wanted.execution.precision = match running.execution.precision {
             Precision::F32 => Precision::F16,
@@ -416,8 +367,8 @@ mod tests {
             wanted,
             reason: "fixed at its first tensor".into(),
         });
-        assert_eq!(state.settings, running);
-        assert_eq!(state.restart_for, Some(wanted));
+        assert_eq!(state.setup.settings, running);
+        assert_eq!(state.setup.restart_for, Some(wanted));
         assert!(
             state.status.contains("when Brushfire restarts"),
             "{}",
@@ -429,7 +380,7 @@ mod tests {
             wanted.execution.precision.to_string()
         );
         assert_eq!(
-            AppState::restore(&persisted, None).settings.execution,
+            AppState::restore(&persisted, None).setup.settings.execution,
             wanted.execution,
             "the next start runs with it"
         );
@@ -448,7 +399,7 @@ mod tests {
         state.apply_event(EngineEvent::Cancelled { job: 1 });
         // Choosing what runs now again drops the pending change.
         state.apply_settings(running);
-        assert_eq!(state.restart_for, None);
+        assert_eq!(state.setup.restart_for, None);
         assert_eq!(
             state.to_persisted().engine.precision,
             running.execution.precision.to_string()

@@ -567,6 +567,43 @@ pub fn sigma_init_noise(sigmas: &[f64], spacing: TimestepSpacing) -> f64 {
     }
 }
 
+/// What the Euler schedulers' `__init__` computes from the betas: the training sigmas
+/// `√((1−ᾱ)/ᾱ)` ascending in t (diffusers' f32 values) and, until `set_timesteps`, every
+/// training sigma descending plus a final 0, with the training timesteps descending.
+/// With `rescale_betas_zero_snr` the last ᾱ is set to 2⁻²⁴ so its sigma stays finite, as
+/// diffusers does.
+pub fn training_sigma_schedule(betas: &BetaConfig<'_>) -> Result<(Vec<f32>, Vec<f64>, Vec<f64>)> {
+    let mut schedule = NoiseSchedule::new(betas)?;
+    if betas.rescale_betas_zero_snr
+        && let Some(last) = schedule.alphas_cumprod.last_mut()
+    {
+        *last = 2f32.powi(-24);
+    }
+    let train_sigmas = schedule.training_sigmas();
+    let mut sigmas: Vec<f64> = train_sigmas.iter().rev().map(|&s| f64::from(s)).collect();
+    sigmas.push(0.0);
+    let timesteps = (0..betas.num_train_timesteps)
+        .rev()
+        .map(|t| t as f64)
+        .collect();
+    Ok((train_sigmas, sigmas, timesteps))
+}
+
+/// One Euler step of the probability-flow ODE from `sigma` to `sigma_to` (k-diffusion's
+/// `to_d` and the step both Euler schedulers take): `x + (x − x̂₀)/σ · (σ_to − σ)`.
+///
+/// # Shapes
+/// - sample, pred_original: `[batch, channels, height, width]`
+pub fn euler_step<B: Backend>(
+    sample: Tensor<B, 4>,
+    pred_original: Tensor<B, 4>,
+    sigma: f64,
+    sigma_to: f64,
+) -> Tensor<B, 4> {
+    let derivative = sample.clone().sub(pred_original).div_scalar(sigma);
+    sample.add(derivative.mul_scalar(sigma_to - sigma))
+}
+
 /// The Euler schedulers' `scale_model_input`: the sample divided by sqrt(σ² + 1).
 ///
 /// # Shapes

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::Scheduler;
 use super::common::{
-    BetaConfig, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing, config_error,
+    BetaConfig, BetaSchedule, PredictionType, TimestepSpacing, config_error, euler_step,
     float_timesteps, np_interp_index, randn_like, scale_by_sigma, sigma_at, sigma_init_noise,
-    sigma_pred_original, timestep_at,
+    sigma_pred_original, timestep_at, training_sigma_schedule,
 };
 use crate::error::{EngineError, Result};
 use crate::noise::NoiseSource;
@@ -74,7 +74,7 @@ impl EulerAncestralDiscreteScheduler {
                 ));
             }
         }
-        let mut schedule = NoiseSchedule::new(&BetaConfig {
+        let (train_sigmas, sigmas, timesteps) = training_sigma_schedule(&BetaConfig {
             num_train_timesteps: config.num_train_timesteps,
             beta_start: config.beta_start,
             beta_end: config.beta_end,
@@ -82,19 +82,6 @@ impl EulerAncestralDiscreteScheduler {
             trained_betas: config.trained_betas.as_deref(),
             rescale_betas_zero_snr: config.rescale_betas_zero_snr,
         })?;
-        // Diffusers sets the last ᾱ to 2⁻²⁴ so its sigma stays finite.
-        if config.rescale_betas_zero_snr
-            && let Some(last) = schedule.alphas_cumprod.last_mut()
-        {
-            *last = 2f32.powi(-24);
-        }
-        let train_sigmas = schedule.training_sigmas();
-        let mut sigmas: Vec<f64> = train_sigmas.iter().rev().map(|&s| f64::from(s)).collect();
-        sigmas.push(0.0);
-        let timesteps = (0..config.num_train_timesteps)
-            .rev()
-            .map(|t| t as f64)
-            .collect();
         Ok(Self {
             config,
             train_sigmas,
@@ -168,8 +155,7 @@ impl<B: Backend> Scheduler<B> for EulerAncestralDiscreteScheduler {
         let sigma_up =
             (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).max(0.0).sqrt();
-        let derivative = sample.clone().sub(pred_original).div_scalar(sigma);
-        let prev = sample.add(derivative.mul_scalar(sigma_down - sigma));
+        let prev = euler_step(sample, pred_original, sigma, sigma_down);
         let fresh = randn_like(noise, &model_output)?;
         Ok(prev.add(fresh.mul_scalar(sigma_up)))
     }

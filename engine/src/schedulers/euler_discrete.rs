@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::Scheduler;
 use super::common::{
-    BetaConfig, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing, config_error,
+    BetaConfig, BetaSchedule, PredictionType, TimestepSpacing, config_error, euler_step,
     float_timesteps, karras_sigmas, np_interp_index, np_linspace, scale_by_sigma, sigma_at,
-    sigma_init_noise, sigma_pred_original, sigma_to_t, timestep_at,
+    sigma_init_noise, sigma_pred_original, sigma_to_t, timestep_at, training_sigma_schedule,
 };
 use crate::error::{EngineError, Result};
 use crate::noise::NoiseSource;
@@ -130,7 +130,7 @@ impl EulerDiscreteScheduler {
                 "EulerDiscreteScheduler with use_beta_sigmas (needs scipy's beta ppf)".into(),
             ));
         }
-        let mut schedule = NoiseSchedule::new(&BetaConfig {
+        let (train_sigmas, sigmas, timesteps) = training_sigma_schedule(&BetaConfig {
             num_train_timesteps: config.num_train_timesteps,
             beta_start: config.beta_start,
             beta_end: config.beta_end,
@@ -138,18 +138,6 @@ impl EulerDiscreteScheduler {
             trained_betas: config.trained_betas.as_deref(),
             rescale_betas_zero_snr: config.rescale_betas_zero_snr,
         })?;
-        // Diffusers sets the last ᾱ to 2⁻²⁴ so its sigma stays finite.
-        if config.rescale_betas_zero_snr
-            && let Some(last) = schedule.alphas_cumprod.last_mut()
-        {
-            *last = 2f32.powi(-24);
-        }
-        let train_sigmas = schedule.training_sigmas();
-        // Before set_timesteps diffusers has every training sigma (descending) plus a zero.
-        let mut sigmas: Vec<f64> = train_sigmas.iter().rev().map(|&s| f64::from(s)).collect();
-        sigmas.push(0.0);
-        let n = config.num_train_timesteps;
-        let timesteps = (0..n).rev().map(|t| t as f64).collect();
         Ok(Self {
             config,
             train_sigmas,
@@ -270,8 +258,7 @@ impl<B: Backend> Scheduler<B> for EulerDiscreteScheduler {
         // No churn: sigma_hat = sigma.
         let pred_original =
             sigma_pred_original(self.config.prediction_type, model_output, &sample, sigma);
-        let derivative = sample.clone().sub(pred_original).div_scalar(sigma);
-        Ok(sample.add(derivative.mul_scalar(sigma_next - sigma)))
+        Ok(euler_step(sample, pred_original, sigma, sigma_next))
     }
 
     fn add_noise(
