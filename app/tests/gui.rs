@@ -457,18 +457,30 @@ fn gallery_reuse_puts_seed_and_parameters_back() {
     h.run_steps(2);
     wait(&mut h, "the image", |a| !a.state.gallery.is_empty());
     let made = h.state().state.gallery[0].params.clone();
-    {
-        let form = &mut h.state_mut().state.form;
-        form.prompt = "something else".into();
-        form.seed = 1;
-        form.steps = 9;
-        form.seed_locked = false;
+    // The user changes the form through its fields.
+    type_prompt(&mut h, ", something else");
+    set_number(&h, "Seed", 1.0);
+    set_number(&h, "Steps", 9.0);
+    h.run_steps(2);
+    if h.state().state.form.seed_locked {
+        h.get_by_label("Lock").click();
+        h.run_steps(2);
     }
+    let form = &h.state().state.form;
+    assert_eq!(
+        (
+            form.prompt.as_str(),
+            form.seed,
+            form.steps,
+            form.seed_locked
+        ),
+        ("reuse me, something else", 1, 9, false)
+    );
     h.get_by_label("Reuse seed").click();
     h.run_steps(2);
     let form = &h.state().state.form;
     assert_eq!((form.seed, form.seed_locked), (made.seed, true));
-    assert_eq!(form.prompt, "something else", "only the seed");
+    assert_eq!(form.prompt, "reuse me, something else", "only the seed");
     h.get_by_label("Reuse parameters").click();
     h.run_steps(2);
     let form = &h.state().state.form;
