@@ -60,8 +60,6 @@ pub enum Command {
     StartBench,
     /// Stop the benchmark panel's run.
     CancelBench,
-    /// Show a page.
-    Show(View),
     /// Close the error banner.
     DismissError,
 }
@@ -88,7 +86,6 @@ impl AppState {
             Command::SetOutputDir(dir) => self.output_dir = dir,
             Command::StartBench => self.start_bench(),
             Command::CancelBench => self.cancel_bench(),
-            Command::Show(view) => self.view = view,
             Command::DismissError => self.error = None,
         }
     }

@@ -40,11 +40,6 @@ impl PipelineKind {
         }
     }
 
-    /// The pipelines that start from an image whose noise level is given (`noise_level`).
-    pub fn is_upscaler(self) -> bool {
-        matches!(self, Self::IfStage2 | Self::Upscale)
-    }
-
     /// Diffusers' default `noise_level` (IF stage II 250, the x4 upscaler 20).
     pub fn default_noise_level(self) -> Option<usize> {
         match self {
@@ -447,11 +442,6 @@ impl GenerationRequest {
             }
         }
         Ok(())
-    }
-
-    /// A request for `task` with `common`.
-    pub fn new(common: CommonRequest, task: Task) -> Self {
-        Self { common, task }
     }
 
     /// The pipeline this request runs.
